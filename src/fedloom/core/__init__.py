@@ -1,0 +1,38 @@
+"""fedloom.core: params, messages, their wire encoding, results, configuration and errors. Imports no torch."""
+
+from fedloom.core.codec import decode_message, decode_params, encode_message, encode_params
+from fedloom.core.config import FitConfig, PartitionConfig, SimulationConfig
+from fedloom.core.errors import (
+    ConfigError,
+    DataError,
+    DecodeError,
+    FedloomError,
+    JobError,
+    NotEnoughClientsError,
+    RunStoreError,
+)
+from fedloom.core.message import Message, MessageKind
+from fedloom.core.params import Params
+from fedloom.core.results import EvalResult, FitResult
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DecodeError",
+    "EvalResult",
+    "FedloomError",
+    "FitConfig",
+    "FitResult",
+    "JobError",
+    "Message",
+    "MessageKind",
+    "NotEnoughClientsError",
+    "Params",
+    "PartitionConfig",
+    "RunStoreError",
+    "SimulationConfig",
+    "decode_message",
+    "decode_params",
+    "encode_message",
+    "encode_params",
+]

@@ -1,0 +1,45 @@
+"""The one exception hierarchy of fedloom.
+
+Every error that fedloom raises on purpose derives from :class:`FedloomError`. The command line turns any of
+them into a one-line message and exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DecodeError",
+    "FedloomError",
+    "JobError",
+    "NotEnoughClientsError",
+    "RunStoreError",
+]
+
+
+class FedloomError(Exception):
+    """Base class of every error fedloom raises on purpose."""
+
+
+class ConfigError(FedloomError, ValueError):
+    """A setting is invalid (out of range, wrong type, contradicting another setting)."""
+
+
+class DataError(FedloomError):
+    """A dataset cannot be found, downloaded, verified or parsed."""
+
+
+class DecodeError(FedloomError, ValueError):
+    """Bytes are not a valid fedloom message (wrong version, bad dtype, truncated data, bad metadata)."""
+
+
+class JobError(FedloomError):
+    """A job file cannot be loaded, or user code in it raised."""
+
+
+class NotEnoughClientsError(FedloomError):
+    """Fewer clients replied in a round than the strategy's ``min_clients``."""
+
+
+class RunStoreError(FedloomError):
+    """A run cannot be found in, or read from, the run store."""

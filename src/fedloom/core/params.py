@@ -1,0 +1,78 @@
+"""``Params``: a model's state as an ordered mapping from name to NumPy array."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from fedloom.core.errors import ConfigError
+
+__all__ = ["Params"]
+
+
+class Params(Mapping[str, npt.NDArray[np.generic]]):
+    """An immutable, ordered mapping from parameter name to NumPy array.
+
+    The arrays are copied on construction and marked read-only, so a ``Params`` can be shared between the
+    server loop, a strategy's state and a checkpoint without anyone changing it behind another's back.
+    Order matters: it is the order of the wire encoding and therefore of :meth:`sha256`.
+
+    >>> p = Params({"w": np.zeros((2, 2), np.float32), "b": np.ones(2, np.float32)})
+    >>> list(p), p.num_values
+    (['w', 'b'], 6)
+    """
+
+    __slots__ = ("_arrays",)
+
+    def __init__(self, arrays: Mapping[str, npt.ArrayLike]) -> None:
+        frozen: dict[str, npt.NDArray[np.generic]] = {}
+        for name, value in arrays.items():
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"parameter names must be non-empty strings, got {name!r}")
+            array = np.array(value, copy=True, order="C")
+            if array.dtype == object:
+                raise ConfigError(f"parameter {name!r} has dtype object; only numeric arrays are allowed")
+            array.flags.writeable = False
+            frozen[name] = array
+        self._arrays = frozen
+
+    def __getitem__(self, name: str) -> npt.NDArray[np.generic]:
+        return self._arrays[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{k}: {v.dtype}{list(v.shape)}" for k, v in self._arrays.items())
+        return f"Params({{{inner}}})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Params):
+            return NotImplemented
+        return list(self) == list(other) and all(
+            self[k].dtype == other[k].dtype and np.array_equal(self[k], other[k]) for k in self
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def num_values(self) -> int:
+        """Total number of scalar values over all arrays."""
+        return int(sum(a.size for a in self._arrays.values()))
+
+    @property
+    def nbytes(self) -> int:
+        """Total size of the arrays' data in bytes."""
+        return int(sum(a.nbytes for a in self._arrays.values()))
+
+    def sha256(self) -> str:
+        """Hex SHA-256 of the canonical encoding (see :func:`fedloom.core.codec.encode_params`)."""
+        from fedloom.core.codec import encode_params
+
+        return hashlib.sha256(encode_params(self)).hexdigest()

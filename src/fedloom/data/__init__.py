@@ -1,0 +1,1 @@
+"""fedloom.data: datasets, partitioners and federated data containers."""

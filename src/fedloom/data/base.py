@@ -1,0 +1,88 @@
+"""Data containers: arrays for one split, a centralized ``Dataset``, and the ``FederatedData`` of a simulation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+import numpy as np
+import numpy.typing as npt
+
+from fedloom.core.errors import DataError
+
+__all__ = ["ArrayData", "ClientData", "Dataset", "FederatedData"]
+
+
+@dataclass(frozen=True)
+class ArrayData:
+    """Features ``x`` (first axis: examples) and labels ``y`` (integer class ids), of equal length."""
+
+    x: npt.NDArray[np.generic]
+    y: npt.NDArray[np.generic]
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise DataError(f"x has {len(self.x)} rows but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def subset(self, indices: npt.NDArray[np.integer]) -> ArrayData:
+        return ArrayData(self.x[indices], self.y[indices])
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's data: what it trains on, and its held-out split for federated evaluation (may be empty)."""
+
+    train: ArrayData
+    test: ArrayData
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A centralized dataset with a train and a test split.
+
+    ``train_groups``/``test_groups``, when given, hold each row's natural client (a hospital, a device); a
+    dataset with them can be partitioned ``natural``ly, and then each client's test split is its own rows of
+    ``test``. ``group_names`` names the groups in order of their integer ids.
+    """
+
+    name: str
+    train: ArrayData
+    test: ArrayData
+    num_classes: int
+    train_groups: npt.NDArray[np.integer] | None = None
+    test_groups: npt.NDArray[np.integer] | None = None
+    group_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if (self.train_groups is None) != (self.test_groups is None):
+            raise DataError("give both train_groups and test_groups, or neither")
+        if self.train_groups is not None and len(self.train_groups) != len(self.train):
+            raise DataError("train_groups must have one entry per training row")
+        if self.test_groups is not None and len(self.test_groups) != len(self.test):
+            raise DataError("test_groups must have one entry per test row")
+
+    @property
+    def has_groups(self) -> bool:
+        return self.train_groups is not None
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """What a simulation runs on: each client's data by client id (in order), and the server's test set."""
+
+    clients: Mapping[str, ClientData]
+    central_test: ArrayData | None
+    num_classes: int
+    name: str = ""
+    label_histogram: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros((0, 0), np.int64))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "clients", MappingProxyType(dict(self.clients)))
+
+    @property
+    def client_ids(self) -> list[str]:
+        return list(self.clients)

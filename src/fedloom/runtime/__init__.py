@@ -1,0 +1,1 @@
+"""fedloom.runtime: the server loop, the Grid interface and its simulation backends."""

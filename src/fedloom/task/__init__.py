@@ -1,0 +1,1 @@
+"""fedloom.task: what runs on a client."""

@@ -1,0 +1,1 @@
+"""fedloom.tracking: the run store (SQLite), checkpoints (safetensors) and run summaries."""
