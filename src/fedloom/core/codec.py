@@ -25,9 +25,7 @@ __all__ = ["ALLOWED_DTYPES", "WIRE_VERSION", "decode_message", "decode_params", 
 WIRE_VERSION = 1
 
 #: dtypes that may cross the wire, in their little-endian numpy spelling.
-ALLOWED_DTYPES = frozenset(
-    {"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"}
-)
+ALLOWED_DTYPES = frozenset({"<f2", "<f4", "<f8", "|i1", "<i2", "<i4", "<i8", "|u1", "<u2", "<u4", "<u8", "|b1"})
 
 _PARAMS_KIND = "params"
 
@@ -60,7 +58,8 @@ def _envelope(kind: str, params: Params, metadata_json: str) -> bytes:
         tensors=[_tensor(name, array) for name, array in params.items()],
         metadata_json=metadata_json,
     )
-    return envelope.SerializeToString(deterministic=True)
+    encoded: bytes = envelope.SerializeToString(deterministic=True)
+    return encoded
 
 
 def _open(data: bytes) -> tuple[str, Params, str]:

@@ -1,1 +1,21 @@
 """fedloom.runtime: the server loop, the Grid interface and its simulation backends."""
+
+from fedloom.runtime.client import handle_instruction
+from fedloom.runtime.grid import Exchange, Grid, Reply
+from fedloom.runtime.loop import LoopResult, run_rounds
+from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
+from fedloom.runtime.sim.inline import InlineGrid
+
+__all__ = [
+    "ClientRecord",
+    "ClientStatus",
+    "Exchange",
+    "Grid",
+    "InlineGrid",
+    "LoopResult",
+    "Reply",
+    "RoundObserver",
+    "RoundRecord",
+    "handle_instruction",
+    "run_rounds",
+]

@@ -1,1 +1,12 @@
-"""fedloom.tracking: the run store (SQLite), checkpoints (safetensors) and run summaries."""
+"""fedloom.tracking: the run store (SQLite), checkpoints (safetensors) and run summaries.
+
+:class:`RunRecorder` writes a run while the server loop runs it; :class:`RunStore` reads runs back (list,
+resolve a reference, rounds, client records, export); :func:`save_params` and :func:`load_params` read and
+write checkpoints. Nothing in a run directory is pickle.
+"""
+
+from fedloom.tracking.checkpoint import load_params, save_params
+from fedloom.tracking.recorder import RunRecorder
+from fedloom.tracking.store import RunInfo, RunStore
+
+__all__ = ["RunInfo", "RunRecorder", "RunStore", "load_params", "save_params"]

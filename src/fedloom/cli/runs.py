@@ -1,0 +1,80 @@
+"""``fedloom runs``: list, show and export recorded runs."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedloom.core.errors import ConfigError
+from fedloom.tracking import RunStore
+
+app = typer.Typer(help="List, show and export recorded runs.", no_args_is_help=True)
+
+RunsDir = Annotated[Path, typer.Option("--runs", help="Runs folder.")]
+_FIXED = ("round", "seconds", "num_selected", "num_ok", "num_dropped")
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+@app.command("list")
+def list_command(runs: RunsDir = Path("runs")) -> None:
+    """List the runs in a runs folder, newest first."""
+    infos = RunStore(runs).list_runs()
+    console = Console()
+    if not infos:
+        console.print(f"no runs in {runs}")
+        return
+    table = Table("run", "name", "status", "rounds", "central_accuracy", "created")
+    for info in infos:
+        table.add_row(
+            info.run_id,
+            info.name,
+            info.status,
+            str(info.rounds),
+            _fmt(info.final_metrics.get("central_accuracy")),
+            str(info.created_at),
+        )
+    console.print(table)
+
+
+@app.command("show")
+def show_command(
+    run: Annotated[str, typer.Argument(help="Run id, unique prefix, or run directory.")], runs: RunsDir = Path("runs")
+) -> None:
+    """Show a run: its config summary and a table of its rounds."""
+    store = RunStore(runs)
+    rows = store.rounds(run)
+    path = store.resolve(run)
+    console = Console()
+    console.print(f"run [bold]{path.name}[/] in {path}", highlight=False)
+    metric_names = sorted({k for row in rows for k in row} - set(_FIXED))
+    table = Table(*_FIXED, *metric_names)
+    for row in rows:
+        table.add_row(*(_fmt(row.get(c)) for c in (*_FIXED, *metric_names)))
+    console.print(table)
+
+
+@app.command("export")
+def export_command(
+    run: Annotated[str, typer.Argument(help="Run id, unique prefix, or run directory.")],
+    fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
+    runs: RunsDir = Path("runs"),
+) -> None:
+    """Export a run's rounds (csv) or everything recorded about it (json)."""
+    if fmt not in ("csv", "json"):
+        raise ConfigError(f"unknown export format {fmt!r}; choose csv or json")
+    text = RunStore(runs).export(run, fmt)
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)

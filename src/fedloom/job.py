@@ -1,0 +1,136 @@
+"""``Job``: the one description of a federated job (task, data, strategy, defaults), and how to load one.
+
+A job file is a Python file that defines a module-level ``job = fedloom.Job(...)``. The same file runs under
+``fedloom simulate``; the command line only overrides the defaults in ``job.simulation`` and the strategy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import pkgutil
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from fedloom.core.config import SimulationConfig
+from fedloom.core.errors import ConfigError, FedloomError, JobError
+from fedloom.data.base import Dataset
+from fedloom.strategy.base import Strategy
+from fedloom.strategy.fedavg import FedAvg
+from fedloom.task.base import Task
+
+__all__ = ["Job", "builtin_examples", "load_job"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A federated job.
+
+    - ``task``: what each client computes (a :class:`fedloom.TorchTask`, :class:`fedloom.LogisticRegressionTask`
+      or your own :class:`fedloom.task.Task`).
+    - ``data``: a function returning the centralized :class:`fedloom.data.Dataset`; it is called with
+      ``data_dir=`` (the ``--data`` folder, or ``None``) if it takes that argument, with nothing otherwise. It
+      runs only when the job runs, so defining a job is cheap.
+    - ``strategy``: the federated algorithm (default: FedAvg).
+    - ``simulation``: default simulation settings (clients, rounds, partition...), which flags override.
+    - ``name``: a short name for run directories and listings.
+    """
+
+    task: Task
+    data: Callable[..., Dataset]
+    strategy: Strategy[Any] = field(default_factory=FedAvg)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    name: str = "job"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task, Task):
+            raise ConfigError(f"Job.task must implement init_params, fit and evaluate; got {type(self.task).__name__}")
+        if not callable(self.data):
+            raise ConfigError("Job.data must be a function that returns a fedloom.data.Dataset")
+
+    def load_data(self, data_dir: str | None) -> Dataset:
+        """Call ``data`` (passing ``data_dir`` where it is accepted) and check that it returned a Dataset."""
+        try:
+            takes_dir = "data_dir" in inspect.signature(self.data).parameters
+        except (TypeError, ValueError):
+            takes_dir = False
+        if data_dir is not None and not takes_dir:
+            raise ConfigError(f"job {self.name!r} does not read a data folder, but --data {data_dir} was given")
+        try:
+            dataset = self.data(data_dir=data_dir) if takes_dir else self.data()
+        except FedloomError:
+            raise
+        except Exception as exc:
+            raise JobError(f"loading the data of job {self.name!r} raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(dataset, Dataset):
+            raise JobError(f"the data function of job {self.name!r} returned {type(dataset).__name__}, not a Dataset")
+        return dataset
+
+
+def describe(value: Any) -> Any:
+    """A JSON description of a config value: dataclasses field by field, functions by qualified name."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, **{f.name: describe(getattr(value, f.name)) for f in fields(value)}}
+    if isinstance(value, (list, tuple)):
+        return [describe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): describe(v) for k, v in value.items()}
+    if callable(value):
+        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+    return repr(value)
+
+
+def builtin_examples() -> list[str]:
+    """Names of the example jobs shipped with fedloom (``fedloom simulate NAME``)."""
+    examples = importlib.import_module("fedloom.examples")
+    return sorted(m.name for m in pkgutil.iter_modules(examples.__path__) if not m.name.startswith("_"))
+
+
+def load_job(ref: str) -> Job:
+    """Load a job from a job file path (``path/to/job.py``) or a built-in example name (``digits``).
+
+    Raises :class:`JobError` with a one-line reason when the file is missing, raises while loading, or
+    defines no ``job``; and when the name is neither a file nor a built-in example.
+    """
+    path = Path(ref)
+    if path.suffix == ".py" or path.exists():
+        if not path.is_file():
+            raise JobError(f"job file {ref} does not exist")
+        module = _import_file(path)
+        where = str(path)
+    else:
+        if ref not in builtin_examples():
+            raise JobError(
+                f"unknown example {ref!r}: give a job file (path/to/job.py) or one of {', '.join(builtin_examples())}"
+            )
+        module = importlib.import_module(f"fedloom.examples.{ref}")
+        where = f"example {ref!r}"
+    job = getattr(module, "job", None)
+    if not isinstance(job, Job):
+        raise JobError(f"{where} must define `job = fedloom.Job(...)` at module level")
+    return job
+
+
+def _import_file(path: Path) -> Any:
+    name = f"fedloom_job_{abs(hash(path.resolve()))}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise JobError(f"cannot load job file {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except FedloomError as exc:
+        raise JobError(f"job file {path}: {exc}") from exc
+    except Exception as exc:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+        line = f" (line {frames[-1].lineno})" if frames else ""
+        raise JobError(f"job file {path} raised {type(exc).__name__}{line}: {exc}") from exc
+    return module

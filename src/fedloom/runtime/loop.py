@@ -1,0 +1,112 @@
+"""The server loop, written once: drive a ``Strategy`` over a ``Grid`` for a number of rounds."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from fedloom.core.errors import NotEnoughClientsError
+from fedloom.core.params import Params
+from fedloom.core.results import EvalResult, FitResult
+from fedloom.runtime.grid import Exchange, Grid
+from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
+from fedloom.strategy.base import Strategy
+
+__all__ = ["LoopResult", "run_rounds"]
+
+CentralEvaluator = Callable[[Params], EvalResult]
+
+
+@dataclass(frozen=True)
+class LoopResult:
+    """The global params after the last round, and every round's record."""
+
+    params: Params
+    history: tuple[RoundRecord, ...]
+
+
+def run_rounds(
+    *,
+    strategy: Strategy[Any],
+    grid: Grid,
+    initial_params: Params,
+    rounds: int,
+    seed: int,
+    evaluate_central: CentralEvaluator | None = None,
+    observers: Sequence[RoundObserver] = (),
+    timeout: float | None = None,
+) -> LoopResult:
+    """Run ``rounds`` rounds of federated training and return the final global params and the history.
+
+    Each round: the strategy picks clients and instructions; the grid delivers them and gathers replies;
+    if fewer than ``strategy.min_clients`` replied, :class:`NotEnoughClientsError` ends the run; otherwise the
+    strategy aggregates. Then federated evaluation (if the strategy asks for it), central evaluation on the
+    server (if ``evaluate_central`` is given), and every observer sees the round. Client sampling draws from
+    one generator seeded by ``seed``, so the same seed selects the same clients.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A3]))
+    state = strategy.init(initial_params)
+    history: list[RoundRecord] = []
+    for server_round in range(1, rounds + 1):
+        started = time.perf_counter()
+
+        fit = grid.send_and_receive(strategy.configure_fit(server_round, state, grid.client_ids(), rng), timeout)
+        if len(fit.replies) < strategy.min_clients:
+            raise NotEnoughClientsError(
+                f"round {server_round}: {len(fit.replies)} of {len(fit.replies) + len(fit.dropped)} clients "
+                f"replied, fewer than min_clients={strategy.min_clients}"
+            )
+        fit_results = {cid: FitResult.from_message(r.message) for cid, r in fit.replies.items()}
+        state, metrics = strategy.aggregate_fit(server_round, state, fit_results)
+        params = strategy.params(state)
+
+        evaluation = grid.send_and_receive(
+            strategy.configure_evaluate(server_round, state, grid.client_ids(), rng), timeout
+        )
+        eval_results = {cid: EvalResult.from_message(r.message) for cid, r in evaluation.replies.items()}
+        metrics.update(strategy.aggregate_evaluate(server_round, state, eval_results))
+
+        if evaluate_central is not None:
+            central = evaluate_central(params)
+            metrics["central_loss"] = central.loss
+            metrics.update({f"central_{k}": v for k, v in central.metrics.items()})
+
+        record = RoundRecord(
+            server_round=server_round,
+            metrics=metrics,
+            clients=_client_records("fit", fit, fit_results) + _client_records("evaluate", evaluation, eval_results),
+            seconds=time.perf_counter() - started,
+        )
+        history.append(record)
+        for observer in observers:
+            observer.on_round(record, params)
+    return LoopResult(strategy.params(state), tuple(history))
+
+
+def _client_records(
+    phase: str, exchange: Exchange, results: Mapping[str, FitResult | EvalResult]
+) -> tuple[ClientRecord, ...]:
+    records = []
+    for cid, reply in exchange.replies.items():
+        result = results[cid]
+        loss = result.loss if isinstance(result, EvalResult) else result.metrics.get("loss")
+        records.append(
+            ClientRecord(
+                client_id=cid,
+                phase=phase,
+                status=ClientStatus.OK,
+                num_examples=result.num_examples,
+                loss=loss,
+                accuracy=result.metrics.get("accuracy"),
+                seconds=reply.seconds,
+                bytes_down=reply.bytes_down,
+                bytes_up=reply.bytes_up,
+                metrics=dict(result.metrics),
+            )
+        )
+    records.extend(ClientRecord(client_id=cid, phase=phase, status=ClientStatus.DROPPED) for cid in exchange.dropped)
+    return tuple(records)

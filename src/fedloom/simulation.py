@@ -1,0 +1,100 @@
+"""``simulate``: run a job as a simulated federation and record it in the run store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedloom.core.config import SimulationConfig
+from fedloom.core.params import Params
+from fedloom.data.federate import federate
+from fedloom.job import Job, describe
+from fedloom.runtime.loop import run_rounds
+from fedloom.runtime.records import RoundObserver, RoundRecord
+from fedloom.runtime.sim.inline import InlineGrid
+from fedloom.tracking import RunRecorder
+
+__all__ = ["Run", "simulate"]
+
+log = logging.getLogger("fedloom")
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a finished run produced: its id and directory, the final global params and every round's record."""
+
+    run_id: str
+    run_dir: Path
+    params: Params
+    history: tuple[RoundRecord, ...]
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """The last round's global metrics."""
+        return dict(self.history[-1].metrics) if self.history else {}
+
+    @property
+    def params_sha256(self) -> str:
+        return self.params.sha256()
+
+
+def simulate(
+    job: Job,
+    *,
+    simulation: SimulationConfig | None = None,
+    runs_dir: str | Path = "runs",
+    observers: Sequence[RoundObserver] = (),
+) -> Run:
+    """Run ``job`` as a simulated federation (inline backend) and record it under ``runs_dir/<run-id>/``.
+
+    ``simulation`` replaces ``job.simulation`` when given. The run directory holds the SQLite run database,
+    a checkpoint per round and ``summary.json``; a run that fails is recorded as failed, with its error, and
+    the error is raised again.
+    """
+    config = simulation or job.simulation
+    dataset = job.load_data(config.data_dir)
+    data = federate(dataset, config.num_clients, config.partition, config.seed, config.holdout)
+    recorded: dict[str, Any] = {
+        "job": job.name,
+        "dataset": dataset.name,
+        "backend": "inline",
+        "task": describe(job.task),
+        "strategy": describe(job.strategy),
+        "simulation": describe(config),
+    }
+    recorder = RunRecorder.create(runs_dir, job.name, recorded)
+    log.info(
+        "run %s: %d clients, %d rounds, in %s", recorder.run_id, config.num_clients, config.rounds, recorder.run_dir
+    )
+    central = data.central_test
+    latest = _Latest(job.task.init_params(config.seed))
+    try:
+        result = run_rounds(
+            strategy=job.strategy,
+            grid=InlineGrid(job.task, data, dropout=config.dropout, seed=config.seed),
+            initial_params=latest.params,
+            rounds=config.rounds,
+            seed=config.seed,
+            evaluate_central=(lambda p: job.task.evaluate(p, central))
+            if central is not None and len(central)
+            else None,
+            observers=[recorder, latest, *observers],
+        )
+    except BaseException as exc:
+        recorder.finish(latest.params, status="failed", error=f"{type(exc).__name__}: {exc}")
+        raise
+    recorder.finish(result.params)
+    return Run(recorder.run_id, recorder.run_dir, result.params, result.history)
+
+
+class _Latest:
+    """Keeps the latest global params, so a failed run's record still holds the last good model."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def on_round(self, record: RoundRecord, params: Params) -> None:
+        self.params = params

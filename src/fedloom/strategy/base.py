@@ -1,0 +1,53 @@
+"""The ``Strategy`` contract: explicit state in, state out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from fedloom.core.message import Message
+from fedloom.core.params import Params
+from fedloom.core.results import EvalResult, FitResult
+
+__all__ = ["Strategy"]
+
+S = TypeVar("S")
+
+
+class Strategy(Protocol[S]):
+    """A federated algorithm as pure steps over an explicit state ``S``; nothing is kept on ``self``.
+
+    - ``init(params)``: the state before round 1.
+    - ``params(state)``: the global model held in ``state``.
+    - ``configure_fit(round, state, clients, rng)``: which clients train this round, and what each is sent.
+    - ``aggregate_fit(round, state, results)``: the new state from the replies that arrived, and metrics.
+    - ``configure_evaluate`` / ``aggregate_evaluate``: the same for federated evaluation.
+    - ``min_clients``: the fewest replies a round may aggregate; the server loop enforces it.
+
+    ``rng`` is the server's seeded generator: all randomness of a strategy comes from it.
+    """
+
+    @property
+    def min_clients(self) -> int: ...
+
+    def init(self, params: Params) -> S: ...
+
+    def params(self, state: S) -> Params: ...
+
+    def configure_fit(
+        self, server_round: int, state: S, clients: Sequence[str], rng: np.random.Generator
+    ) -> dict[str, Message]: ...
+
+    def aggregate_fit(
+        self, server_round: int, state: S, results: Mapping[str, FitResult]
+    ) -> tuple[S, dict[str, float]]: ...
+
+    def configure_evaluate(
+        self, server_round: int, state: S, clients: Sequence[str], rng: np.random.Generator
+    ) -> dict[str, Message]: ...
+
+    def aggregate_evaluate(
+        self, server_round: int, state: S, results: Mapping[str, EvalResult]
+    ) -> dict[str, float]: ...

@@ -1,0 +1,118 @@
+"""FedAvg, as Algorithm 1 of McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data"."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from fedloom.core.config import FitConfig
+from fedloom.core.errors import ConfigError, NotEnoughClientsError
+from fedloom.core.message import Message
+from fedloom.core.params import Params
+from fedloom.core.results import EvalResult, FitResult, evaluate_message, fit_message
+from fedloom.strategy.aggregate import weighted_mean, weighted_mean_scalar
+
+__all__ = ["FedAvg", "FedAvgState", "sample_clients"]
+
+
+def sample_clients(clients: Sequence[str], fraction: float, minimum: int, rng: np.random.Generator) -> list[str]:
+    """Pick ``max(floor(fraction * K), minimum, 1)`` of the ``K`` clients uniformly without replacement.
+
+    The result keeps the order of ``clients``. Raises :class:`NotEnoughClientsError` if ``K < minimum``.
+    """
+    if len(clients) < minimum:
+        raise NotEnoughClientsError(f"{len(clients)} clients are available but at least {minimum} are needed")
+    m = min(len(clients), max(math.floor(fraction * len(clients)), minimum, 1))
+    chosen = rng.choice(len(clients), size=m, replace=False)
+    return [clients[i] for i in sorted(chosen)]
+
+
+@dataclass(frozen=True)
+class FedAvgState:
+    """The global model after ``server_round`` rounds."""
+
+    params: Params
+    server_round: int = 0
+
+
+@dataclass(frozen=True)
+class FedAvg:
+    """Federated averaging.
+
+    Each round a fraction ``fraction`` (C) of the K clients is sampled, each runs ``fit`` (E local epochs or
+    S steps of minibatch SGD with batch size B and learning rate from ``fit``) from the global model, and the
+    new global model is ``sum_k n_k / n * w_k`` over the clients that replied, ``n_k`` being each client's
+    number of training examples. ``min_clients`` is both the fewest clients sampled and the fewest replies a
+    round accepts. Federated evaluation asks a fraction ``fraction_evaluate`` of clients for their held-out
+    loss and accuracy, weighted by their held-out example counts; 0 turns it off.
+
+    >>> strategy = FedAvg(fraction=0.1, fit=FitConfig(local_epochs=5, batch_size=10, lr=0.1))
+    """
+
+    fraction: float = 1.0
+    min_clients: int = 1
+    fraction_evaluate: float = 1.0
+    fit: FitConfig = field(default_factory=FitConfig)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(f"fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        if self.min_clients < 1:
+            raise ConfigError(f"min_clients must be >= 1, got {self.min_clients}")
+
+    def init(self, params: Params) -> FedAvgState:
+        return FedAvgState(params)
+
+    def params(self, state: FedAvgState) -> Params:
+        return state.params
+
+    def configure_fit(
+        self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator
+    ) -> dict[str, Message]:
+        selected = sample_clients(clients, self.fraction, self.min_clients, rng)
+        seeds = rng.integers(0, 2**31 - 1, size=len(selected))
+        return {
+            cid: fit_message(server_round, state.params, replace(self.fit, seed=int(seed)))
+            for cid, seed in zip(selected, seeds, strict=True)
+        }
+
+    def aggregate_fit(
+        self, server_round: int, state: FedAvgState, results: Mapping[str, FitResult]
+    ) -> tuple[FedAvgState, dict[str, float]]:
+        if not results:
+            raise NotEnoughClientsError(f"round {server_round}: no client returned an update")
+        replies = list(results.values())
+        counts = [r.num_examples for r in replies]
+        if sum(counts) == 0:
+            raise NotEnoughClientsError(f"round {server_round}: the clients that replied have no examples")
+        new = weighted_mean([r.params for r in replies], counts)
+        metrics = {}
+        if all("loss" in r.metrics for r in replies):
+            metrics["fit_loss"] = weighted_mean_scalar([r.metrics["loss"] for r in replies], counts)
+        return FedAvgState(new, server_round), metrics
+
+    def configure_evaluate(
+        self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator
+    ) -> dict[str, Message]:
+        if self.fraction_evaluate == 0.0 or not clients:
+            return {}
+        selected = sample_clients(clients, self.fraction_evaluate, 1, rng)
+        return {cid: evaluate_message(server_round, state.params) for cid in selected}
+
+    def aggregate_evaluate(
+        self, server_round: int, state: FedAvgState, results: Mapping[str, EvalResult]
+    ) -> dict[str, float]:
+        scored = [r for r in results.values() if r.num_examples > 0]
+        if not scored:
+            return {}
+        counts = [r.num_examples for r in scored]
+        metrics = {"federated_loss": weighted_mean_scalar([r.loss for r in scored], counts)}
+        if all("accuracy" in r.metrics for r in scored):
+            metrics["federated_accuracy"] = weighted_mean_scalar([r.metrics["accuracy"] for r in scored], counts)
+        return metrics

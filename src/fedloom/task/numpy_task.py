@@ -1,0 +1,157 @@
+"""``LogisticRegressionTask``: multinomial logistic regression in pure NumPy, and the shared minibatch schedule.
+
+The task needs no torch, so a client (or a test) can run fedloom without it. :func:`minibatches` is the one
+definition of "E epochs or S steps of minibatch SGD shuffled by ``config.seed``" that every task follows, so
+the NumPy task and :class:`~fedloom.task.torch_task.TorchTask` visit the same examples in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedloom.core.config import FitConfig
+from fedloom.core.errors import ConfigError, DataError
+from fedloom.core.params import Params
+from fedloom.core.results import EvalResult, FitResult
+from fedloom.data.base import ArrayData
+
+__all__ = ["LogisticRegressionTask", "minibatches"]
+
+_F64 = npt.NDArray[np.float64]
+
+
+def minibatches(num_examples: int, config: FitConfig) -> Iterator[npt.NDArray[np.intp]]:
+    """The example indices of each local SGD step, in order.
+
+    One generator, ``np.random.default_rng(config.seed)``, draws a fresh permutation of
+    ``range(num_examples)`` per epoch (epoch ``e`` uses its ``e``-th permutation), which is cut into batches
+    of ``config.batch_size`` (the last one of an epoch may be smaller). With ``local_epochs=E`` that gives
+    ``E * ceil(n / B)`` steps; with ``local_steps=S`` exactly ``S`` steps, reshuffling whenever an epoch runs
+    out. Raises :class:`DataError` when there are no examples.
+
+    >>> config = FitConfig(local_epochs=None, local_steps=3, batch_size=2, seed=1)
+    >>> [b.tolist() for b in minibatches(3, config)]
+    [[0, 1], [2], [2, 0]]
+    """
+    if num_examples <= 0:
+        raise DataError("cannot train on an empty dataset (0 examples)")
+    rng = np.random.default_rng(config.seed)
+    size = config.batch_size
+    remaining = config.local_steps  # None: count epochs instead
+    epochs = config.local_epochs
+    epoch = 0
+    while True:
+        if remaining is None and epochs is not None and epoch >= epochs:
+            return
+        order = rng.permutation(num_examples)
+        for start in range(0, num_examples, size):
+            if remaining is not None:
+                if remaining == 0:
+                    return
+                remaining -= 1
+            yield order[start : start + size]
+        epoch += 1
+
+
+@dataclass(frozen=True)
+class LogisticRegressionTask:
+    """Softmax regression over ``num_classes`` classes of ``num_features`` features (2 classes: binary).
+
+    Params are ``{"weight": (num_classes, num_features), "bias": (num_classes,)}``, stored as float32 (like a
+    torch ``nn.Linear``) and computed in float64. ``fit`` runs minibatch SGD on the mean cross-entropy plus
+    ``l2 / 2 * ||weight||^2`` (the bias is not penalised) following :func:`minibatches`; its ``loss`` metric
+    is the mean over steps of the batch cross-entropy, without the penalty. ``init_scale=0`` starts from
+    zeros, otherwise from ``normal(0, init_scale)`` weights drawn from ``default_rng(seed)``.
+
+    ``data.x`` may have any shape ``(N, ...)`` whose trailing axes hold ``num_features`` values; ``data.y``
+    holds integer class ids in ``[0, num_classes)``. Wrong param names or shapes raise :class:`ConfigError`,
+    unusable data raises :class:`DataError`.
+    """
+
+    num_features: int
+    num_classes: int
+    l2: float = 0.0
+    init_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_features < 1:
+            raise ConfigError(f"num_features must be >= 1, got {self.num_features}")
+        if self.num_classes < 2:
+            raise ConfigError(f"num_classes must be >= 2, got {self.num_classes}")
+        if self.l2 < 0:
+            raise ConfigError(f"l2 must be >= 0, got {self.l2}")
+        if self.init_scale < 0:
+            raise ConfigError(f"init_scale must be >= 0, got {self.init_scale}")
+
+    def init_params(self, seed: int) -> Params:
+        shape = (self.num_classes, self.num_features)
+        if self.init_scale == 0:
+            weight = np.zeros(shape, np.float32)
+        else:
+            weight = (np.random.default_rng(seed).standard_normal(shape) * self.init_scale).astype(np.float32)
+        return Params({"weight": weight, "bias": np.zeros(self.num_classes, np.float32)})
+
+    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
+        weight, bias = self._unpack(params)
+        x, y = self._arrays(data)
+        total_loss = 0.0
+        steps = 0
+        for batch in minibatches(len(y), config):
+            xb, yb = x[batch], y[batch]
+            probs, loss = _softmax_loss(xb @ weight.T + bias, yb)
+            probs[np.arange(len(yb)), yb] -= 1.0
+            probs /= len(yb)  # now d(mean loss)/d(logits)
+            grad_weight = probs.T @ xb
+            if self.l2:
+                grad_weight += self.l2 * weight
+            weight -= config.lr * grad_weight
+            bias -= config.lr * probs.sum(axis=0)
+            total_loss += loss
+            steps += 1
+        new = Params({"weight": weight.astype(np.float32), "bias": bias.astype(np.float32)})
+        return FitResult(new, len(y), {"loss": total_loss / steps, "steps": float(steps)})
+
+    def evaluate(self, params: Params, data: ArrayData) -> EvalResult:
+        """Mean cross-entropy (no penalty) and ``accuracy``; empty data gives ``EvalResult(0.0, 0, {})``."""
+        weight, bias = self._unpack(params)
+        if len(data) == 0:
+            return EvalResult(0.0, 0, {})
+        x, y = self._arrays(data)
+        logits = x @ weight.T + bias
+        _, loss = _softmax_loss(logits, y)
+        accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
+        return EvalResult(loss, len(y), {"accuracy": accuracy})
+
+    def _unpack(self, params: Params) -> tuple[_F64, _F64]:
+        expected = {"weight": (self.num_classes, self.num_features), "bias": (self.num_classes,)}
+        got = {name: tuple(array.shape) for name, array in params.items()}
+        if got != expected:
+            raise ConfigError(f"logistic regression expects params {expected}, got {got}")
+        # astype copies, so training never touches the caller's (read-only) arrays.
+        return params["weight"].astype(np.float64), params["bias"].astype(np.float64)
+
+    def _arrays(self, data: ArrayData) -> tuple[_F64, npt.NDArray[np.intp]]:
+        n = len(data)
+        x = np.asarray(data.x)
+        if x.size != n * self.num_features:
+            raise DataError(f"expected {self.num_features} features per example, got x of shape {x.shape}")
+        y = np.asarray(data.y)
+        if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+            raise DataError(f"labels must be integer class ids, got dtype {y.dtype}")
+        if n and (y.min() < 0 or y.max() >= self.num_classes):
+            raise DataError(f"labels must lie in [0, {self.num_classes}), got [{y.min()}, {y.max()}]")
+        return x.reshape(n, self.num_features).astype(np.float64), y.astype(np.intp).reshape(n)
+
+
+def _softmax_loss(logits: _F64, labels: npt.NDArray[Any]) -> tuple[_F64, float]:
+    """Softmax probabilities (a new array) and the mean cross-entropy, computed stably."""
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    total = exp.sum(axis=1, keepdims=True)
+    log_probs_true = shifted[np.arange(len(labels)), labels] - np.log(total[:, 0])
+    return exp / total, float(-np.mean(log_probs_true))

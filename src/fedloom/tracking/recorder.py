@@ -1,0 +1,257 @@
+"""``RunRecorder``: writes one run (its rounds, client records, checkpoints and summary) to a run directory.
+
+It is a :class:`~fedloom.runtime.records.RoundObserver`: the server loop calls :meth:`RunRecorder.on_round`
+after every round, and the caller calls :meth:`RunRecorder.finish` once at the end, also when the run
+crashed (``status="failed"``). Layout of the run directory::
+
+    <root>/<run_id>/run.db                                  rounds, metrics, client records (SQLite)
+    <root>/<run_id>/checkpoints/round_00001.safetensors     global params after each round
+    <root>/<run_id>/summary.json                            written by finish()
+
+>>> recorder = RunRecorder.create("runs", "digits", {"rounds": 3})   # doctest: +SKIP
+>>> recorder.on_round(record, params)                              # from the loop, each round  # doctest: +SKIP
+>>> recorder.finish(params)                                        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import secrets
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, insert, update
+from sqlalchemy.exc import SQLAlchemyError
+
+from fedloom.core.errors import ConfigError, RunStoreError
+from fedloom.core.params import Params
+from fedloom.runtime.records import ClientRecord, ClientStatus, RoundRecord
+from fedloom.tracking.checkpoint import save_params, write_atomic
+from fedloom.tracking.schema import client_metrics, metadata, round_metrics, rounds, runs, sqlite_engine
+from fedloom.tracking.store import DB_NAME, ROUND_COLUMNS, dumps_json, final_metrics, read_rounds, utc
+
+__all__ = ["CHECKPOINT_DIR", "SUMMARY_NAME", "RunRecorder", "checkpoint_path"]
+
+CHECKPOINT_DIR = "checkpoints"
+SUMMARY_NAME = "summary.json"
+_FIT_PHASE = "fit"
+_FINAL_STATUSES = ("finished", "failed")
+_NAME_MAX = 64
+_ATTEMPTS = 5
+
+
+def checkpoint_path(run_dir: Path, server_round: int) -> Path:
+    """Where the global params after ``server_round`` are stored in ``run_dir``."""
+    return run_dir / CHECKPOINT_DIR / f"round_{server_round:05d}.safetensors"
+
+
+def _sanitize(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9_-]+", "-", name.lower())
+    slug = re.sub(r"-{2,}", "-", slug).strip("-")[:_NAME_MAX].strip("-")
+    return slug or "run"
+
+
+def _finite(value: float | None) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _counts(clients: tuple[ClientRecord, ...]) -> tuple[int, int, int]:
+    """(selected, ok, dropped) for a round: over its ``fit`` records, or all its records if it had none."""
+    chosen = [c for c in clients if c.phase == _FIT_PHASE] or list(clients)
+    selected = len({c.client_id for c in chosen})
+    ok = sum(1 for c in chosen if c.status == ClientStatus.OK)
+    dropped = sum(1 for c in chosen if c.status == ClientStatus.DROPPED)
+    return selected, ok, dropped
+
+
+class RunRecorder:
+    """Records one run into its run directory. Create it with :meth:`create`.
+
+    Not thread-safe: one recorder belongs to one server loop. Every method raises
+    :class:`RunStoreError` when the database cannot be written.
+    """
+
+    def __init__(self, run_dir: Path, run_id: str, name: str, engine: Engine) -> None:
+        """Use :meth:`create`; this wraps an already initialised run directory."""
+        self._run_dir = run_dir
+        self._run_id = run_id
+        self._name = name
+        self._engine: Engine | None = engine
+        self._last_round = 0
+
+    @classmethod
+    def create(cls, root: str | Path, name: str, config: Mapping[str, Any]) -> RunRecorder:
+        """Start a new run under ``root`` (created if missing) and record it as ``running``.
+
+        The run id is ``<UTC yyyymmdd-HHMMSS>-<name>-<4 hex>``, with ``name`` reduced to ``[a-z0-9_-]``.
+        ``config`` must be JSON-like (dataclasses, paths, enums and NumPy values are converted; non-finite
+        floats are stored as null); anything else raises :class:`ConfigError`.
+        """
+        config_json = dumps_json(dict(config))
+        root_dir = Path(root)
+        root_dir.mkdir(parents=True, exist_ok=True)
+        slug = _sanitize(name)
+        for _ in range(_ATTEMPTS):
+            created_at = datetime.now(timezone.utc)
+            run_id = f"{created_at:%Y%m%d-%H%M%S}-{slug}-{secrets.token_hex(2)}"
+            run_dir = root_dir / run_id
+            try:
+                run_dir.mkdir()
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise RunStoreError(f"could not create a fresh run directory under {root_dir}")
+        (run_dir / CHECKPOINT_DIR).mkdir()
+        engine = sqlite_engine(run_dir / DB_NAME)
+        try:
+            metadata.create_all(engine)
+            with engine.begin() as conn:
+                conn.execute(
+                    insert(runs).values(
+                        run_id=run_id,
+                        name=name,
+                        status="running",
+                        created_at=created_at,
+                        config_json=config_json,
+                    )
+                )
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            raise RunStoreError(f"cannot create the run database in {run_dir}: {exc}") from None
+        return cls(run_dir, run_id, name, engine)
+
+    @property
+    def run_id(self) -> str:
+        return self._run_id
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir
+
+    def _live_engine(self) -> Engine:
+        if self._engine is None:
+            raise RunStoreError(f"run {self._run_id} is already finished; it records nothing more")
+        return self._engine
+
+    def on_round(self, record: RoundRecord, params: Params) -> None:
+        """Record a finished round and checkpoint ``params`` (the global params after it).
+
+        The round, its metrics and its client records are inserted in one transaction; the checkpoint is
+        written (atomically) before that transaction commits, so every round in the database has its
+        checkpoint. Rounds must arrive in increasing order. Raises :class:`RunStoreError` if the round is
+        out of order or cannot be stored, :class:`ConfigError` for a metric named like a round column.
+        """
+        engine = self._live_engine()
+        server_round = record.server_round
+        if server_round <= self._last_round:
+            raise RunStoreError(f"round {server_round} arrived after round {self._last_round} in run {self._run_id}")
+        clashing = sorted(set(record.metrics) & set(ROUND_COLUMNS))
+        if clashing:
+            raise ConfigError(f"round metrics may not be named {', '.join(clashing)}: those are round columns")
+        selected, ok, dropped = _counts(record.clients)
+        rid = self._run_id
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    insert(rounds).values(
+                        run_id=rid,
+                        round=server_round,
+                        seconds=float(record.seconds),
+                        num_selected=selected,
+                        num_ok=ok,
+                        num_dropped=dropped,
+                    )
+                )
+                if record.metrics:
+                    conn.execute(
+                        insert(round_metrics),
+                        [
+                            {"run_id": rid, "round": server_round, "name": name, "value": _finite(value)}
+                            for name, value in record.metrics.items()
+                        ],
+                    )
+                if record.clients:
+                    conn.execute(insert(client_metrics), [self._client_row(server_round, c) for c in record.clients])
+                save_params(
+                    checkpoint_path(self._run_dir, server_round),
+                    params,
+                    {"run_id": rid, "round": str(server_round)},
+                )
+        except SQLAlchemyError as exc:
+            raise RunStoreError(f"cannot record round {server_round} of run {rid}: {exc}") from None
+        except OSError as exc:
+            raise RunStoreError(f"cannot write the checkpoint of round {server_round} of run {rid}: {exc}") from None
+        self._last_round = server_round
+
+    def _client_row(self, server_round: int, client: ClientRecord) -> dict[str, Any]:
+        return {
+            "run_id": self._run_id,
+            "round": server_round,
+            "client_id": client.client_id,
+            "phase": client.phase,
+            "status": client.status,
+            "num_examples": int(client.num_examples),
+            "loss": _finite(client.loss),
+            "accuracy": _finite(client.accuracy),
+            "seconds": float(client.seconds),
+            "bytes_down": int(client.bytes_down),
+            "bytes_up": int(client.bytes_up),
+            "extra_json": dumps_json(dict(client.metrics)),
+        }
+
+    def finish(self, params: Params, status: str = "finished", error: str | None = None) -> None:
+        """Close the run: store its status, end time and ``params.sha256()``, and write ``summary.json``.
+
+        ``status`` is ``"finished"`` or ``"failed"`` (then ``params`` are the last global params and
+        ``error`` says what went wrong). The recorder records nothing after this. Raises
+        :class:`ConfigError` for another status and :class:`RunStoreError` if the run cannot be updated.
+        """
+        if status not in _FINAL_STATUSES:
+            raise ConfigError(f"a run finishes as one of {', '.join(_FINAL_STATUSES)}, not {status!r}")
+        engine = self._live_engine()
+        finished_at = datetime.now(timezone.utc)
+        sha256 = params.sha256()
+        rid = self._run_id
+        try:
+            with engine.begin() as conn:
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.run_id == rid)
+                    .values(status=status, finished_at=finished_at, error=error, params_sha256=sha256)
+                )
+                row = conn.execute(runs.select().where(runs.c.run_id == rid)).one()
+                round_list = read_rounds(conn, rid)
+            summary = {
+                "run_id": rid,
+                "name": row.name,
+                "status": status,
+                "error": error,
+                "created_at": utc(row.created_at),
+                "finished_at": finished_at,
+                "config": json.loads(row.config_json),
+                "rounds": round_list,
+                "final": final_metrics(round_list),
+                "params_sha256": sha256,
+                "last_checkpoint": (str(checkpoint_path(Path(), round_list[-1]["round"])) if round_list else None),
+            }
+            write_atomic(self._run_dir / SUMMARY_NAME, (dumps_json(summary, indent=2) + "\n").encode())
+        except SQLAlchemyError as exc:
+            raise RunStoreError(f"cannot finish run {rid}: {exc}") from None
+        except OSError as exc:
+            raise RunStoreError(f"cannot write the summary of run {rid}: {exc}") from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the database connections without finishing the run (it stays ``running``)."""
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None

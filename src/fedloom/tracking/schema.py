@@ -1,0 +1,129 @@
+"""The run store's tables, in SQLAlchemy Core, and how to open a run's database.
+
+The schema uses only portable types (strings with a length, integers, doubles, text, timezone-aware
+timestamps) so the same tables can live in SQLite (one ``run.db`` per run directory) or in PostgreSQL.
+Non-finite metric values are stored as NULL: SQLite cannot hold NaN, and JSON cannot either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    Engine,
+    ForeignKeyConstraint,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import URL
+
+__all__ = [
+    "RUN_STATUSES",
+    "client_metrics",
+    "metadata",
+    "open_engine",
+    "round_metrics",
+    "rounds",
+    "runs",
+    "sqlite_engine",
+]
+
+RUN_STATUSES = ("running", "finished", "failed")
+
+_RUN_ID = 128
+_NAME = 255
+_SHORT = 32
+
+metadata = MetaData()
+
+runs = Table(
+    "runs",
+    metadata,
+    Column("run_id", String(_RUN_ID), primary_key=True),
+    Column("name", String(_NAME), nullable=False),
+    Column("status", String(_SHORT), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("config_json", Text, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("params_sha256", String(64), nullable=True),
+    CheckConstraint(f"status IN ({', '.join(repr(s) for s in RUN_STATUSES)})", name="ck_runs_status"),
+)
+
+rounds = Table(
+    "rounds",
+    metadata,
+    Column("run_id", String(_RUN_ID), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("seconds", Double, nullable=False),
+    Column("num_selected", Integer, nullable=False),
+    Column("num_ok", Integer, nullable=False),
+    Column("num_dropped", Integer, nullable=False),
+    ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_rounds_run"),
+)
+
+round_metrics = Table(
+    "round_metrics",
+    metadata,
+    Column("run_id", String(_RUN_ID), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("name", String(_NAME), primary_key=True),
+    Column("value", Double, nullable=True),
+    ForeignKeyConstraint(["run_id", "round"], ["rounds.run_id", "rounds.round"], name="fk_round_metrics_round"),
+)
+
+client_metrics = Table(
+    "client_metrics",
+    metadata,
+    Column("run_id", String(_RUN_ID), primary_key=True),
+    Column("round", Integer, primary_key=True),
+    Column("client_id", String(_NAME), primary_key=True),
+    Column("phase", String(_SHORT), primary_key=True),
+    Column("status", String(_SHORT), nullable=False),
+    Column("num_examples", Integer, nullable=False),
+    Column("loss", Double, nullable=True),
+    Column("accuracy", Double, nullable=True),
+    Column("seconds", Double, nullable=False),
+    Column("bytes_down", Integer, nullable=False),
+    Column("bytes_up", Integer, nullable=False),
+    Column("extra_json", Text, nullable=False),
+    ForeignKeyConstraint(["run_id", "round"], ["rounds.run_id", "rounds.round"], name="fk_client_metrics_round"),
+)
+
+
+def _enable_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
+    # SQLite ignores foreign keys unless asked, per connection; PostgreSQL always enforces them.
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def sqlite_engine(db_path: Path) -> Engine:
+    """An engine for the SQLite file ``db_path`` with foreign keys enforced. The caller disposes it."""
+    engine = create_engine(URL.create("sqlite", database=str(db_path)))
+    event.listen(engine, "connect", _enable_foreign_keys)
+    return engine
+
+
+@contextmanager
+def open_engine(db_path: Path) -> Iterator[Engine]:
+    """Yield :func:`sqlite_engine` for ``db_path`` and dispose of it (closing its connections) afterwards."""
+    engine = sqlite_engine(db_path)
+    try:
+        yield engine
+    finally:
+        engine.dispose()

@@ -1,0 +1,123 @@
+"""The server loop over the inline grid, with a toy task whose result can be computed by hand."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from fedloom.core import EvalResult, FitConfig, FitResult, JobError, NotEnoughClientsError, Params
+from fedloom.data.base import ArrayData, ClientData, FederatedData
+from fedloom.runtime import ClientStatus, InlineGrid, run_rounds
+from fedloom.strategy import FedAvg
+
+
+@dataclass(frozen=True)
+class MeanTask:
+    """Fit replaces the model with the mean of the client's x; evaluate reports the squared error."""
+
+    fail_on: str | None = None
+
+    def init_params(self, seed: int) -> Params:
+        return Params({"w": np.zeros(1)})
+
+    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
+        if self.fail_on is not None and float(data.x[0]) == float(self.fail_on):
+            raise RuntimeError("disk full")
+        return FitResult(Params({"w": np.array([data.x.mean()])}), len(data), {"loss": float(data.x.var())})
+
+    def evaluate(self, params: Params, data: ArrayData) -> EvalResult:
+        if len(data) == 0:
+            return EvalResult(0.0, 0)
+        error = float(((data.x - params["w"][0]) ** 2).mean())
+        return EvalResult(error, len(data), {"accuracy": float(error < 1)})
+
+
+def federation(sizes: list[int]) -> FederatedData:
+    clients = {}
+    for i, n in enumerate(sizes):
+        x = np.full(n, float(i), dtype=np.float64)
+        clients[f"c{i}"] = ClientData(ArrayData(x, np.zeros(n)), ArrayData(x[:1], np.zeros(1)))
+    test = ArrayData(np.array([0.0, 2.0]), np.zeros(2))
+    return FederatedData(clients, test, num_classes=1)
+
+
+def test_fedavg_of_client_means_is_the_global_mean():
+    data = federation([1, 2, 5])  # client i holds n_i copies of the value i
+    task = MeanTask()
+    result = run_rounds(
+        strategy=FedAvg(),
+        grid=InlineGrid(task, data),
+        initial_params=task.init_params(0),
+        rounds=2,
+        seed=0,
+        evaluate_central=lambda p: task.evaluate(p, data.central_test),
+    )
+    expected = (0 * 1 + 1 * 2 + 2 * 5) / 8  # = 1.5
+    assert result.params["w"][0] == pytest.approx(expected)
+    last = result.history[-1]
+    # federated evaluation: client i's test value is i, weighted by 1 each: ((1.5)^2 + 0.5^2 + 0.5^2) / 3
+    assert last.metrics["federated_loss"] == pytest.approx((2.25 + 0.25 + 0.25) / 3)
+    assert last.metrics["central_loss"] == pytest.approx((1.5**2 + 0.5**2) / 2)
+    assert last.metrics["central_accuracy"] == 0.0
+    fit_records = [c for c in last.clients if c.phase == "fit"]
+    assert [c.num_examples for c in fit_records] == [1, 2, 5]
+    assert all(c.bytes_down > 0 and c.bytes_up > 0 for c in last.clients)
+
+
+def test_dropouts_do_not_break_rounds_while_enough_clients_reply():
+    data = federation([3] * 20)
+    task = MeanTask()
+    result = run_rounds(
+        strategy=FedAvg(min_clients=2, fraction_evaluate=0.0),
+        grid=InlineGrid(task, data, dropout=0.5, seed=1),
+        initial_params=task.init_params(0),
+        rounds=5,
+        seed=1,
+    )
+    assert len(result.history) == 5
+    dropped = [c for r in result.history for c in r.clients if c.status == ClientStatus.DROPPED]
+    ok = [c for r in result.history for c in r.clients if c.status == ClientStatus.OK]
+    assert 20 < len(dropped) < 80  # about half of 100
+    assert len(ok) + len(dropped) == 100
+    # each round's model is the mean over the clients that replied
+    final_round = result.history[-1]
+    replied = [int(c.client_id[1:]) for c in final_round.clients if c.status == ClientStatus.OK]
+    assert result.params["w"][0] == pytest.approx(np.mean(replied))
+
+
+def test_too_few_replies_is_a_clear_error_not_a_hang():
+    data = federation([3] * 10)
+    task = MeanTask()
+    with pytest.raises(NotEnoughClientsError, match=r"round 1: \d of 10 clients replied, fewer than min_clients=8"):
+        run_rounds(
+            strategy=FedAvg(min_clients=8),
+            grid=InlineGrid(task, data, dropout=0.9, seed=0),
+            initial_params=task.init_params(0),
+            rounds=3,
+            seed=0,
+        )
+
+
+def test_same_seed_same_dropouts_and_sampling():
+    data = federation([2] * 30)
+    task = MeanTask()
+
+    def run(seed):
+        result = run_rounds(
+            strategy=FedAvg(fraction=0.3),
+            grid=InlineGrid(task, data, dropout=0.2, seed=seed),
+            initial_params=task.init_params(0),
+            rounds=3,
+            seed=seed,
+        )
+        return [(c.client_id, c.status) for r in result.history for c in r.clients]
+
+    assert run(4) == run(4)
+    assert run(4) != run(5)
+
+
+def test_a_failing_client_names_itself():
+    data = federation([2, 2, 2])
+    task = MeanTask(fail_on="1")
+    with pytest.raises(JobError, match="client c1 raised RuntimeError in fit: disk full"):
+        run_rounds(strategy=FedAvg(), grid=InlineGrid(task, data), initial_params=task.init_params(0), rounds=1, seed=0)
