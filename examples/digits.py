@@ -3,7 +3,7 @@
     fedloom simulate digits
     fedloom simulate examples/digits.py --clients 20 --rounds 10 --partition iid
 
-Every client trains in every round (C = 1) for one local epoch with batch size 16 and learning rate 0.05.
+Every client trains in every round (C = 1) for 5 local epochs with batch size 16 and learning rate 0.1.
 """
 
 from torch import nn
@@ -21,7 +21,7 @@ job = fl.Job(
     name="digits",
     task=fl.TorchTask(model=mlp, loss="cross_entropy", optimizer="sgd"),
     data=load_digits,
-    strategy=fl.FedAvg(fraction=1.0, fit=fl.FitConfig(local_epochs=1, batch_size=16, lr=0.05)),
+    strategy=fl.FedAvg(fraction=1.0, fit=fl.FitConfig(local_epochs=5, batch_size=16, lr=0.1)),
     simulation=fl.SimulationConfig(
         num_clients=100,
         rounds=30,

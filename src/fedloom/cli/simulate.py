@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,10 +61,12 @@ def simulate_command(
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size B.", rich_help_panel=_PANEL_FIT)] = None,
     lr: Annotated[float | None, typer.Option(help="Local learning rate.", rich_help_panel=_PANEL_FIT)] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
 ) -> None:
     """Run a simulated federation and record it in the runs folder."""
     loaded = load_job(job)
+    _limit_torch_threads(threads)
     configured = _apply_flags(
         loaded,
         simulation={"num_clients": clients, "rounds": rounds, "seed": seed, "dropout": dropout, "data_dir": data},
@@ -87,6 +90,15 @@ def simulate_command(
     final = "  ".join(f"{k} {v:.4f}" for k, v in run.final_metrics.items())
     console.print(f"finished run [bold]{run.run_id}[/]: {final}", highlight=False)
     console.print(f"params_sha256 {run.params_sha256}\nrun directory {run.run_dir}", highlight=False)
+
+
+def _limit_torch_threads(threads: int) -> None:
+    """Clients train one after another on small batches, where torch's thread pool costs more than it gives
+    (measured: a 64-32-10 MLP runs the quickstart 20x slower with 2 threads on a busy 2-core machine). Only
+    a job that already imported torch is affected; a NumPy-only job never loads it."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def _given(values: dict[str, Any]) -> dict[str, Any]:
