@@ -1,0 +1,134 @@
+"""``fedloom.simulate`` end to end on real data, through the Python API."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+import textwrap
+from functools import partial
+
+import numpy as np
+import pytest
+
+import fedloom as fl
+from fedloom.data import load_synthetic
+from fedloom.tracking import load_params
+
+
+def synthetic_job(rounds: int = 3, dropout: float = 0.0, min_clients: int = 1) -> fl.Job:
+    return fl.Job(
+        name="synthetic-test",
+        task=fl.LogisticRegressionTask(num_features=60, num_classes=10),
+        data=partial(load_synthetic, alpha=1.0, beta=1.0, num_clients=10, seed=3),
+        strategy=fl.FedAvg(
+            fraction=0.5, min_clients=min_clients, fit=fl.FitConfig(local_epochs=1, batch_size=10, lr=0.01)
+        ),
+        simulation=fl.SimulationConfig(
+            num_clients=10, rounds=rounds, dropout=dropout, partition=fl.PartitionConfig(scheme="natural")
+        ),
+    )
+
+
+def test_same_seed_same_params_and_different_seed_different_params(tmp_path):
+    job = synthetic_job()
+    a = fl.simulate(job, runs_dir=tmp_path)
+    b = fl.simulate(job, runs_dir=tmp_path)
+    c = fl.simulate(job, simulation=dataclasses.replace(job.simulation, seed=1), runs_dir=tmp_path)
+    assert a.run_id != b.run_id
+    assert a.params_sha256 == b.params_sha256
+    assert a.params_sha256 != c.params_sha256
+
+
+def test_run_directory_holds_database_checkpoints_and_summary(tmp_path):
+    run = fl.simulate(synthetic_job(rounds=3), runs_dir=tmp_path)
+    assert (run.run_dir / "run.db").is_file()
+    for r in (1, 2, 3):
+        assert (run.run_dir / "checkpoints" / f"round_{r:05d}.safetensors").is_file()
+    assert load_params(run.run_dir / "checkpoints" / "round_00003.safetensors") == run.params
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["run_id"] == run.run_id
+    assert summary["status"] == "finished"
+    assert summary["params_sha256"] == run.params_sha256
+    assert len(summary["rounds"]) == 3
+    assert summary["config"]["simulation"]["num_clients"] == 10
+    assert summary["final"]["federated_accuracy"] == pytest.approx(run.final_metrics["federated_accuracy"])
+    rows = fl.RunStore(tmp_path).client_metrics(run.run_id)
+    fit_rows = [r for r in rows if r["phase"] == "fit"]
+    assert len(fit_rows) == 3 * 5  # fraction 0.5 of 10 clients, 3 rounds
+    assert all(r["bytes_down"] > 0 and r["bytes_up"] > 0 and r["num_examples"] > 0 for r in fit_rows)
+
+
+def test_training_improves_the_model(tmp_path):
+    run = fl.simulate(synthetic_job(rounds=15), runs_dir=tmp_path)
+    losses = [r.metrics["federated_loss"] for r in run.history]
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_dropouts_are_recorded_and_a_starved_round_fails_the_run_cleanly(tmp_path):
+    run = fl.simulate(synthetic_job(rounds=4, dropout=0.3), runs_dir=tmp_path)
+    statuses = [c.status for r in run.history for c in r.clients if c.phase == "fit"]
+    assert "dropped" in statuses
+    assert "ok" in statuses
+
+    with pytest.raises(fl.NotEnoughClientsError, match="fewer than min_clients=5"):
+        fl.simulate(synthetic_job(rounds=4, dropout=0.9, min_clients=5), runs_dir=tmp_path / "starved")
+    (failed,) = fl.RunStore(tmp_path / "starved").list_runs()
+    assert failed.status == "failed"
+    assert "NotEnoughClientsError" in (failed.error or "")
+
+
+def test_a_numpy_job_never_imports_torch(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from functools import partial
+        import fedloom as fl
+        from fedloom.data import load_synthetic
+        job = fl.Job(
+            task=fl.LogisticRegressionTask(num_features=60, num_classes=10),
+            data=partial(load_synthetic, num_clients=5),
+            simulation=fl.SimulationConfig(num_clients=5, rounds=2, partition=fl.PartitionConfig(scheme="natural")),
+        )
+        run = fl.simulate(job, runs_dir={str(tmp_path)!r})
+        assert run.history[-1].metrics["federated_accuracy"] >= 0.0
+        assert "torch" not in sys.modules, "torch was imported"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.mark.parametrize("name", ["digits", "heart_disease", "mnist", "mnist_2nn", "synthetic"])
+def test_builtin_examples_load(name):
+    job = fl.load_job(name)
+    assert isinstance(job, fl.Job)
+    params = job.task.init_params(0)
+    assert params.num_values > 0
+    assert params == job.task.init_params(0)
+
+
+def test_mnist_cnn_matches_the_paper_size():
+    # McMahan et al. 2017 give 1,663,370 parameters for the CNN and 199,210 for the 2NN.
+    assert fl.load_job("mnist").task.init_params(0).num_values == 1_663_370
+    assert fl.load_job("mnist_2nn").task.init_params(0).num_values == 199_210
+
+
+def test_mnist_2nn_trains_on_the_shared_test_images(shared_data, tmp_path):
+    """The 10k MNIST test images, split over 5 clients, stand in for the absent 60k training images."""
+    from fedloom.data.datasets.mnist import read_mnist_split
+
+    split = read_mnist_split(
+        shared_data / "mnist" / "t10k-images-idx3-ubyte.gz", shared_data / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    )
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(split))
+    train, test = split.subset(order[:1000]), split.subset(order[1000:1500])
+    dataset = fl.data.Dataset("mnist-small", train, test, num_classes=10)
+    example = fl.load_job("mnist_2nn")
+    job = dataclasses.replace(
+        example,
+        data=lambda: dataset,
+        strategy=fl.FedAvg(fit=fl.FitConfig(local_epochs=2, batch_size=10, lr=0.1)),
+        simulation=fl.SimulationConfig(num_clients=5, rounds=5, partition=fl.PartitionConfig("iid")),
+    )
+    run = fl.simulate(job, runs_dir=tmp_path)
+    assert run.final_metrics["central_accuracy"] > 0.8
