@@ -77,7 +77,9 @@ def describe(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if is_dataclass(value) and not isinstance(value, type):
-        return {"type": type(value).__name__, **{f.name: describe(getattr(value, f.name)) for f in fields(value)}}
+        # Private fields (caches) are not configuration, and their reprs hold memory addresses.
+        public = [f for f in fields(value) if f.repr and not f.name.startswith("_")]
+        return {"type": type(value).__name__, **{f.name: describe(getattr(value, f.name)) for f in public}}
     if isinstance(value, (list, tuple)):
         return [describe(v) for v in value]
     if isinstance(value, dict):
@@ -130,7 +132,7 @@ def _import_file(path: Path) -> Any:
     except FedloomError as exc:
         raise JobError(f"job file {path}: {exc}") from exc
     except Exception as exc:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
         line = f" (line {frames[-1].lineno})" if frames else ""
         raise JobError(f"job file {path} raised {type(exc).__name__}{line}: {exc}") from exc
     return module

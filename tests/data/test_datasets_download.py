@@ -175,15 +175,18 @@ def test_obtain_files_prefers_local_then_cache_then_download(
     (root / "b.bin").write_bytes(b"b")
     common: dict[str, Any] = {"dataset": "toy", "cache_dir": cache, "mirrors": [url]}
 
-    with pytest.raises(DataError, match=r"b\.bin") as info:
-        obtain_files(files, data_dir=local, download=False, **common)
-    assert "a.bin" not in str(info.value)
+    # A folder given explicitly is taken at its word: a file missing there is an error, never a download.
+    for may_download in (False, True):
+        with pytest.raises(DataError, match=r"b\.bin not found in the data folder") as info:
+            obtain_files(files, data_dir=local, download=may_download, **common)
+        assert "a.bin" not in str(info.value)
+    assert not (cache / "toy" / "b.bin").exists()
 
-    paths = obtain_files(files, data_dir=local, download=True, **common)
-    assert paths == {"a.bin": local / "a.bin", "b.bin": cache / "toy" / "b.bin"}
-
-    # now cached: found without download, and via FEDLOOM_DATA instead of data_dir
+    # Through FEDLOOM_DATA the folder is the first place to look; what is missing there is downloaded.
     monkeypatch.setenv("FEDLOOM_DATA", str(local))
+    paths = obtain_files(files, data_dir=None, download=True, **common)
+    assert paths == {"a.bin": local / "a.bin", "b.bin": cache / "toy" / "b.bin"}
+    # now cached: found without downloading
     assert obtain_files(files, data_dir=None, download=False, **common) == paths
 
     (local / "a.bin").write_bytes(b"tampered")

@@ -29,11 +29,15 @@ def _fmt(value: object) -> str:
 def list_command(runs: RunsDir = Path("runs")) -> None:
     """List the runs in a runs folder, newest first."""
     infos = RunStore(runs).list_runs()
-    console = Console()
+    console = Console(soft_wrap=True)
     if not infos:
         console.print(f"no runs in {runs}")
         return
-    table = Table("run", "name", "status", "rounds", "central_accuracy", "created")
+    table = Table()
+    # The id is what `show` and `export` take, so it is never cut or wrapped, whatever the terminal's width.
+    table.add_column("run", no_wrap=True, min_width=max(len(info.run_id) for info in infos))
+    for column in ("name", "status", "rounds", "central_accuracy", "created"):
+        table.add_column(column)
     for info in infos:
         table.add_row(
             info.run_id,
@@ -41,7 +45,7 @@ def list_command(runs: RunsDir = Path("runs")) -> None:
             info.status,
             str(info.rounds),
             _fmt(info.final_metrics.get("central_accuracy")),
-            str(info.created_at),
+            f"{info.created_at:%Y-%m-%d %H:%M:%S}",
         )
     console.print(table)
 
@@ -54,10 +58,12 @@ def show_command(
     store = RunStore(runs)
     rows = store.rounds(run)
     path = store.resolve(run)
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(f"run [bold]{path.name}[/] in {path}", highlight=False)
     metric_names = sorted({k for row in rows for k in row} - set(_FIXED))
-    table = Table(*_FIXED, *metric_names)
+    table = Table()
+    for column in (*_FIXED, *metric_names):
+        table.add_column(column, no_wrap=True, min_width=len(column))
     for row in rows:
         table.add_row(*(_fmt(row.get(c)) for c in (*_FIXED, *metric_names)))
     console.print(table)

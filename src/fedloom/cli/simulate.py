@@ -74,7 +74,7 @@ def simulate_command(
         strategy={"fraction": fraction, "min_clients": min_clients},
         fit={"local_epochs": local_epochs, "local_steps": local_steps, "batch_size": batch_size, "lr": lr},
     )
-    console = Console()
+    console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
     sim = configured.simulation
     console.print(
         f"fedloom: job [bold]{configured.name}[/], {sim.num_clients} clients, {sim.rounds} rounds, "

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.datasets import load_digits as _sklearn_digits
-from sklearn.model_selection import train_test_split
 
 from fedloom.core.errors import ConfigError
 from fedloom.data.base import ArrayData, Dataset
@@ -27,6 +25,10 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """
     if not 0.0 < test_fraction < 1.0:
         raise ConfigError(f"test_fraction must be between 0 and 1, got {test_fraction}")
+    # scikit-learn is imported here, not at module level: it takes over a second, and most commands never need it.
+    from sklearn.datasets import load_digits as _sklearn_digits
+    from sklearn.model_selection import train_test_split
+
     bunch = _sklearn_digits()
     x = np.asarray(bunch.data, dtype=np.float64)
     y = np.asarray(bunch.target, dtype=np.int64)

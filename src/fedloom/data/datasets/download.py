@@ -148,8 +148,7 @@ def fetch(
         os.replace(partial, target)
         logger.info("saved %s (%d bytes)", target, target.stat().st_size)
         return target
-    tried = "\n  ".join(failures)
-    raise DataError(f"could not download {filename}; tried:\n  {tried}\n{_LOCAL_HINT}")
+    raise DataError(f"could not download {filename} (tried {'; '.join(failures)}). {_LOCAL_HINT}")
 
 
 def obtain_files(
@@ -170,8 +169,9 @@ def obtain_files(
         The path of every file, keyed and ordered like ``files``.
 
     Raises:
-        DataError: the local folder does not exist; a local file has the wrong digest; a file is neither local
-            nor cached and ``download`` is false (the message names every missing file); a download failed.
+        DataError: the local folder does not exist; a local file has the wrong digest; a file is missing from
+            an explicitly given ``data_dir`` (never downloaded then), or is neither local nor cached and
+            ``download`` is false (the message names every missing file); a download failed.
     """
     local = resolve_dir(data_dir, dataset)
     cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / dataset
@@ -185,6 +185,12 @@ def obtain_files(
             found[name] = cache / name
         else:
             missing.append(name)
+    if missing and data_dir is not None:
+        # A folder the user named is taken at its word: going to the network instead would surprise them.
+        raise DataError(
+            f"{dataset}: {', '.join(missing)} not found in the data folder {local}; add the files there, "
+            f"or leave out the data folder to download them into {cache}"
+        )
     if missing and not download:
         places = f"{local} or {cache}" if local is not None else str(cache)
         raise DataError(f"{dataset}: {', '.join(missing)} not found in {places}, and download is off. {_LOCAL_HINT}")

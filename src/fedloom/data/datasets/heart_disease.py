@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.model_selection import train_test_split
 
 from fedloom.core.errors import DataError
 from fedloom.data.base import ArrayData, Dataset
@@ -146,6 +145,8 @@ def _split(y: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.intp], npt.NDArray[
     """Train and test row indices of one center, each in file order (as FLamby keeps them)."""
     # Stratifying needs a few rows of each class; Switzerland has too few negatives.
     stratify = y if (np.bincount(y, minlength=2) > 2).all() else None
+    from sklearn.model_selection import train_test_split  # imported late: slow, and only loading needs it
+
     train, test = train_test_split(
         np.arange(len(y)),
         train_size=_TRAIN_FRACTION,

@@ -1,0 +1,103 @@
+"""``fedloom runs list|show|export`` through the real console script, on the digits run of ``conftest.py``."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+if TYPE_CHECKING:
+    from conftest import Cli, CliResult
+
+
+@pytest.fixture(scope="module")
+def summary(cli: Cli, digits_run: CliResult) -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads((digits_run.run_dir(cli.cwd) / "summary.json").read_text())
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def results(cli: Cli, summary: dict[str, Any]) -> dict[str, CliResult]:
+    """The ``runs`` commands on the digits run (and on an empty folder), run together."""
+    run_id = summary["run_id"]
+    (cli.cwd / "empty_runs").mkdir()
+    in_runs = ("--runs", "runs")
+    started = {
+        name: cli.start(*args)
+        for name, args in {
+            "list": ["runs", "list", *in_runs],
+            "show_prefix": ["runs", "show", run_id[:-3], *in_runs],
+            "csv": ["runs", "export", run_id, "--format", "csv", *in_runs],
+            "json_to_file": ["runs", "export", run_id, "--format", "json", "-o", "export.json", *in_runs],
+            "xml": ["runs", "export", run_id, "--format", "xml", *in_runs],
+            "show_unknown": ["runs", "show", "nope", *in_runs],
+            "list_empty": ["runs", "list", "--runs", "empty_runs"],
+        }.items()
+    }
+    started["list_80_columns"] = cli.start("runs", "list", *in_runs, env={"COLUMNS": "80"})
+    return {name: future.result() for name, future in started.items()}
+
+
+def test_list_shows_the_run(results: dict[str, CliResult], summary: dict[str, Any]) -> None:
+    listing = results["list"].ok().stdout
+    assert summary["run_id"] in listing
+    row = next(line for line in listing.splitlines() if summary["run_id"] in line)
+    assert "digits" in row
+    assert "finished" in row
+    assert f"{summary['final']['central_accuracy']:.4f}" in row
+
+
+def test_show_by_prefix_prints_the_rounds_table(results: dict[str, CliResult], summary: dict[str, Any]) -> None:
+    shown = results["show_prefix"].ok().stdout
+    assert f"run {summary['run_id']} in " in shown
+    header = next(line for line in shown.splitlines() if "round" in line and "central_accuracy" in line)
+    assert "num_dropped" in header
+    for record in summary["rounds"]:
+        row = next(line for line in shown.splitlines() if line.strip("│┃ ").startswith(f"{record['round']} "))
+        assert f"{record['metrics']['central_accuracy']:.4f}" in row
+
+
+def test_export_csv_matches_the_summary(results: dict[str, CliResult], summary: dict[str, Any]) -> None:
+    rows = list(csv.DictReader(io.StringIO(results["csv"].ok().stdout)))
+    assert len(rows) == 2
+    assert list(rows[0])[:5] == ["round", "seconds", "num_selected", "num_ok", "num_dropped"]
+    for row, record in zip(rows, summary["rounds"], strict=True):
+        assert int(row["round"]) == record["round"]
+        assert (int(row["num_selected"]), int(row["num_ok"]), int(row["num_dropped"])) == (5, 5, 0)
+        for name, value in record["metrics"].items():
+            assert float(row[name]) == pytest.approx(value, abs=1e-9), name
+
+
+def test_export_json_to_a_file(cli: Cli, results: dict[str, CliResult], summary: dict[str, Any]) -> None:
+    result = results["json_to_file"].ok()
+    assert result.stdout == ""
+    document = json.loads((cli.cwd / "export.json").read_text())
+    assert set(document) == {"run", "config", "rounds", "clients"}
+    assert document["run"]["run_id"] == summary["run_id"]
+    assert document["run"]["params_sha256"] == summary["params_sha256"]
+    assert document["config"]["simulation"]["num_clients"] == 5
+    assert [r["central_accuracy"] for r in document["rounds"]] == [
+        r["metrics"]["central_accuracy"] for r in summary["rounds"]
+    ]
+    assert len([c for c in document["clients"] if c["phase"] == "fit"]) == 10  # 5 clients, 2 rounds
+
+
+def test_export_unknown_format_is_an_error(results: dict[str, CliResult]) -> None:
+    assert results["xml"].error() == "unknown export format 'xml'; choose csv or json"
+
+
+def test_show_unknown_run_is_an_error(results: dict[str, CliResult], summary: dict[str, Any]) -> None:
+    message = results["show_unknown"].error()
+    assert message.startswith("no run matches 'nope' in runs")
+    assert summary["run_id"] in message  # it lists the runs it knows
+
+
+def test_list_without_runs(results: dict[str, CliResult]) -> None:
+    assert results["list_empty"].ok().stdout.strip() == "no runs in empty_runs"
+
+
+def test_list_shows_full_run_ids_at_80_columns(results: dict[str, CliResult], summary: dict[str, Any]) -> None:
+    assert summary["run_id"] in results["list_80_columns"].ok().stdout
