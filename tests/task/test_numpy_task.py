@@ -12,7 +12,7 @@ import pytest
 from fedloom.core import ConfigError, DataError, FitConfig, Params
 from fedloom.data.base import ArrayData
 from fedloom.task import LogisticRegressionTask, Task
-from fedloom.task.numpy_task import minibatches
+from fedloom.task.batching import minibatches
 
 
 def _steps(n: int, **kwargs: int | None) -> list[list[int]]:

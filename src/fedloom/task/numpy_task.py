@@ -1,13 +1,12 @@
-"""``LogisticRegressionTask``: multinomial logistic regression in pure NumPy, and the shared minibatch schedule.
+"""``LogisticRegressionTask``: multinomial logistic regression in pure NumPy.
 
-The task needs no torch, so a client (or a test) can run fedloom without it. :func:`minibatches` is the one
-definition of "E epochs or S steps of minibatch SGD shuffled by ``config.seed``" that every task follows, so
-the NumPy task and :class:`~fedloom.task.torch_task.TorchTask` visit the same examples in the same order.
+The task needs no torch, so a client (or a test) can run fedloom without it. It follows
+:func:`fedloom.task.batching.minibatches`, as :class:`~fedloom.task.torch_task.TorchTask` does, so both visit
+the same examples in the same order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,43 +18,11 @@ from fedloom.core.errors import ConfigError, DataError
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.data.base import ArrayData
+from fedloom.task.batching import minibatches
 
-__all__ = ["LogisticRegressionTask", "minibatches"]
+__all__ = ["LogisticRegressionTask"]
 
 _F64 = npt.NDArray[np.float64]
-
-
-def minibatches(num_examples: int, config: FitConfig) -> Iterator[npt.NDArray[np.intp]]:
-    """The example indices of each local SGD step, in order.
-
-    One generator, ``np.random.default_rng(config.seed)``, draws a fresh permutation of
-    ``range(num_examples)`` per epoch (epoch ``e`` uses its ``e``-th permutation), which is cut into batches
-    of ``config.batch_size`` (the last one of an epoch may be smaller). With ``local_epochs=E`` that gives
-    ``E * ceil(n / B)`` steps; with ``local_steps=S`` exactly ``S`` steps, reshuffling whenever an epoch runs
-    out. Raises :class:`DataError` when there are no examples.
-
-    >>> config = FitConfig(local_epochs=None, local_steps=3, batch_size=2, seed=1)
-    >>> [b.tolist() for b in minibatches(3, config)]
-    [[0, 1], [2], [2, 0]]
-    """
-    if num_examples <= 0:
-        raise DataError("cannot train on an empty dataset (0 examples)")
-    rng = np.random.default_rng(config.seed)
-    size = config.batch_size
-    remaining = config.local_steps  # None: count epochs instead
-    epochs = config.local_epochs
-    epoch = 0
-    while True:
-        if remaining is None and epochs is not None and epoch >= epochs:
-            return
-        order = rng.permutation(num_examples)
-        for start in range(0, num_examples, size):
-            if remaining is not None:
-                if remaining == 0:
-                    return
-                remaining -= 1
-            yield order[start : start + size]
-        epoch += 1
 
 
 @dataclass(frozen=True)

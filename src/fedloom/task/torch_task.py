@@ -1,7 +1,7 @@
 """``TorchTask``: a client that trains a PyTorch model with minibatch SGD.
 
 This is the only module of fedloom's lower layers that imports torch; conversions between ``Params`` and
-torch state dicts live here. Training follows :func:`fedloom.task.numpy_task.minibatches`, so a
+torch state dicts live here. Training follows :func:`fedloom.task.batching.minibatches`, so a
 ``TorchTask`` and a :class:`~fedloom.task.numpy_task.LogisticRegressionTask` on the same config visit the
 same examples in the same order.
 """
@@ -25,7 +25,7 @@ from fedloom.core.errors import ConfigError, DataError
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.data.base import ArrayData
-from fedloom.task.numpy_task import minibatches
+from fedloom.task.batching import minibatches
 
 __all__ = ["TorchTask"]
 
