@@ -88,7 +88,9 @@ def test_dropouts_do_not_break_rounds_while_enough_clients_reply():
 def test_too_few_replies_is_a_clear_error_not_a_hang():
     data = federation([3] * 10)
     task = MeanTask()
-    with pytest.raises(NotEnoughClientsError, match=r"round 1: \d of 10 clients replied, fewer than min_clients=8"):
+    with pytest.raises(
+        NotEnoughClientsError, match=r"round 1: \d of 10 clients replied with a valid update, fewer than min_clients=8"
+    ):
         run_rounds(
             strategy=FedAvg(min_clients=8),
             grid=InlineGrid(task, data, dropout=0.9, seed=0),
@@ -121,3 +123,54 @@ def test_a_failing_client_names_itself():
     task = MeanTask(fail_on="1")
     with pytest.raises(JobError, match="client c1 raised RuntimeError in fit: disk full"):
         run_rounds(strategy=FedAvg(), grid=InlineGrid(task, data), initial_params=task.init_params(0), rounds=1, seed=0)
+
+
+@dataclass(frozen=True)
+class BrokenTask(MeanTask):
+    """Client 1 diverges (NaN); client 2 sends a parameter the model does not have."""
+
+    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
+        result = super().fit(params, data, config)
+        which = int(data.x[0])
+        if which == 1:
+            return FitResult(Params({"w": np.array([np.nan])}), result.num_examples)
+        if which == 2:
+            return FitResult(Params({"w": result.params["w"], "extra": np.zeros(3)}), result.num_examples)
+        if which == 3:
+            return FitResult(Params({"w": result.params["w"].astype(np.float32)}), result.num_examples)
+        return result
+
+
+def test_invalid_updates_are_refused_recorded_and_never_aggregated(caplog):
+    data = federation([2, 2, 2, 2, 4])
+    task = BrokenTask()
+    with caplog.at_level("WARNING", logger="fedloom.server"):
+        result = run_rounds(
+            strategy=FedAvg(fraction_evaluate=0.0),
+            grid=InlineGrid(task, data),
+            initial_params=task.init_params(0),
+            rounds=1,
+            seed=0,
+        )
+    # only clients 0 and 4 are valid: (0 * 2 + 4 * 4) / 6
+    assert result.params["w"][0] == pytest.approx(16 / 6)
+    records = {c.client_id: c for c in result.history[0].clients}
+    assert records["c0"].status == records["c4"].status == ClientStatus.OK
+    assert records["c1"].status == ClientStatus.REFUSED
+    assert "NaN or infinite" in records["c1"].detail
+    assert "unexpected ['extra']" in records["c2"].detail
+    assert "float32[1], expected float64[1]" in records["c3"].detail
+    assert sum("refused the update of client" in r.message for r in caplog.records) == 3
+
+
+def test_refused_updates_do_not_count_towards_min_clients():
+    data = federation([2, 2, 2])
+    task = BrokenTask()
+    with pytest.raises(NotEnoughClientsError, match="1 of 3 clients replied with a valid update"):
+        run_rounds(
+            strategy=FedAvg(min_clients=2),
+            grid=InlineGrid(task, data),
+            initial_params=task.init_params(0),
+            rounds=1,
+            seed=0,
+        )

@@ -329,6 +329,7 @@ def test_rounds_table_and_client_metrics(tmp_path: Path) -> None:
         "bytes_down": 1000,
         "bytes_up": 50,
         "metrics": {},
+        "detail": None,
     }
     assert store.config(recorder.run_id) == CONFIG
 

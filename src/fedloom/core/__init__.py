@@ -7,6 +7,7 @@ from fedloom.core.errors import (
     DataError,
     DecodeError,
     FedloomError,
+    InvalidUpdateError,
     JobError,
     NotEnoughClientsError,
     RunStoreError,
@@ -14,6 +15,7 @@ from fedloom.core.errors import (
 from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
+from fedloom.core.validation import check_update
 
 __all__ = [
     "ConfigError",
@@ -23,6 +25,7 @@ __all__ = [
     "FedloomError",
     "FitConfig",
     "FitResult",
+    "InvalidUpdateError",
     "JobError",
     "Message",
     "MessageKind",
@@ -31,6 +34,7 @@ __all__ = [
     "PartitionConfig",
     "RunStoreError",
     "SimulationConfig",
+    "check_update",
     "decode_message",
     "decode_params",
     "encode_message",

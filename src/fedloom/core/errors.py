@@ -11,6 +11,7 @@ __all__ = [
     "DataError",
     "DecodeError",
     "FedloomError",
+    "InvalidUpdateError",
     "JobError",
     "NotEnoughClientsError",
     "RunStoreError",
@@ -31,6 +32,10 @@ class DataError(FedloomError):
 
 class DecodeError(FedloomError, ValueError):
     """Bytes are not a valid fedloom message (wrong version, bad dtype, truncated data, bad metadata)."""
+
+
+class InvalidUpdateError(FedloomError, ValueError):
+    """A client's update does not fit the global model (names, shapes, dtypes) or holds NaN or infinity."""
 
 
 class JobError(FedloomError):

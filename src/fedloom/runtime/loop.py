@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -9,14 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from fedloom.core.errors import NotEnoughClientsError
+from fedloom.core.errors import DecodeError, InvalidUpdateError, NotEnoughClientsError
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
-from fedloom.runtime.grid import Exchange, Grid
+from fedloom.core.validation import check_update
+from fedloom.runtime.grid import Exchange, Grid, Reply
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
 from fedloom.strategy.base import Strategy
 
 __all__ = ["LoopResult", "run_rounds"]
+
+log = logging.getLogger("fedloom.server")
 
 CentralEvaluator = Callable[[Params], EvalResult]
 
@@ -43,9 +47,11 @@ def run_rounds(
     """Run ``rounds`` rounds of federated training and return the final global params and the history.
 
     Each round: the strategy picks clients and instructions; the grid delivers them and gathers replies;
-    if fewer than ``strategy.min_clients`` replied, :class:`NotEnoughClientsError` ends the run; otherwise the
-    strategy aggregates. Then federated evaluation (if the strategy asks for it), central evaluation on the
-    server (if ``evaluate_central`` is given), and every observer sees the round. Client sampling draws from
+    every update is checked against the global params (names, shapes, dtypes, finite values) and a bad one
+    is refused, logged and recorded, never aggregated; if fewer than ``strategy.min_clients`` valid updates
+    remain, :class:`NotEnoughClientsError` ends the run; otherwise the strategy aggregates. Then federated
+    evaluation (if the strategy asks for it), central evaluation on the server (if ``evaluate_central`` is
+    given), and every observer sees the round. Client sampling draws from
     one generator seeded by ``seed``, so the same seed selects the same clients.
     """
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A3]))
@@ -54,13 +60,14 @@ def run_rounds(
     for server_round in range(1, rounds + 1):
         started = time.perf_counter()
 
+        global_params = strategy.params(state)
         fit = grid.send_and_receive(strategy.configure_fit(server_round, state, grid.client_ids(), rng), timeout)
-        if len(fit.replies) < strategy.min_clients:
+        fit_results, refused = _accept_updates(server_round, global_params, fit.replies)
+        if len(fit_results) < strategy.min_clients:
             raise NotEnoughClientsError(
-                f"round {server_round}: {len(fit.replies)} of {len(fit.replies) + len(fit.dropped)} clients "
-                f"replied, fewer than min_clients={strategy.min_clients}"
+                f"round {server_round}: {len(fit_results)} of {len(fit.replies) + len(fit.dropped)} clients "
+                f"replied with a valid update, fewer than min_clients={strategy.min_clients}"
             )
-        fit_results = {cid: FitResult.from_message(r.message) for cid, r in fit.replies.items()}
         state, metrics = strategy.aggregate_fit(server_round, state, fit_results)
         params = strategy.params(state)
 
@@ -78,7 +85,8 @@ def run_rounds(
         record = RoundRecord(
             server_round=server_round,
             metrics=metrics,
-            clients=_client_records("fit", fit, fit_results) + _client_records("evaluate", evaluation, eval_results),
+            clients=_client_records("fit", fit, fit_results, refused)
+            + _client_records("evaluate", evaluation, eval_results, {}),
             seconds=time.perf_counter() - started,
         )
         history.append(record)
@@ -87,11 +95,45 @@ def run_rounds(
     return LoopResult(strategy.params(state), tuple(history))
 
 
+def _accept_updates(
+    server_round: int, global_params: Params, replies: Mapping[str, Reply]
+) -> tuple[dict[str, FitResult], dict[str, str]]:
+    """Split fit replies into valid results and refusals (client id -> reason)."""
+    accepted: dict[str, FitResult] = {}
+    refused: dict[str, str] = {}
+    for cid, reply in replies.items():
+        try:
+            result = FitResult.from_message(reply.message)
+            check_update(global_params, result.params)
+        except (DecodeError, InvalidUpdateError) as exc:
+            log.warning("round %d: refused the update of client %s: %s", server_round, cid, exc)
+            refused[cid] = str(exc)
+            continue
+        accepted[cid] = result
+    return accepted, refused
+
+
 def _client_records(
-    phase: str, exchange: Exchange, results: Mapping[str, FitResult | EvalResult]
+    phase: str,
+    exchange: Exchange,
+    results: Mapping[str, FitResult | EvalResult],
+    refused: Mapping[str, str],
 ) -> tuple[ClientRecord, ...]:
     records = []
     for cid, reply in exchange.replies.items():
+        if cid in refused:
+            records.append(
+                ClientRecord(
+                    client_id=cid,
+                    phase=phase,
+                    status=ClientStatus.REFUSED,
+                    seconds=reply.seconds,
+                    bytes_down=reply.bytes_down,
+                    bytes_up=reply.bytes_up,
+                    detail=refused[cid],
+                )
+            )
+            continue
         result = results[cid]
         loss = result.loss if isinstance(result, EvalResult) else result.metrics.get("loss")
         records.append(

@@ -13,7 +13,8 @@ __all__ = ["ClientRecord", "ClientStatus", "RoundObserver", "RoundRecord"]
 
 class ClientStatus:
     OK = "ok"
-    DROPPED = "dropped"
+    DROPPED = "dropped"  # did not reply
+    REFUSED = "refused"  # replied with something the server would not use (``ClientRecord.detail`` says why)
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class ClientRecord:
 
     ``seconds`` is the client's compute time; ``bytes_down`` is what the server sent it and ``bytes_up`` what
     it sent back, both as encoded on the wire. ``loss`` and ``accuracy`` are ``None`` where not reported.
+    ``detail`` explains a refusal.
     """
 
     client_id: str
@@ -34,6 +36,7 @@ class ClientRecord:
     bytes_down: int = 0
     bytes_up: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
+    detail: str | None = None
 
 
 @dataclass(frozen=True)

@@ -205,6 +205,7 @@ class RunRecorder:
             "bytes_down": int(client.bytes_down),
             "bytes_up": int(client.bytes_up),
             "extra_json": dumps_json(dict(client.metrics)),
+            "detail": client.detail,
         }
 
     def finish(self, params: Params, status: str = "finished", error: str | None = None) -> None:

@@ -99,6 +99,7 @@ client_metrics = Table(
     Column("bytes_down", Integer, nullable=False),
     Column("bytes_up", Integer, nullable=False),
     Column("extra_json", Text, nullable=False),
+    Column("detail", Text, nullable=True),  # why an update was refused
     ForeignKeyConstraint(["run_id", "round"], ["rounds.run_id", "rounds.round"], name="fk_client_metrics_round"),
 )
 
