@@ -101,3 +101,9 @@ def test_list_without_runs(results: dict[str, CliResult]) -> None:
 
 def test_list_shows_full_run_ids_at_80_columns(results: dict[str, CliResult], summary: dict[str, Any]) -> None:
     assert summary["run_id"] in results["list_80_columns"].ok().stdout
+
+
+def test_version(cli: Cli) -> None:
+    import fedloom
+
+    assert cli.run("--version").ok().stdout.strip() == f"fedloom {fedloom.__version__}"

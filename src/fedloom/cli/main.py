@@ -18,6 +18,25 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from fedloom import __version__
+
+        typer.echo(f"fedloom {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(
+        False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
+    ),
+) -> None:
+    """Federated learning: simulate a federation, inspect its runs."""
+
+
 app.command("simulate")(simulate.simulate_command)
 app.add_typer(runs.app, name="runs")
 
@@ -27,6 +46,7 @@ _stderr = Console(stderr=True)
 def main() -> None:
     """Entry point: runs the app; a fedloom error ends with one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fedloom.data").setLevel(logging.INFO)  # downloads say what they fetch and where
     try:
         app()
     except FedloomError as exc:
