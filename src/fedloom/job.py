@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.core.config import SimulationConfig
-from fedloom.core.errors import ConfigError, FedloomError, JobError
+from fedloom.core.errors import ConfigError, FedloomError, JobError, user_code
 from fedloom.data.base import Dataset
 from fedloom.strategy.base import Strategy
 from fedloom.strategy.fedavg import FedAvg
@@ -52,6 +52,15 @@ class Job:
             raise ConfigError(f"Job.task must implement init_params, fit and evaluate; got {type(self.task).__name__}")
         if not callable(self.data):
             raise ConfigError("Job.data must be a function that returns a fedloom.data.Dataset")
+        for name in ("init", "params", "configure_fit", "aggregate_fit", "configure_evaluate", "aggregate_evaluate"):
+            if not callable(getattr(self.strategy, name, None)):
+                raise ConfigError(f"Job.strategy must be a strategy such as fedloom.FedAvg(); got {self.strategy!r}")
+        if not isinstance(self.simulation, SimulationConfig):
+            raise ConfigError(
+                f"Job.simulation must be a fedloom.SimulationConfig; got {type(self.simulation).__name__}"
+            )
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"Job.name must be a non-empty string; got {self.name!r}")
 
     def load_data(self, data_dir: str | None) -> Dataset:
         """Call ``data`` (passing ``data_dir`` where it is accepted) and check that it returned a Dataset."""
@@ -61,12 +70,8 @@ class Job:
             takes_dir = False
         if data_dir is not None and not takes_dir:
             raise ConfigError(f"job {self.name!r} does not read a data folder, but --data {data_dir} was given")
-        try:
+        with user_code(f"loading the data of job {self.name!r}"):
             dataset = self.data(data_dir=data_dir) if takes_dir else self.data()
-        except FedloomError:
-            raise
-        except Exception as exc:
-            raise JobError(f"loading the data of job {self.name!r} raised {type(exc).__name__}: {exc}") from exc
         if not isinstance(dataset, Dataset):
             raise JobError(f"the data function of job {self.name!r} returned {type(dataset).__name__}, not a Dataset")
         return dataset
@@ -102,7 +107,7 @@ def load_job(ref: str) -> Job:
     defines no ``job``; and when the name is neither a file nor a built-in example.
     """
     path = Path(ref)
-    if path.suffix == ".py" or path.exists():
+    if path.suffix == ".py" or path.is_file():
         if not path.is_file():
             raise JobError(f"job file {ref} does not exist")
         module = _import_file(path)

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.core.config import SimulationConfig
+from fedloom.core.errors import FedloomError, user_code
 from fedloom.core.params import Params
+from fedloom.core.results import EvalResult
 from fedloom.data.federate import federate
 from fedloom.job import Job, describe
 from fedloom.runtime.loop import run_rounds
@@ -65,26 +67,36 @@ def simulate(
         "strategy": describe(job.strategy),
         "simulation": describe(config),
     }
+    with user_code(f"the model of job {job.name!r} (init_params)"):
+        initial = job.task.init_params(config.seed)
+    central = data.central_test
+    evaluate_central = None
+    if central is not None and len(central):
+
+        def evaluate_central(params: Params) -> EvalResult:
+            with user_code("central evaluation on the server's test set"):
+                return job.task.evaluate(params, central)
+
     recorder = RunRecorder.create(runs_dir, job.name, recorded)
     log.info(
         "run %s: %d clients, %d rounds, in %s", recorder.run_id, config.num_clients, config.rounds, recorder.run_dir
     )
-    central = data.central_test
-    latest = _Latest(job.task.init_params(config.seed))
+    latest = _Latest(initial)
     try:
         result = run_rounds(
             strategy=job.strategy,
             grid=InlineGrid(job.task, data, dropout=config.dropout, seed=config.seed),
-            initial_params=latest.params,
+            initial_params=initial,
             rounds=config.rounds,
             seed=config.seed,
-            evaluate_central=(lambda p: job.task.evaluate(p, central))
-            if central is not None and len(central)
-            else None,
+            evaluate_central=evaluate_central,
             observers=[recorder, latest, *observers],
         )
     except BaseException as exc:
-        recorder.finish(latest.params, status="failed", error=f"{type(exc).__name__}: {exc}")
+        try:
+            recorder.finish(latest.params, status="failed", error=f"{type(exc).__name__}: {exc}")
+        except FedloomError as unrecorded:  # the run's own error matters more; say why it is not on record
+            log.error("run %s: could not record its failure: %s", recorder.run_id, unrecorded)
         raise
     recorder.finish(result.params)
     return Run(recorder.run_id, recorder.run_dir, result.params, result.history)

@@ -158,3 +158,9 @@ def test_any_valid_message_round_trips(arrays, metadata):
     decoded = decode_message(encode_message(message))
     assert decoded.params == params
     assert json.dumps(dict(decoded.metadata), sort_keys=True) == json.dumps(metadata, sort_keys=True)
+
+
+@pytest.mark.parametrize("metadata_json", ["[" * 100_000, '{"a": ' + "1" * 5000 + "}"])
+def test_pathological_metadata_is_a_decode_error(metadata_json):
+    with pytest.raises(DecodeError, match="not valid JSON"):
+        decode_message(envelope(metadata_json=metadata_json))

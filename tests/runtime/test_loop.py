@@ -5,9 +5,9 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from fedloom.core import EvalResult, FitConfig, FitResult, JobError, NotEnoughClientsError, Params
+from fedloom.core import EvalResult, FitConfig, FitResult, JobError, Message, NotEnoughClientsError, Params
 from fedloom.data.base import ArrayData, ClientData, FederatedData
-from fedloom.runtime import ClientStatus, InlineGrid, run_rounds
+from fedloom.runtime import ClientStatus, Exchange, InlineGrid, Reply, run_rounds
 from fedloom.strategy import FedAvg
 
 
@@ -121,7 +121,7 @@ def test_same_seed_same_dropouts_and_sampling():
 def test_a_failing_client_names_itself():
     data = federation([2, 2, 2])
     task = MeanTask(fail_on="1")
-    with pytest.raises(JobError, match="client c1 raised RuntimeError in fit: disk full"):
+    with pytest.raises(JobError, match="client c1 in fit raised RuntimeError: disk full"):
         run_rounds(strategy=FedAvg(), grid=InlineGrid(task, data), initial_params=task.init_params(0), rounds=1, seed=0)
 
 
@@ -160,7 +160,7 @@ def test_invalid_updates_are_refused_recorded_and_never_aggregated(caplog):
     assert "NaN or infinite" in records["c1"].detail
     assert "unexpected ['extra']" in records["c2"].detail
     assert "float32[1], expected float64[1]" in records["c3"].detail
-    assert sum("refused the update of client" in r.message for r in caplog.records) == 3
+    assert sum("refused the fit reply of client" in r.message for r in caplog.records) == 3
 
 
 def test_refused_updates_do_not_count_towards_min_clients():
@@ -174,3 +174,54 @@ def test_refused_updates_do_not_count_towards_min_clients():
             rounds=1,
             seed=0,
         )
+
+
+def test_evaluation_settings_do_not_change_training():
+    data = federation([2] * 20)
+    task = MeanTask()
+
+    def trained(fraction_evaluate):
+        return run_rounds(
+            strategy=FedAvg(fraction=0.5, fraction_evaluate=fraction_evaluate),
+            grid=InlineGrid(task, data, dropout=0.2, seed=3),
+            initial_params=task.init_params(0),
+            rounds=4,
+            seed=3,
+        ).params
+
+    assert trained(1.0) == trained(0.5) == trained(0.0)
+
+
+class CorruptingGrid:
+    """Passes everything through an inline grid, but client c0's evaluate reply is malformed."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def client_ids(self):
+        return self._inner.client_ids()
+
+    def send_and_receive(self, messages, timeout=None):
+        exchange = self._inner.send_and_receive(messages, timeout)
+        replies = dict(exchange.replies)
+        if "c0" in replies and replies["c0"].message.kind == "evaluate.result":
+            replies["c0"] = Reply(Message("evaluate.result", metadata={"loss": "high", "num_examples": 1}))
+        return Exchange(replies, exchange.dropped)
+
+
+def test_a_malformed_evaluate_reply_is_refused_not_fatal():
+    data = federation([2, 2, 2])
+    task = MeanTask()
+    result = run_rounds(
+        strategy=FedAvg(),
+        grid=CorruptingGrid(InlineGrid(task, data)),
+        initial_params=task.init_params(0),
+        rounds=1,
+        seed=0,
+    )
+    records = {(c.client_id, c.phase): c for c in result.history[0].clients}
+    assert records["c0", "evaluate"].status == ClientStatus.REFUSED
+    assert "loss must be a number" in records["c0", "evaluate"].detail
+    assert records["c0", "fit"].status == ClientStatus.OK
+    # federated evaluation over c1 and c2 only: the mean model is 1.0, their values are 1 and 2
+    assert result.history[0].metrics["federated_loss"] == pytest.approx((0.0 + 1.0) / 2)

@@ -113,3 +113,9 @@ def test_configure_fit_sends_global_params_and_distinct_seeds():
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         FedAvg(**kwargs)
+
+
+def test_fraction_is_not_lost_to_floating_point():
+    clients = [f"c{i}" for i in range(100)]
+    for fraction, expected in ((0.29, 29), (0.57, 57), (0.58, 58)):
+        assert len(sample_clients(clients, fraction, 1, np.random.default_rng(0))) == expected

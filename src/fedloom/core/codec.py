@@ -109,8 +109,8 @@ def decode_message(data: bytes) -> Message:
         raise DecodeError("message has no kind")
     try:
         metadata = json.loads(metadata_json) if metadata_json else {}
-    except json.JSONDecodeError as exc:
-        raise DecodeError(f"message metadata is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, too many digits, nesting too deep
+        raise DecodeError(f"message metadata is not valid JSON: {type(exc).__name__}: {exc}") from None
     if not isinstance(metadata, dict):
         raise DecodeError("message metadata must be a JSON object")
     return Message(kind=kind, params=params, metadata=metadata)

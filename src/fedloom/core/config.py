@@ -17,6 +17,20 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _require_types(config: Any, ints: tuple[str, ...], numbers: tuple[str, ...] = ()) -> None:
+    """Refuse wrong types up front, so that a float round count fails here and not inside ``range()``."""
+    for name in ints:
+        value = getattr(config, name)
+        _require(value is None or _is_int(value), f"{name} must be a whole number, got {value!r}")
+    for name in numbers:
+        value = getattr(config, name)
+        _require(_is_int(value) or isinstance(value, float), f"{name} must be a number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class FitConfig:
     """How a client trains locally in one round (McMahan et al. 2017: E, B and the learning rate).
@@ -33,6 +47,7 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        _require_types(self, ("local_epochs", "local_steps", "batch_size", "seed"), ("lr",))
         _require(
             (self.local_epochs is None) != (self.local_steps is None),
             "set exactly one of local_epochs and local_steps",
@@ -59,11 +74,11 @@ class FitConfig:
             return cls(
                 local_epochs=metadata.get("local_epochs"),
                 local_steps=metadata.get("local_steps"),
-                batch_size=int(metadata["batch_size"]),
-                lr=float(metadata["lr"]),
-                seed=int(metadata.get("seed", 0)),
+                batch_size=metadata["batch_size"],
+                lr=metadata["lr"],
+                seed=metadata.get("seed", 0),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except KeyError as exc:
             raise ConfigError(f"invalid fit config {metadata!r}: {exc}") from None
 
 
@@ -81,6 +96,7 @@ class PartitionConfig:
     shards_per_client: int = 2
 
     def __post_init__(self) -> None:
+        _require_types(self, ("shards_per_client",), ("alpha",))
         _require(
             self.scheme in PARTITION_SCHEMES,
             f"unknown partition scheme {self.scheme!r}; choose one of {', '.join(PARTITION_SCHEMES)}",
@@ -108,6 +124,8 @@ class SimulationConfig:
     data_dir: str | None = None
 
     def __post_init__(self) -> None:
+        _require_types(self, ("num_clients", "rounds", "seed"), ("dropout", "holdout"))
+        _require(isinstance(self.partition, PartitionConfig), "partition must be a PartitionConfig")
         _require(self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}")
         _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")

@@ -6,6 +6,9 @@ them into a one-line message and exit code 2; anything else is a bug and keeps i
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 __all__ = [
     "ConfigError",
     "DataError",
@@ -15,6 +18,7 @@ __all__ = [
     "JobError",
     "NotEnoughClientsError",
     "RunStoreError",
+    "user_code",
 ]
 
 
@@ -48,3 +52,20 @@ class NotEnoughClientsError(FedloomError):
 
 class RunStoreError(FedloomError):
     """A run cannot be found in, or read from, the run store."""
+
+
+@contextmanager
+def user_code(what: str) -> Iterator[None]:
+    """Run user code (a model factory, a data function, a task) so that its failure is a :class:`JobError`
+    saying ``what`` raised which exception, instead of a traceback from deep inside fedloom. fedloom's own
+    errors pass through unchanged.
+
+    >>> with user_code("client 3 in fit"):  # doctest: +SKIP
+    ...     task.fit(params, data, config)
+    """
+    try:
+        yield
+    except FedloomError:
+        raise
+    except Exception as exc:
+        raise JobError(f"{what} raised {type(exc).__name__}: {exc}") from exc

@@ -22,6 +22,10 @@ class ArrayData:
     y: npt.NDArray[np.generic]
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "x", np.asarray(self.x))
+        object.__setattr__(self, "y", np.asarray(self.y))
+        if self.x.ndim < 1 or self.y.ndim != 1:
+            raise DataError(f"x needs one row per example and y must be 1-D; got shapes {self.x.shape}, {self.y.shape}")
         if len(self.x) != len(self.y):
             raise DataError(f"x has {len(self.x)} rows but y has {len(self.y)}")
 
@@ -58,6 +62,21 @@ class Dataset:
     group_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.num_classes, int) or isinstance(self.num_classes, bool) or self.num_classes < 1:
+            raise DataError(f"{self.name}: num_classes must be a whole number >= 1, got {self.num_classes!r}")
+        for split, data in (("train", self.train), ("test", self.test)):
+            y = data.y
+            if len(y) and not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+                raise DataError(f"{self.name}: {split} labels must be integer class ids, got dtype {y.dtype}")
+            if len(y) and (y.min() < 0 or y.max() >= self.num_classes):
+                raise DataError(
+                    f"{self.name}: {split} labels must lie in [0, {self.num_classes}), got [{y.min()}, {y.max()}]"
+                )
+        if self.train.x.shape[1:] != self.test.x.shape[1:]:
+            raise DataError(
+                f"{self.name}: train examples have shape {self.train.x.shape[1:]} but test examples "
+                f"{self.test.x.shape[1:]}"
+            )
         if (self.train_groups is None) != (self.test_groups is None):
             raise DataError("give both train_groups and test_groups, or neither")
         if self.train_groups is not None and len(self.train_groups) != len(self.train):

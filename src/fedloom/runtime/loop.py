@@ -6,11 +6,12 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from fedloom.core.errors import DecodeError, InvalidUpdateError, NotEnoughClientsError
+from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
@@ -51,18 +52,19 @@ def run_rounds(
     is refused, logged and recorded, never aggregated; if fewer than ``strategy.min_clients`` valid updates
     remain, :class:`NotEnoughClientsError` ends the run; otherwise the strategy aggregates. Then federated
     evaluation (if the strategy asks for it), central evaluation on the server (if ``evaluate_central`` is
-    given), and every observer sees the round. Client sampling draws from
-    one generator seeded by ``seed``, so the same seed selects the same clients.
+    given), and every observer sees the round. Client sampling draws from generators seeded by ``seed``, so
+    the same seed selects the same clients; training and evaluation draw from separate ones, so how clients
+    are evaluated never changes how the model is trained.
     """
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5A3]))
+    fit_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, 0x5A3]).spawn(2))
     state = strategy.init(initial_params)
     history: list[RoundRecord] = []
     for server_round in range(1, rounds + 1):
         started = time.perf_counter()
 
         global_params = strategy.params(state)
-        fit = grid.send_and_receive(strategy.configure_fit(server_round, state, grid.client_ids(), rng), timeout)
-        fit_results, refused = _accept_updates(server_round, global_params, fit.replies)
+        fit = grid.send_and_receive(strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng), timeout)
+        fit_results, fit_refused = _accept(server_round, "fit", fit.replies, _valid_update(global_params))
         if len(fit_results) < strategy.min_clients:
             raise NotEnoughClientsError(
                 f"round {server_round}: {len(fit_results)} of {len(fit.replies) + len(fit.dropped)} clients "
@@ -72,9 +74,9 @@ def run_rounds(
         params = strategy.params(state)
 
         evaluation = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, state, grid.client_ids(), rng), timeout
+            strategy.configure_evaluate(server_round, state, grid.client_ids(), eval_rng), timeout
         )
-        eval_results = {cid: EvalResult.from_message(r.message) for cid, r in evaluation.replies.items()}
+        eval_results, eval_refused = _accept(server_round, "evaluate", evaluation.replies, EvalResult.from_message)
         metrics.update(strategy.aggregate_evaluate(server_round, state, eval_results))
 
         if evaluate_central is not None:
@@ -85,8 +87,8 @@ def run_rounds(
         record = RoundRecord(
             server_round=server_round,
             metrics=metrics,
-            clients=_client_records("fit", fit, fit_results, refused)
-            + _client_records("evaluate", evaluation, eval_results, {}),
+            clients=_client_records("fit", fit, fit_results, fit_refused)
+            + _client_records("evaluate", evaluation, eval_results, eval_refused),
             seconds=time.perf_counter() - started,
         )
         history.append(record)
@@ -95,22 +97,31 @@ def run_rounds(
     return LoopResult(strategy.params(state), tuple(history))
 
 
-def _accept_updates(
-    server_round: int, global_params: Params, replies: Mapping[str, Reply]
-) -> tuple[dict[str, FitResult], dict[str, str]]:
-    """Split fit replies into valid results and refusals (client id -> reason)."""
-    accepted: dict[str, FitResult] = {}
+R = TypeVar("R", FitResult, EvalResult)
+
+
+def _accept(
+    server_round: int, phase: str, replies: Mapping[str, Reply], parse: Callable[[Message], R]
+) -> tuple[dict[str, R], dict[str, str]]:
+    """Split replies into the results ``parse`` accepts and refusals (client id -> reason), logging each."""
+    accepted: dict[str, R] = {}
     refused: dict[str, str] = {}
     for cid, reply in replies.items():
         try:
-            result = FitResult.from_message(reply.message)
-            check_update(global_params, result.params)
+            accepted[cid] = parse(reply.message)
         except (DecodeError, InvalidUpdateError) as exc:
-            log.warning("round %d: refused the update of client %s: %s", server_round, cid, exc)
+            log.warning("round %d: refused the %s reply of client %s: %s", server_round, phase, cid, exc)
             refused[cid] = str(exc)
-            continue
-        accepted[cid] = result
     return accepted, refused
+
+
+def _valid_update(global_params: Params) -> Callable[[Message], FitResult]:
+    def parse(message: Message) -> FitResult:
+        result = FitResult.from_message(message)
+        check_update(global_params, result.params)
+        return result
+
+    return parse
 
 
 def _client_records(

@@ -26,7 +26,8 @@ def sample_clients(clients: Sequence[str], fraction: float, minimum: int, rng: n
     """
     if len(clients) < minimum:
         raise NotEnoughClientsError(f"{len(clients)} clients are available but at least {minimum} are needed")
-    m = min(len(clients), max(math.floor(fraction * len(clients)), minimum, 1))
+    # The epsilon keeps 0.29 * 100 (28.999999999999996 in floating point) at 29 clients.
+    m = min(len(clients), max(math.floor(fraction * len(clients) + 1e-9), minimum, 1))
     chosen = rng.choice(len(clients), size=m, replace=False)
     return [clients[i] for i in sorted(chosen)]
 

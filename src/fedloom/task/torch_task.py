@@ -204,6 +204,8 @@ class TorchTask:
         return torch.from_numpy(array).to(self.device)
 
     def _targets(self, y: npt.NDArray[Any]) -> torch.Tensor:
+        if self.loss == "cross_entropy" and len(y) and not _is_integer(y):
+            raise DataError(f"cross_entropy needs integer class ids as labels, got dtype {y.dtype}")
         if self.loss == "cross_entropy" or (callable(self.loss) and _is_integer(y)):
             return torch.tensor(np.asarray(y, dtype=np.int64), device=self.device)
         return torch.tensor(np.asarray(y, dtype=np.float32), device=self.device)

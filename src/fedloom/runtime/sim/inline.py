@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import Mapping
 
 import numpy as np
 
 from fedloom.core.codec import decode_message, encode_message
-from fedloom.core.errors import FedloomError, JobError
+from fedloom.core.errors import user_code
 from fedloom.core.message import Message
 from fedloom.data.base import FederatedData
 from fedloom.runtime.client import handle_instruction
@@ -23,7 +24,8 @@ class InlineGrid:
 
     Every message goes through fedloom's wire encoding both ways, as it would over a network, so the
     simulation exercises the same code and reports real byte counts. Each addressed client fails to reply
-    with probability ``dropout``, drawn from a generator seeded by ``seed`` (a dropped client does no work).
+    with probability ``dropout`` (a dropped client does no work). Whether it does is drawn from ``seed``, the
+    round, the client and the message kind alone, so it does not depend on which other clients were asked.
     An exception raised by the task is user code failing, not a dropout: it ends the run as a
     :class:`JobError` that names the client.
     """
@@ -32,7 +34,8 @@ class InlineGrid:
         self._task = task
         self._data = data
         self._dropout = dropout
-        self._rng = np.random.default_rng(np.random.SeedSequence([seed, 0xD20B]))
+        self._seed = seed
+        self._index = {cid: i for i, cid in enumerate(data.client_ids)}
 
     def client_ids(self) -> list[str]:
         return self._data.client_ids
@@ -41,19 +44,22 @@ class InlineGrid:
         replies: dict[str, Reply] = {}
         dropped: list[str] = []
         for client_id, message in messages.items():
-            if self._dropout > 0.0 and self._rng.random() < self._dropout:
+            if self._drops(client_id, message):
                 dropped.append(client_id)
                 continue
             client_data = self._data.clients[client_id]
             down = encode_message(message)
             start = time.perf_counter()
-            try:
+            with user_code(f"client {client_id} in {message.kind}"):
                 reply = handle_instruction(self._task, client_data, decode_message(down))
-            except FedloomError:
-                raise
-            except Exception as exc:
-                raise JobError(f"client {client_id} raised {type(exc).__name__} in {message.kind}: {exc}") from exc
             seconds = time.perf_counter() - start
             up = encode_message(reply)
             replies[client_id] = Reply(decode_message(up), seconds, len(down), len(up))
         return Exchange(replies, tuple(dropped))
+
+    def _drops(self, client_id: str, message: Message) -> bool:
+        if self._dropout == 0.0:
+            return False
+        server_round = message.metadata.get("round", 0)
+        key = [self._seed, 0xD20B, int(server_round), self._index[client_id], zlib.crc32(message.kind.encode())]
+        return bool(np.random.default_rng(key).random() < self._dropout)
