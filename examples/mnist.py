@@ -6,6 +6,7 @@
 The CNN: two 5x5 convolutions (32 and 64 channels), each followed by 2x2 max pooling, a fully connected layer
 of 512 ReLU units and a 10-way output (1,663,370 parameters). As in the paper's non-IID setting the training
 set is sorted by label into 200 shards of 300 images and each client gets 2 shards; C = 0.1, E = 5, B = 10.
+Unlike the paper, each client keeps 10% of its 600 images aside (holdout) for federated evaluation.
 Needs the 60,000 training images.
 """
 

@@ -3,6 +3,7 @@
     fedloom simulate mnist_2nn --data path/to/mnist
 
 199,210 parameters; 100 clients, pathological non-IID (2 shards of 300 images each), C = 0.1, E = 1, B = 10.
+Unlike the paper, each client keeps 10% of its 600 images aside (holdout) for federated evaluation.
 Needs the 60,000 training images.
 """
 

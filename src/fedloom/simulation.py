@@ -35,8 +35,11 @@ class Run:
 
     @property
     def final_metrics(self) -> dict[str, float]:
-        """The last round's global metrics."""
-        return dict(self.history[-1].metrics) if self.history else {}
+        """Each global metric's last recorded value (as ``final`` in ``summary.json``)."""
+        final: dict[str, float] = {}
+        for record in self.history:
+            final.update(record.metrics)
+        return final
 
     @property
     def params_sha256(self) -> str:

@@ -36,6 +36,41 @@ def broken_data():
 
 job = fl.Job(name="broken_data", task=fl.LogisticRegressionTask(num_features=2, num_classes=2), data=broken_data)
 ''',
+    "broken_model.py": '''\
+"""A job file whose model factory raises."""
+
+import fedloom as fl
+from fedloom.data import load_digits
+
+
+def model():
+    raise RuntimeError("no such layer")
+
+
+job = fl.Job(name="broken_model", task=fl.TorchTask(model=model), data=load_digits)
+''',
+    "bad_labels.py": '''\
+"""A job file whose dataset has float labels."""
+
+import numpy as np
+
+import fedloom as fl
+from fedloom.data import ArrayData, Dataset
+
+
+def float_labels():
+    x = np.zeros((20, 3), np.float32)
+    return Dataset("floaty", ArrayData(x, np.linspace(0, 1, 20)), ArrayData(x, np.zeros(20)), num_classes=2)
+
+
+job = fl.Job(name="bad_labels", task=fl.LogisticRegressionTask(num_features=3, num_classes=2), data=float_labels)
+''',
+    "wrong_strategy.py": """\
+import fedloom as fl
+from fedloom.data import load_digits
+
+job = fl.Job(task=fl.LogisticRegressionTask(num_features=64, num_classes=10), data=load_digits, strategy="fedavg")
+""",
 }
 
 SMALL = ("--clients", "5", "--rounds", "1")
@@ -65,6 +100,12 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("jobs/broken_data.py", "--rounds", "1"),
         ("loading the data of job 'broken_data'", "RuntimeError", "the data is not there"),
     ),
+    "model_factory_raises": (
+        ("jobs/broken_model.py", *SMALL),
+        ("the model of job 'broken_model'", "RuntimeError", "no such layer"),
+    ),
+    "float_labels": (("jobs/bad_labels.py", *SMALL), ("floaty: train labels must be integer class ids",)),
+    "strategy_not_a_strategy": (("jobs/wrong_strategy.py",), ("Job.strategy must be a strategy", "'fedavg'")),
     "too_few_replies": (
         ("digits", "--clients", "10", "--rounds", "2", "--dropout", "0.95", "--min-clients", "5", "--local-steps", "1"),
         ("round 1:", "clients replied", "fewer than min_clients=5"),

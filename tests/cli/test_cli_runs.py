@@ -86,7 +86,7 @@ def test_export_json_to_a_file(cli: Cli, results: dict[str, CliResult], summary:
 
 
 def test_export_unknown_format_is_an_error(results: dict[str, CliResult]) -> None:
-    assert results["xml"].error() == "unknown export format 'xml'; choose csv or json"
+    assert results["xml"].error() == "unknown export format 'xml'; choose one of csv, json"
 
 
 def test_show_unknown_run_is_an_error(results: dict[str, CliResult], summary: dict[str, Any]) -> None:

@@ -36,7 +36,8 @@ def test_shapes_types_and_groups() -> None:
     train_sizes = np.bincount(data.train_groups, minlength=7)
     test_sizes = np.bincount(data.test_groups, minlength=7)
     assert np.all(train_sizes + test_sizes >= 50)  # lognormal + 50
-    np.testing.assert_allclose(test_sizes / (train_sizes + test_sizes), 0.2, atol=0.01)
+    # FedProx's reference split: the first floor(0.9 n) shuffled points train, the rest test
+    np.testing.assert_array_equal(train_sizes, np.floor(0.9 * (train_sizes + test_sizes)).astype(int))
 
 
 def test_same_seed_same_data_other_seed_other_data() -> None:

@@ -12,13 +12,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedloom.core.errors import ConfigError
 from fedloom.tracking import RunStore
+from fedloom.tracking.store import ROUND_COLUMNS
 
 app = typer.Typer(help="List, show and export recorded runs.", no_args_is_help=True)
 
 RunsDir = Annotated[Path, typer.Option("--runs", help="Runs folder.")]
-_FIXED = ("round", "seconds", "num_selected", "num_ok", "num_dropped")
 
 
 def _fmt(value: object) -> str:
@@ -65,8 +64,8 @@ def show_command(
     path = store.resolve(run)
     console = Console(soft_wrap=True)
     console.print(f"run [bold]{path.name}[/] in {path}", highlight=False)
-    metric_names = sorted({k for row in rows for k in row} - set(_FIXED))
-    columns = (*_FIXED, *metric_names)
+    metric_names = sorted({k for row in rows for k in row} - set(ROUND_COLUMNS))
+    columns = (*ROUND_COLUMNS, *metric_names)
     console.print(_table(columns, [tuple(_fmt(row.get(c)) for c in columns) for row in rows]))
 
 
@@ -78,8 +77,6 @@ def export_command(
     runs: RunsDir = Path("runs"),
 ) -> None:
     """Export a run's rounds (csv) or everything recorded about it (json)."""
-    if fmt not in ("csv", "json"):
-        raise ConfigError(f"unknown export format {fmt!r}; choose csv or json")
     text = RunStore(runs).export(run, fmt)
     if output is None:
         typer.echo(text, nl=False)

@@ -20,7 +20,6 @@ class MessageKind:
     FIT_RESULT = "fit.result"
     EVALUATE = "evaluate"
     EVALUATE_RESULT = "evaluate.result"
-    ERROR = "error"
 
 
 def _check_json(value: Any, where: str) -> None:
