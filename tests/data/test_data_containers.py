@@ -31,3 +31,14 @@ def test_array_data_takes_lists_and_checks_lengths():
 def test_dataset_refuses_inconsistent_data(train_y, test_x, num_classes, message):
     with pytest.raises(DataError, match=message):
         Dataset("toy", ArrayData(X, train_y), ArrayData(test_x, np.zeros(4, np.int64)), num_classes)
+
+
+def test_from_groups_numbers_groups_in_order():
+    a = (ArrayData(np.zeros((2, 3)), np.array([0, 1])), ArrayData(np.zeros((1, 3)), np.array([1])))
+    b = (ArrayData(np.ones((3, 3)), np.array([2, 2, 0])), ArrayData(np.ones((2, 3)), np.array([0, 2])))
+    dataset = Dataset.from_groups("toy", [a, b], num_classes=3, group_names=("a", "b"))
+    np.testing.assert_array_equal(dataset.train.y, [0, 1, 2, 2, 0])
+    np.testing.assert_array_equal(dataset.train_groups, [0, 0, 1, 1, 1])
+    np.testing.assert_array_equal(dataset.test_groups, [0, 1, 1])
+    np.testing.assert_array_equal(dataset.test.x[:, 0], [0, 1, 1])
+    assert dataset.group_names == ("a", "b")

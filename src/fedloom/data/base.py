@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -87,6 +87,26 @@ class Dataset:
     @property
     def has_groups(self) -> bool:
         return self.train_groups is not None
+
+    @classmethod
+    def from_groups(
+        cls,
+        name: str,
+        groups: Sequence[tuple[ArrayData, ArrayData]],
+        num_classes: int,
+        group_names: tuple[str, ...] | None = None,
+    ) -> Dataset:
+        """A natural federation from each group's own ``(train, test)`` split, in order: group ``k`` gets id
+        ``k``, and ``train``/``test`` are the groups' splits concatenated."""
+
+        def joined(split: int) -> tuple[ArrayData, npt.NDArray[np.int64]]:
+            parts = [pair[split] for pair in groups]
+            data = ArrayData(np.concatenate([p.x for p in parts]), np.concatenate([p.y for p in parts]))
+            ids = np.concatenate([np.full(len(p), k, dtype=np.int64) for k, p in enumerate(parts)])
+            return data, ids
+
+        (train, train_groups), (test, test_groups) = joined(0), joined(1)
+        return cls(name, train, test, num_classes, train_groups, test_groups, group_names)
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import numpy.typing as npt
 
 from fedloom.core.config import PartitionConfig
+from fedloom.core.counting import share_of
 from fedloom.core.errors import ConfigError, DataError
 from fedloom.data.base import ClientData, Dataset, FederatedData
 from fedloom.data.partition import label_histogram
@@ -29,8 +28,7 @@ def _holdout_split(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
     """Shuffle ``part`` and keep the last ``floor(holdout * n)`` indices (at most ``n - 1``) as test."""
     shuffled = rng.permutation(part)
-    # The small epsilon keeps e.g. 0.29 * 100 = 28.999999999999996 from flooring to 28.
-    num_test = min(math.floor(holdout * len(part) + 1e-9), len(part) - 1)
+    num_test = min(share_of(holdout, len(part)), len(part) - 1)
     cut = len(part) - num_test
     return np.sort(shuffled[:cut]), np.sort(shuffled[cut:])
 

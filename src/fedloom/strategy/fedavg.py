@@ -3,13 +3,13 @@ Decentralized Data"."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from fedloom.core.config import FitConfig
+from fedloom.core.counting import share_of
 from fedloom.core.errors import ConfigError, NotEnoughClientsError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
@@ -26,8 +26,7 @@ def sample_clients(clients: Sequence[str], fraction: float, minimum: int, rng: n
     """
     if len(clients) < minimum:
         raise NotEnoughClientsError(f"{len(clients)} clients are available but at least {minimum} are needed")
-    # The epsilon keeps 0.29 * 100 (28.999999999999996 in floating point) at 29 clients.
-    m = min(len(clients), max(math.floor(fraction * len(clients) + 1e-9), minimum, 1))
+    m = min(len(clients), max(share_of(fraction, len(clients)), minimum, 1))
     chosen = rng.choice(len(clients), size=m, replace=False)
     return [clients[i] for i in sorted(chosen)]
 

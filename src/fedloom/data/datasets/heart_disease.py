@@ -80,30 +80,16 @@ def load_heart_disease(
     if names != FEATURE_NAMES:  # only possible with files other than the verified originals
         raise DataError(f"heart disease features came out as {names}, expected {FEATURE_NAMES}")
 
-    parts: dict[str, list[npt.NDArray[np.generic]]] = {
-        k: [] for k in ("x_train", "y_train", "g_train", "x_test", "y_test", "g_test")
-    }
-    for center, (raw_x, y) in enumerate(centers):
+    splits = []
+    for raw_x, y in centers:
         # FLamby computes the statistics on float32 features; doing the same keeps results within float32 rounding.
         x = _encode(raw_x, categories).astype(np.float32)
         train, test = _split(y)
         mean = x[train].mean(axis=0, dtype=np.float64)
         std = x[train].std(axis=0, ddof=1, dtype=np.float64)
-        for split, rows in (("train", train), ("test", test)):
-            parts[f"x_{split}"].append(((x[rows] - mean) / (std + _EPSILON)).astype(np.float32))
-            parts[f"y_{split}"].append(y[rows])
-            parts[f"g_{split}"].append(np.full(len(rows), center, dtype=np.int64))
-
-    joined = {k: np.concatenate(v) for k, v in parts.items()}
-    return Dataset(
-        name="heart_disease",
-        train=ArrayData(joined["x_train"], joined["y_train"]),
-        test=ArrayData(joined["x_test"], joined["y_test"]),
-        num_classes=2,
-        train_groups=joined["g_train"],
-        test_groups=joined["g_test"],
-        group_names=GROUP_NAMES,
-    )
+        standardized = ((x - mean) / (std + _EPSILON)).astype(np.float32)
+        splits.append((ArrayData(standardized[train], y[train]), ArrayData(standardized[test], y[test])))
+    return Dataset.from_groups("heart_disease", splits, num_classes=2, group_names=GROUP_NAMES)
 
 
 def _parse(path: Path) -> npt.NDArray[np.float64]:

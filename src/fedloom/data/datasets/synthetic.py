@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import numpy.typing as npt
 
+from fedloom.core.counting import share_of
 from fedloom.core.errors import ConfigError
 from fedloom.data.base import ArrayData, Dataset
 
@@ -72,9 +72,7 @@ def load_synthetic(
     shared_b = rng.standard_normal(num_classes)
     scale = np.arange(1, dim + 1, dtype=np.float64) ** -0.6  # sqrt of Sigma_jj = j ** -1.2
 
-    parts: dict[str, list[npt.NDArray[np.generic]]] = {
-        k: [] for k in ("x_train", "y_train", "g_train", "x_test", "y_test", "g_test")
-    }
+    devices = []
     for k in range(num_clients):
         v = centres[k] + rng.standard_normal(dim)
         w = u[k] + rng.standard_normal((num_classes, dim))
@@ -85,23 +83,15 @@ def load_synthetic(
         # softmax is monotone, so the argmax of the logits is the argmax of the probabilities
         y = np.argmax(x @ w.T + b, axis=1).astype(np.int64)
         order = rng.permutation(len(y))
-        n_test = min(len(y) - math.floor((1.0 - test_fraction) * len(y) + 1e-9), len(y) - 1)  # keep a train point
-        for split, rows in (("test", order[:n_test]), ("train", order[n_test:])):
-            parts[f"x_{split}"].append(x[rows].astype(np.float32))
-            parts[f"y_{split}"].append(y[rows])
-            parts[f"g_{split}"].append(np.full(len(rows), k, dtype=np.int64))
+        n_test = min(len(y) - share_of(1.0 - test_fraction, len(y)), len(y) - 1)  # keep a train point
+        test, train = order[:n_test], order[n_test:]
+        devices.append(
+            (ArrayData(x[train].astype(np.float32), y[train]), ArrayData(x[test].astype(np.float32), y[test]))
+        )
 
-    joined = {k: np.concatenate(v) for k, v in parts.items()}
     width = max(2, len(str(num_clients - 1)))
-    return Dataset(
-        name="synthetic",
-        train=ArrayData(joined["x_train"], joined["y_train"]),
-        test=ArrayData(joined["x_test"], joined["y_test"]),
-        num_classes=num_classes,
-        train_groups=joined["g_train"],
-        test_groups=joined["g_test"],
-        group_names=tuple(f"device-{k:0{width}d}" for k in range(num_clients)),
-    )
+    names = tuple(f"device-{k:0{width}d}" for k in range(num_clients))
+    return Dataset.from_groups("synthetic", devices, num_classes, names)
 
 
 def _check(
