@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
@@ -132,32 +132,25 @@ def _client_records(
 ) -> tuple[ClientRecord, ...]:
     records = []
     for cid, reply in exchange.replies.items():
+        replied = ClientRecord(
+            client_id=cid,
+            phase=phase,
+            status=ClientStatus.REFUSED if cid in refused else ClientStatus.OK,
+            seconds=reply.seconds,
+            bytes_down=reply.bytes_down,
+            bytes_up=reply.bytes_up,
+            detail=refused.get(cid),
+        )
         if cid in refused:
-            records.append(
-                ClientRecord(
-                    client_id=cid,
-                    phase=phase,
-                    status=ClientStatus.REFUSED,
-                    seconds=reply.seconds,
-                    bytes_down=reply.bytes_down,
-                    bytes_up=reply.bytes_up,
-                    detail=refused[cid],
-                )
-            )
+            records.append(replied)
             continue
         result = results[cid]
-        loss = result.loss if isinstance(result, EvalResult) else result.metrics.get("loss")
         records.append(
-            ClientRecord(
-                client_id=cid,
-                phase=phase,
-                status=ClientStatus.OK,
+            replace(
+                replied,
                 num_examples=result.num_examples,
-                loss=loss,
+                loss=result.loss if isinstance(result, EvalResult) else result.metrics.get("loss"),
                 accuracy=result.metrics.get("accuracy"),
-                seconds=reply.seconds,
-                bytes_down=reply.bytes_down,
-                bytes_up=reply.bytes_up,
                 metrics=dict(result.metrics),
             )
         )
