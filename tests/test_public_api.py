@@ -6,6 +6,7 @@ import sys
 import fedloom
 
 EXPECTED = {
+    "BackendConfig",
     "ConfigError",
     "DataError",
     "DecodeError",
@@ -26,6 +27,7 @@ EXPECTED = {
     "RunStoreError",
     "SimulationConfig",
     "Strategy",
+    "SystemConfig",
     "Task",
     "TorchTask",
     "__version__",

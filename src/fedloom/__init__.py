@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedloom import data
 from fedloom.core import (
+    BackendConfig,
     ConfigError,
     DataError,
     DecodeError,
@@ -28,6 +29,7 @@ from fedloom.core import (
     PartitionConfig,
     RunStoreError,
     SimulationConfig,
+    SystemConfig,
     decode_message,
     decode_params,
     encode_message,
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendConfig",
     "ConfigError",
     "DataError",
     "DecodeError",
@@ -65,6 +68,7 @@ __all__ = [
     "RunStoreError",
     "SimulationConfig",
     "Strategy",
+    "SystemConfig",
     "Task",
     "TorchTask",
     "__version__",

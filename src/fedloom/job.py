@@ -6,6 +6,8 @@ A job file is a Python file that defines a module-level ``job = fedloom.Job(...)
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -39,6 +41,8 @@ class Job:
     - ``strategy``: the federated algorithm (default: FedAvg).
     - ``simulation``: default simulation settings (clients, rounds, partition...), which flags override.
     - ``name``: a short name for run directories and listings.
+    - ``source``: where the job was loaded from (a job file's path or an example's name); :func:`load_job` sets
+      it, and backends that start worker processes import it there before they unpickle the task.
     """
 
     task: Task
@@ -46,6 +50,7 @@ class Job:
     strategy: Strategy[Any] = field(default_factory=FedAvg)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     name: str = "job"
+    source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.task, Task):
@@ -122,11 +127,13 @@ def load_job(ref: str) -> Job:
     job = getattr(module, "job", None)
     if not isinstance(job, Job):
         raise JobError(f"{where} must define `job = fedloom.Job(...)` at module level")
-    return job
+    return dataclasses.replace(job, source=str(path.resolve()) if where == str(path) else ref)
 
 
 def _import_file(path: Path) -> Any:
-    name = f"fedloom_job_{abs(hash(path.resolve()))}"
+    # A stable module name (str hashes are salted per process), so that a worker process that imports the same
+    # file gets the same module and can unpickle the job's functions.
+    name = f"fedloom_job_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise JobError(f"cannot load job file {path}")

@@ -1,7 +1,7 @@
 """fedloom.core: params, messages, their wire encoding, results, configuration and errors. Imports no torch."""
 
 from fedloom.core.codec import decode_message, decode_params, encode_message, encode_params
-from fedloom.core.config import FitConfig, PartitionConfig, SimulationConfig
+from fedloom.core.config import BackendConfig, FitConfig, PartitionConfig, SimulationConfig, SystemConfig
 from fedloom.core.errors import (
     ConfigError,
     DataError,
@@ -18,6 +18,7 @@ from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
 
 __all__ = [
+    "BackendConfig",
     "ConfigError",
     "DataError",
     "DecodeError",
@@ -34,6 +35,7 @@ __all__ = [
     "PartitionConfig",
     "RunStoreError",
     "SimulationConfig",
+    "SystemConfig",
     "check_update",
     "decode_message",
     "decode_params",

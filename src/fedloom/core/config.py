@@ -7,9 +7,18 @@ from typing import Any
 
 from fedloom.core.errors import ConfigError
 
-__all__ = ["PARTITION_SCHEMES", "FitConfig", "PartitionConfig", "SimulationConfig"]
+__all__ = [
+    "BACKENDS",
+    "PARTITION_SCHEMES",
+    "BackendConfig",
+    "FitConfig",
+    "PartitionConfig",
+    "SimulationConfig",
+    "SystemConfig",
+]
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "shards", "quantity", "natural")
+BACKENDS = ("auto", "inline", "vectorized", "process", "ray")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -106,9 +115,77 @@ class PartitionConfig:
 
 
 @dataclass(frozen=True)
+class BackendConfig:
+    """Which simulation backend runs the clients, and its resources.
+
+    ``name``: ``auto`` (the fastest backend that supports the task, announced in the log), ``inline`` (one
+    after another in this process), ``vectorized`` (a round's clients train in lockstep with ``torch.vmap``),
+    ``process`` (a pool of worker processes) or ``ray`` (Ray tasks, locally or on ``ray_address``).
+    ``device`` overrides the task's torch device (``cuda`` runs the vectorized backend on the GPU).
+    ``workers``: processes or Ray actors (``None``: one per CPU core). ``memory_budget_mb``: how much memory
+    the vectorized backend's stacked clients may use (``None``: 1024 MiB on CPU, most of the free memory on a
+    GPU); it trains the clients in chunks that fit.
+    """
+
+    name: str = "auto"
+    device: str | None = None
+    workers: int | None = None
+    ray_address: str | None = None
+    memory_budget_mb: int | None = None
+
+    def __post_init__(self) -> None:
+        _require_types(self, ("workers", "memory_budget_mb"))
+        _require(self.name in BACKENDS, f"unknown backend {self.name!r}; choose one of {', '.join(BACKENDS)}")
+        _require(self.workers is None or self.workers >= 1, f"workers must be >= 1, got {self.workers}")
+        _require(
+            self.memory_budget_mb is None or self.memory_budget_mb >= 1,
+            f"memory_budget_mb must be >= 1, got {self.memory_budget_mb}",
+        )
+        _require(self.device is None or isinstance(self.device, str), f"device must be a string, got {self.device!r}")
+        _require(self.ray_address is None or self.name in ("ray", "auto"), "ray_address needs the ray backend")
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    """The clients' systems, as cross-device simulation models them: when they are online and how fast they are.
+
+    - ``availability``: the probability that a client is online in a round (drawn per client and round); or
+      ``availability_trace``, an ``.npz`` file of online intervals in simulated seconds (arrays ``client``,
+      ``start``, ``end``; clients are numbered in registration order) that replaces it.
+    - Stragglers: each client has a fixed speed drawn from a log-normal distribution with ``speed_sigma``
+      (0: all equal); a local step takes ``seconds_per_step / speed`` simulated seconds. A client whose
+      training would end after ``deadline`` simulated seconds is late: it is left out of the round.
+
+    Simulated time starts at 0 and advances by each round's duration (its deadline, or the slowest client's
+    time when none is late). The defaults model none of this: every client online, equally fast, no deadline.
+    """
+
+    availability: float = 1.0
+    availability_trace: str | None = None
+    speed_sigma: float = 0.0
+    seconds_per_step: float = 0.01
+    deadline: float | None = None
+
+    def __post_init__(self) -> None:
+        _require_types(self, (), ("availability", "speed_sigma", "seconds_per_step"))
+        _require(0.0 < self.availability <= 1.0, f"availability must be in (0, 1], got {self.availability}")
+        _require(self.speed_sigma >= 0.0, f"speed_sigma must be >= 0, got {self.speed_sigma}")
+        _require(self.seconds_per_step > 0.0, f"seconds_per_step must be > 0, got {self.seconds_per_step}")
+        _require(
+            self.deadline is None or (isinstance(self.deadline, int | float) and self.deadline > 0),
+            f"deadline must be > 0 simulated seconds, got {self.deadline!r}",
+        )
+
+    @property
+    def is_default(self) -> bool:
+        return self == SystemConfig()
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     """A simulated federation: how many clients, how many rounds, how the data is split, how clients fail.
 
+    ``backend`` chooses what runs the clients; ``system`` models availability and stragglers (cross-device).
     ``dropout`` is the probability that a selected client fails to reply in a round. ``holdout`` is the
     fraction of each client's own data kept aside for federated evaluation (ignored where the dataset has a
     natural per-client test split). ``data_dir`` is where datasets are read from (``None``: the loader's
@@ -122,10 +199,14 @@ class SimulationConfig:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     holdout: float = 0.2
     data_dir: str | None = None
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
 
     def __post_init__(self) -> None:
         _require_types(self, ("num_clients", "rounds", "seed"), ("dropout", "holdout"))
         _require(isinstance(self.partition, PartitionConfig), "partition must be a PartitionConfig")
+        _require(isinstance(self.backend, BackendConfig), "backend must be a BackendConfig")
+        _require(isinstance(self.system, SystemConfig), "system must be a SystemConfig")
         _require(self.num_clients >= 1, f"num_clients must be >= 1, got {self.num_clients}")
         _require(self.rounds >= 1, f"rounds must be >= 1, got {self.rounds}")
         _require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from fedloom.core.errors import DataError
 
-__all__ = ["ArrayData", "ClientData", "Dataset", "FederatedData"]
+__all__ = ["ArrayData", "ClientData", "Dataset", "FederatedData", "Federation"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,26 @@ class Dataset:
 
         (train, train_groups), (test, test_groups) = joined(0), joined(1)
         return cls(name, train, test, num_classes, train_groups, test_groups, group_names)
+
+
+class Federation(Protocol):
+    """What a simulation runs on: clients by id and the server's test set. :class:`FederatedData` holds every
+    client's data in memory; a lazy federation (``fedloom.data.lazy``) makes a client's data only when asked."""
+
+    @property
+    def clients(self) -> Mapping[str, ClientData]: ...
+
+    @property
+    def client_ids(self) -> Sequence[str]: ...
+
+    @property
+    def central_test(self) -> ArrayData | None: ...
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def name(self) -> str: ...
 
 
 @dataclass(frozen=True)

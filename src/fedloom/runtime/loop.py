@@ -66,8 +66,9 @@ def run_rounds(
         fit = grid.send_and_receive(strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng), timeout)
         fit_results, fit_refused = _accept(server_round, "fit", fit.replies, _valid_update(global_params))
         if len(fit_results) < strategy.min_clients:
+            asked = len(fit.replies) + len(fit.dropped) + len(fit.late)
             raise NotEnoughClientsError(
-                f"round {server_round}: {len(fit_results)} of {len(fit.replies) + len(fit.dropped)} clients "
+                f"round {server_round}: {len(fit_results)} of {asked} clients "
                 f"replied with a valid update, fewer than min_clients={strategy.min_clients}"
             )
         state, metrics = strategy.aggregate_fit(server_round, state, fit_results)
@@ -155,4 +156,5 @@ def _client_records(
             )
         )
     records.extend(ClientRecord(client_id=cid, phase=phase, status=ClientStatus.DROPPED) for cid in exchange.dropped)
+    records.extend(ClientRecord(client_id=cid, phase=phase, status=ClientStatus.LATE) for cid in exchange.late)
     return tuple(records)

@@ -14,6 +14,7 @@ __all__ = ["ClientRecord", "ClientStatus", "RoundObserver", "RoundRecord"]
 class ClientStatus:
     OK = "ok"
     DROPPED = "dropped"  # did not reply
+    LATE = "late"  # would have replied after the round's deadline; its work was not used
     REFUSED = "refused"  # replied with something the server would not use (``ClientRecord.detail`` says why)
 
 

@@ -19,14 +19,18 @@ from fedloom.strategy.aggregate import weighted_mean, weighted_mean_scalar
 __all__ = ["FedAvg", "FedAvgState", "sample_clients"]
 
 
-def sample_clients(clients: Sequence[str], fraction: float, minimum: int, rng: np.random.Generator) -> list[str]:
-    """Pick ``max(floor(fraction * K), minimum, 1)`` of the ``K`` clients uniformly without replacement.
+def sample_clients(
+    clients: Sequence[str], fraction: float, minimum: int, rng: np.random.Generator, count: int | None = None
+) -> list[str]:
+    """Pick ``max(floor(fraction * K), minimum, 1)`` of the ``K`` clients (or ``count`` of them, where given)
+    uniformly without replacement.
 
     The result keeps the order of ``clients``. Raises :class:`NotEnoughClientsError` if ``K < minimum``.
     """
     if len(clients) < minimum:
         raise NotEnoughClientsError(f"{len(clients)} clients are available but at least {minimum} are needed")
-    m = min(len(clients), max(share_of(fraction, len(clients)), minimum, 1))
+    wanted = count if count is not None else max(share_of(fraction, len(clients)), minimum, 1)
+    m = min(len(clients), wanted)
     chosen = rng.choice(len(clients), size=m, replace=False)
     return [clients[i] for i in sorted(chosen)]
 
@@ -47,8 +51,10 @@ class FedAvg:
     S steps of minibatch SGD with batch size B and learning rate from ``fit``) from the global model, and the
     new global model is ``sum_k n_k / n * w_k`` over the clients that replied, ``n_k`` being each client's
     number of training examples. ``min_clients`` is both the fewest clients sampled and the fewest replies a
-    round accepts. Federated evaluation asks a fraction ``fraction_evaluate`` of clients for their held-out
-    loss and accuracy, weighted by their held-out example counts; 0 turns it off.
+    round accepts. ``clients_per_round``, where given, replaces the fraction: that many clients are sampled
+    from those available (all of them if fewer are), as in cross-device FL. Federated evaluation asks a
+    fraction ``fraction_evaluate`` of clients for their held-out loss and accuracy, weighted by their
+    held-out example counts; 0 turns it off.
 
     >>> strategy = FedAvg(fraction=0.1, fit=FitConfig(local_epochs=5, batch_size=10, lr=0.1))
     """
@@ -57,6 +63,7 @@ class FedAvg:
     min_clients: int = 1
     fraction_evaluate: float = 1.0
     fit: FitConfig = field(default_factory=FitConfig)
+    clients_per_round: int | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -65,6 +72,10 @@ class FedAvg:
             raise ConfigError(f"fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}")
         if self.min_clients < 1:
             raise ConfigError(f"min_clients must be >= 1, got {self.min_clients}")
+        if self.clients_per_round is not None and self.clients_per_round < self.min_clients:
+            raise ConfigError(
+                f"clients_per_round must be >= min_clients={self.min_clients}, got {self.clients_per_round}"
+            )
 
     def init(self, params: Params) -> FedAvgState:
         return FedAvgState(params)
@@ -75,7 +86,7 @@ class FedAvg:
     def configure_fit(
         self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator
     ) -> dict[str, Message]:
-        selected = sample_clients(clients, self.fraction, self.min_clients, rng)
+        selected = sample_clients(clients, self.fraction, self.min_clients, rng, self.clients_per_round)
         seeds = rng.integers(0, 2**31 - 1, size=len(selected))
         return {
             cid: fit_message(server_round, state.params, replace(self.fit, seed=int(seed)))

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import time
-import zlib
-from collections.abc import Mapping
-
-import numpy as np
+from collections.abc import Mapping, Sequence
 
 from fedloom.core.codec import decode_message, encode_message
 from fedloom.core.errors import user_code
 from fedloom.core.message import Message
-from fedloom.data.base import FederatedData
+from fedloom.data.base import Federation
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply
+from fedloom.runtime.sim.common import drops
 from fedloom.task.base import Task
 
 __all__ = ["InlineGrid"]
@@ -30,21 +28,20 @@ class InlineGrid:
     :class:`JobError` that names the client.
     """
 
-    def __init__(self, task: Task, data: FederatedData, *, dropout: float = 0.0, seed: int = 0) -> None:
+    def __init__(self, task: Task, data: Federation, *, dropout: float = 0.0, seed: int = 0) -> None:
         self._task = task
         self._data = data
         self._dropout = dropout
         self._seed = seed
-        self._index = {cid: i for i, cid in enumerate(data.client_ids)}
 
-    def client_ids(self) -> list[str]:
+    def client_ids(self) -> Sequence[str]:
         return self._data.client_ids
 
     def send_and_receive(self, messages: Mapping[str, Message], timeout: float | None = None) -> Exchange:
         replies: dict[str, Reply] = {}
         dropped: list[str] = []
         for client_id, message in messages.items():
-            if self._drops(client_id, message):
+            if drops(self._seed, self._dropout, client_id, message):
                 dropped.append(client_id)
                 continue
             client_data = self._data.clients[client_id]
@@ -56,10 +53,3 @@ class InlineGrid:
             up = encode_message(reply)
             replies[client_id] = Reply(decode_message(up), seconds, len(down), len(up))
         return Exchange(replies, tuple(dropped))
-
-    def _drops(self, client_id: str, message: Message) -> bool:
-        if self._dropout == 0.0:
-            return False
-        server_round = message.metadata.get("round", 0)
-        key = [self._seed, 0xD20B, int(server_round), self._index[client_id], zlib.crc32(message.kind.encode())]
-        return bool(np.random.default_rng(key).random() < self._dropout)
