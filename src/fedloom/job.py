@@ -21,7 +21,7 @@ from typing import Any
 
 from fedloom.core.config import SimulationConfig
 from fedloom.core.errors import ConfigError, FedloomError, JobError, user_code
-from fedloom.data.base import Dataset
+from fedloom.data.base import Dataset, Federation
 from fedloom.strategy.base import Strategy
 from fedloom.strategy.fedavg import FedAvg
 from fedloom.task.base import Task
@@ -35,9 +35,11 @@ class Job:
 
     - ``task``: what each client computes (a :class:`fedloom.TorchTask`, :class:`fedloom.LogisticRegressionTask`
       or your own :class:`fedloom.task.Task`).
-    - ``data``: a function returning the centralized :class:`fedloom.data.Dataset`; it is called with
-      ``data_dir=`` (the ``--data`` folder, or ``None``) if it takes that argument, with nothing otherwise. It
-      runs only when the job runs, so defining a job is cheap.
+    - ``data``: a function returning the centralized :class:`fedloom.data.Dataset`, which the simulation
+      partitions over its clients; or a ready federation (:class:`fedloom.data.LazyFederation`: a million
+      clients whose data is made when sampled). It is called with ``data_dir=`` (the ``--data`` folder, or
+      ``None``), ``num_clients=`` and ``seed=`` where it takes those arguments. It runs only when the job runs,
+      so defining a job is cheap.
     - ``strategy``: the federated algorithm (default: FedAvg).
     - ``simulation``: default simulation settings (clients, rounds, partition...), which flags override.
     - ``name``: a short name for run directories and listings.
@@ -67,19 +69,35 @@ class Job:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"Job.name must be a non-empty string; got {self.name!r}")
 
-    def load_data(self, data_dir: str | None) -> Dataset:
-        """Call ``data`` (passing ``data_dir`` where it is accepted) and check that it returned a Dataset."""
+    def load_data(
+        self, data_dir: str | None, *, num_clients: int | None = None, seed: int | None = None
+    ) -> Dataset | Federation:
+        """Call ``data`` and check what it returned: a :class:`Dataset` to partition, or a ready
+        :class:`~fedloom.data.base.Federation` (such as a lazy cross-device population) to use as it is.
+
+        ``data_dir``, ``num_clients`` and ``seed`` are passed to the ones of these that ``data`` accepts by
+        name; a ``data_dir`` that the function does not accept is an error.
+        """
         try:
-            takes_dir = "data_dir" in inspect.signature(self.data).parameters
+            accepted = set(inspect.signature(self.data).parameters)
         except (TypeError, ValueError):
-            takes_dir = False
-        if data_dir is not None and not takes_dir:
+            accepted = set()
+        if data_dir is not None and "data_dir" not in accepted:
             raise ConfigError(f"job {self.name!r} does not read a data folder, but --data {data_dir} was given")
+        offered = {"data_dir": data_dir, "num_clients": num_clients, "seed": seed}
+        kwargs = {k: v for k, v in offered.items() if k in accepted and (v is not None or k == "data_dir")}
         with user_code(f"loading the data of job {self.name!r}"):
-            dataset = self.data(data_dir=data_dir) if takes_dir else self.data()
-        if not isinstance(dataset, Dataset):
-            raise JobError(f"the data function of job {self.name!r} returned {type(dataset).__name__}, not a Dataset")
-        return dataset
+            loaded = self.data(**kwargs)
+        if isinstance(loaded, Dataset) or _is_federation(loaded):
+            return loaded
+        raise JobError(
+            f"the data function of job {self.name!r} returned {type(loaded).__name__}, "
+            "not a Dataset (or a Federation such as fedloom.data.LazyFederation)"
+        )
+
+
+def _is_federation(value: object) -> bool:
+    return all(hasattr(value, name) for name in ("clients", "client_ids", "central_test", "num_classes"))
 
 
 def describe(value: Any) -> Any:

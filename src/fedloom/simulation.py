@@ -12,11 +12,12 @@ from fedloom.core.config import SimulationConfig
 from fedloom.core.errors import FedloomError, user_code
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult
+from fedloom.data.base import Dataset, Federation
 from fedloom.data.federate import federate
 from fedloom.job import Job, describe
 from fedloom.runtime.loop import run_rounds
 from fedloom.runtime.records import RoundObserver, RoundRecord
-from fedloom.runtime.sim.inline import InlineGrid
+from fedloom.runtime.sim.backends import Backend, open_backend
 from fedloom.tracking import RunRecorder
 
 __all__ = ["Run", "simulate"]
@@ -32,6 +33,7 @@ class Run:
     run_dir: Path
     params: Params
     history: tuple[RoundRecord, ...]
+    backend: str = "inline"
 
     @property
     def final_metrics(self) -> dict[str, float]:
@@ -53,25 +55,47 @@ def simulate(
     runs_dir: str | Path = "runs",
     observers: Sequence[RoundObserver] = (),
 ) -> Run:
-    """Run ``job`` as a simulated federation (inline backend) and record it under ``runs_dir/<run-id>/``.
+    """Run ``job`` as a simulated federation and record it under ``runs_dir/<run-id>/``.
 
-    ``simulation`` replaces ``job.simulation`` when given. The run directory holds the SQLite run database,
-    a checkpoint per round and ``summary.json``; a run that fails is recorded as failed, with its error, and
-    the error is raised again.
+    ``simulation`` replaces ``job.simulation`` when given; its ``backend`` chooses what runs the clients
+    (``auto``: the fastest backend that supports the task; the choice and its reason are logged and recorded)
+    and its ``system`` models cross-device availability and stragglers. A job whose data function returns a
+    ready federation (a lazy million-client population) runs on it as it is; otherwise the dataset is
+    partitioned over ``num_clients`` clients. The run directory holds the SQLite run database, a checkpoint
+    per round and ``summary.json``; a run that fails is recorded as failed, with its error, and the error is
+    raised again.
     """
     config = simulation or job.simulation
-    dataset = job.load_data(config.data_dir)
-    data = federate(dataset, config.num_clients, config.partition, config.seed, config.holdout)
+    loaded = job.load_data(config.data_dir, num_clients=config.num_clients, seed=config.seed)
+    if isinstance(loaded, Dataset):
+        data: Federation = federate(loaded, config.num_clients, config.partition, config.seed, config.holdout)
+    else:
+        data = loaded
+    with user_code(f"the model of job {job.name!r} (init_params)"):
+        initial = job.task.init_params(config.seed)
+    job_file = job.source if job.source is not None and job.source.endswith(".py") else None
+    with open_backend(job.task, data, config, job_file=job_file) as backend:
+        return _run(job, config, data, initial, backend, Path(runs_dir), observers)
+
+
+def _run(
+    job: Job,
+    config: SimulationConfig,
+    data: Federation,
+    initial: Params,
+    backend: Backend,
+    runs_dir: Path,
+    observers: Sequence[RoundObserver],
+) -> Run:
     recorded: dict[str, Any] = {
         "job": job.name,
-        "dataset": dataset.name,
-        "backend": "inline",
+        "dataset": data.name,
+        "backend": backend.name,
+        "backend_reason": backend.reason,
         "task": describe(job.task),
         "strategy": describe(job.strategy),
         "simulation": describe(config),
     }
-    with user_code(f"the model of job {job.name!r} (init_params)"):
-        initial = job.task.init_params(config.seed)
     central = data.central_test
     evaluate_central = None
     if central is not None and len(central):
@@ -82,13 +106,18 @@ def simulate(
 
     recorder = RunRecorder.create(runs_dir, job.name, recorded)
     log.info(
-        "run %s: %d clients, %d rounds, in %s", recorder.run_id, config.num_clients, config.rounds, recorder.run_dir
+        "run %s: %d clients, %d rounds, on the %s backend, in %s",
+        recorder.run_id,
+        len(data.client_ids),
+        config.rounds,
+        backend.name,
+        recorder.run_dir,
     )
     latest = _Latest(initial)
     try:
         result = run_rounds(
             strategy=job.strategy,
-            grid=InlineGrid(job.task, data, dropout=config.dropout, seed=config.seed),
+            grid=backend.grid,
             initial_params=initial,
             rounds=config.rounds,
             seed=config.seed,
@@ -102,7 +131,7 @@ def simulate(
             log.error("run %s: could not record its failure: %s", recorder.run_id, unrecorded)
         raise
     recorder.finish(result.params)
-    return Run(recorder.run_id, recorder.run_dir, result.params, result.history)
+    return Run(recorder.run_id, recorder.run_dir, result.params, result.history, backend.name)
 
 
 class _Latest:

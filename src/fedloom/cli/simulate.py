@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +12,7 @@ import typer
 from rich.console import Console
 
 from fedloom.cli.progress import ConsoleProgress
-from fedloom.core.config import PARTITION_SCHEMES, PartitionConfig
+from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, PartitionConfig
 from fedloom.core.errors import ConfigError
 from fedloom.job import Job, load_job
 from fedloom.simulation import simulate
@@ -19,6 +20,8 @@ from fedloom.strategy.fedavg import FedAvg
 
 _PANEL_SIM = "Federation"
 _PANEL_FIT = "Strategy and local training"
+_PANEL_BACKEND = "Backend"
+_PANEL_SYSTEM = "Client systems (cross-device)"
 
 
 def simulate_command(
@@ -26,7 +29,7 @@ def simulate_command(
         str,
         typer.Argument(
             help="A job file (path/to/job.py) or a built-in example: digits, "
-            "heart_disease, mnist, mnist_2nn, synthetic."
+            "heart_disease, mnist, mnist_2nn, synthetic, cross_device."
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Runs folder; the run goes to OUT/<run-id>/.")] = Path("runs"),
@@ -61,6 +64,56 @@ def simulate_command(
     ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size B.", rich_help_panel=_PANEL_FIT)] = None,
     lr: Annotated[float | None, typer.Option(help="Local learning rate.", rich_help_panel=_PANEL_FIT)] = None,
+    clients_per_round: Annotated[
+        int | None,
+        typer.Option(help="Clients sampled per round (instead of --fraction).", rich_help_panel=_PANEL_FIT),
+    ] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(
+            help=f"What runs the clients: {', '.join(BACKENDS)} (auto: the fastest that supports the task).",
+            rich_help_panel=_PANEL_BACKEND,
+        ),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(help="Torch device for the clients (cpu, cuda).", rich_help_panel=_PANEL_BACKEND)
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Worker processes or Ray actors (default: one per core).", rich_help_panel=_PANEL_BACKEND),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Address of an existing Ray cluster (implies --backend ray).", rich_help_panel=_PANEL_BACKEND
+        ),
+    ] = None,
+    memory_budget_mb: Annotated[
+        int | None,
+        typer.Option(help="Memory the vectorized backend may use for stacked clients.", rich_help_panel=_PANEL_BACKEND),
+    ] = None,
+    availability: Annotated[
+        float | None,
+        typer.Option(help="Probability that a client is online in a round.", rich_help_panel=_PANEL_SYSTEM),
+    ] = None,
+    availability_trace: Annotated[
+        str | None,
+        typer.Option(help="An .npz trace of online intervals (client, start, end).", rich_help_panel=_PANEL_SYSTEM),
+    ] = None,
+    speed_sigma: Annotated[
+        float | None,
+        typer.Option(help="Spread of the log-normal client speeds (0: all equal).", rich_help_panel=_PANEL_SYSTEM),
+    ] = None,
+    seconds_per_step: Annotated[
+        float | None,
+        typer.Option(help="Simulated seconds of one local step at speed 1.", rich_help_panel=_PANEL_SYSTEM),
+    ] = None,
+    deadline: Annotated[
+        float | None,
+        typer.Option(
+            help="Round deadline in simulated seconds; slower clients are late.", rich_help_panel=_PANEL_SYSTEM
+        ),
+    ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
 ) -> None:
@@ -71,7 +124,21 @@ def simulate_command(
         loaded,
         simulation={"num_clients": clients, "rounds": rounds, "seed": seed, "dropout": dropout, "data_dir": data},
         partition={"scheme": partition, "alpha": alpha, "shards_per_client": shards},
-        strategy={"fraction": fraction, "min_clients": min_clients},
+        backend={
+            "name": "ray" if ray_address is not None and backend is None else backend,
+            "device": device,
+            "workers": workers,
+            "ray_address": ray_address,
+            "memory_budget_mb": memory_budget_mb,
+        },
+        system={
+            "availability": availability,
+            "availability_trace": availability_trace,
+            "speed_sigma": speed_sigma,
+            "seconds_per_step": seconds_per_step,
+            "deadline": deadline,
+        },
+        strategy={"fraction": fraction, "min_clients": min_clients, "clients_per_round": clients_per_round},
         fit={"local_epochs": local_epochs, "local_steps": local_steps, "batch_size": batch_size, "lr": lr},
     )
     console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
@@ -81,6 +148,7 @@ def simulate_command(
         f"partition {sim.partition.scheme}, seed {sim.seed}",
         highlight=False,
     )
+    _announce_backend(console)
     observers = [] if quiet else [ConsoleProgress(console, sim.rounds, configured.name)]
     if observers:
         with observers[0]:
@@ -90,6 +158,19 @@ def simulate_command(
     final = "  ".join(f"{k} {v:.4f}" for k, v in run.final_metrics.items())
     console.print(f"finished run [bold]{run.run_id}[/]: {final}", highlight=False)
     console.print(f"params_sha256 {run.params_sha256}\nrun directory {run.run_dir}", highlight=False)
+
+
+def _announce_backend(console: Console) -> None:
+    """Print the backend choice (logged by ``simulate``, with its reason) as a line of the command's output."""
+
+    class ToConsole(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(record.getMessage(), highlight=False, markup=False)
+
+    logger = logging.getLogger("fedloom.backend")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers = [ToConsole(logging.INFO)]
 
 
 def _limit_torch_threads(threads: int) -> None:
@@ -110,6 +191,8 @@ def _apply_flags(
     *,
     simulation: dict[str, Any],
     partition: dict[str, Any],
+    backend: dict[str, Any],
+    system: dict[str, Any],
     strategy: dict[str, Any],
     fit: dict[str, Any],
 ) -> Job:
@@ -119,13 +202,17 @@ def _apply_flags(
         sim = dataclasses.replace(
             sim, partition=PartitionConfig(**{**dataclasses.asdict(sim.partition), **_given(partition)})
         )
+    if _given(backend):
+        sim = dataclasses.replace(sim, backend=dataclasses.replace(sim.backend, **_given(backend)))
+    if _given(system):
+        sim = dataclasses.replace(sim, system=dataclasses.replace(sim.system, **_given(system)))
     sim = dataclasses.replace(sim, **_given(simulation))
     chosen = job.strategy
     strategy_flags, fit_flags = _given(strategy), _given(fit)
     if strategy_flags or fit_flags:
         if not isinstance(chosen, FedAvg):
             raise ConfigError(
-                f"--fraction, --min-clients and the local training flags apply to FedAvg; "
+                f"--fraction, --min-clients, --clients-per-round and the local training flags apply to FedAvg; "
                 f"job {job.name!r} uses {type(chosen).__name__}"
             )
         if "local_steps" in fit_flags and "local_epochs" not in fit_flags:

@@ -112,7 +112,7 @@ class Dataset:
 
 class Federation(Protocol):
     """What a simulation runs on: clients by id and the server's test set. :class:`FederatedData` holds every
-    client's data in memory; a lazy federation (``fedloom.data.lazy``) makes a client's data only when asked."""
+    client's data in memory; a :class:`fedloom.data.LazyFederation` makes a client's data only when asked."""
 
     @property
     def clients(self) -> Mapping[str, ClientData]: ...

@@ -142,10 +142,14 @@ def dirichlet(
     for every class, draw ``p ~ Dir(alpha * 1_K)`` over the ``K`` clients and cut that class's shuffled
     indices at the cumulative proportions. Small ``alpha`` (0.1) gives each client few classes; large
     ``alpha`` (100) approaches IID. The whole draw is repeated until every client holds at least
-    ``min_size`` samples.
+    ``min_size`` samples. Where ``max_tries`` draws all leave some client short (many clients over few
+    samples: 1,000 clients over digits' 1,437 training rows leave dozens empty in every draw), the last draw
+    is topped up: each short client in turn takes random samples from the then-largest client until it holds
+    ``min_size``. That moves only ``min_size`` samples per short client, so the label skew of the draw stays;
+    the test suite measures it.
 
     ``labels`` are non-negative integer class ids, one per sample. Raises :class:`ConfigError` on invalid
-    arguments, or when ``max_tries`` draws all leave some client with fewer than ``min_size`` samples.
+    arguments (including fewer than ``min_size`` samples per client on average).
     """
     labels = _check_ids(labels, "labels")
     num_clients = _check_count(num_clients, "num_clients")
@@ -169,10 +173,21 @@ def dirichlet(
             owner[shuffled] = np.repeat(np.arange(num_clients, dtype=np.int64), counts)
         if np.bincount(owner, minlength=num_clients).min() >= min_size:
             return _parts_from_owner(owner, num_clients)
-    raise ConfigError(
-        f"dirichlet partition: after {max_tries} draws some client still had fewer than {min_size} samples "
-        f"({num_samples} samples, {num_clients} clients, alpha={alpha}); use a larger alpha or fewer clients"
-    )
+    _top_up(owner, num_clients, min_size, rng)
+    return _parts_from_owner(owner, num_clients)
+
+
+def _top_up(owner: npt.NDArray[np.int64], num_clients: int, min_size: int, rng: np.random.Generator) -> None:
+    """Give every client at least ``min_size`` samples, each short client taking random samples from the client
+    that is largest at that moment (in place; the caller checked that there are enough samples)."""
+    sizes = np.bincount(owner, minlength=num_clients)
+    for client in np.flatnonzero(sizes < min_size):
+        while sizes[client] < min_size:
+            donor = int(np.argmax(sizes))
+            taken = rng.choice(np.flatnonzero(owner == donor))
+            owner[taken] = client
+            sizes[donor] -= 1
+            sizes[client] += 1
 
 
 def shards(labels: npt.ArrayLike, num_clients: int, shards_per_client: int, rng: np.random.Generator) -> Parts:

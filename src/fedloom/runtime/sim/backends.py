@@ -1,0 +1,175 @@
+"""Choosing and opening the simulation backend that runs a job's clients.
+
+Every backend is a :class:`~fedloom.runtime.grid.Grid`, so the server loop never knows which one runs. The
+backend modules are imported only when chosen: the vectorized one needs torch, the Ray one needs ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+from fedloom.core.config import BackendConfig, SimulationConfig
+from fedloom.core.errors import ConfigError, user_code
+from fedloom.data.base import Federation
+from fedloom.runtime.grid import Grid
+from fedloom.runtime.sim.inline import InlineGrid
+from fedloom.task.base import Task
+
+__all__ = ["Backend", "open_backend"]
+
+log = logging.getLogger("fedloom.backend")
+
+# A client's work must cost at least this much for worker processes to pay for shipping it there and back.
+_PROCESS_WORTH_SECONDS = 0.005
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The backend a simulation runs on: its grid, its name, and why it was chosen."""
+
+    grid: Grid
+    name: str
+    reason: str
+
+
+@contextmanager
+def open_backend(
+    task: Task, data: Federation, config: SimulationConfig, *, job_file: str | None = None
+) -> Iterator[Backend]:
+    """Open the backend ``config.backend`` asks for (``auto``: the fastest that supports ``task``), wrapped in
+    the cross-device system model when ``config.system`` models availability or stragglers; close it on exit.
+
+    ``job_file`` is the job's source file, which worker processes import before they unpickle the task.
+    """
+    settings = config.backend
+    task = _on_device(task, settings.device)
+    name, reason = _choose(task, data, settings)
+    with ExitStack() as stack:
+        grid = _open(name, task, data, config, job_file)
+        if hasattr(grid, "close"):
+            stack.callback(grid.close)
+        if not config.system.is_default:
+            from fedloom.runtime.sim.crossdevice import SystemGrid
+
+            grid = SystemGrid(grid, data, config.system, seed=config.seed)
+        # One line says which backend runs and why; a warning when it is not the one asked for.
+        fell_back = settings.name not in ("auto", name)
+        log.log(logging.WARNING if fell_back else logging.INFO, "backend %s: %s", name, reason)
+        yield Backend(grid, name, reason)
+
+
+def _choose(task: Task, data: Federation, settings: BackendConfig) -> tuple[str, str]:
+    """The backend to run and a one-line reason, falling back from ``vectorized`` with the cause."""
+    asked = settings.name
+    if asked in ("inline", "process", "ray"):
+        return asked, "as asked"
+    if settings.ray_address is not None:
+        return "ray", f"a Ray cluster at {settings.ray_address} was given"
+    cannot = _vectorized_unsupported(task, data)
+    if cannot is None:
+        return "vectorized", "as asked" if asked == "vectorized" else "the task's model trains in lockstep with vmap"
+    if settings.device is not None and settings.device.startswith("cuda"):
+        raise ConfigError(
+            f"--device {settings.device} needs the vectorized backend, which cannot run this task: {cannot}"
+        )
+    fallback, why = _cpu_backend(task, data, settings)
+    return fallback, f"vectorized cannot run this task ({cannot}); {why}"
+
+
+def _is_torch_task(task: Task) -> bool:
+    # A TorchTask exists only once its module was imported: a NumPy-only job never loads torch for this check.
+    torch_task = sys.modules.get("fedloom.task.torch_task")
+    return torch_task is not None and isinstance(task, torch_task.TorchTask)
+
+
+def _vectorized_unsupported(task: Task, data: Federation) -> str | None:
+    if not _is_torch_task(task):
+        return f"it needs a TorchTask, this is a {type(task).__name__}"
+    from fedloom.runtime.sim.vectorized import unsupported_reason
+
+    with user_code("probing the model for the vectorized backend"):
+        return unsupported_reason(task, data)
+
+
+def _cpu_backend(task: Task, data: Federation, settings: BackendConfig) -> tuple[str, str]:
+    """``process`` when there are several cores and a client's work is big enough to ship, else ``inline``."""
+    cores = settings.workers or os.cpu_count() or 1
+    if cores < 2:
+        return "inline", "one core, so worker processes would not help"
+    seconds = _client_work_seconds(task, data)
+    if seconds < _PROCESS_WORTH_SECONDS:
+        return "inline", f"a client's work is too small ({seconds * 1e3:.1f} ms) to pay for worker processes"
+    return "process", f"a client's work ({seconds * 1e3:.0f} ms) is worth spreading over {cores} processes"
+
+
+def _client_work_seconds(task: Task, data: Federation) -> float:
+    """A proxy for one client's work: evaluating the initial model on the first client's training data (a
+    forward pass over it, about a third of one local epoch)."""
+    ids = data.client_ids
+    if not len(ids):
+        return 0.0
+    train = data.clients[ids[0]].train
+    with user_code("probing a client's work (init_params, evaluate)"):
+        params = task.init_params(0)
+        start = time.perf_counter()
+        task.evaluate(params, train)
+    return time.perf_counter() - start
+
+
+def _open(name: str, task: Task, data: Federation, config: SimulationConfig, job_file: str | None) -> Any:
+    settings = config.backend
+    if name == "inline":
+        return InlineGrid(task, data, dropout=config.dropout, seed=config.seed)
+    if name == "vectorized":
+        from fedloom.runtime.sim.vectorized import VectorizedGrid
+
+        return VectorizedGrid(
+            task,  # type: ignore[arg-type]  # _choose only picks vectorized for a TorchTask
+            data,
+            dropout=config.dropout,
+            seed=config.seed,
+            device=settings.device,
+            memory_budget_mb=settings.memory_budget_mb,
+        )
+    if name == "process":
+        from fedloom.runtime.sim.process import ProcessGrid
+
+        return ProcessGrid(
+            task, data, dropout=config.dropout, seed=config.seed, workers=settings.workers, job_file=job_file
+        )
+    from fedloom.runtime.sim.raygrid import RayGrid
+
+    return RayGrid(
+        task,
+        data,
+        dropout=config.dropout,
+        seed=config.seed,
+        workers=settings.workers,
+        address=settings.ray_address,
+        job_file=job_file,
+    )
+
+
+def _on_device(task: Task, device: str | None) -> Task:
+    """``task`` moved to ``device`` (a TorchTask's ``device``); other tasks run on the CPU only."""
+    if device is None:
+        return task
+    if not _is_torch_task(task):
+        if device != "cpu":
+            raise ConfigError(f"--device {device} applies to a TorchTask; this job's task is {type(task).__name__}")
+        return task
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} was asked for, but torch sees no CUDA GPU on this machine")
+    moved: Task = dataclasses.replace(cast(Any, task), device=device)
+    return moved
