@@ -15,7 +15,7 @@ from fedloom.core import (
     encode_params,
     wire_pb2,
 )
-from fedloom.core.codec import ALLOWED_DTYPES, WIRE_VERSION
+from fedloom.core.codec import ALLOWED_DTYPES, WIRE_VERSION, encoded_size
 
 
 def sample_params() -> Params:
@@ -164,3 +164,17 @@ def test_any_valid_message_round_trips(arrays, metadata):
 def test_pathological_metadata_is_a_decode_error(metadata_json):
     with pytest.raises(DecodeError, match="not valid JSON"):
         decode_message(envelope(metadata_json=metadata_json))
+
+
+@given(
+    metadata=st.dictionaries(
+        st.text(max_size=8),
+        st.one_of(st.integers(), st.floats(allow_nan=False), st.text(max_size=300), st.booleans(), st.none()),
+        max_size=12,
+    ),
+    rows=st.integers(0, 40),
+)
+@settings(max_examples=60, deadline=None)
+def test_encoded_size_is_the_length_of_the_encoding(metadata: dict, rows: int) -> None:
+    message = Message("fit.result", Params({"w": np.ones((rows, 3), np.float32), "b": np.arange(rows)}), metadata)
+    assert encoded_size(message) == len(encode_message(message))

@@ -20,7 +20,15 @@ from fedloom.core.errors import DecodeError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 
-__all__ = ["ALLOWED_DTYPES", "WIRE_VERSION", "decode_message", "decode_params", "encode_message", "encode_params"]
+__all__ = [
+    "ALLOWED_DTYPES",
+    "WIRE_VERSION",
+    "decode_message",
+    "decode_params",
+    "encode_message",
+    "encode_params",
+    "encoded_size",
+]
 
 WIRE_VERSION = 1
 
@@ -96,10 +104,42 @@ def decode_params(data: bytes) -> Params:
     return params
 
 
+def _metadata_json(message: Message) -> str:
+    return json.dumps(dict(message.metadata), sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+
 def encode_message(message: Message) -> bytes:
     """Encode a ``Message``; metadata is written as compact JSON with sorted keys."""
-    metadata = json.dumps(dict(message.metadata), sort_keys=True, separators=(",", ":"), allow_nan=True)
-    return _envelope(message.kind, message.params, metadata)
+    return _envelope(message.kind, message.params, _metadata_json(message))
+
+
+# Encoded sizes of messages with empty metadata, by kind and array layout (names, dtypes, shapes).
+_BARE_SIZES: dict[tuple[str, tuple[tuple[str, str, tuple[int, ...]], ...]], int] = {}
+_BARE_SIZES_KEPT = 64
+
+
+def encoded_size(message: Message) -> int:
+    """``len(encode_message(message))``, without encoding the arrays of every message.
+
+    The envelope is a sequence of independent protobuf fields, so a message's size is that of the same message
+    with metadata ``{}`` plus how much longer its metadata's JSON text is (a length-delimited field: the text
+    and its varint length). The first part depends only on the kind and the arrays' names, dtypes and shapes,
+    so it is encoded once per model layout. A simulation backend that hands messages over in memory uses this
+    to report the bytes a real deployment would move.
+    """
+    layout = tuple((name, array.dtype.str, array.shape) for name, array in message.params.items())
+    key = (message.kind, layout)
+    bare = _BARE_SIZES.get(key)
+    if bare is None:
+        bare = len(encode_message(Message(message.kind, message.params)))
+        if len(_BARE_SIZES) < _BARE_SIZES_KEPT:
+            _BARE_SIZES[key] = bare
+    text = len(_metadata_json(message))  # ASCII only (ensure_ascii), so characters are bytes
+    return bare + _varint_size(text) + text - (_varint_size(2) + 2)  # "{}" is 2 bytes long
+
+
+def _varint_size(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 def decode_message(data: bytes) -> Message:

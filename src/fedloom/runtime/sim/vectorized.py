@@ -15,7 +15,6 @@ then falls back to another backend.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from fedloom.core.codec import encode_message
+from fedloom.core.codec import encoded_size
 from fedloom.core.errors import ConfigError, DataError, user_code
 from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
@@ -381,9 +380,8 @@ class VectorizedGrid:
         done: dict[str, tuple[Message, float]] = {}
         done.update(self._run("fit", fits, self._fit_chunk))
         done.update(self._run("evaluate", evaluations, self._evaluate_chunk))
-        size = _WireSizes()
         replies = {
-            cid: Reply(done[cid][0], done[cid][1], size(message), size(done[cid][0]))
+            cid: Reply(done[cid][0], done[cid][1], encoded_size(message), encoded_size(done[cid][0]))
             for cid, message in messages.items()
             if cid in done
         }
@@ -605,30 +603,3 @@ def _predictions(logits: Tensor, targets: Tensor) -> Tensor | None:
     if logits[0, 0].numel() == 1:
         return (logits > 0).reshape(targets.shape)
     return None
-
-
-class _WireSizes:
-    """``len(encode_message(message))`` for many messages, without encoding every message's arrays.
-
-    The wire envelope is a sequence of independent protobuf fields, so a message's size is that of the same
-    message with metadata ``{}`` plus how much longer its metadata's JSON text is (a length-delimited field:
-    the text and its varint length). The first part depends only on the kind and the arrays' names, dtypes
-    and shapes, so it is encoded once per model. Tests check the sum against ``encode_message``.
-    """
-
-    def __init__(self) -> None:
-        self._bare: dict[tuple[str, tuple[tuple[str, str, tuple[int, ...]], ...]], int] = {}
-
-    def __call__(self, message: Message) -> int:
-        signature = tuple((name, array.dtype.str, array.shape) for name, array in message.params.items())
-        key = (message.kind, signature)
-        bare = self._bare.get(key)
-        if bare is None:
-            bare = self._bare[key] = len(encode_message(Message(message.kind, message.params)))
-        # The codec's JSON spelling; ASCII only (ensure_ascii), so characters are bytes.
-        text = len(json.dumps(dict(message.metadata), sort_keys=True, separators=(",", ":"), allow_nan=True))
-        return bare + _varint_size(text) + text - (_varint_size(2) + 2)  # "{}" is 2 bytes long
-
-
-def _varint_size(value: int) -> int:
-    return max(1, (value.bit_length() + 6) // 7)

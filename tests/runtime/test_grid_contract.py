@@ -1,0 +1,153 @@
+"""The ``Grid`` contract, run against every simulation backend: what the server loop relies on, whichever
+backend runs the clients. A deployment grid joins this list when it exists."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+from torch import nn
+
+from fedloom.core import EvalResult, FitConfig, FitResult, Message, PartitionConfig
+from fedloom.core.results import evaluate_message, fit_message
+from fedloom.data import federate, load_digits
+from fedloom.data.base import FederatedData
+from fedloom.runtime import Exchange, InlineGrid
+from fedloom.runtime.sim.common import drops
+from fedloom.task.torch_task import TorchTask
+
+DROPOUT = 0.3
+SEED = 11
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+TASK = TorchTask(model=mlp)
+
+
+@pytest.fixture(scope="module")
+def data() -> FederatedData:
+    digits = load_digits()
+    return federate(digits, 6, PartitionConfig(scheme="dirichlet", alpha=0.5), seed=3, holdout=0.2)
+
+
+def _inline(data: FederatedData) -> Any:
+    return InlineGrid(TASK, data, dropout=DROPOUT, seed=SEED)
+
+
+def _vectorized(data: FederatedData) -> Any:
+    from fedloom.runtime.sim.vectorized import VectorizedGrid
+
+    return VectorizedGrid(TASK, data, dropout=DROPOUT, seed=SEED)
+
+
+def _process(data: FederatedData) -> Any:
+    from fedloom.runtime.sim.process import ProcessGrid
+
+    return ProcessGrid(TASK, data, dropout=DROPOUT, seed=SEED, workers=2)
+
+
+def _ray(data: FederatedData) -> Any:
+    pytest.importorskip("ray")
+    from fedloom.runtime.sim.raygrid import RayGrid
+
+    return RayGrid(TASK, data, dropout=DROPOUT, seed=SEED, workers=2)
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+BACKENDS: dict[str, Callable[[FederatedData], Any]] = {
+    "inline": _inline,
+    "vectorized": _vectorized,
+    "process": _process,
+    "ray": _ray,
+}
+# Inline, process and Ray run the same client code, so their results are bit-identical; the vectorized
+# backend batches the same arithmetic differently, so it agrees to float tolerance.
+EXACT = {"inline", "process", "ray"}
+
+
+@pytest.fixture(scope="module", params=list(BACKENDS))
+def grid(request: pytest.FixtureRequest, data: FederatedData) -> Iterator[Any]:
+    opened = BACKENDS[request.param](data)
+    opened.name = request.param
+    try:
+        yield opened
+    finally:
+        if hasattr(opened, "close"):
+            opened.close()
+
+
+@pytest.fixture(scope="module")
+def reference(data: FederatedData) -> Any:
+    return _inline(data)
+
+
+def _fit_round(data: FederatedData, server_round: int) -> dict[str, Message]:
+    params = TASK.init_params(0)
+    ids = data.client_ids
+    return {
+        cid: fit_message(server_round, params, FitConfig(local_epochs=2, batch_size=8, lr=0.05, seed=100 + i))
+        for i, cid in enumerate(ids[:5])
+    }
+
+
+def test_client_ids_are_the_federations(grid: Any, data: FederatedData) -> None:
+    assert list(grid.client_ids()) == data.client_ids
+
+
+def test_nothing_asked_nothing_returned(grid: Any) -> None:
+    exchange = grid.send_and_receive({})
+    assert exchange == Exchange()
+
+
+def test_every_addressed_client_replies_or_drops_as_the_shared_rule_says(grid: Any, data: FederatedData) -> None:
+    messages = _fit_round(data, server_round=2)
+    exchange = grid.send_and_receive(messages)
+    expected_dropped = {cid for cid, m in messages.items() if drops(SEED, DROPOUT, cid, m)}
+    assert 0 < len(expected_dropped) < len(messages)  # the seed makes this test exercise both outcomes
+    assert set(exchange.dropped) == expected_dropped
+    assert set(exchange.replies) == set(messages) - expected_dropped
+    assert exchange.late == ()
+
+
+def test_fit_replies_are_results_equal_to_the_inline_backend(grid: Any, reference: Any, data: FederatedData) -> None:
+    messages = _fit_round(data, server_round=3)
+    got = grid.send_and_receive(messages)
+    want = reference.send_and_receive(messages)
+    assert set(got.replies) == set(want.replies)
+    for cid, reply in got.replies.items():
+        result = FitResult.from_message(reply.message)
+        expected = FitResult.from_message(want.replies[cid].message)
+        assert result.num_examples == len(data.clients[cid].train)
+        assert list(result.params) == list(expected.params)
+        for name, array in result.params.items():
+            assert array.dtype == expected.params[name].dtype
+            if grid.name in EXACT:
+                np.testing.assert_array_equal(array, expected.params[name])
+            else:
+                scale = max(float(np.abs(expected.params[name]).max()), 1e-12)
+                assert float(np.abs(array - expected.params[name]).max()) / scale < 1e-5
+        assert result.metrics["steps"] == expected.metrics["steps"]
+        assert result.metrics["loss"] == pytest.approx(expected.metrics["loss"], rel=1e-5)
+        assert reply.bytes_down > 0
+        assert reply.bytes_up > 0
+        assert reply.seconds >= 0.0
+
+
+def test_evaluate_replies_match_the_inline_backend(grid: Any, reference: Any, data: FederatedData) -> None:
+    params = TASK.init_params(5)
+    messages = {cid: evaluate_message(4, params) for cid in data.client_ids}
+    got = grid.send_and_receive(messages)
+    want = reference.send_and_receive(messages)
+    assert set(got.dropped) == set(want.dropped)
+    for cid, reply in got.replies.items():
+        result = EvalResult.from_message(reply.message)
+        expected = EvalResult.from_message(want.replies[cid].message)
+        assert result.num_examples == len(data.clients[cid].test)
+        assert result.loss == pytest.approx(expected.loss, rel=1e-5)
+        assert result.metrics["accuracy"] == pytest.approx(expected.metrics["accuracy"], abs=1e-12)

@@ -1,0 +1,206 @@
+"""The process-pool backend: the same results as the inline backend, and clean failures and shutdowns."""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from torch import nn
+
+from fedloom.core import ConfigError, FitConfig, JobError, Message, Params, PartitionConfig
+from fedloom.core.results import EvalResult, FitResult, fit_message
+from fedloom.data import federate, load_digits
+from fedloom.data.base import ArrayData, FederatedData
+from fedloom.job import load_job
+from fedloom.runtime import ClientStatus, Grid, InlineGrid, LoopResult, run_rounds
+from fedloom.runtime.sim.process import ProcessGrid
+from fedloom.runtime.sim.workers import RoundQueues, home_worker
+from fedloom.strategy import FedAvg
+from fedloom.task.base import Task
+from fedloom.task.torch_task import TorchTask
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+TASK = TorchTask(mlp)
+
+
+@dataclass(frozen=True)
+class FailingTask:
+    """A TorchTask that fails for the one client whose training features sum to ``checksum``: by raising, or
+    by killing its own process (as the out-of-memory killer would)."""
+
+    checksum: float
+    kill: bool = False
+
+    def init_params(self, seed: int) -> Params:
+        return TASK.init_params(seed)
+
+    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
+        if float(data.x.sum()) == self.checksum:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError("disk full")
+        return TASK.fit(params, data, config)
+
+    def evaluate(self, params: Params, data: ArrayData) -> EvalResult:
+        return TASK.evaluate(params, data)
+
+
+@pytest.fixture(scope="module")
+def data() -> FederatedData:
+    return federate(load_digits(), 20, PartitionConfig(scheme="dirichlet", alpha=0.5), seed=2)
+
+
+def fedavg(task: Task, grid: Grid) -> LoopResult:
+    return run_rounds(
+        strategy=FedAvg(fraction=0.5, fraction_evaluate=0.5, fit=FitConfig(batch_size=8, lr=0.05)),
+        grid=grid,
+        initial_params=task.init_params(0),
+        rounds=3,
+        seed=4,
+    )
+
+
+def fit_round(data: FederatedData) -> dict[str, Message]:
+    params = TASK.init_params(0)
+    return {cid: fit_message(1, params, FitConfig(batch_size=8, seed=i)) for i, cid in enumerate(data.client_ids)}
+
+
+def client_rows(result: LoopResult) -> list[tuple[object, ...]]:
+    return [
+        (r.server_round, c.client_id, c.phase, c.status, c.num_examples, c.bytes_down, c.bytes_up, c.loss, c.accuracy)
+        for r in result.history
+        for c in r.clients
+    ]
+
+
+def worker_processes(before: set[psutil.Process]) -> set[psutil.Process]:
+    """This process's children that were not there ``before``, less multiprocessing's resource tracker."""
+    new = set(psutil.Process().children(recursive=True)) - before
+    return {p for p in new if "resource_tracker" not in " ".join(p.cmdline())}
+
+
+def test_fedavg_over_processes_is_bit_identical_to_inline(data: FederatedData, one_torch_thread: None) -> None:
+    before = set(psutil.Process().children(recursive=True))
+    with ProcessGrid(TASK, data, dropout=0.2, seed=7, workers=2) as grid:
+        assert grid.workers == 2
+        workers = worker_processes(before)
+        assert len(workers) == 2
+        pooled = fedavg(TASK, grid)
+    inline = fedavg(TASK, InlineGrid(TASK, data, dropout=0.2, seed=7))
+
+    assert pooled.params.sha256() == inline.params.sha256()
+    assert client_rows(pooled) == client_rows(inline)
+    statuses = [c.status for r in pooled.history for c in r.clients]
+    assert ClientStatus.DROPPED in statuses  # the dropout rule was exercised, and agreed
+    assert all(c.seconds > 0 for r in pooled.history for c in r.clients if c.status == ClientStatus.OK)
+    assert pooled.history[-1].metrics == inline.history[-1].metrics
+    # closing stopped the workers
+    assert not any(p.is_running() for p in workers)
+    grid.close()  # idempotent
+
+
+JOB_FILE = """
+import fedloom
+from torch import nn
+from fedloom.data import load_digits
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make_model():
+    return Net()
+
+
+job = fedloom.Job(task=fedloom.TorchTask(make_model), data=load_digits, name="pooled")
+"""
+
+
+def test_a_task_from_a_job_file_runs_when_workers_import_the_file(
+    tmp_path: Path, data: FederatedData, one_torch_thread: None
+) -> None:
+    path = tmp_path / "job.py"
+    path.write_text(JOB_FILE)
+    job = load_job(str(path))
+    assert job.source is not None
+    with ProcessGrid(job.task, data, workers=2, job_file=job.source) as grid:
+        pooled = fedavg(job.task, grid)
+    assert pooled.params.sha256() == fedavg(job.task, InlineGrid(job.task, data)).params.sha256()
+
+    with pytest.raises(ConfigError, match=r"cannot load the task \(.*fedloom_job_.*pass job_file=job.source"):
+        ProcessGrid(job.task, data, workers=1)
+
+
+def test_a_task_that_cannot_be_pickled_is_a_config_error(data: FederatedData) -> None:
+    before = set(psutil.Process().children(recursive=True))
+    with pytest.raises(ConfigError, match=r"cannot be sent to worker processes .*module-level function"):
+        ProcessGrid(TorchTask(lambda: nn.Linear(64, 10)), data, workers=2)
+    assert worker_processes(before) == set()
+
+
+def test_a_task_that_raises_is_a_job_error_naming_the_client_and_stops_the_workers(data: FederatedData) -> None:
+    victim = data.client_ids[3]
+    task = FailingTask(float(data.clients[victim].train.x.sum()))
+    messages = fit_round(data)
+    before = set(psutil.Process().children(recursive=True))
+    grid = ProcessGrid(task, data, workers=2)
+    workers = worker_processes(before)
+    with pytest.raises(JobError, match=rf"^client {victim} in fit raised RuntimeError: disk full$") as raised:
+        grid.send_and_receive(messages)
+    assert "disk full" in str(raised.value.__cause__)  # the worker's traceback comes along
+    assert not any(p.is_running() for p in workers)
+    with pytest.raises(Exception, match="closed"):
+        grid.send_and_receive(messages)
+
+
+def test_a_worker_that_dies_is_a_job_error_not_a_hang(data: FederatedData) -> None:
+    victim = data.client_ids[5]
+    task = FailingTask(float(data.clients[victim].train.x.sum()), kill=True)
+    messages = fit_round(data)
+    before = set(psutil.Process().children(recursive=True))
+    with ProcessGrid(task, data, workers=2) as grid:
+        workers = worker_processes(before)
+        with pytest.raises(
+            JobError, match=rf"^simulation worker \d \(pid \d+\) was killed by signal 9.* client {victim} in fit$"
+        ):
+            grid.send_and_receive(messages)
+    assert not any(p.is_running() for p in workers)
+
+
+def test_workers_stop_when_the_grid_is_garbage_collected(data: FederatedData) -> None:
+    before = set(psutil.Process().children(recursive=True))
+    grid = ProcessGrid(TASK, data, workers=1)
+    workers = worker_processes(before)
+    assert len(workers) == 1
+    del grid
+    assert not any(p.is_running() for p in workers)
+
+
+def test_an_idle_worker_takes_the_last_queued_client_of_the_busiest_one() -> None:
+    ids = [f"client-{i:03d}" for i in range(40)]
+    at_zero = [cid for cid in ids if home_worker(cid, 3) == 0][:4]
+    at_one = [cid for cid in ids if home_worker(cid, 3) == 1][:1]
+    queues = RoundQueues(at_zero + at_one, workers=3)
+    assert queues.next_for(2) == (at_zero[-1], False)  # nothing of its own: steals from the longest queue
+    assert queues.next_for(1) == (at_one[0], True)
+    assert queues.next_for(1) == (at_zero[-2], False)
+    assert queues.next_for(0) == (at_zero[0], True)
+    assert queues.next_for(0) == (at_zero[1], True)
+    assert queues.next_for(0) is None
+    assert home_worker("client-007", 3) == home_worker("client-007", 3)  # stable (not Python's salted hash)

@@ -1,0 +1,224 @@
+"""The Ray backend against a local 2-CPU Ray cluster that the test starts with the ``ray`` CLI, and against a
+Ray that ``RayGrid`` starts itself: the same results as the inline backend, and clean failures."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+from torch import nn
+
+from fedloom.core import ConfigError, EvalResult, FitConfig, FitResult, JobError, Message, Params, PartitionConfig
+from fedloom.core.results import fit_message
+from fedloom.data import federate, load_digits
+from fedloom.data.base import ArrayData, FederatedData
+from fedloom.job import load_job
+from fedloom.runtime import ClientStatus, Grid, InlineGrid, LoopResult, run_rounds
+from fedloom.runtime.sim.raygrid import RayGrid
+from fedloom.strategy import FedAvg
+from fedloom.task.base import Task
+from fedloom.task.torch_task import TorchTask
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+TASK = TorchTask(mlp)
+
+
+@dataclass(frozen=True)
+class FailingTask:
+    """A TorchTask that raises for the one client whose training features sum to ``checksum``."""
+
+    checksum: float
+
+    def init_params(self, seed: int) -> Params:
+        return TASK.init_params(seed)
+
+    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
+        if float(data.x.sum()) == self.checksum:
+            raise RuntimeError("disk full")
+        return TASK.fit(params, data, config)
+
+    def evaluate(self, params: Params, data: ArrayData) -> EvalResult:
+        return TASK.evaluate(params, data)
+
+
+JOB_FILE = """
+import fedloom
+from torch import nn
+from fedloom.data import load_digits
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def make_model():
+    return Net()
+
+
+job = fedloom.Job(task=fedloom.TorchTask(make_model), data=load_digits, name="on-ray")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A 2-CPU Ray head started with ``ray start --block``, its own temp folder (so that no other ``ray.init``
+    on this machine finds it), stopped by stopping that command; yields its address."""
+    cli = Path(sys.executable).parent / "ray"
+    if not cli.exists():
+        pytest.skip("the ray command is not installed next to this Python")
+    port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="fedloom-ray-")  # short: Ray's socket paths must fit in 107 bytes
+    log = Path(temp_dir, "ray-start.log")
+    command = [str(cli), "start", "--head", "--block", "--num-cpus", "2", "--port", str(port)]
+    command += ["--include-dashboard", "false", "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir]
+    command += ["--ray-client-server-port", str(free_port())]  # not the fixed default, which another Ray may hold
+    with log.open("w") as out:
+        head = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not Path(temp_dir, "ray_current_cluster").exists():  # written once the head is up
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray start did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            started = psutil.Process(head.pid).children(recursive=True)
+        head.terminate()  # --block stops the head's processes on SIGTERM
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+            head.wait(timeout=10)
+        for process in started:  # whatever outlived the head
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def data() -> FederatedData:
+    return federate(load_digits(), 20, PartitionConfig(scheme="dirichlet", alpha=0.5), seed=2)
+
+
+def fedavg(task: Task, grid: Grid) -> LoopResult:
+    return run_rounds(
+        strategy=FedAvg(fraction=0.5, fraction_evaluate=0.5, fit=FitConfig(batch_size=8, lr=0.05)),
+        grid=grid,
+        initial_params=task.init_params(0),
+        rounds=3,
+        seed=4,
+    )
+
+
+def client_rows(result: LoopResult) -> list[tuple[object, ...]]:
+    return [
+        (r.server_round, c.client_id, c.phase, c.status, c.num_examples, c.bytes_down, c.bytes_up, c.loss, c.accuracy)
+        for r in result.history
+        for c in r.clients
+    ]
+
+
+def assert_same_run(got: LoopResult, want: LoopResult) -> None:
+    assert got.params.sha256() == want.params.sha256()
+    assert client_rows(got) == client_rows(want)
+    assert ClientStatus.DROPPED in [c.status for r in got.history for c in r.clients]
+    assert all(c.seconds > 0 for r in got.history for c in r.clients if c.status == ClientStatus.OK)
+
+
+def listening(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_a_job_file_task_on_a_ray_cluster_gives_the_inline_results(
+    cluster: str, tmp_path: Path, data: FederatedData, one_torch_thread: None
+) -> None:
+    path = tmp_path / "job.py"
+    path.write_text(JOB_FILE)
+    job = load_job(str(path))  # its module is not importable on the cluster: it travels by value
+    with RayGrid(job.task, data, dropout=0.2, seed=7, workers=2, address=cluster, job_file=job.source) as grid:
+        assert grid.workers == 2
+        on_ray = fedavg(job.task, grid)
+    assert_same_run(on_ray, fedavg(job.task, InlineGrid(job.task, data, dropout=0.2, seed=7)))
+    assert not ray.is_initialized()  # disconnected...
+    assert listening(cluster)  # ...and the cluster keeps running
+
+
+def test_a_task_that_raises_on_ray_is_a_job_error_naming_the_client(cluster: str, data: FederatedData) -> None:
+    victim = data.client_ids[3]
+    params = TASK.init_params(0)
+    messages: dict[str, Message] = {
+        cid: fit_message(1, params, FitConfig(batch_size=8, seed=i)) for i, cid in enumerate(data.client_ids)
+    }
+    grid = RayGrid(FailingTask(float(data.clients[victim].train.x.sum())), data, workers=2, address=cluster)
+    with pytest.raises(JobError, match=rf"^client {victim} in fit raised RuntimeError: disk full$") as raised:
+        grid.send_and_receive(messages)
+    assert "disk full" in str(raised.value.__cause__)  # the actor's traceback comes along
+    assert not ray.is_initialized()  # the failed grid closed itself
+    with pytest.raises(Exception, match="closed"):
+        grid.send_and_receive(messages)
+
+
+def test_a_ray_that_the_grid_starts_itself_gives_the_inline_results(
+    data: FederatedData, one_torch_thread: None
+) -> None:
+    with RayGrid(TASK, data, dropout=0.2, seed=7, workers=2) as grid:
+        assert ray.cluster_resources()["CPU"] == 2
+        on_ray = fedavg(TASK, grid)
+    assert_same_run(on_ray, fedavg(TASK, InlineGrid(TASK, data, dropout=0.2, seed=7)))
+    assert not ray.is_initialized()  # the grid's own Ray is stopped
+
+
+def test_an_address_where_nothing_listens_is_a_config_error_at_once(data: FederatedData) -> None:
+    port = free_port()  # nothing listens there
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"cannot connect to the Ray cluster at 127.0.0.1:{port}: .*refused"):
+        RayGrid(TASK, data, address=f"127.0.0.1:{port}")
+    assert time.monotonic() - started < 10
+    assert not ray.is_initialized()
+
+
+def test_without_ray_the_backend_names_the_extra(monkeypatch: pytest.MonkeyPatch, data: FederatedData) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees when ray is not installed
+    with pytest.raises(ConfigError, match=r"pip install 'fedloom\[ray\]'"):
+        RayGrid(TASK, data)
+
+
+def test_importing_fedloom_does_not_import_ray() -> None:
+    code = "import sys, fedloom, fedloom.runtime.sim.raygrid; assert 'ray' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
