@@ -27,7 +27,9 @@ __all__ = ["Backend", "open_backend"]
 
 log = logging.getLogger("fedloom.backend")
 
-# A client's work must cost at least this much for worker processes to pay for shipping it there and back.
+# A client's work must cost at least this much for worker processes to pay for shipping it there and back. A
+# digits MLP client (~1 ms) is well below it: there the process backend is 1.5-4x slower than inline on 2
+# cores (benchmarks/RESULTS.md, "Simulation speed").
 _PROCESS_WORTH_SECONDS = 0.005
 
 
