@@ -25,8 +25,9 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
-def population(num_clients: int = NUM_CLIENTS, seed: int = 0) -> LazyFederation:
-    """The digits population (``--clients``, ``--seed``); nothing is materialized until a client is sampled."""
+def population(*, num_clients: int = NUM_CLIENTS, seed: int = 0) -> LazyFederation:
+    """The digits population; nothing is materialized until a client is sampled. Keyword-only ``num_clients``
+    and ``seed`` take the simulation's ``--clients`` and ``--seed``."""
     return digits_population(num_clients, seed=seed, alpha=0.5, mean_size=20)
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 from functools import partial
+from types import MappingProxyType
 
 import numpy as np
 import pytest
@@ -132,3 +133,54 @@ def test_mnist_2nn_trains_on_the_shared_test_images(shared_data, tmp_path):
     )
     run = fl.simulate(job, runs_dir=tmp_path)
     assert run.final_metrics["central_accuracy"] > 0.8
+
+
+def _toy_population(num_clients: int, seed: int) -> fl.data.LazyFederation:
+    def make(k: int, rng: np.random.Generator) -> fl.data.ClientData:
+        x = rng.normal(size=(4, 60))
+        return fl.data.ClientData(fl.data.ArrayData(x, np.arange(4) % 10), fl.data.ArrayData(x[:1], np.zeros(1, int)))
+
+    return fl.data.LazyFederation.from_generator("toy", num_clients, make, num_classes=10, seed=seed)
+
+
+def test_only_keyword_only_data_arguments_get_the_simulations_clients_and_seed():
+    calls = []
+
+    def opted_in(*, num_clients: int = 3, seed: int = 0):
+        calls.append(("opted_in", num_clients, seed))
+        return _toy_population(num_clients, seed)
+
+    def positional(num_clients: int = 3, seed: int = 0):  # like a loader's own split seed: left alone
+        calls.append(("positional", num_clients, seed))
+        return _toy_population(num_clients, seed)
+
+    for data in (opted_in, positional, partial(opted_in, num_clients=4)):
+        job = dataclasses.replace(synthetic_job(), data=data)
+        job.load_data(None, num_clients=7, seed=5)
+    assert calls == [("opted_in", 7, 5), ("positional", 3, 0), ("opted_in", 4, 5)]
+
+
+def test_a_job_may_bring_its_own_federation_which_runs_as_it_is(tmp_path):
+    job = dataclasses.replace(
+        synthetic_job(rounds=2),
+        data=lambda *, num_clients=50, seed=0: _toy_population(num_clients, seed),
+        strategy=fl.FedAvg(clients_per_round=6, fraction_evaluate=0.0, fit=fl.FitConfig(batch_size=4, lr=0.01)),
+        simulation=fl.SimulationConfig(num_clients=200, rounds=2),
+    )
+    run = fl.simulate(job, runs_dir=tmp_path)
+    trained = {c.client_id for record in run.history for c in record.clients}
+    assert len(trained) <= 12
+    assert all(int(cid.removeprefix("client-")) < 200 for cid in trained)
+    assert any(int(cid.removeprefix("client-")) >= 50 for cid in trained)  # 200 clients, not the default 50
+
+
+def test_a_data_function_returning_something_else_is_a_one_line_job_error(tmp_path):
+    class NotQuiteAFederation:  # no name
+        clients = MappingProxyType({})
+        client_ids = ()
+        central_test = None
+        num_classes = 2
+
+    job = dataclasses.replace(synthetic_job(), data=NotQuiteAFederation)
+    with pytest.raises(fl.JobError, match="returned NotQuiteAFederation, not a Dataset"):
+        fl.simulate(job, runs_dir=tmp_path)

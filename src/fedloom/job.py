@@ -7,20 +7,19 @@ A job file is a Python file that defines a module-level ``job = fedloom.Job(...)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import importlib
 import importlib.util
 import inspect
 import pkgutil
-import sys
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
 from fedloom.core.config import SimulationConfig
-from fedloom.core.errors import ConfigError, FedloomError, JobError, user_code
+from fedloom.core.errors import ConfigError, JobError, user_code
+from fedloom.core.jobfile import import_job_file
 from fedloom.data.base import Dataset, Federation
 from fedloom.strategy.base import Strategy
 from fedloom.strategy.fedavg import FedAvg
@@ -38,8 +37,9 @@ class Job:
     - ``data``: a function returning the centralized :class:`fedloom.data.Dataset`, which the simulation
       partitions over its clients; or a ready federation (:class:`fedloom.data.LazyFederation`: a million
       clients whose data is made when sampled). It is called with ``data_dir=`` (the ``--data`` folder, or
-      ``None``), ``num_clients=`` and ``seed=`` where it takes those arguments. It runs only when the job runs,
-      so defining a job is cheap.
+      ``None``) where it takes that argument, and with ``num_clients=`` and ``seed=`` where it takes them as
+      keyword-only arguments (see :meth:`load_data`). It runs only when the job runs, so defining a job is
+      cheap.
     - ``strategy``: the federated algorithm (default: FedAvg).
     - ``simulation``: default simulation settings (clients, rounds, partition...), which flags override.
     - ``name``: a short name for run directories and listings.
@@ -75,17 +75,24 @@ class Job:
         """Call ``data`` and check what it returned: a :class:`Dataset` to partition, or a ready
         :class:`~fedloom.data.base.Federation` (such as a lazy cross-device population) to use as it is.
 
-        ``data_dir``, ``num_clients`` and ``seed`` are passed to the ones of these that ``data`` accepts by
-        name; a ``data_dir`` that the function does not accept is an error.
+        ``data_dir`` is passed where ``data`` takes an argument of that name; a ``data_dir`` that it does not
+        take is an error. ``num_clients`` and ``seed`` are passed only to keyword-only arguments of those names
+        (``def population(*, num_clients=1_000_000, seed=0)``) that a ``functools.partial`` has not bound: a
+        loader's own ``seed`` (its train/test split) or a partial's ``num_clients=30`` stays as the job wrote it.
         """
         try:
-            accepted = set(inspect.signature(self.data).parameters)
+            parameters = inspect.signature(self.data).parameters
         except (TypeError, ValueError):
-            accepted = set()
-        if data_dir is not None and "data_dir" not in accepted:
+            parameters = {}  # type: ignore[assignment]
+        bound = self.data.keywords if isinstance(self.data, functools.partial) else {}
+        if data_dir is not None and "data_dir" not in parameters:
             raise ConfigError(f"job {self.name!r} does not read a data folder, but --data {data_dir} was given")
-        offered = {"data_dir": data_dir, "num_clients": num_clients, "seed": seed}
-        kwargs = {k: v for k, v in offered.items() if k in accepted and (v is not None or k == "data_dir")}
+        kwargs: dict[str, Any] = {"data_dir": data_dir} if "data_dir" in parameters else {}
+        for name, value in (("num_clients", num_clients), ("seed", seed)):
+            parameter = parameters.get(name)
+            opted_in = parameter is not None and parameter.kind is inspect.Parameter.KEYWORD_ONLY
+            if opted_in and name not in bound and value is not None:
+                kwargs[name] = value
         with user_code(f"loading the data of job {self.name!r}"):
             loaded = self.data(**kwargs)
         if isinstance(loaded, Dataset) or _is_federation(loaded):
@@ -97,7 +104,7 @@ class Job:
 
 
 def _is_federation(value: object) -> bool:
-    return all(hasattr(value, name) for name in ("clients", "client_ids", "central_test", "num_classes"))
+    return all(hasattr(value, name) for name in ("clients", "client_ids", "central_test", "num_classes", "name"))
 
 
 def describe(value: Any) -> Any:
@@ -133,7 +140,7 @@ def load_job(ref: str) -> Job:
     if path.suffix == ".py" or path.is_file():
         if not path.is_file():
             raise JobError(f"job file {ref} does not exist")
-        module = _import_file(path)
+        module = import_job_file(path)
         where = str(path)
     else:
         if ref not in builtin_examples():
@@ -146,23 +153,3 @@ def load_job(ref: str) -> Job:
     if not isinstance(job, Job):
         raise JobError(f"{where} must define `job = fedloom.Job(...)` at module level")
     return dataclasses.replace(job, source=str(path.resolve()) if where == str(path) else ref)
-
-
-def _import_file(path: Path) -> Any:
-    # A stable module name (str hashes are salted per process), so that a worker process that imports the same
-    # file gets the same module and can unpickle the job's functions.
-    name = f"fedloom_job_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise JobError(f"cannot load job file {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except FedloomError as exc:
-        raise JobError(f"job file {path}: {exc}") from exc
-    except Exception as exc:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).resolve() == path.resolve()]
-        line = f" (line {frames[-1].lineno})" if frames else ""
-        raise JobError(f"job file {path} raised {type(exc).__name__}{line}: {exc}") from exc
-    return module

@@ -23,6 +23,7 @@ from fedloom.tracking import RunRecorder
 __all__ = ["Run", "simulate"]
 
 log = logging.getLogger("fedloom")
+announce = logging.getLogger("fedloom.run")  # the run's headline and its backend: the CLI prints these
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,18 @@ def simulate(
     loaded = job.load_data(config.data_dir, num_clients=config.num_clients, seed=config.seed)
     if isinstance(loaded, Dataset):
         data: Federation = federate(loaded, config.num_clients, config.partition, config.seed, config.holdout)
+        made = f"partition {config.partition.scheme}"
     else:
         data = loaded
+        made = f"{type(loaded).__name__} {loaded.name!r}"
+    announce.info(
+        "fedloom: job %s, %d clients, %d rounds, %s, seed %d",
+        job.name,
+        len(data.client_ids),
+        config.rounds,
+        made,
+        config.seed,
+    )
     with user_code(f"the model of job {job.name!r} (init_params)"):
         initial = job.task.init_params(config.seed)
     job_file = job.source if job.source is not None and job.source.endswith(".py") else None

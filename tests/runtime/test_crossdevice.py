@@ -132,6 +132,26 @@ def test_a_trace_decides_who_is_online_at_each_simulated_time(tmp_path):
     assert list(grid.client_ids()) == ["client-000"]  # at t = 6 only client 0 is online
 
 
+def test_when_nobody_is_online_the_clock_skips_to_the_next_client_coming_online(tmp_path):
+    # Client 0 is online in [0, 1) and [5, 6); client 1 in [8, 9). Rounds take 1 simulated second.
+    trace = write_trace(
+        tmp_path / "gaps.npz", client=np.array([0, 0, 1]), start=np.array([0.0, 5.0, 8.0]), end=np.array([1, 6, 9.0])
+    )
+    data = toy([1, 1])
+    task = RecordingTask()
+    grid = SystemGrid(InlineGrid(task, data), data, SystemConfig(availability_trace=trace, seconds_per_step=1.0))
+    result = run_rounds(
+        strategy=FedAvg(fraction_evaluate=0.0, fit=FitConfig(local_epochs=None, local_steps=1)),
+        grid=grid,
+        initial_params=task.init_params(0),
+        rounds=3,
+        seed=0,
+    )
+    asked = [[c.client_id for c in record.clients] for record in result.history]
+    assert asked == [["client-000"], ["client-000"], ["client-001"]]
+    assert [(r.start, r.duration) for r in grid.history] == [(0.0, 1.0), (5.0, 1.0), (8.0, 1.0)]
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [

@@ -15,6 +15,7 @@ from fedloom.core import ConfigError, FitConfig, JobError, Message, Params, Part
 from fedloom.core.results import EvalResult, FitResult, fit_message
 from fedloom.data import federate, load_digits
 from fedloom.data.base import ArrayData, FederatedData
+from fedloom.data.lazy import digits_population
 from fedloom.job import load_job
 from fedloom.runtime import ClientStatus, Grid, InlineGrid, LoopResult, run_rounds
 from fedloom.runtime.sim.process import ProcessGrid
@@ -107,6 +108,16 @@ def test_fedavg_over_processes_is_bit_identical_to_inline(data: FederatedData, o
     # closing stopped the workers
     assert not any(p.is_running() for p in workers)
     grid.close()  # idempotent
+
+
+def test_a_lazy_federation_is_shipped_per_instruction_and_not_kept(one_torch_thread: None) -> None:
+    lazy = digits_population(60, seed=1, mean_size=12)
+    with ProcessGrid(TASK, lazy, seed=7, workers=2) as grid:
+        pooled = fedavg(TASK, grid)
+        kept = [len(held) for held in grid._has_data]
+    inline = fedavg(TASK, InlineGrid(TASK, lazy, seed=7))
+    assert pooled.params.sha256() == inline.params.sha256()
+    assert kept == [0, 0]  # workers hold no client between instructions
 
 
 JOB_FILE = """

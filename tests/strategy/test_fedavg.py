@@ -82,6 +82,17 @@ def test_client_fraction_and_minimum():
         sample_clients(clients, 1.0, 11, rng)
 
 
+def test_clients_per_round_samples_that_many_for_training_and_at_most_that_many_for_evaluation():
+    strategy = FedAvg(fraction=0.1, fraction_evaluate=0.5, clients_per_round=7)
+    state = strategy.init(p([1, 2], 3))
+    clients = [f"c{i}" for i in range(40)]
+    rng = np.random.default_rng(0)
+    assert len(strategy.configure_fit(1, state, clients, rng)) == 7  # not floor(0.1 * 40) = 4
+    assert len(strategy.configure_evaluate(1, state, clients, rng)) == 7  # min(7, floor(0.5 * 40) = 20)
+    assert len(strategy.configure_evaluate(1, state, clients[:10], rng)) == 5  # min(7, floor(0.5 * 10) = 5)
+    assert len(strategy.configure_fit(1, state, clients[:5], rng)) == 5  # all of them when fewer are available
+
+
 def test_sampling_is_seeded():
     clients = [f"c{i}" for i in range(100)]
     a = sample_clients(clients, 0.1, 1, np.random.default_rng(5))
@@ -108,7 +119,11 @@ def test_configure_fit_sends_global_params_and_distinct_seeds():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"fraction": 0.0}, "fraction must be in"), ({"min_clients": 0}, "min_clients must be >= 1")],
+    [
+        ({"fraction": 0.0}, "fraction must be in"),
+        ({"min_clients": 0}, "min_clients must be >= 1"),
+        ({"min_clients": 3, "clients_per_round": 2}, "clients_per_round must be >= min_clients=3, got 2"),
+    ],
 )
 def test_bad_arguments(kwargs, message):
     with pytest.raises(ConfigError, match=message):

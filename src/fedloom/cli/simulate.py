@@ -143,12 +143,7 @@ def simulate_command(
     )
     console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
     sim = configured.simulation
-    console.print(
-        f"fedloom: job [bold]{configured.name}[/], {sim.num_clients} clients, {sim.rounds} rounds, "
-        f"partition {sim.partition.scheme}, seed {sim.seed}",
-        highlight=False,
-    )
-    _announce_backend(console)
+    _announce_run(console)
     observers = [] if quiet else [ConsoleProgress(console, sim.rounds, configured.name)]
     if observers:
         with observers[0]:
@@ -160,14 +155,14 @@ def simulate_command(
     console.print(f"params_sha256 {run.params_sha256}\nrun directory {run.run_dir}", highlight=False)
 
 
-def _announce_backend(console: Console) -> None:
-    """Print the backend choice (logged by ``simulate``, with its reason) as a line of the command's output."""
+def _announce_run(console: Console) -> None:
+    """Print what ``simulate`` logs about the run (its headline, the backend and why) as lines of the output."""
 
     class ToConsole(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             console.print(record.getMessage(), highlight=False, markup=False)
 
-    logger = logging.getLogger("fedloom.backend")
+    logger = logging.getLogger("fedloom.run")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     logger.handlers = [ToConsole(logging.INFO)]

@@ -54,7 +54,7 @@ class FedAvg:
     round accepts. ``clients_per_round``, where given, replaces the fraction: that many clients are sampled
     from those available (all of them if fewer are), as in cross-device FL. Federated evaluation asks a
     fraction ``fraction_evaluate`` of clients for their held-out loss and accuracy, weighted by their
-    held-out example counts; 0 turns it off.
+    held-out example counts (at most ``clients_per_round`` of them, where that is given); 0 turns it off.
 
     >>> strategy = FedAvg(fraction=0.1, fit=FitConfig(local_epochs=5, batch_size=10, lr=0.1))
     """
@@ -113,7 +113,10 @@ class FedAvg:
     ) -> dict[str, Message]:
         if self.fraction_evaluate == 0.0 or not clients:
             return {}
-        selected = sample_clients(clients, self.fraction_evaluate, 1, rng)
+        count = None
+        if self.clients_per_round is not None:  # cross-device: never ask more clients than train in a round
+            count = min(self.clients_per_round, max(share_of(self.fraction_evaluate, len(clients)), 1))
+        selected = sample_clients(clients, self.fraction_evaluate, 1, rng, count)
         return {cid: evaluate_message(server_round, state.params) for cid in selected}
 
     def aggregate_evaluate(

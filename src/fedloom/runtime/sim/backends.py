@@ -25,7 +25,7 @@ from fedloom.task.base import Task
 
 __all__ = ["Backend", "open_backend"]
 
-log = logging.getLogger("fedloom.backend")
+log = logging.getLogger("fedloom.run")  # what runs and why: the CLI prints it
 
 # A client's work must cost at least this much for worker processes to pay for shipping it there and back. A
 # digits MLP client (~1 ms) is well below it: there the process backend is 1.5-4x slower than inline on 2
@@ -168,10 +168,14 @@ def _on_device(task: Task, device: str | None) -> Task:
         if device != "cpu":
             raise ConfigError(f"--device {device} applies to a TorchTask; this job's task is {type(task).__name__}")
         return task
-    if device.startswith("cuda"):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {device} was asked for, but torch sees no CUDA GPU on this machine")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for, but torch sees no CUDA GPU on this machine")
+    try:
+        torch.empty(0, device=device)  # a device torch can name but not use (mps here, cuda:7 on one GPU)
+    except (RuntimeError, AssertionError) as exc:
+        first = str(exc).splitlines()[0].split(". ")[0][:200]
+        raise ConfigError(f"--device {device} cannot be used here: {first}") from None
     moved: Task = dataclasses.replace(cast(Any, task), device=device)
     return moved

@@ -71,6 +71,12 @@ class AvailabilityTrace:
         self._start, self._end = start, end
         self._num_clients = num_clients
 
+    def next_start(self, time: float) -> float | None:
+        """The earliest interval start after simulated second ``time``; ``None`` when no client comes online
+        again."""
+        later = self._start[self._start > time]
+        return float(later.min()) if len(later) else None
+
     def online(self, time: float) -> npt.NDArray[np.bool_]:
         """A mask over all registered clients: who is online at simulated second ``time``."""
         mask = np.zeros(self._num_clients, dtype=np.bool_)
@@ -172,7 +178,8 @@ class SystemGrid:
     - **Availability.** With ``system.availability = p < 1`` each registered client is online in round ``r``
       with probability ``p``, drawn once per round from ``seed`` and ``r``. With ``system.availability_trace``
       a client is online when one of its intervals ``[start, end)`` contains the simulated time now, the
-      start of that round. The online clients come back as a lazy sequence in registration order. With
+      start of that round; when nobody is, the clock first skips to the next interval's start (a quiet
+      stretch of the trace costs no rounds). The online clients come back as a lazy sequence in registration order. With
       neither, ``client_ids()`` is ``inner.client_ids()``.
     - **Speed and deadline.** Client ``k`` has a fixed speed, log-normal(0, ``speed_sigma``) drawn from
       ``seed`` and ``k`` (1.0 when ``speed_sigma`` is 0). A ``fit`` instruction takes it
@@ -228,7 +235,16 @@ class SystemGrid:
             return self._inner.client_ids()
         key = (self._last_round + 1, self._clock)
         if self._online is None or self._online[0] != key:
-            self._online = (key, _Online(self._ids, np.flatnonzero(self._mask(key[0])), self._number_of))
+            mask = self._mask(key[0])
+            if self._trace is not None and not mask.any():
+                # Nobody is online now: simulated time skips to when the next client comes online, so a quiet
+                # stretch of a trace (a night) costs no rounds instead of ending the run.
+                until = self._trace.next_start(self._clock)
+                if until is not None:
+                    self._clock = until
+                    key = (key[0], until)
+                    mask = self._mask(key[0])
+            self._online = (key, _Online(self._ids, np.flatnonzero(mask), self._number_of))
         return self._online[1]
 
     def _mask(self, server_round: int) -> npt.NDArray[np.bool_]:

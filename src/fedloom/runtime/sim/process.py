@@ -23,7 +23,7 @@ from fedloom.core.errors import (
     JobError,
 )
 from fedloom.core.message import Message
-from fedloom.data.base import ClientData, Federation
+from fedloom.data.base import ClientData, FederatedData, Federation
 from fedloom.runtime.grid import Exchange, Reply
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
@@ -59,9 +59,9 @@ def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None) -> No
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops the workers
     try:
         if job_file is not None:
-            from fedloom.job import _import_file
+            from fedloom.core.jobfile import import_job_file
 
-            _import_file(Path(job_file))
+            import_job_file(Path(job_file))
         try:
             task = pickle.loads(task_blob)
         except Exception as exc:
@@ -191,7 +191,9 @@ class ProcessGrid:
       fedloom's own encoding. A task that cannot be pickled raises :class:`ConfigError` here. A task defined
       in a job file needs ``job_file`` (``job.source``): workers import that file first.
     - A client belongs to one worker (a hash of its id), which receives its data the first time and keeps
-      it; an idle worker takes queued clients from a busy one (see :class:`RoundQueues`).
+      it; an idle worker takes queued clients from a busy one (see :class:`RoundQueues`). The data of a lazy
+      federation (not a :class:`FederatedData`) goes with every instruction and is not kept, so memory stays
+      bounded however many distinct clients are sampled over a run.
     - A task that raises ends the run with the same error as inline (a :class:`JobError` naming the client
       and the exception); a worker process that dies raises a :class:`JobError` at once. Either way the grid
       is closed.
@@ -231,6 +233,9 @@ class ProcessGrid:
         self._workers = _Workers(count, task_blob, job_file)
         self._finalizer = weakref.finalize(self, self._workers.shutdown)
         self._has_data: list[set[str]] = [set() for _ in range(count)]
+        # An in-memory federation is shipped once and kept by the workers; a lazy one (a million clients, each
+        # made when sampled) is shipped with every instruction, so that no process holds every client ever seen.
+        self._keep_data = isinstance(data, FederatedData)
         try:
             self._await_start()
         except BaseException:
@@ -299,6 +304,7 @@ class ProcessGrid:
         message = messages[client_id]
         down = encode_message(message)
         payloads = [down]
+        own = own and self._keep_data
         needs_data = not own or client_id not in self._has_data[worker]
         if needs_data:
             payloads.insert(0, encode_client_data(client_id, self._data.clients[client_id]))

@@ -19,7 +19,7 @@ from typing import Any
 from fedloom.core.codec import decode_message, encode_message
 from fedloom.core.errors import ConfigError, FedloomError, JobError
 from fedloom.core.message import Message
-from fedloom.data.base import ClientData, Federation
+from fedloom.data.base import ClientData, FederatedData, Federation
 from fedloom.runtime.grid import Exchange, Reply
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
@@ -117,6 +117,7 @@ class RayGrid:
         self._dropout = dropout
         self._seed = seed
         self._data_refs: dict[str, Any] = {}
+        self._keep_data = isinstance(data, FederatedData)  # a lazy federation's data is sent per call, not kept
         owns = _connect(ray, address, workers)
         self._actors: list[Any] = []
         self._finalizer = weakref.finalize(self, _release, ray, self._actors, owns)
@@ -153,7 +154,9 @@ class RayGrid:
             client_id, own = nxt
             message = messages[client_id]
             down = encode_message(message)
-            ref = self._actors[worker].run.remote(client_id, message.kind, down, [self._data_ref(client_id)], own)
+            own = own and self._keep_data
+            data_ref = self._data_ref(client_id, own)
+            ref = self._actors[worker].run.remote(client_id, message.kind, down, [data_ref], own)
             pending[ref] = (worker, client_id, message.kind, len(down))
 
         try:
@@ -220,12 +223,14 @@ class RayGrid:
             if failure is not None:
                 raise remote_error(failure)
 
-    def _data_ref(self, client_id: str) -> Any:
-        """The object-store reference of a client's encoded data, put there the first time it is needed."""
+    def _data_ref(self, client_id: str, keep: bool) -> Any:
+        """The object-store reference of a client's encoded data: put there the first time it is needed and
+        kept if ``keep``, else put for this one call (Ray frees it once nothing refers to it)."""
         ref = self._data_refs.get(client_id)
         if ref is None:
             ref = self._ray.put(encode_client_data(client_id, self._data.clients[client_id]))
-            self._data_refs[client_id] = ref
+            if keep:
+                self._data_refs[client_id] = ref
         return ref
 
 
