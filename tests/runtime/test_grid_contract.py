@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from fedloom.core import EvalResult, FitConfig, FitResult, Message, PartitionConfig
+from fedloom.core import EvalResult, FitConfig, FitResult, Message, PartitionConfig, SystemConfig
 from fedloom.core.results import evaluate_message, fit_message
 from fedloom.data import federate, load_digits
 from fedloom.data.base import FederatedData
@@ -60,15 +60,25 @@ def _ray(data: FederatedData) -> Any:
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+
+def _system(data: FederatedData) -> Any:
+    from fedloom.runtime.sim.crossdevice import SystemGrid
+
+    # The cross-device wrapper with a deadline nobody misses: it must be invisible.
+    return SystemGrid(_inline(data), data, SystemConfig(speed_sigma=0.5, deadline=1e9), seed=SEED)
+
+
 BACKENDS: dict[str, Callable[[FederatedData], Any]] = {
     "inline": _inline,
+    "system": _system,
     "vectorized": _vectorized,
     "process": _process,
     "ray": _ray,
 }
-# Inline, process and Ray run the same client code, so their results are bit-identical; the vectorized
-# backend batches the same arithmetic differently, so it agrees to float tolerance.
-EXACT = {"inline", "process", "ray"}
+# Inline (bare or wrapped in the cross-device system model), process and Ray run the same client code, so their
+# results are bit-identical; the vectorized backend batches the same arithmetic differently, so it agrees to
+# float tolerance.
+EXACT = {"inline", "system", "process", "ray"}
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
