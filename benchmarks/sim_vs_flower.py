@@ -3,6 +3,7 @@
     python benchmarks/sim_vs_flower.py                      # N = 10, 100, 1000 clients, R = 5 rounds
     python benchmarks/sim_vs_flower.py --long               # adds R = 50 for N = 10 and 100
     python benchmarks/sim_vs_flower.py --clients 10,100 --backends inline --skip-flower --json out.json
+    python benchmarks/sim_vs_flower.py --device cuda --backends vectorized      # on a GPU machine (Flower: CPU)
 
 The workload, the same for every system: scikit-learn's digits, standardized with the train split's
 statistics, a stratified 80/20 split (``fedloom.data.load_digits``, seed 0); the 1,437 training examples are
@@ -235,7 +236,7 @@ def import_torch() -> Any:
     return torch
 
 
-def run_fedloom(workload_path: str, rounds: int, backend: str) -> dict[str, Any]:
+def run_fedloom(workload_path: str, rounds: int, backend: str, device: str) -> dict[str, Any]:
     import_torch()
     os.environ[WORKLOAD_ENV] = workload_path
     job = fl.load_job(__file__)
@@ -249,7 +250,7 @@ def run_fedloom(workload_path: str, rounds: int, backend: str) -> dict[str, Any]
         seed=SEED,
         holdout=0.0,
         partition=fl.PartitionConfig(scheme="natural"),
-        backend=fl.BackendConfig(name=backend),
+        backend=fl.BackendConfig(name=backend, device=None if device == "cpu" else device),
     )
     with tempfile.TemporaryDirectory() as runs_dir:
         started = time.perf_counter()
@@ -283,8 +284,9 @@ class _RoundEnds:
 # -- centralized --------------------------------------------------------------------------------------------
 
 
-def run_central(workload_path: str, rounds: int) -> dict[str, Any]:
-    """Plain PyTorch on the pooled training data, as many SGD steps as the whole federation takes."""
+def run_central(workload_path: str, rounds: int, device: str) -> dict[str, Any]:
+    """Plain PyTorch on the pooled training data, as many SGD steps as the whole federation takes, on
+    ``device`` (the same device the fedloom runs use)."""
     import torch.nn.functional as F
 
     torch = import_torch()
@@ -293,7 +295,8 @@ def run_central(workload_path: str, rounds: int) -> dict[str, Any]:
     steps = rounds * workload.steps_per_round()
     model = mlp()
     model.load_state_dict({k: torch.from_numpy(v) for k, v in workload.initial.items()})
-    x, y = torch.from_numpy(workload.x_train), torch.from_numpy(workload.y_train)
+    model.to(device)
+    x, y = torch.from_numpy(workload.x_train).to(device), torch.from_numpy(workload.y_train).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
     rng = np.random.default_rng(SEED)
     done = 0
@@ -303,12 +306,12 @@ def run_central(workload_path: str, rounds: int) -> dict[str, Any]:
         for start in range(0, len(y), BATCH_SIZE):
             if done == steps:
                 break
-            batch = order[start : start + BATCH_SIZE]
+            batch = order[start : start + BATCH_SIZE].to(device)
             optimizer.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[batch]), y[batch]).backward()
             optimizer.step()
             done += 1
-    accuracy, _ = evaluate(model, workload)
+    accuracy, _ = evaluate(model.cpu(), workload)
     return {"wall": time.perf_counter() - started, "rounds": [], "accuracy": accuracy, "steps": steps}
 
 
@@ -674,9 +677,9 @@ def _worker_main(args: argparse.Namespace) -> int:
     if args.worker == "flower":
         report = run_flower(args.workload, args.rounds)
     elif args.worker == "central":
-        report = run_central(args.workload, args.rounds)
+        report = run_central(args.workload, args.rounds, args.device)
     else:
-        report = run_fedloom(args.workload, args.rounds, args.backend)
+        report = run_fedloom(args.workload, args.rounds, args.backend, args.device)
     with np.load(args.workload) as f:
         report["num_clients"] = int(f["num_clients"])
     Path(args.report).write_text(json.dumps(report))
@@ -696,6 +699,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-flower", action="store_true", help="leave Flower out")
     parser.add_argument("--flower-python", help="a Python with flwr[simulation]==1.41.0 and torch (default: own venv)")
     parser.add_argument("--json", help="write every measurement to this file")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of fedloom and centralized training (cuda on a GPU machine)"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per system run (default 3600)")
     parser.add_argument("--worker", choices=("fedloom", "flower", "central"), help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -733,7 +739,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{info['steps_per_round']} SGD steps per round",
                 flush=True,
             )
-            common = ["--workload", str(path), "--rounds", str(rounds)]
+            common = ["--workload", str(path), "--rounds", str(rounds), "--device", args.device]
             runs: list[tuple[str, list[str], str]] = [("centralized", ["--worker", "central"], sys.executable)]
             runs += [(f"fedloom {b}", ["--worker", "fedloom", "--backend", b], sys.executable) for b in backends]
             if flower is not None:
