@@ -15,9 +15,11 @@ from fedloom.core.results import EvalResult
 from fedloom.data.base import Dataset, Federation
 from fedloom.data.federate import federate
 from fedloom.job import Job, describe
-from fedloom.runtime.loop import run_rounds
+from fedloom.runtime.grid import Grid
+from fedloom.runtime.loop import CentralEvaluator, LoopResult, run_rounds
 from fedloom.runtime.records import RoundObserver, RoundRecord
 from fedloom.runtime.sim.backends import Backend, open_backend
+from fedloom.strategy.base import Strategy
 from fedloom.tracking import RunRecorder
 
 __all__ = ["Run", "simulate"]
@@ -124,16 +126,45 @@ def _run(
         backend.name,
         recorder.run_dir,
     )
-    latest = _Latest(initial)
+    result = run_recorded(
+        recorder,
+        strategy=job.strategy,
+        grid=backend.grid,
+        initial_params=initial,
+        rounds=config.rounds,
+        seed=config.seed,
+        evaluate_central=evaluate_central,
+        observers=observers,
+    )
+    return Run(recorder.run_id, recorder.run_dir, result.params, result.history, backend.name)
+
+
+def run_recorded(
+    recorder: RunRecorder,
+    *,
+    strategy: Strategy[Any],
+    grid: Grid,
+    initial_params: Params,
+    rounds: int,
+    seed: int,
+    evaluate_central: CentralEvaluator | None = None,
+    observers: Sequence[RoundObserver] = (),
+    timeout: float | None = None,
+) -> LoopResult:
+    """:func:`~fedloom.runtime.loop.run_rounds` with the run recorded by ``recorder``: every round as it ends,
+    then the run as finished with its final params, or as failed with its error and the last good params
+    (and the error raised again). Simulations and deployments record their runs through this one path."""
+    latest = _Latest(initial_params)
     try:
         result = run_rounds(
-            strategy=job.strategy,
-            grid=backend.grid,
-            initial_params=initial,
-            rounds=config.rounds,
-            seed=config.seed,
+            strategy=strategy,
+            grid=grid,
+            initial_params=initial_params,
+            rounds=rounds,
+            seed=seed,
             evaluate_central=evaluate_central,
             observers=[recorder, latest, *observers],
+            timeout=timeout,
         )
     except BaseException as exc:
         try:
@@ -142,7 +173,7 @@ def _run(
             log.error("run %s: could not record its failure: %s", recorder.run_id, unrecorded)
         raise
     recorder.finish(result.params)
-    return Run(recorder.run_id, recorder.run_dir, result.params, result.history, backend.name)
+    return result
 
 
 class _Latest:

@@ -8,7 +8,7 @@ import sys
 import typer
 from rich.console import Console
 
-from fedloom.cli import runs, simulate
+from fedloom.cli import client, partition, runs, server, simulate
 from fedloom.core.errors import FedloomError
 
 app = typer.Typer(
@@ -38,6 +38,9 @@ def _options(
 
 
 app.command("simulate")(simulate.simulate_command)
+app.command("partition")(partition.partition_command)
+app.command("server")(server.server_command)
+app.command("client")(client.client_command)
 app.add_typer(runs.app, name="runs")
 
 _stderr = Console(stderr=True)

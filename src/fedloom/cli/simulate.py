@@ -119,7 +119,7 @@ def simulate_command(
 ) -> None:
     """Run a simulated federation and record it in the runs folder."""
     loaded = load_job(job)
-    _limit_torch_threads(threads)
+    limit_torch_threads(threads)
     configured = _apply_flags(
         loaded,
         simulation={"num_clients": clients, "rounds": rounds, "seed": seed, "dropout": dropout, "data_dir": data},
@@ -168,7 +168,7 @@ def _announce_run(console: Console) -> None:
     logger.handlers = [ToConsole(logging.INFO)]
 
 
-def _limit_torch_threads(threads: int) -> None:
+def limit_torch_threads(threads: int) -> None:
     """Clients train one after another on small batches, where torch's thread pool costs more than it gives
     (measured: a 64-32-10 MLP runs the quickstart 20x slower with 2 threads on a busy 2-core machine). Only
     a job that already imported torch is affected; a NumPy-only job never loads it."""

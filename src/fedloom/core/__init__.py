@@ -11,6 +11,7 @@ from fedloom.core.errors import (
     JobError,
     NotEnoughClientsError,
     RunStoreError,
+    TransportError,
 )
 from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
@@ -36,6 +37,7 @@ __all__ = [
     "RunStoreError",
     "SimulationConfig",
     "SystemConfig",
+    "TransportError",
     "check_update",
     "decode_message",
     "decode_params",

@@ -18,6 +18,7 @@ __all__ = [
     "JobError",
     "NotEnoughClientsError",
     "RunStoreError",
+    "TransportError",
     "user_code",
 ]
 
@@ -47,11 +48,16 @@ class JobError(FedloomError):
 
 
 class NotEnoughClientsError(FedloomError):
-    """Fewer clients replied in a round than the strategy's ``min_clients``."""
+    """Fewer clients are available, or replied in a round, than a run needs (the strategy's ``min_clients``)."""
 
 
 class RunStoreError(FedloomError):
     """A run cannot be found in, or read from, the run store."""
+
+
+class TransportError(FedloomError):
+    """The network failed a deployment: an address that cannot be used, a server that cannot be reached or
+    went away, a peer that refused this one. (A malformed frame is a :class:`DecodeError`.)"""
 
 
 @contextmanager

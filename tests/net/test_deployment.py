@@ -1,0 +1,321 @@
+"""A real deployment on 127.0.0.1: ``fedloom server`` and ``fedloom client`` processes, against ``simulate``.
+
+Every process gets a hermetic environment (as in ``tests/cli``), writes its output to files (no pipe can
+fill up and stall it), is waited for with a timeout, and is killed in teardown if it is still running.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from fedloom.core.codec import encode_message
+from fedloom.core.message import Message
+from fedloom.core.params import Params
+from fedloom.data.base import ArrayData, ClientData
+from fedloom.data.clientfile import save_client_data
+from fedloom.runtime.net import fleet_pb2, fleet_pb2_grpc
+from fedloom.runtime.net.frames import PROTOCOL_VERSION, Reassembler, split_message
+from fedloom.runtime.net.server import FleetServer
+from fedloom.tracking import RunStore
+
+WAIT_S = 120
+SHA256_LINE = re.compile(r"^params_sha256 ([0-9a-f]{64})$", re.MULTILINE)
+RUN_DIR_LINE = re.compile(r"^run directory (\S+)$", re.MULTILINE)
+_PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+_UNSET_VARS = ("FEDLOOM_DATA", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "no_proxy", "NO_PROXY")
+TLS_ERROR = "TLS is not available yet in this version; pass --insecure to run without it on a trusted network"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def fedloom_command() -> list[str]:
+    beside = Path(sys.executable).with_name("fedloom")
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("fedloom")
+    return [found] if found else [sys.executable, "-c", "from fedloom.cli.main import main; main()"]
+
+
+@dataclass(frozen=True)
+class Done:
+    args: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def __str__(self) -> str:
+        command = f"$ fedloom {' '.join(self.args)}\n[exit {self.returncode}]"
+        return f"{command}\n--- stdout\n{self.stdout}--- stderr\n{self.stderr}"
+
+    def ok(self) -> Done:
+        assert self.returncode == 0, self
+        assert "Traceback" not in self.stderr, self
+        return self
+
+    def error(self) -> str:
+        """The message of fedloom's one-line error (exit code 2, nothing else on stderr)."""
+        assert self.returncode == 2, self
+        lines = self.stderr.strip().splitlines()
+        assert len(lines) == 1, self
+        assert lines[0].startswith("error: "), self
+        return lines[0].removeprefix("error: ")
+
+    def sha256(self) -> str:
+        found = SHA256_LINE.findall(self.stdout)
+        assert len(found) == 1, self
+        return str(found[0])
+
+
+class Processes:
+    """Starts ``fedloom`` processes in ``cwd`` and kills whatever is still running at :meth:`close`."""
+
+    def __init__(self, cwd: Path) -> None:
+        self.cwd = cwd
+        env = {k: v for k, v in os.environ.items() if k not in _UNSET_VARS}
+        env.update(dict.fromkeys(_PROXY_VARS, "http://127.0.0.1:9"))
+        env.update(FEDLOOM_CACHE=str(cwd / "cache"), COLUMNS="250", NO_COLOR="1", PYTHONIOENCODING="utf-8")
+        # gRPC honours the proxy variables (a site may need its proxy to reach the server); loopback is direct.
+        env.update(no_proxy="127.0.0.1,localhost")
+        self.env = env
+        self._running: list[tuple[tuple[str, ...], subprocess.Popen[bytes], Path]] = []
+        self._count = 0
+
+    def start(self, *args: str | Path) -> int:
+        """Start ``fedloom ARGS``; returns a handle for :meth:`wait`."""
+        self._count += 1
+        out = self.cwd / f"proc-{self._count}"
+        with open(f"{out}.out", "wb") as stdout, open(f"{out}.err", "wb") as stderr:
+            proc = subprocess.Popen(
+                [*fedloom_command(), *map(str, args)], cwd=self.cwd, env=self.env, stdout=stdout, stderr=stderr
+            )
+        self._running.append((tuple(map(str, args)), proc, out))
+        return len(self._running) - 1
+
+    def wait(self, handle: int, timeout: float = WAIT_S) -> Done:
+        args, proc, out = self._running[handle]
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        stdout = Path(f"{out}.out").read_text(encoding="utf-8")
+        stderr = Path(f"{out}.err").read_text(encoding="utf-8")
+        return Done(args, proc.returncode, stdout, stderr)
+
+    def run(self, *args: str | Path, timeout: float = WAIT_S) -> Done:
+        return self.wait(self.start(*args), timeout)
+
+    def close(self) -> None:
+        for _args, proc, _out in self._running:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    runner = Processes(tmp_path_factory.mktemp("deploy"))
+    yield runner
+    runner.close()
+
+
+@dataclass(frozen=True)
+class Deployment:
+    server: Done
+    clients: Sequence[Done]
+    simulation: Done
+    runs: Path
+
+
+CLIENTS = ("client-000", "client-001", "client-002")
+
+
+@pytest.fixture(scope="module")
+def deployment(procs: Processes) -> Deployment:
+    """``fedloom partition digits --clients 3 --seed 5``, then 1 server and 3 clients on 127.0.0.1 for 2 rounds,
+    and (alongside) the same federation under ``fedloom simulate --backend inline``."""
+    simulation = procs.start(
+        *("simulate", "digits", "--clients", "3", "--rounds", "2", "--seed", "5", "--backend", "inline"),
+        *("--quiet", "--out", "sim-runs"),
+    )
+    procs.run("partition", "digits", "--clients", "3", "--seed", "5", "--out", "parts").ok()
+    address = f"127.0.0.1:{free_port()}"
+    server = procs.start(
+        *("server", "digits", "--address", address, "--rounds", "2", "--min-clients", "3", "--seed", "5"),
+        *("--run-dir", "net-runs", "--insecure", "--join-timeout", "60", "--round-timeout", "60"),
+    )
+    clients = [
+        procs.start(
+            "client", "digits", "--server", address, "--data", f"parts/{name}.npz", "--name", name, "--insecure"
+        )
+        for name in CLIENTS
+    ]
+    return Deployment(
+        server=procs.wait(server),
+        clients=[procs.wait(c) for c in clients],
+        simulation=procs.wait(simulation),
+        runs=procs.cwd / "net-runs",
+    )
+
+
+def test_deployment_gives_the_same_model_as_simulation(deployment: Deployment):
+    server = deployment.server.ok()
+    assert server.sha256() == deployment.simulation.ok().sha256()
+    assert "clients connected: client-000, client-001, client-002" in server.stdout
+    assert "without TLS" in server.stderr  # --insecure warns
+    for done in deployment.clients:
+        # Two rounds of fit and evaluate: four instructions each, then the server's bye ends the client.
+        assert "answered 4 instructions" in done.ok().stdout
+
+
+def test_the_deployed_run_is_in_the_run_store(deployment: Deployment, procs: Processes):
+    run_dir = Path(procs.cwd / RUN_DIR_LINE.search(deployment.server.stdout).group(1))  # type: ignore[union-attr]
+    assert run_dir.parent == deployment.runs
+    shown = procs.run("runs", "show", "--runs", deployment.runs, run_dir.name).ok()
+    assert run_dir.name in shown.stdout
+    rounds = RunStore(deployment.runs).rounds(run_dir.name)
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert all(r["num_ok"] == 3 for r in rounds)
+    store = RunStore(deployment.runs)
+    info = store.info(run_dir.name)
+    assert info.status == "finished"
+    assert info.params_sha256 == deployment.simulation.sha256()
+    assert store.config(run_dir.name)["backend"] == "deployment"
+    clients = store.client_metrics(run_dir.name)
+    assert {c["client_id"] for c in clients} == set(CLIENTS)
+    assert all(c["bytes_down"] > 0 and c["bytes_up"] > 0 for c in clients)
+
+
+def test_user_mistakes_are_one_line_errors(procs: Processes):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+    nobody = free_port()
+    one = ClientData(
+        ArrayData(np.zeros((2, 64), np.float32), np.array([0, 1])), ArrayData(np.zeros((0, 64)), np.zeros(0))
+    )
+    save_client_data(procs.cwd / "one.npz", one)
+    try:
+        started = time.monotonic()
+        handles = {
+            "no_tls": procs.start(
+                "server", "digits", "--address", "127.0.0.1:1", "--rounds", "1", "--min-clients", "1"
+            ),
+            "client_no_tls": procs.start(
+                "client", "digits", "--server", "127.0.0.1:1", "--data", "one.npz", "--name", "a"
+            ),
+            "port_in_use": procs.start(
+                *("server", "digits", "--address", f"127.0.0.1:{busy_port}", "--rounds", "1"),
+                *("--min-clients", "1", "--insecure"),
+            ),
+            "bad_address": procs.start(
+                *("server", "digits", "--address", "localhost", "--rounds", "1", "--min-clients", "1", "--insecure")
+            ),
+            "unreachable": procs.start(
+                *("client", "digits", "--server", f"127.0.0.1:{nobody}", "--data", "one.npz", "--name", "a"),
+                *("--insecure", "--connect-attempts", "2"),
+            ),
+            "no_data": procs.start(
+                "client",
+                "digits",
+                "--server",
+                f"127.0.0.1:{nobody}",
+                "--data",
+                "missing.npz",
+                "--name",
+                "a",
+                "--insecure",
+            ),
+        }
+        done = {name: procs.wait(handle, timeout=60) for name, handle in handles.items()}
+    finally:
+        busy.close()
+    assert done["no_tls"].error() == TLS_ERROR
+    assert done["client_no_tls"].error() == TLS_ERROR
+    assert "cannot listen on 127.0.0.1:" in done["port_in_use"].error()
+    assert "is not HOST:PORT" in done["bad_address"].error()
+    assert "missing.npz does not exist" in done["no_data"].error()
+    unreachable = done["unreachable"]
+    assert unreachable.error() == f"cannot reach the server at 127.0.0.1:{nobody} after 2 attempts"
+    assert time.monotonic() - started < 60
+
+
+class _RawClient:
+    """A client on a bare fleet stream, in this process: it echoes every instruction back, or stays silent."""
+
+    def __init__(self, address: str, name: str, *, echo: bool) -> None:
+        self._outbox: queue.Queue[fleet_pb2.ClientFrame | None] = queue.Queue()
+        self._outbox.put(
+            fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, client_name=name))
+        )
+        self._channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+        self._frames = fleet_pb2_grpc.FleetStub(self._channel).Connect(iter(self._outbox.get, None))
+        self._echo = echo
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        reassembler = Reassembler(1 << 20)
+        try:
+            for frame in self._frames:
+                if frame.WhichOneof("frame") != "chunk":
+                    continue
+                done = reassembler.feed(frame.chunk)
+                if done is not None and self._echo:
+                    for chunk in split_message(*done, chunk_size=5):
+                        self._outbox.put(fleet_pb2.ClientFrame(chunk=chunk))
+        except grpc.RpcError:
+            pass
+
+    def close(self) -> None:
+        self._outbox.put(None)
+        self._frames.cancel()
+        self._channel.close()
+        self._thread.join(timeout=10)
+
+
+def test_the_net_grid_drops_silent_and_vanished_clients_and_keeps_the_order_of_messages():
+    address = f"127.0.0.1:{free_port()}"
+    with FleetServer(address, chunk_size=16) as server:
+        clients = {name: _RawClient(address, name, echo=name != "b") for name in ("c", "a", "b", "d")}
+        try:
+            assert server.wait_for_clients(4, timeout=30) == ["a", "b", "c", "d"]
+            assert list(server.grid.client_ids()) == ["a", "b", "c", "d"]
+            clients["d"].close()  # vanishes: dropped as soon as the server notices, not at the deadline
+            messages = {
+                name: Message("evaluate", Params({"w": np.full(3, i, np.float32)}), {"round": 1})
+                for i, name in enumerate(("c", "b", "a", "d", "nobody"))
+            }
+            started = time.monotonic()
+            exchange = server.grid.send_and_receive(messages, timeout=2.0)
+            assert time.monotonic() - started < 10
+            assert list(exchange.replies) == ["c", "a"]
+            assert set(exchange.dropped) == {"b", "d", "nobody"}
+            for name, reply in exchange.replies.items():
+                assert reply.message.params.sha256() == messages[name].params.sha256()
+                assert reply.bytes_down == reply.bytes_up == len(encode_message(messages[name]))
+                assert reply.seconds > 0
+        finally:
+            for client in clients.values():
+                client.close()

@@ -1,0 +1,185 @@
+"""Chunking and reassembly of encoded messages (``fedloom.runtime.net.frames``), and client-data files."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fedloom.core.codec import decode_message, encode_message
+from fedloom.core.errors import DataError, DecodeError, FedloomError
+from fedloom.core.message import Message
+from fedloom.core.params import Params
+from fedloom.data.base import ArrayData, ClientData
+from fedloom.data.clientfile import load_client_data, save_client_data
+from fedloom.runtime.net import fleet_pb2
+from fedloom.runtime.net.frames import PROTOCOL_VERSION, Reassembler, check_protocol_version, split_message
+
+
+def _message() -> Message:
+    rng = np.random.default_rng(0)
+    params = Params({"w": rng.normal(size=(5, 3)).astype(np.float32), "b": np.arange(3, dtype=np.int64)})
+    return Message("fit", params, {"round": 2, "config": {"lr": 0.1}})
+
+
+def _reassemble(chunks, limit=1 << 20):
+    reassembler = Reassembler(limit)
+    results = [reassembler.feed(c) for c in chunks]
+    assert all(r is None for r in results[:-1])
+    return results[-1]
+
+
+def test_tiny_chunks_reassemble_exactly():
+    data = encode_message(_message())
+    chunks = list(split_message(42, data, chunk_size=7))
+    assert len(chunks) == -(-len(data) // 7)
+    assert all(len(c.data) <= 7 for c in chunks)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
+    message_id, whole = _reassemble(chunks)
+    assert (message_id, whole) == (42, data)
+    assert decode_message(whole).params.sha256() == _message().params.sha256()
+
+
+def test_chunks_survive_the_wire_and_the_reassembler_is_reusable():
+    reassembler = Reassembler(1 << 20)
+    for message_id, payload in [(1, b"abc" * 10), (2, b""), (3, b"x")]:
+        frames = [
+            fleet_pb2.ClientFrame.FromString(fleet_pb2.ClientFrame(chunk=c).SerializeToString())
+            for c in split_message(message_id, payload, chunk_size=4)
+        ]
+        results = [reassembler.feed(f.chunk) for f in frames]
+        assert results[-1] == (message_id, payload)
+        assert not reassembler.in_progress
+
+
+def test_a_message_over_the_limit_is_refused_on_its_first_chunk():
+    first = next(split_message(1, b"\0" * 100, chunk_size=10))
+    with pytest.raises(DecodeError, match="100 bytes, over the limit of 99 bytes"):
+        Reassembler(99).feed(first)
+
+
+def test_a_peer_cannot_send_more_than_it_declared():
+    lying = fleet_pb2.Chunk(message_id=1, index=0, last=False, data=b"12345", total_size=3)
+    with pytest.raises(DecodeError, match="longer than the 3 bytes"):
+        Reassembler(100).feed(lying)
+    short = fleet_pb2.Chunk(message_id=1, index=0, last=True, data=b"12", total_size=3)
+    with pytest.raises(DecodeError, match="ended after 2 of the 3 bytes"):
+        Reassembler(100).feed(short)
+
+
+@pytest.mark.parametrize(
+    ("fed", "bad", "match"),
+    [([], 1, "starts at chunk 1"), ([0], 0, "chunk 0 arrived where chunk 1 was due"), ([0], 2, "chunk 2 arrived")],
+    ids=["out-of-order", "duplicate", "gap"],
+)
+def test_chunks_out_of_order_or_repeated_are_refused(fed, bad, match):
+    chunks = list(split_message(9, b"abcdefghi", chunk_size=3))
+    reassembler = Reassembler(100)
+    for i in fed:
+        assert reassembler.feed(chunks[i]) is None
+    with pytest.raises(DecodeError, match=match):
+        reassembler.feed(chunks[bad])
+    assert not reassembler.in_progress  # a refused message is forgotten; the next one starts clean
+    assert [reassembler.feed(c) for c in chunks][-1] == (9, b"abcdefghi")
+
+
+def test_a_chunk_of_another_message_inside_one_is_refused():
+    first = list(split_message(1, b"abcdef", chunk_size=3))
+    other = list(split_message(2, b"xyz", chunk_size=3))
+    reassembler = Reassembler(100)
+    reassembler.feed(first[0])
+    with pytest.raises(DecodeError, match="chunk of message 2 arrived inside message 1"):
+        reassembler.feed(other[0])
+
+
+def test_protocol_version_mismatch_is_a_clear_error():
+    check_protocol_version(PROTOCOL_VERSION, "the server")
+    with pytest.raises(DecodeError, match="the server speaks fleet protocol version 99, this fedloom speaks 1"):
+        check_protocol_version(99, "the server")
+
+
+_chunks = st.builds(
+    fleet_pb2.Chunk,
+    message_id=st.integers(0, 3),
+    index=st.integers(0, 4),
+    last=st.booleans(),
+    data=st.binary(max_size=40),
+    total_size=st.one_of(st.just(0), st.integers(0, 200), st.integers(0, 2**64 - 1)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_chunks, max_size=30))
+def test_random_frames_raise_only_fedloom_errors_and_never_buffer_past_the_limit(chunks):
+    limit = 64
+    reassembler = Reassembler(limit)
+    for chunk in chunks:
+        try:
+            done = reassembler.feed(chunk)
+        except FedloomError:
+            continue
+        assert len(reassembler._buffer) <= limit
+        if done is not None:
+            assert len(done[1]) <= limit
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_random_bytes_as_a_frame_raise_only_fedloom_errors(raw):
+    reassembler = Reassembler(64)
+    try:
+        frame = fleet_pb2.ClientFrame.FromString(raw)
+    except Exception:  # protobuf's own DecodeError: the transport refuses such bytes before fedloom sees them
+        return
+    if frame.WhichOneof("frame") == "chunk":
+        try:
+            done = reassembler.feed(frame.chunk)
+        except FedloomError:
+            return
+        if done is not None:
+            with contextlib.suppress(FedloomError):
+                decode_message(done[1])
+
+
+def test_client_data_files_round_trip(tmp_path):
+    data = ClientData(
+        ArrayData(np.arange(12, dtype=np.float32).reshape(4, 3), np.array([0, 1, 1, 0])),
+        ArrayData(np.zeros((1, 3), np.float32), np.array([1])),
+    )
+    written = save_client_data(tmp_path / "c0", data)
+    assert written.name == "c0.npz"
+    loaded = load_client_data(written)
+    for split in ("train", "test"):
+        for part in ("x", "y"):
+            original = getattr(getattr(data, split), part)
+            again = getattr(getattr(loaded, split), part)
+            assert again.dtype == original.dtype
+            np.testing.assert_array_equal(again, original)
+
+
+def test_client_data_files_refuse_what_they_cannot_use(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_client_data(tmp_path / "missing.npz")
+    np.savez(tmp_path / "partial.npz", train_x=np.zeros((2, 2)), train_y=np.zeros(2, np.int64))
+    with pytest.raises(DataError, match="lacks test_x, test_y"):
+        load_client_data(tmp_path / "partial.npz")
+    objects = np.array([{"a": 1}], dtype=object)
+    np.savez(tmp_path / "pickled.npz", train_x=objects, train_y=objects, test_x=objects, test_y=objects)
+    with pytest.raises(DataError, match="pickle"):
+        load_client_data(tmp_path / "pickled.npz")
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(DataError, match=r"text\.npz"):
+        load_client_data(tmp_path / "text.npz")
+    np.savez(
+        tmp_path / "mismatch.npz",
+        train_x=np.zeros((3, 2)),
+        train_y=np.zeros(2),
+        test_x=np.zeros((0, 2)),
+        test_y=np.zeros(0),
+    )
+    with pytest.raises(DataError, match="x has 3 rows but y has 2"):
+        load_client_data(tmp_path / "mismatch.npz")
