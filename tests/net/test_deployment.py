@@ -23,6 +23,8 @@ import grpc
 import numpy as np
 import pytest
 
+from fedloom.cli.client import TLS_MISSING as CLIENT_TLS_MISSING
+from fedloom.cli.server import TLS_MISSING as SERVER_TLS_MISSING
 from fedloom.core.codec import encode_message
 from fedloom.core.message import Message
 from fedloom.core.params import Params
@@ -38,7 +40,6 @@ SHA256_LINE = re.compile(r"^params_sha256 ([0-9a-f]{64})$", re.MULTILINE)
 RUN_DIR_LINE = re.compile(r"^run directory (\S+)$", re.MULTILINE)
 _PROXY_VARS = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
 _UNSET_VARS = ("FEDLOOM_DATA", "FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE", "no_proxy", "NO_PROXY")
-TLS_ERROR = "TLS is not available yet in this version; pass --insecure to run without it on a trusted network"
 
 
 def free_port() -> int:
@@ -125,11 +126,16 @@ class Processes:
     def run(self, *args: str | Path, timeout: float = WAIT_S) -> Done:
         return self.wait(self.start(*args), timeout)
 
+    def kill(self, handle: int) -> None:
+        """Kill the process of ``handle`` if it is still running."""
+        _args, proc, _out = self._running[handle]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
     def close(self) -> None:
-        for _args, proc, _out in self._running:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+        for handle in range(len(self._running)):
+            self.kill(handle)
 
 
 @pytest.fixture(scope="module")
@@ -251,8 +257,8 @@ def test_user_mistakes_are_one_line_errors(procs: Processes):
         done = {name: procs.wait(handle, timeout=60) for name, handle in handles.items()}
     finally:
         busy.close()
-    assert done["no_tls"].error() == TLS_ERROR
-    assert done["client_no_tls"].error() == TLS_ERROR
+    assert done["no_tls"].error() == SERVER_TLS_MISSING
+    assert done["client_no_tls"].error() == CLIENT_TLS_MISSING
     assert "cannot listen on 127.0.0.1:" in done["port_in_use"].error()
     assert "is not HOST:PORT" in done["bad_address"].error()
     assert "missing.npz does not exist" in done["no_data"].error()

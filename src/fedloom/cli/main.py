@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+# gRPC's C core reads GRPC_VERBOSITY once, when grpc is first imported (by the sub-commands below). Left unset,
+# a failed TLS handshake prints C-level log lines next to fedloom's one-line error; GRPC_VERBOSITY=INFO shows them.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import typer
 from rich.console import Console
 
-from fedloom.cli import client, partition, runs, server, simulate
+from fedloom.cli import certs, client, partition, runs, server, simulate
 from fedloom.core.errors import FedloomError
 
 app = typer.Typer(
@@ -42,6 +47,7 @@ app.command("partition")(partition.partition_command)
 app.command("server")(server.server_command)
 app.command("client")(client.client_command)
 app.add_typer(runs.app, name="runs")
+app.add_typer(certs.app, name="certs")
 
 _stderr = Console(stderr=True)
 

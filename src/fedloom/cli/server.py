@@ -15,11 +15,15 @@ from fedloom.core.params import Params
 from fedloom.job import Job, describe, load_job
 from fedloom.runtime.loop import LoopResult
 from fedloom.runtime.net.server import FleetServer
+from fedloom.runtime.net.tls import server_credentials
 from fedloom.runtime.records import RoundRecord
 from fedloom.simulation import run_recorded
 from fedloom.tracking import RunRecorder
 
-TLS_MISSING = "TLS is not available yet in this version; pass --insecure to run without it on a trusted network"
+TLS_MISSING = (
+    "the server needs TLS: pass --certs DIR with the files of `fedloom certs init --out DIR --host HOST`, "
+    "or --insecure to run without TLS on a trusted network"
+)
 
 
 def server_command(
@@ -35,28 +39,47 @@ def server_command(
     join_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for --min-clients clients to connect.", min=0.001)
     ] = 600.0,
+    certs: Annotated[
+        Path | None,
+        typer.Option(help="Folder of `fedloom certs init`: serve TLS with its server.pem and server.key."),
+    ] = None,
+    mutual_tls: Annotated[
+        bool,
+        typer.Option(
+            "--mutual-tls", help="Accept only clients whose certificate is signed by the CA in --certs (ca.pem)."
+        ),
+    ] = False,
     insecure: Annotated[
         bool,
         typer.Option(
             "--insecure",
-            help="Run without TLS (required for now: TLS comes in the next version). Traffic is unencrypted "
-            "and clients are not authenticated; use only on a trusted network.",
+            help="Run without TLS instead: traffic is unencrypted and clients are not authenticated; use only on "
+            "a trusted network.",
         ),
     ] = False,
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
 ) -> None:
     """Serve a federation: wait for clients to dial in, run the rounds, record the run.
 
-    Clients connect with `fedloom client JOB --server HOST:PORT --data PATH --name NAME --insecure`.
-    TLS is not available yet: --insecure is required.
+    TLS is on by default: make the certificates once with `fedloom certs init --out certs --host HOST`, serve
+    with --certs certs, and give each site certs/ca.pem. Clients connect with
+    `fedloom client JOB --server HOST:PORT --data PATH --name NAME --ca ca.pem`.
     """
-    if not insecure:
+    if insecure and (certs is not None or mutual_tls):
+        raise ConfigError("--insecure runs without TLS; it cannot be combined with --certs or --mutual-tls")
+    if mutual_tls and certs is None:
+        raise ConfigError("--mutual-tls needs --certs DIR (its ca.pem signs the client certificates)")
+    if certs is None and not insecure:
         raise ConfigError(TLS_MISSING)
+    credentials = None if certs is None else server_credentials(certs, mutual=mutual_tls)
     loaded = load_job(job)
     limit_torch_threads(threads)
     console = Console(soft_wrap=True)
-    with FleetServer(address) as server:
-        console.print(f"fedloom server: job {loaded.name}, listening on {address}, waiting for {min_clients} clients")
+    security = "without TLS" if certs is None else "with mutual TLS" if mutual_tls else "with TLS"
+    with FleetServer(address, credentials=credentials) as server:
+        console.print(
+            f"fedloom server: job {loaded.name}, listening on {address} {security}, waiting for {min_clients} clients"
+        )
         clients = server.wait_for_clients(min_clients, join_timeout)
         console.print(f"clients connected: {', '.join(clients)}", highlight=False)
         try:

@@ -54,18 +54,29 @@ def run_client(
     connect_timeout: float = 2.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> int:
-    """Serve as client ``name`` of the federation at ``server`` (``HOST:PORT``, no TLS) until it says bye, and
-    return how many instructions were answered.
+    """Serve as client ``name`` of the federation at ``server`` (``HOST:PORT``) until it says bye, and return
+    how many instructions were answered.
 
+    With ``credentials`` (see :func:`fedloom.runtime.net.tls.channel_credentials`) the connection is TLS, and
+    the server's certificate must name the host in ``server``; without them it is plaintext (with a warning).
     The first connection is tried ``connect_attempts`` times, each waiting up to ``connect_timeout`` seconds
-    and the waits between them doubling from 0.5 s. Raises :class:`~fedloom.core.errors.ConfigError` for a
-    malformed address; :class:`TransportError` when the server cannot be reached after those attempts,
-    refuses this client, or goes away before saying bye; :class:`DecodeError` when it sends malformed frames.
+    and the waits between them doubling from 0.5 s; a TLS mismatch (wrong CA, one side without TLS, a missing
+    client certificate) ends the tries at once. Raises :class:`~fedloom.core.errors.ConfigError` for a
+    malformed address; :class:`TransportError` when the server cannot be reached after those attempts, a TLS
+    mismatch (naming its likely cause), when the server refuses this client, or goes away before saying bye;
+    :class:`DecodeError` when it sends malformed frames.
     """
     parse_address(server)
-    with grpc.insecure_channel(server, options=GRPC_OPTIONS) as channel:
-        _wait_until_reachable(channel, server, connect_attempts, connect_timeout)
+    if credentials is None:
+        channel = grpc.insecure_channel(server, options=GRPC_OPTIONS)
+    else:
+        channel = grpc.secure_channel(server, credentials, options=GRPC_OPTIONS)
+    with channel:
+        _wait_until_reachable(channel, server, connect_attempts, connect_timeout, tls=credentials is not None)
+        if credentials is None:
+            log.warning("connected to %s without TLS: traffic is unencrypted", server)
         outbox: queue.Queue[fleet_pb2.ClientFrame | None] = queue.Queue()
         outbox.put(fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, client_name=name)))
         stub = fleet_pb2_grpc.FleetStub(channel)  # type: ignore[no-untyped-call]  # generated code, untyped
@@ -79,18 +90,67 @@ def run_client(
             frames.cancel()
 
 
-def _wait_until_reachable(channel: grpc.Channel, server: str, attempts: int, timeout: float) -> None:
+def _wait_until_reachable(channel: grpc.Channel, server: str, attempts: int, timeout: float, *, tls: bool) -> None:
     pause = 0.5
     for attempt in range(1, attempts + 1):
-        try:
-            grpc.channel_ready_future(channel).result(timeout=timeout)
+        failure = _connect_failure(channel, timeout)
+        if failure is None:
             return
-        except grpc.FutureTimeoutError:
-            log.info("server %s not reachable (attempt %d of %d)", server, attempt, attempts)
+        mismatch = _tls_mismatch(failure, server, tls=tls)
+        if mismatch is not None:
+            raise TransportError(mismatch)
+        log.info("server %s not reachable (attempt %d of %d): %s", server, attempt, attempts, failure)
         if attempt < attempts:
             time.sleep(pause)
             pause *= 2
     raise TransportError(f"cannot reach the server at {server} after {attempts} attempts")
+
+
+def _connect_failure(channel: grpc.Channel, timeout: float) -> str | None:
+    """``None`` once ``channel`` is connected (waiting at most ``timeout`` seconds), else gRPC's account of why
+    it is not: a call that does not wait for the connection fails at once with the last connection error."""
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout)
+        return None
+    except grpc.FutureTimeoutError:
+        pass
+    stub = fleet_pb2_grpc.FleetStub(channel)  # type: ignore[no-untyped-call]  # generated code, untyped
+    try:
+        next(stub.Connect(iter(()), timeout=timeout, wait_for_ready=False), None)
+    except grpc.RpcError as exc:
+        return _describe(exc)
+    return None  # connected after all; the server ends a stream that sends no Hello
+
+
+def _tls_mismatch(failure: str, server: str, *, tls: bool) -> str | None:
+    """The likely cause of a failed connection when it looks like the two ends disagree about TLS, else ``None``.
+
+    Refused, unreachable or timed-out connections are not mismatches; a handshake that fails, or a server that
+    closes the socket as soon as it is open, are."""
+    text = failure.lower()
+    if "wrong_version_number" in text:
+        return (
+            f"TLS handshake with the server at {server} failed: it does not speak TLS "
+            "(if it runs with --insecure, connect with --insecure too)"
+        )
+    if "certificate_verify_failed" in text or "peer name" in text:
+        return (
+            f"TLS handshake with the server at {server} failed: its certificate is not signed by the CA given "
+            "with --ca, or does not name the host in --server (is it the federation's ca.pem?)"
+        )
+    if "handshake" in text or "ssl" in text or "tls" in text:
+        return f"TLS handshake with the server at {server} failed: {failure}"
+    if "socket closed" in text or "connection reset" in text:
+        if tls:
+            return (
+                f"the server at {server} closed the connection during the TLS handshake: it probably requires a "
+                "client certificate signed by its CA (pass --cert and --key)"
+            )
+        return (
+            f"the server at {server} closed the connection: it probably requires TLS "
+            "(pass --ca with the federation's ca.pem instead of --insecure)"
+        )
+    return None
 
 
 def _drain(outbox: queue.Queue[fleet_pb2.ClientFrame | None]) -> Iterator[fleet_pb2.ClientFrame]:
@@ -117,7 +177,6 @@ def _serve(
     if kind != "welcome":
         raise DecodeError(f"the server at {server} opened with a {kind} frame instead of a Welcome")
     check_protocol_version(greeting.welcome.protocol_version, f"the server at {server}")
-    log.warning("joined the federation at %s as %s without TLS: traffic is unencrypted", server, name)
     reassembler = Reassembler(max_message_bytes)
     answered = 0
     for frame in frames:

@@ -266,7 +266,10 @@ class NetGrid:
 
 
 class FleetServer:
-    """A gRPC server for the fleet protocol, listening on exactly ``address`` (``HOST:PORT``), without TLS.
+    """A gRPC server for the fleet protocol, listening on exactly ``address`` (``HOST:PORT``).
+
+    ``credentials`` (see :func:`fedloom.runtime.net.tls.server_credentials`) make it serve TLS only; without
+    them it serves plaintext, and says so in a warning when it starts.
 
     ``max_clients`` bounds the streams held open at once (each holds a worker thread of the server).
     Raises :class:`ConfigError` for a malformed address and :class:`TransportError` when the address cannot
@@ -281,9 +284,11 @@ class FleetServer:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_clients: int = 256,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         _check_free(*parse_address(address), address)
         self.address = address
+        self.tls = credentials is not None
         self._hub = _Hub()
         self.grid = NetGrid(self._hub, chunk_size)
         # One worker per stream, plus a few for streams being refused. Without so_reuseport=0, gRPC would let
@@ -296,7 +301,10 @@ class FleetServer:
         generated = fleet_pb2_grpc.add_FleetServicer_to_server  # generated code, untyped
         generated(_Servicer(self._hub, max_message_bytes), self._server)  # type: ignore[no-untyped-call]
         try:
-            port = self._server.add_insecure_port(address)
+            if credentials is None:
+                port = self._server.add_insecure_port(address)
+            else:
+                port = self._server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             port = 0
             reason: Any = exc
@@ -307,7 +315,10 @@ class FleetServer:
 
     def start(self) -> FleetServer:
         self._server.start()
-        log.warning("listening on %s without TLS: traffic is unencrypted, clients unauthenticated", self.address)
+        if self.tls:
+            log.info("listening on %s with TLS", self.address)
+        else:
+            log.warning("listening on %s without TLS: traffic is unencrypted, clients unauthenticated", self.address)
         return self
 
     def wait_for_clients(self, count: int, timeout: float) -> list[str]:

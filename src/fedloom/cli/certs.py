@@ -1,0 +1,40 @@
+"""``fedloom certs``: make the certificates of a federation (a private CA, the server's, clients')."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fedloom.runtime.net.tls import fingerprint, init_certs
+
+app = typer.Typer(help="Certificates for TLS between the server and the clients.", no_args_is_help=True)
+
+
+@app.command("init")
+def init_command(
+    out: Annotated[Path, typer.Option(help="Folder to write ca.pem, ca.key, server.pem, server.key (and clients/).")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="A DNS name or IP address that clients dial to reach the server (repeatable)."),
+    ] = None,
+    client: Annotated[
+        list[str] | None,
+        typer.Option(help="Also make a client certificate for mutual TLS: clients/NAME.pem and .key (repeatable)."),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace files that exist (a new CA: old certificates stop working).")
+    ] = False,
+) -> None:
+    """Make a private CA for a federation and a server certificate signed by it (and client certificates).
+
+    Serve with `fedloom server ... --certs OUT`; give every site OUT/ca.pem (never ca.key) and connect with
+    `fedloom client ... --ca ca.pem`. Keys are written with mode 0600.
+    """
+    written = init_certs(out, host or [], client or [], force=force)
+    console = Console(soft_wrap=True, highlight=False)
+    for path in written:
+        console.print(f"wrote {path}{'  (private key: keep it secret)' if path.suffix == '.key' else ''}")
+    console.print(f"CA fingerprint {fingerprint((Path(out) / 'ca.pem').read_bytes())}")

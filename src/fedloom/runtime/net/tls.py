@@ -1,0 +1,298 @@
+"""TLS for a federation: a private CA, the server's certificate, client certificates, and gRPC credentials.
+
+``fedloom certs init`` calls :func:`init_certs`, which writes into one folder::
+
+    ca.pem  ca.key                  the federation's CA (keep ca.key offline; sites get only ca.pem)
+    server.pem  server.key          the server's certificate, for the hosts clients dial (DNS names, IPs)
+    clients/NAME.pem  NAME.key      optional client certificates, for mutual TLS
+
+Keys are ECDSA P-256 (what gRPC's BoringSSL accepts everywhere). Certificates are valid from five minutes ago
+(for clocks that differ a little) for :data:`CA_DAYS` (the CA) or :data:`LEAF_DAYS` days. Every file is written
+atomically (temporary file, fsync, rename); private keys have mode 0600. :func:`fingerprint` names a CA in an
+invitation, so a site can check the ``ca.pem`` it was given.
+
+>>> written = init_certs("certs", hosts=["fl.example.org", "10.0.0.5"])      # doctest: +SKIP
+>>> fingerprint(Path("certs/ca.pem").read_bytes())                           # doctest: +SKIP
+'sha256:4f1c...'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import ipaddress
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedloom.core.errors import ConfigError
+
+__all__ = [
+    "CA_DAYS",
+    "LEAF_DAYS",
+    "channel_credentials",
+    "fingerprint",
+    "init_certs",
+    "server_credentials",
+]
+
+CA_DAYS = 3650
+LEAF_DAYS = 825  # the longest validity that common TLS clients accept for a server certificate
+_SKEW = dt.timedelta(minutes=5)
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+_CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class _Issued:
+    """A certificate and its private key, as PEM."""
+
+    cert_pem: bytes
+    key_pem: bytes
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """``"sha256:<hex>"``: the SHA-256 of the certificate's DER encoding (the first one in ``cert_pem``).
+
+    Raises :class:`ConfigError` if ``cert_pem`` holds no PEM certificate."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError as exc:
+        raise ConfigError(f"not a PEM certificate: {exc}") from None
+    return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+
+
+def _subject_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    """The subjectAltName entries for ``hosts``: IP addresses as such, everything else as a DNS name.
+
+    Raises :class:`ConfigError` for an empty list or a host that is neither an IP address nor a DNS name."""
+    if not hosts:
+        raise ConfigError("give at least one --host: the name or address that clients dial to reach the server")
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+            continue
+        except ValueError:
+            pass
+        labels = host.removesuffix(".").split(".")
+        if len(host) > 253 or not all(_DNS_LABEL.match(label) for label in labels):
+            raise ConfigError(f"host {host!r} is neither an IP address nor a DNS name")
+        names.append(x509.DNSName(host.removesuffix(".").lower()))
+    return list(dict.fromkeys(names))  # without repeats, in order
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _issue(
+    subject: str,
+    days: int,
+    extensions: Sequence[tuple[x509.ExtensionType, bool]],
+    issuer: _Issued | None,
+) -> _Issued:
+    """A certificate for a fresh key, signed by ``issuer`` (or by itself when ``issuer`` is ``None``)."""
+    key = _new_key()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    now = dt.datetime.now(dt.timezone.utc)
+    signer = key if issuer is None else issuer.key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name if issuer is None else issuer.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _SKEW)
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
+    )
+    for extension, critical in extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    cert = builder.sign(signer, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return _Issued(cert.public_bytes(serialization.Encoding.PEM), key_pem, cert, key)
+
+
+def _usage(*, signing: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=not signing,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signing,
+        crl_sign=signing,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _make_ca(federation: str) -> _Issued:
+    return _issue(
+        f"fedloom CA {federation}",
+        CA_DAYS,
+        [(x509.BasicConstraints(ca=True, path_length=0), True), (_usage(signing=True), True)],
+        None,
+    )
+
+
+def _make_leaf(ca: _Issued, subject: str, purpose: x509.ObjectIdentifier, alt: list[x509.GeneralName]) -> _Issued:
+    extensions: list[tuple[x509.ExtensionType, bool]] = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (_usage(signing=False), True),
+        (x509.ExtendedKeyUsage([purpose]), False),
+    ]
+    if alt:
+        extensions.append((x509.SubjectAlternativeName(alt), False))
+    return _issue(subject, LEAF_DAYS, extensions, ca)
+
+
+def init_certs(
+    out: str | os.PathLike[str],
+    hosts: Sequence[str],
+    clients: Sequence[str] = (),
+    *,
+    force: bool = False,
+) -> list[Path]:
+    """Make a federation's CA, its server certificate for ``hosts`` and a certificate per name in ``clients``,
+    and write them under ``out`` (see the module's doc); return the paths written, in order.
+
+    Raises :class:`ConfigError` for a bad host or client name, and when any file to write exists already
+    (unless ``force``): then nothing is written.
+    """
+    folder = Path(out)
+    alt = _subject_names(hosts)
+    for client in clients:
+        if not _CLIENT_NAME.match(client):
+            raise ConfigError(
+                f"client name {client!r} must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
+                "or digit"
+            )
+    if len(set(clients)) != len(clients):
+        raise ConfigError("each --client name may be given once")
+    ca = _make_ca(str(alt[0].value))
+    server = _make_leaf(ca, str(alt[0].value), ExtendedKeyUsageOID.SERVER_AUTH, alt)
+    files: dict[Path, tuple[bytes, bool]] = {  # path -> (content, private)
+        folder / "ca.pem": (ca.cert_pem, False),
+        folder / "ca.key": (ca.key_pem, True),
+        folder / "server.pem": (server.cert_pem, False),
+        folder / "server.key": (server.key_pem, True),
+    }
+    for client in clients:
+        issued = _make_leaf(ca, client, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        files[folder / "clients" / f"{client}.pem"] = (issued.cert_pem, False)
+        files[folder / "clients" / f"{client}.key"] = (issued.key_pem, True)
+    existing = [str(path) for path in files if path.exists()]
+    if existing and not force:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise ConfigError(
+            f"{', '.join(existing)} {verb} already; pass --force to replace the federation's certificates"
+        )
+    for path, (content, private) in files.items():
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_atomic(path, content, 0o600 if private else 0o644)
+        except OSError as exc:
+            raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return list(files)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` through a temporary file (created with mode 0600, so a key is never readable by
+    others, not even for a moment), fsync it, set ``mode``, rename it over ``path``, fsync the folder."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp_name, mode)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def _load_ca(path: Path) -> bytes:
+    ca_pem = _read(path, "the CA certificate")
+    try:
+        x509.load_pem_x509_certificate(ca_pem)
+    except ValueError:
+        raise ConfigError(f"{path} is not a PEM certificate") from None
+    return ca_pem
+
+
+def _check_pair(cert_pem: bytes, key_pem: bytes, cert_path: Path, key_path: Path) -> None:
+    """Raise :class:`ConfigError` unless the files are a PEM certificate and the PEM private key that matches it
+    (gRPC would otherwise fail later with a message that names neither file)."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+    except ValueError:
+        raise ConfigError(f"{cert_path} is not a PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key_path} is not an unencrypted PEM private key") from None
+    public = serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(serialization.Encoding.DER, public) != key.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ):
+        raise ConfigError(f"{key_path} is not the private key of {cert_path}")
+
+
+def server_credentials(certs: str | os.PathLike[str], *, mutual: bool = False) -> grpc.ServerCredentials:
+    """gRPC credentials of a server from ``certs/server.pem`` and ``certs/server.key``; with ``mutual``, clients
+    must present a certificate signed by ``certs/ca.pem``. Raises :class:`ConfigError` if a file is missing or
+    the certificate and key do not belong together."""
+    folder = Path(certs)
+    cert_path, key_path = folder / "server.pem", folder / "server.key"
+    cert_pem, key_pem = _read(cert_path, "the server certificate"), _read(key_path, "the server key")
+    _check_pair(cert_pem, key_pem, cert_path, key_path)
+    ca_pem = _load_ca(folder / "ca.pem") if mutual else None
+    return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=mutual)
+
+
+def channel_credentials(
+    ca: str | os.PathLike[str], cert: str | os.PathLike[str] | None = None, key: str | os.PathLike[str] | None = None
+) -> grpc.ChannelCredentials:
+    """gRPC credentials of a client that trusts only the CA in ``ca`` and, for mutual TLS, presents the
+    certificate ``cert`` with its private key ``key`` (both or neither). Raises :class:`ConfigError` if a file
+    is missing or not what it should be."""
+    ca_pem = _load_ca(Path(ca))
+    if (cert is None) != (key is None):
+        raise ConfigError("--cert and --key go together: give both for mutual TLS, or neither")
+    if cert is None or key is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca_pem)
+    cert_path, key_path = Path(cert), Path(key)
+    cert_pem, key_pem = _read(cert_path, "the client certificate"), _read(key_path, "the client key")
+    _check_pair(cert_pem, key_pem, cert_path, key_path)
+    return grpc.ssl_channel_credentials(root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem)
