@@ -1,8 +1,11 @@
-"""The ``Grid`` contract, run against every simulation backend: what the server loop relies on, whichever
-backend runs the clients. A deployment grid joins this list when it exists."""
+"""The ``Grid`` contract, run against every simulation backend and against a real deployment on loopback (the
+gRPC server's ``NetGrid`` with client agents dialling in): what the server loop relies on, whichever grid runs
+the clients."""
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -68,23 +71,72 @@ def _system(data: FederatedData) -> Any:
     return SystemGrid(_inline(data), data, SystemConfig(speed_sigma=0.5, deadline=1e9), seed=SEED)
 
 
+class _Deployment:
+    """A real deployment on loopback: a gRPC server on a free port, and one client agent per client of the
+    federation, each in a thread of this process, dialling in. Nobody drops out of it on purpose."""
+
+    dropout = 0.0
+
+    def __init__(self, data: FederatedData) -> None:
+        from fedloom.runtime.net.client import run_client
+        from fedloom.runtime.net.server import FleetServer
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{probe.getsockname()[1]}"
+        self._server = FleetServer(address)
+        self._server.__enter__()
+        self._agents = [
+            threading.Thread(
+                target=run_client,
+                args=(TASK, data.clients[cid]),
+                kwargs={"server": address, "name": cid, "connect_attempts": 20},
+                daemon=True,
+            )
+            for cid in data.client_ids
+        ]
+        for agent in self._agents:
+            agent.start()
+        self._server.wait_for_clients(len(self._agents), timeout=60)
+        self.grid = self._server.grid
+
+    def client_ids(self) -> Any:
+        return self.grid.client_ids()
+
+    def send_and_receive(self, messages: Any, timeout: float | None = 60.0) -> Exchange:
+        return self.grid.send_and_receive(messages, timeout)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._server.say_bye()
+        for agent in self._agents:
+            agent.join(timeout=30)
+        self._server.__exit__(None, None, None)
+
+
+def _deployed(data: FederatedData) -> Any:
+    return _Deployment(data)
+
+
 BACKENDS: dict[str, Callable[[FederatedData], Any]] = {
     "inline": _inline,
     "system": _system,
     "vectorized": _vectorized,
     "process": _process,
     "ray": _ray,
+    "deployment": _deployed,
 }
 # Inline (bare or wrapped in the cross-device system model), process and Ray run the same client code, so their
 # results are bit-identical; the vectorized backend batches the same arithmetic differently, so it agrees to
 # float tolerance.
-EXACT = {"inline", "system", "process", "ray"}
+EXACT = {"inline", "system", "process", "ray", "deployment"}
 
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def grid(request: pytest.FixtureRequest, data: FederatedData) -> Iterator[Any]:
     opened = BACKENDS[request.param](data)
     opened.name = request.param
+    if not hasattr(opened, "dropout"):
+        opened.dropout = DROPOUT
     try:
         yield opened
     finally:
@@ -92,9 +144,10 @@ def grid(request: pytest.FixtureRequest, data: FederatedData) -> Iterator[Any]:
             opened.close()
 
 
-@pytest.fixture(scope="module")
-def reference(data: FederatedData) -> Any:
-    return _inline(data)
+@pytest.fixture
+def reference(grid: Any, data: FederatedData) -> Any:
+    """The inline grid with the same simulated dropouts as ``grid`` (none for a deployment)."""
+    return InlineGrid(TASK, data, dropout=grid.dropout, seed=SEED)
 
 
 def _fit_round(data: FederatedData, server_round: int) -> dict[str, Message]:
@@ -118,8 +171,9 @@ def test_nothing_asked_nothing_returned(grid: Any) -> None:
 def test_every_addressed_client_replies_or_drops_as_the_shared_rule_says(grid: Any, data: FederatedData) -> None:
     messages = _fit_round(data, server_round=2)
     exchange = grid.send_and_receive(messages)
-    expected_dropped = {cid for cid, m in messages.items() if drops(SEED, DROPOUT, cid, m)}
-    assert 0 < len(expected_dropped) < len(messages)  # the seed makes this test exercise both outcomes
+    expected_dropped = {cid for cid, m in messages.items() if drops(SEED, grid.dropout, cid, m)}
+    if grid.dropout:
+        assert 0 < len(expected_dropped) < len(messages)  # the seed makes this test exercise both outcomes
     assert set(exchange.dropped) == expected_dropped
     assert set(exchange.replies) == set(messages) - expected_dropped
     assert exchange.late == ()
