@@ -18,7 +18,7 @@ from fedloom.core.errors import FedloomError
 
 app = typer.Typer(
     name="fedloom",
-    help="Federated learning: simulate a federation, inspect its runs.",
+    help="Federated learning: simulate a federation, deploy it, inspect its runs.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -39,7 +39,7 @@ def _options(
         False, "--version", help="Print the version and exit.", callback=_version, is_eager=True
     ),
 ) -> None:
-    """Federated learning: simulate a federation, inspect its runs."""
+    """Federated learning: simulate a federation, deploy it, inspect its runs."""
 
 
 app.command("simulate")(simulate.simulate_command)
