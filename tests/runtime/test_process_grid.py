@@ -2,86 +2,34 @@
 
 from __future__ import annotations
 
-import os
-import signal
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
+from pools import JOB_FILE, TASK, FailingTask, client_rows, digits_federation, fedavg
 from torch import nn
 
-from fedloom.core import ConfigError, FitConfig, JobError, Message, Params, PartitionConfig
-from fedloom.core.results import EvalResult, FitResult, fit_message
-from fedloom.data import federate, load_digits
-from fedloom.data.base import ArrayData, FederatedData
+from fedloom.core import ConfigError, FitConfig, JobError, Message
+from fedloom.core.results import fit_message
+from fedloom.data.base import FederatedData
 from fedloom.data.lazy import digits_population
 from fedloom.job import load_job
-from fedloom.runtime import ClientStatus, Grid, InlineGrid, LoopResult, run_rounds
+from fedloom.runtime import ClientStatus, InlineGrid
 from fedloom.runtime.sim.process import ProcessGrid
 from fedloom.runtime.sim.workers import RoundQueues, home_worker
-from fedloom.strategy import FedAvg
-from fedloom.task.base import Task
 from fedloom.task.torch_task import TorchTask
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-
-
-TASK = TorchTask(mlp)
-
-
-@dataclass(frozen=True)
-class FailingTask:
-    """A TorchTask that fails for the one client whose training features sum to ``checksum``: by raising, or
-    by killing its own process (as the out-of-memory killer would)."""
-
-    checksum: float
-    kill: bool = False
-
-    def init_params(self, seed: int) -> Params:
-        return TASK.init_params(seed)
-
-    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
-        if float(data.x.sum()) == self.checksum:
-            if self.kill:
-                os.kill(os.getpid(), signal.SIGKILL)
-            raise RuntimeError("disk full")
-        return TASK.fit(params, data, config)
-
-    def evaluate(self, params: Params, data: ArrayData) -> EvalResult:
-        return TASK.evaluate(params, data)
-
-
 @pytest.fixture(scope="module")
 def data() -> FederatedData:
-    return federate(load_digits(), 20, PartitionConfig(scheme="dirichlet", alpha=0.5), seed=2)
-
-
-def fedavg(task: Task, grid: Grid) -> LoopResult:
-    return run_rounds(
-        strategy=FedAvg(fraction=0.5, fraction_evaluate=0.5, fit=FitConfig(batch_size=8, lr=0.05)),
-        grid=grid,
-        initial_params=task.init_params(0),
-        rounds=3,
-        seed=4,
-    )
+    return digits_federation()
 
 
 def fit_round(data: FederatedData) -> dict[str, Message]:
     params = TASK.init_params(0)
     return {cid: fit_message(1, params, FitConfig(batch_size=8, seed=i)) for i, cid in enumerate(data.client_ids)}
-
-
-def client_rows(result: LoopResult) -> list[tuple[object, ...]]:
-    return [
-        (r.server_round, c.client_id, c.phase, c.status, c.num_examples, c.bytes_down, c.bytes_up, c.loss, c.accuracy)
-        for r in result.history
-        for c in r.clients
-    ]
 
 
 def worker_processes(before: set[psutil.Process]) -> set[psutil.Process]:
@@ -118,29 +66,6 @@ def test_a_lazy_federation_is_shipped_per_instruction_and_not_kept(one_torch_thr
     inline = fedavg(TASK, InlineGrid(TASK, lazy, seed=7))
     assert pooled.params.sha256() == inline.params.sha256()
     assert kept == [0, 0]  # workers hold no client between instructions
-
-
-JOB_FILE = """
-import fedloom
-from torch import nn
-from fedloom.data import load_digits
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def make_model():
-    return Net()
-
-
-job = fedloom.Job(task=fedloom.TorchTask(make_model), data=load_digits, name="pooled")
-"""
 
 
 def test_a_task_from_a_job_file_runs_when_workers_import_the_file(

@@ -11,75 +11,22 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
-from torch import nn
+from pools import JOB_FILE, TASK, FailingTask, client_rows, digits_federation, fedavg
 
-from fedloom.core import ConfigError, EvalResult, FitConfig, FitResult, JobError, Message, Params, PartitionConfig
+from fedloom.core import ConfigError, FitConfig, JobError, Message
 from fedloom.core.results import fit_message
-from fedloom.data import federate, load_digits
-from fedloom.data.base import ArrayData, FederatedData
+from fedloom.data.base import FederatedData
 from fedloom.job import load_job
-from fedloom.runtime import ClientStatus, Grid, InlineGrid, LoopResult, run_rounds
+from fedloom.runtime import ClientStatus, InlineGrid, LoopResult
 from fedloom.runtime.sim.raygrid import RayGrid
-from fedloom.strategy import FedAvg
-from fedloom.task.base import Task
-from fedloom.task.torch_task import TorchTask
 
 ray = pytest.importorskip("ray")
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
-
-
-TASK = TorchTask(mlp)
-
-
-@dataclass(frozen=True)
-class FailingTask:
-    """A TorchTask that raises for the one client whose training features sum to ``checksum``."""
-
-    checksum: float
-
-    def init_params(self, seed: int) -> Params:
-        return TASK.init_params(seed)
-
-    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
-        if float(data.x.sum()) == self.checksum:
-            raise RuntimeError("disk full")
-        return TASK.fit(params, data, config)
-
-    def evaluate(self, params: Params, data: ArrayData) -> EvalResult:
-        return TASK.evaluate(params, data)
-
-
-JOB_FILE = """
-import fedloom
-from torch import nn
-from fedloom.data import load_digits
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
-
-    def forward(self, x):
-        return self.body(x)
-
-
-def make_model():
-    return Net()
-
-
-job = fedloom.Job(task=fedloom.TorchTask(make_model), data=load_digits, name="on-ray")
-"""
 
 
 def free_port() -> int:
@@ -128,25 +75,7 @@ def cluster() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def data() -> FederatedData:
-    return federate(load_digits(), 20, PartitionConfig(scheme="dirichlet", alpha=0.5), seed=2)
-
-
-def fedavg(task: Task, grid: Grid) -> LoopResult:
-    return run_rounds(
-        strategy=FedAvg(fraction=0.5, fraction_evaluate=0.5, fit=FitConfig(batch_size=8, lr=0.05)),
-        grid=grid,
-        initial_params=task.init_params(0),
-        rounds=3,
-        seed=4,
-    )
-
-
-def client_rows(result: LoopResult) -> list[tuple[object, ...]]:
-    return [
-        (r.server_round, c.client_id, c.phase, c.status, c.num_examples, c.bytes_down, c.bytes_up, c.loss, c.accuracy)
-        for r in result.history
-        for c in r.clients
-    ]
+    return digits_federation()
 
 
 def assert_same_run(got: LoopResult, want: LoopResult) -> None:

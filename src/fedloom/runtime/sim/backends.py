@@ -53,9 +53,9 @@ def open_backend(
     """
     settings = config.backend
     task = _on_device(task, settings.device)
-    name, reason = _choose(task, data, settings)
+    name, reason, probed = _choose(task, data, settings)
     with ExitStack() as stack:
-        grid = _open(name, task, data, config, job_file)
+        grid = _open(name, task, data, config, job_file, probed)
         if hasattr(grid, "close"):
             stack.callback(grid.close)
         if not config.system.is_default:
@@ -68,22 +68,24 @@ def open_backend(
         yield Backend(grid, name, reason)
 
 
-def _choose(task: Task, data: Federation, settings: BackendConfig) -> tuple[str, str]:
-    """The backend to run and a one-line reason, falling back from ``vectorized`` with the cause."""
+def _choose(task: Task, data: Federation, settings: BackendConfig) -> tuple[str, str, Any]:
+    """The backend to run, a one-line reason (falling back from ``vectorized`` with the cause), and the model
+    the vectorized backend probed (handed to it, so the probe is not run twice)."""
     asked = settings.name
     if asked in ("inline", "process", "ray"):
-        return asked, "as asked"
+        return asked, "as asked", None
     if settings.ray_address is not None:
-        return "ray", f"a Ray cluster at {settings.ray_address} was given"
-    cannot = _vectorized_unsupported(task, data)
+        return "ray", f"a Ray cluster at {settings.ray_address} was given", None
+    probed, cannot = _probe_vectorized(task, data)
     if cannot is None:
-        return "vectorized", "as asked" if asked == "vectorized" else "the task's model trains in lockstep with vmap"
+        why = "as asked" if asked == "vectorized" else "the task's model trains in lockstep with vmap"
+        return "vectorized", why, probed
     if settings.device is not None and settings.device.startswith("cuda"):
         raise ConfigError(
             f"--device {settings.device} needs the vectorized backend, which cannot run this task: {cannot}"
         )
     fallback, why = _cpu_backend(task, data, settings)
-    return fallback, f"vectorized cannot run this task ({cannot}); {why}"
+    return fallback, f"vectorized cannot run this task ({cannot}); {why}", None
 
 
 def _is_torch_task(task: Task) -> bool:
@@ -92,13 +94,14 @@ def _is_torch_task(task: Task) -> bool:
     return torch_task is not None and isinstance(task, torch_task.TorchTask)
 
 
-def _vectorized_unsupported(task: Task, data: Federation) -> str | None:
+def _probe_vectorized(task: Task, data: Federation) -> tuple[Any, str | None]:
+    """The vectorized backend's probed model, or why it cannot run ``task``."""
     if not _is_torch_task(task):
-        return f"it needs a TorchTask, this is a {type(task).__name__}"
-    from fedloom.runtime.sim.vectorized import unsupported_reason
+        return None, f"it needs a TorchTask, this is a {type(task).__name__}"
+    from fedloom.runtime.sim.vmap_model import inspect_model
 
     with user_code("probing the model for the vectorized backend"):
-        return unsupported_reason(task, data)
+        return inspect_model(task, data)
 
 
 def _cpu_backend(task: Task, data: Federation, settings: BackendConfig) -> tuple[str, str]:
@@ -126,7 +129,7 @@ def _client_work_seconds(task: Task, data: Federation) -> float:
     return time.perf_counter() - start
 
 
-def _open(name: str, task: Task, data: Federation, config: SimulationConfig, job_file: str | None) -> Any:
+def _open(name: str, task: Task, data: Federation, config: SimulationConfig, job_file: str | None, probed: Any) -> Any:
     settings = config.backend
     if name == "inline":
         return InlineGrid(task, data, dropout=config.dropout, seed=config.seed)
@@ -140,6 +143,7 @@ def _open(name: str, task: Task, data: Federation, config: SimulationConfig, job
             seed=config.seed,
             device=settings.device,
             memory_budget_mb=settings.memory_budget_mb,
+            probed=probed,
         )
     if name == "process":
         from fedloom.runtime.sim.process import ProcessGrid

@@ -29,6 +29,7 @@ from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
     Header,
     RoundQueues,
+    check_workers,
     decode_client_data,
     encode_client_data,
     error_header,
@@ -217,8 +218,7 @@ class ProcessGrid:
         workers: int | None = None,
         job_file: str | None = None,
     ) -> None:
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ConfigError(f"workers must be a whole number >= 1, got {workers!r}")
+        check_workers(workers)
         self._data = data
         self._dropout = dropout
         self._seed = seed

@@ -25,6 +25,7 @@ from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
     Header,
     RoundQueues,
+    check_workers,
     decode_client_data,
     encode_client_data,
     remote_error,
@@ -109,8 +110,7 @@ class RayGrid:
         address: str | None = None,
         job_file: str | None = None,
     ) -> None:
-        if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-            raise ConfigError(f"workers must be a whole number >= 1, got {workers!r}")
+        check_workers(workers)
         ray = _import_ray()
         self._ray = ray
         self._data = data

@@ -35,6 +35,7 @@ from fedloom.runtime.grid import Exchange, Reply
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.vmap_model import (
     Arrays,
+    ProbedModel,
     flat_data,
     inspect_model,
     per_example_loss,
@@ -82,6 +83,8 @@ class VectorizedGrid:
 
     Raises :class:`ConfigError` when :func:`unsupported_reason` gives a reason, or when ``device`` is CUDA
     and torch sees no GPU; :class:`JobError` when the model raises. ``device=None`` means ``task.device``.
+    ``probed`` is :func:`~fedloom.runtime.sim.vmap_model.inspect_model`'s model for this task and data, where the
+    caller (the backend choice) has already probed it.
     """
 
     def __init__(
@@ -93,11 +96,12 @@ class VectorizedGrid:
         seed: int = 0,
         device: str | None = None,
         memory_budget_mb: int | None = None,
+        probed: ProbedModel | None = None,
     ) -> None:
         name = device if device is not None else getattr(task, "device", "cpu")
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("CUDA was asked for (--device cuda) but torch sees no GPU")
-        model, reason = inspect_model(task, data)
+        model, reason = (probed, None) if probed is not None else inspect_model(task, data)
         if model is None:
             raise ConfigError(f"the vectorized backend cannot run this task: {reason}")
         self._task = task

@@ -34,6 +34,7 @@ __all__ = [
     "Header",
     "RemoteTracebackError",
     "RoundQueues",
+    "check_workers",
     "decode_client_data",
     "encode_client_data",
     "error_header",
@@ -111,6 +112,12 @@ def remote_error(header: Header) -> FedloomError:
     error = cls(message) if cls is not None else JobError(f"a simulation worker raised {header.get('type')}: {message}")
     error.__cause__ = RemoteTracebackError(str(header.get("traceback", "")))
     return error
+
+
+def check_workers(workers: object) -> None:
+    """Refuse a worker count that is not ``None`` (one per core) or a whole number >= 1."""
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"workers must be a whole number >= 1, got {workers!r}")
 
 
 def home_worker(client_id: str, workers: int) -> int:
