@@ -19,10 +19,7 @@ from fedloom.core.errors import (
     DataError,
     DecodeError,
     FedloomError,
-    InvalidUpdateError,
     JobError,
-    NotEnoughClientsError,
-    RunStoreError,
     user_code,
 )
 from fedloom.core.params import Params
@@ -90,19 +87,9 @@ class RemoteTracebackError(Exception):
         return f"\n{self.args[0]}" if self.args else ""
 
 
-_ERRORS: Mapping[str, type[FedloomError]] = {
-    cls.__name__: cls
-    for cls in (
-        FedloomError,
-        ConfigError,
-        DataError,
-        DecodeError,
-        InvalidUpdateError,
-        JobError,
-        NotEnoughClientsError,
-        RunStoreError,
-    )
-}
+# fedloom's own errors by name (the hierarchy is one level deep), so a worker's error is raised here as itself.
+_KNOWN: list[type[FedloomError]] = [FedloomError, *FedloomError.__subclasses__()]
+_ERRORS: Mapping[str, type[FedloomError]] = {cls.__name__: cls for cls in _KNOWN}
 
 
 def remote_error(header: Header) -> FedloomError:
