@@ -119,6 +119,12 @@ def describe(value: Any) -> Any:
         return [describe(v) for v in value]
     if isinstance(value, dict):
         return {str(k): describe(v) for k, v in value.items()}
+    default_repr: Any = object.__repr__
+    if type(value).__repr__ is default_repr and hasattr(value, "__dict__"):
+        # A plain object (a user's task wrapper): its public attributes, never its address, which changes
+        # from run to run (a resumed deployment compares descriptions).
+        attributes = {k: v for k, v in vars(value).items() if not k.startswith("_")}
+        return {"type": type(value).__qualname__, **{k: describe(v) for k, v in attributes.items()}}
     if callable(value):
         return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
     return repr(value)

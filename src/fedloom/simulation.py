@@ -16,7 +16,7 @@ from fedloom.data.base import Dataset, Federation
 from fedloom.data.federate import federate
 from fedloom.job import Job, describe
 from fedloom.runtime.grid import Grid
-from fedloom.runtime.loop import CentralEvaluator, LoopResult, run_rounds
+from fedloom.runtime.loop import CentralEvaluator, LoopResult, Resume, run_rounds
 from fedloom.runtime.records import RoundObserver, RoundRecord
 from fedloom.runtime.sim.backends import Backend, open_backend
 from fedloom.strategy.base import Strategy
@@ -150,11 +150,13 @@ def run_recorded(
     evaluate_central: CentralEvaluator | None = None,
     observers: Sequence[RoundObserver] = (),
     timeout: float | None = None,
+    resume: Resume | None = None,
 ) -> LoopResult:
     """:func:`~fedloom.runtime.loop.run_rounds` with the run recorded by ``recorder``: every round as it ends,
     then the run as finished with its final params, or as failed with its error and the last good params
-    (and the error raised again). Simulations and deployments record their runs through this one path."""
-    latest = _Latest(initial_params)
+    (and the error raised again). Simulations and deployments record their runs through this one path;
+    ``resume`` (from :meth:`RunRecorder.open`) continues a deployment's run after its last recorded round."""
+    latest = _Latest(initial_params if resume is None else resume.params)
     try:
         result = run_rounds(
             strategy=strategy,
@@ -165,6 +167,7 @@ def run_recorded(
             evaluate_central=evaluate_central,
             observers=[recorder, latest, *observers],
             timeout=timeout,
+            resume=resume,
         )
     except BaseException as exc:
         try:

@@ -75,7 +75,7 @@ def test_export_json_to_a_file(cli: Cli, results: dict[str, CliResult], summary:
     result = results["json_to_file"].ok()
     assert result.stdout == ""
     document = json.loads((cli.cwd / "export.json").read_text())
-    assert set(document) == {"run", "config", "rounds", "clients"}
+    assert set(document) == {"run", "config", "rounds", "clients", "events"}
     assert document["run"]["run_id"] == summary["run_id"]
     assert document["run"]["params_sha256"] == summary["params_sha256"]
     assert document["config"]["simulation"]["num_clients"] == 5

@@ -101,13 +101,19 @@ class Processes:
         self._running: list[tuple[tuple[str, ...], subprocess.Popen[bytes], Path]] = []
         self._count = 0
 
-    def start(self, *args: str | Path) -> int:
-        """Start ``fedloom ARGS``; returns a handle for :meth:`wait`."""
+    def start(self, *args: str | Path, env: dict[str, str] | None = None, python: bool = False) -> int:
+        """Start ``fedloom ARGS`` (``python ARGS`` with ``python``) with ``env`` added to the environment;
+        returns a handle for :meth:`wait`."""
         self._count += 1
         out = self.cwd / f"proc-{self._count}"
+        command = [sys.executable] if python else fedloom_command()
         with open(f"{out}.out", "wb") as stdout, open(f"{out}.err", "wb") as stderr:
             proc = subprocess.Popen(
-                [*fedloom_command(), *map(str, args)], cwd=self.cwd, env=self.env, stdout=stdout, stderr=stderr
+                [*command, *map(str, args)],
+                cwd=self.cwd,
+                env={**self.env, **(env or {})},
+                stdout=stdout,
+                stderr=stderr,
             )
         self._running.append((tuple(map(str, args)), proc, out))
         return len(self._running) - 1
@@ -126,8 +132,15 @@ class Processes:
     def run(self, *args: str | Path, timeout: float = WAIT_S) -> Done:
         return self.wait(self.start(*args), timeout)
 
+    def running(self, handle: int) -> bool:
+        return self._running[handle][1].poll() is None
+
+    def output(self, handle: int) -> str:
+        """What the process of ``handle`` has written to stdout so far."""
+        return Path(f"{self._running[handle][2]}.out").read_text(encoding="utf-8")
+
     def kill(self, handle: int) -> None:
-        """Kill the process of ``handle`` if it is still running."""
+        """Kill (SIGKILL) the process of ``handle`` if it is still running."""
         _args, proc, _out = self._running[handle]
         if proc.poll() is None:
             proc.kill()
@@ -150,7 +163,7 @@ class Deployment:
     server: Done
     clients: Sequence[Done]
     simulation: Done
-    runs: Path
+    run: Path
 
 
 CLIENTS = ("client-000", "client-001", "client-002")
@@ -165,14 +178,16 @@ def deployment(procs: Processes) -> Deployment:
         *("--quiet", "--out", "sim-runs"),
     )
     procs.run("partition", "digits", "--clients", "3", "--seed", "5", "--out", "parts").ok()
+    tokens = {name: procs.run("token", "create", name, "--run-dir", "net-run").ok().stdout.strip() for name in CLIENTS}
     address = f"127.0.0.1:{free_port()}"
     server = procs.start(
         *("server", "digits", "--address", address, "--rounds", "2", "--min-clients", "3", "--seed", "5"),
-        *("--run-dir", "net-runs", "--insecure", "--join-timeout", "60", "--round-timeout", "60"),
+        *("--run-dir", "net-run", "--insecure", "--join-timeout", "60", "--round-timeout", "60"),
     )
     clients = [
         procs.start(
-            "client", "digits", "--server", address, "--data", f"parts/{name}.npz", "--name", name, "--insecure"
+            *("client", "digits", "--server", address, "--data", f"parts/{name}.npz", "--token", tokens[name]),
+            "--insecure",
         )
         for name in CLIENTS
     ]
@@ -180,7 +195,7 @@ def deployment(procs: Processes) -> Deployment:
         server=procs.wait(server),
         clients=[procs.wait(c) for c in clients],
         simulation=procs.wait(simulation),
-        runs=procs.cwd / "net-runs",
+        run=procs.cwd / "net-run",
     )
 
 
@@ -196,20 +211,28 @@ def test_deployment_gives_the_same_model_as_simulation(deployment: Deployment):
 
 def test_the_deployed_run_is_in_the_run_store(deployment: Deployment, procs: Processes):
     run_dir = Path(procs.cwd / RUN_DIR_LINE.search(deployment.server.stdout).group(1))  # type: ignore[union-attr]
-    assert run_dir.parent == deployment.runs
-    shown = procs.run("runs", "show", "--runs", deployment.runs, run_dir.name).ok()
-    assert run_dir.name in shown.stdout
-    rounds = RunStore(deployment.runs).rounds(run_dir.name)
+    assert run_dir == deployment.run
+    shown = procs.run("runs", "show", run_dir).ok()
+    assert str(run_dir) in shown.stdout
+    store = RunStore(procs.cwd)
+    rounds = store.rounds(str(run_dir))
     assert [r["round"] for r in rounds] == [1, 2]
     assert all(r["num_ok"] == 3 for r in rounds)
-    store = RunStore(deployment.runs)
-    info = store.info(run_dir.name)
+    info = store.info(str(run_dir))
     assert info.status == "finished"
     assert info.params_sha256 == deployment.simulation.sha256()
-    assert store.config(run_dir.name)["backend"] == "deployment"
-    clients = store.client_metrics(run_dir.name)
+    assert store.config(str(run_dir))["backend"] == "deployment"
+    clients = store.client_metrics(str(run_dir))
     assert {c["client_id"] for c in clients} == set(CLIENTS)
     assert all(c["bytes_down"] > 0 and c["bytes_up"] > 0 for c in clients)
+    events = store.client_events(str(run_dir))
+    for name in CLIENTS:
+        mine = [e for e in events if e["client_id"] == name]
+        assert [e["event"] for e in mine][:1] == ["connected"]
+        assert [e["event"] for e in mine if e["round"] == 1] == ["training", "reported", "evaluating", "reported"]
+        sent = next(e for e in mine if e["event"] == "training")
+        fit = next(c for c in clients if c["client_id"] == name and c["round"] == 1 and c["phase"] == "fit")
+        assert sent["bytes"] == fit["bytes_down"]
 
 
 def test_user_mistakes_are_one_line_errors(procs: Processes):
@@ -226,31 +249,30 @@ def test_user_mistakes_are_one_line_errors(procs: Processes):
         started = time.monotonic()
         handles = {
             "no_tls": procs.start(
-                "server", "digits", "--address", "127.0.0.1:1", "--rounds", "1", "--min-clients", "1"
+                *("server", "digits", "--address", "127.0.0.1:1", "--rounds", "1", "--min-clients", "1"),
+                *("--run-dir", "no-tls"),
+            ),
+            "no_tokens": procs.start(
+                *("server", "digits", "--address", f"127.0.0.1:{nobody}", "--rounds", "1", "--min-clients", "1"),
+                *("--run-dir", "empty-run", "--insecure"),
             ),
             "client_no_tls": procs.start(
-                "client", "digits", "--server", "127.0.0.1:1", "--data", "one.npz", "--name", "a"
+                "client", "digits", "--server", "127.0.0.1:1", "--data", "one.npz", "--token", "flt_x"
             ),
             "port_in_use": procs.start(
                 *("server", "digits", "--address", f"127.0.0.1:{busy_port}", "--rounds", "1"),
-                *("--min-clients", "1", "--insecure"),
+                *("--min-clients", "1", "--insecure", "--run-dir", "net-run"),
             ),
             "bad_address": procs.start(
-                *("server", "digits", "--address", "localhost", "--rounds", "1", "--min-clients", "1", "--insecure")
+                *("server", "digits", "--address", "localhost", "--rounds", "1", "--min-clients", "1", "--insecure"),
+                *("--run-dir", "net-run"),
             ),
             "unreachable": procs.start(
-                *("client", "digits", "--server", f"127.0.0.1:{nobody}", "--data", "one.npz", "--name", "a"),
-                *("--insecure", "--connect-attempts", "2"),
+                *("client", "digits", "--server", f"127.0.0.1:{nobody}", "--data", "one.npz", "--token", "flt_x"),
+                *("--insecure", "--retry-for", "2"),
             ),
             "no_data": procs.start(
-                "client",
-                "digits",
-                "--server",
-                f"127.0.0.1:{nobody}",
-                "--data",
-                "missing.npz",
-                "--name",
-                "a",
+                *("client", "digits", "--server", f"127.0.0.1:{nobody}", "--data", "missing.npz", "--token", "flt_x"),
                 "--insecure",
             ),
         }
@@ -258,12 +280,14 @@ def test_user_mistakes_are_one_line_errors(procs: Processes):
     finally:
         busy.close()
     assert done["no_tls"].error() == SERVER_TLS_MISSING
+    assert done["no_tokens"].error().startswith("no client tokens in empty-run: make one per site with")
     assert done["client_no_tls"].error() == CLIENT_TLS_MISSING
     assert "cannot listen on 127.0.0.1:" in done["port_in_use"].error()
     assert "is not HOST:PORT" in done["bad_address"].error()
     assert "missing.npz does not exist" in done["no_data"].error()
     unreachable = done["unreachable"]
-    assert unreachable.error() == f"cannot reach the server at 127.0.0.1:{nobody} after 2 attempts"
+    assert unreachable.error().startswith(f"cannot reach the server at 127.0.0.1:{nobody}: tried for ")
+    assert "(--retry-for 2); last error: " in unreachable.error()
     assert time.monotonic() - started < 60
 
 
@@ -272,12 +296,11 @@ class _RawClient:
 
     def __init__(self, address: str, name: str, *, echo: bool) -> None:
         self._outbox: queue.Queue[fleet_pb2.ClientFrame | None] = queue.Queue()
-        self._outbox.put(
-            fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, client_name=name))
-        )
+        self._outbox.put(fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=name)))
         self._channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
         self._frames = fleet_pb2_grpc.FleetStub(self._channel).Connect(iter(self._outbox.get, None))
         self._echo = echo
+        self.refusals: list[str] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -285,6 +308,8 @@ class _RawClient:
         reassembler = Reassembler(1 << 20)
         try:
             for frame in self._frames:
+                if frame.WhichOneof("frame") == "refusal":
+                    self.refusals.append(frame.refusal.reason)
                 if frame.WhichOneof("frame") != "chunk":
                     continue
                 done = reassembler.feed(frame.chunk)
@@ -303,7 +328,7 @@ class _RawClient:
 
 def test_the_net_grid_drops_silent_and_vanished_clients_and_keeps_the_order_of_messages():
     address = f"127.0.0.1:{free_port()}"
-    with FleetServer(address, chunk_size=16) as server:
+    with FleetServer(address, chunk_size=16, authenticate=lambda token: token) as server:
         clients = {name: _RawClient(address, name, echo=name != "b") for name in ("c", "a", "b", "d")}
         try:
             assert server.wait_for_clients(4, timeout=30) == ["a", "b", "c", "d"]
@@ -322,6 +347,31 @@ def test_the_net_grid_drops_silent_and_vanished_clients_and_keeps_the_order_of_m
                 assert reply.message.params.sha256() == messages[name].params.sha256()
                 assert reply.bytes_down == reply.bytes_up == len(encode_message(messages[name]))
                 assert reply.seconds > 0
+        finally:
+            for client in clients.values():
+                client.close()
+
+
+def test_a_reply_over_the_size_limit_is_refused_with_a_reason_and_the_others_are_served(caplog):
+    address = f"127.0.0.1:{free_port()}"
+    with FleetServer(address, max_message_bytes=2000, authenticate=lambda token: token) as server:
+        clients = {name: _RawClient(address, name, echo=True) for name in ("big", "small")}
+        try:
+            server.wait_for_clients(2, timeout=30)
+            messages = {
+                "big": Message("evaluate", Params({"w": np.zeros(1000, np.float32)}), {"round": 1}),
+                "small": Message("evaluate", Params({"w": np.zeros(10, np.float32)}), {"round": 1}),
+            }
+            exchange = server.grid.send_and_receive(messages, timeout=10.0)
+            assert list(exchange.replies) == ["small"]
+            assert exchange.dropped == ("big",)
+            wait_s = time.monotonic() + 10
+            while not clients["big"].refusals and time.monotonic() < wait_s:
+                time.sleep(0.05)
+            assert len(clients["big"].refusals) == 1
+            assert re.fullmatch(r"message \d+ is \d+ bytes, over the limit of 2000 bytes", clients["big"].refusals[0])
+            assert "client big sent a malformed frame, disconnecting it: message" in caplog.text
+            assert list(server.grid.client_ids()) == ["small"]
         finally:
             for client in clients.values():
                 client.close()

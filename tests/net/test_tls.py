@@ -7,6 +7,7 @@ in teardown). Certificates name ``127.0.0.1``, the host the clients dial.
 from __future__ import annotations
 
 import ipaddress
+import shlex
 import stat
 import time
 from collections.abc import Iterator
@@ -90,32 +91,53 @@ class Runs:
     mutual_server: Done
     mutual_clients: list[Done]
     intruder: Done
+    invitations: list[Done]
+
+
+def token(procs: Processes, name: str, run_dir: str) -> str:
+    return procs.run("token", "create", name, "--run-dir", run_dir).ok().stdout.strip()
 
 
 @pytest.fixture(scope="module")
 def runs(procs: Processes, certs: Done, parts: Path) -> Runs:
-    """The same federation three ways, at once: simulated, deployed over TLS, deployed over mutual TLS (where
-    a client without a certificate also tries to join)."""
+    """The same federation three ways, at once: simulated, deployed over TLS (the sites join with the command
+    of an invitation, which carries the CA's fingerprint, not the CA), deployed over mutual TLS (where a
+    client without a certificate also tries to join)."""
     simulation = procs.start("simulate", "digits", "--clients", "2", *ROUNDS, "--backend", "inline", "--quiet")
     tls, mutual = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    invitations = [
+        procs.run(
+            *("invite", site, "--run-dir", "tls-run", "--server", tls, "--job", "digits", "--certs", "certs")
+        ).ok()
+        for site in SITES
+    ]
+    mutual_tokens = {name: token(procs, name, "mutual-run") for name in (*SITES, "intruder")}
     servers = {
         address: procs.start(
-            *("server", "digits", "--address", address, *ROUNDS, "--min-clients", "2", "--run-dir", "net-runs"),
+            *("server", "digits", "--address", address, *ROUNDS, "--min-clients", "2", "--run-dir", run_dir),
             *("--certs", "certs", *extra, "--join-timeout", "60", "--round-timeout", "60"),
         )
-        for address, extra in ((tls, ()), (mutual, ("--mutual-tls",)))
+        for address, run_dir, extra in ((tls, "tls-run", ()), (mutual, "mutual-run", ("--mutual-tls",)))
     }
 
     def client(address: str, name: str, *security: str) -> int:
         data = f"parts/{SITES[0] if name not in SITES else name}.npz"
-        return procs.start("client", "digits", "--server", address, "--data", data, "--name", name, *security)
+        return procs.start(
+            *("client", "digits", "--server", address, "--data", data, "--token", mutual_tokens[name], *security)
+        )
 
+    def invited(invitation: Done, site: str) -> int:
+        command = shlex.split(invitation.stdout.strip())
+        assert command[:2] == ["fedloom", "client"]
+        assert command[-1] == "DATA"
+        return procs.start(*command[1:-1], f"parts/{site}.npz")
+
+    tls_clients = [invited(invitation, site) for invitation, site in zip(invitations, SITES, strict=True)]
     ca = ("--ca", "certs/ca.pem")
-    tls_clients = [client(tls, site, *ca) for site in SITES]
     # The client without a certificate goes first, while the mutual-TLS server still waits for its two clients
     # (it would be gone once they finish). It retries until the server listens: on a loaded machine the server
     # may take 15 s or more to start.
-    intruder = procs.wait(client(mutual, "intruder", *ca, "--connect-attempts", "8"), timeout=120)
+    intruder = procs.wait(client(mutual, "intruder", *ca, "--retry-for", "60"), timeout=120)
     mutual_clients = [
         client(mutual, site, *ca, "--cert", f"certs/clients/{site}.pem", "--key", f"certs/clients/{site}.key")
         for site in SITES
@@ -127,10 +149,14 @@ def runs(procs: Processes, certs: Done, parts: Path) -> Runs:
         mutual_server=procs.wait(servers[mutual]),
         mutual_clients=[procs.wait(c) for c in mutual_clients],
         intruder=intruder,
+        invitations=invitations,
     )
 
 
-def test_a_deployment_over_tls_gives_the_same_model_as_simulation(runs: Runs):
+def test_a_deployment_over_tls_gives_the_same_model_as_simulation(runs: Runs, procs: Processes):
+    ca_fingerprint = fingerprint((procs.cwd / "certs" / "ca.pem").read_bytes())
+    for invitation in runs.invitations:
+        assert f"--ca-fingerprint {ca_fingerprint} --data DATA" in invitation.stdout
     server = runs.tls_server.ok()
     assert server.sha256() == runs.simulation.ok().sha256()
     assert "with TLS" in server.stdout
@@ -153,11 +179,15 @@ def test_tls_mismatches_are_one_line_errors(procs: Processes, certs: Done, parts
     servers = [
         procs.start(
             *("server", "digits", "--address", address, "--rounds", "1", "--min-clients", "9"),
-            *("--join-timeout", "60", *security),
+            *("--join-timeout", "60", "--run-dir", run_dir, *security),
         )
-        for address, security in ((tls_address, ("--certs", "certs")), (plain_address, ("--insecure",)))
+        for address, run_dir, security in (
+            (tls_address, "mismatch-tls", ("--certs", "certs")),
+            (plain_address, "mismatch-plain", ("--insecure",)),
+        )
+        if token(procs, "a", run_dir)
     ]
-    client = ("client", "digits", "--data", "parts/client-000.npz", "--name", "a", "--connect-attempts", "20")
+    client = ("client", "digits", "--data", "parts/client-000.npz", "--token", "flt_unused", "--retry-for", "30")
     started = time.monotonic()
     handles = {
         "wrong_ca": procs.start(*client, "--server", tls_address, "--ca", "other/ca.pem"),
@@ -165,6 +195,13 @@ def test_tls_mismatches_are_one_line_errors(procs: Processes, certs: Done, parts
         "tls_to_plaintext": procs.start(*client, "--server", plain_address, "--ca", "certs/ca.pem"),
         "cert_without_key": procs.start(*client, "--server", tls_address, "--ca", "certs/ca.pem", "--cert", "x"),
         "missing_ca": procs.start(*client, "--server", tls_address, "--ca", "nowhere.pem"),
+        "wrong_fingerprint": procs.start(
+            *client,
+            "--server",
+            tls_address,
+            "--ca-fingerprint",
+            fingerprint((procs.cwd / "other" / "ca.pem").read_bytes()),
+        ),
     }
     done = {name: procs.wait(handle, timeout=60) for name, handle in handles.items()}
     assert "its certificate is not signed by the CA given with --ca" in done["wrong_ca"].error()
@@ -172,6 +209,9 @@ def test_tls_mismatches_are_one_line_errors(procs: Processes, certs: Done, parts
     assert "it does not speak TLS" in done["tls_to_plaintext"].error()
     assert done["cert_without_key"].error() == "--cert and --key go together: give both for mutual TLS, or neither"
     assert done["missing_ca"].error().startswith("cannot read the CA certificate nowhere.pem:")
+    assert (
+        f"the server at {tls_address} sent no certificate with fingerprint sha256:" in done["wrong_fingerprint"].error()
+    )
     assert time.monotonic() - started < 60
     for handle in servers:
         procs.kill(handle)

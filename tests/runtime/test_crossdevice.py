@@ -286,8 +286,8 @@ class Watched:
         self.online.append(set(online))
         return online
 
-    def send_and_receive(self, messages, timeout=None):
-        return self.grid.send_and_receive(messages, timeout)
+    def send_and_receive(self, messages, timeout=None, on_reply=None):
+        return self.grid.send_and_receive(messages, timeout, on_reply)
 
 
 def test_a_run_with_availability_and_stragglers_records_late_clients_and_asks_only_online_ones():

@@ -84,13 +84,13 @@ class _Deployment:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             address = f"127.0.0.1:{probe.getsockname()[1]}"
-        self._server = FleetServer(address)
+        self._server = FleetServer(address, authenticate=lambda token: token)
         self._server.__enter__()
         self._agents = [
             threading.Thread(
                 target=run_client,
                 args=(TASK, data.clients[cid]),
-                kwargs={"server": address, "name": cid, "connect_attempts": 20},
+                kwargs={"server": address, "token": cid, "retry_for": 60},
                 daemon=True,
             )
             for cid in data.client_ids
@@ -103,8 +103,8 @@ class _Deployment:
     def client_ids(self) -> Any:
         return self.grid.client_ids()
 
-    def send_and_receive(self, messages: Any, timeout: float | None = 60.0) -> Exchange:
-        return self.grid.send_and_receive(messages, timeout)  # type: ignore[no-any-return]
+    def send_and_receive(self, messages: Any, timeout: float | None = 60.0, on_reply: Any = None) -> Exchange:
+        return self.grid.send_and_receive(messages, timeout, on_reply)  # type: ignore[no-any-return]
 
     def close(self) -> None:
         self._server.say_bye()

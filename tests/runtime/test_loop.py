@@ -8,6 +8,8 @@ import pytest
 from fedloom.core import EvalResult, FitConfig, FitResult, JobError, Message, NotEnoughClientsError, Params
 from fedloom.data.base import ArrayData, ClientData, FederatedData
 from fedloom.runtime import ClientStatus, Exchange, InlineGrid, Reply, run_rounds
+from fedloom.runtime.grid import hand_over
+from fedloom.runtime.loop import Resume
 from fedloom.strategy import FedAvg
 
 
@@ -201,12 +203,12 @@ class CorruptingGrid:
     def client_ids(self):
         return self._inner.client_ids()
 
-    def send_and_receive(self, messages, timeout=None):
+    def send_and_receive(self, messages, timeout=None, on_reply=None):
         exchange = self._inner.send_and_receive(messages, timeout)
         replies = dict(exchange.replies)
         if "c0" in replies and replies["c0"].message.kind == "evaluate.result":
             replies["c0"] = Reply(Message("evaluate.result", metadata={"loss": "high", "num_examples": 1}))
-        return Exchange(replies, exchange.dropped)
+        return hand_over(Exchange(replies, exchange.dropped), on_reply)
 
 
 def test_a_malformed_evaluate_reply_is_refused_not_fatal():
@@ -225,3 +227,47 @@ def test_a_malformed_evaluate_reply_is_refused_not_fatal():
     assert records["c0", "fit"].status == ClientStatus.OK
     # federated evaluation over c1 and c2 only: the mean model is 1.0, their values are 1 and 2
     assert result.history[0].metrics["federated_loss"] == pytest.approx((0.0 + 1.0) / 2)
+
+
+def test_a_resumed_run_runs_the_rounds_an_uninterrupted_one_would():
+    # Sampling half the clients each round makes the random state matter: resuming with a fresh generator
+    # would pick other clients.
+    data = federation([1, 2, 3, 4, 5, 6])
+    task = MeanTask()
+    strategy = FedAvg(fraction=0.5, fraction_evaluate=0.5)
+    common = {"strategy": strategy, "grid": InlineGrid(task, data), "initial_params": task.init_params(0), "seed": 3}
+    whole = run_rounds(rounds=5, **common)
+    first = run_rounds(rounds=2, **common)
+    cut = first.history[-1]
+    resume = Resume(completed_rounds=2, params=first.params, random_state=cut.random_state)
+    rest = run_rounds(rounds=5, resume=resume, **common)
+    assert [r.server_round for r in rest.history] == [3, 4, 5]
+    assert rest.params.sha256() == whole.params.sha256()
+    for resumed, uninterrupted in zip(rest.history, whole.history[2:], strict=True):
+        assert [c.client_id for c in resumed.clients] == [c.client_id for c in uninterrupted.clients]
+        assert resumed.metrics == uninterrupted.metrics
+    chosen = [{c.client_id for c in r.clients if c.phase == "fit"} for r in whole.history]
+    assert len({frozenset(c) for c in chosen}) > 1  # the sampling did vary
+
+
+def test_fedavg_folds_updates_as_they_arrive_and_keeps_no_arrays():
+    data = federation([1, 2, 5])
+    task = MeanTask()
+    kept: list[Reply] = []
+
+    class Recording:
+        def client_ids(self):
+            return data.client_ids
+
+        def send_and_receive(self, messages, timeout=None, on_reply=None):
+            exchange = InlineGrid(task, data).send_and_receive(messages, timeout)
+            replies = {cid: on_reply(cid, reply) for cid, reply in reversed(list(exchange.replies.items()))}
+            kept.extend(replies.values())
+            return Exchange(replies, exchange.dropped)
+
+    folded = run_rounds(strategy=FedAvg(), grid=Recording(), initial_params=task.init_params(0), rounds=1, seed=0)
+    assert folded.params["w"][0] == pytest.approx((0 * 1 + 1 * 2 + 2 * 5) / 8, rel=1e-15)
+    fits = [reply for reply in kept if reply.message.kind == "fit.result"]
+    assert len(fits) == 3
+    assert all(len(reply.message.params) == 0 for reply in fits)  # folded in, then let go
+    assert all(reply.bytes_up > 0 for reply in fits)

@@ -365,8 +365,9 @@ def test_export_json(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
 
     document = strict_json(store.export(recorder.run_id, "json"))
-    assert set(document) == {"run", "config", "rounds", "clients"}
+    assert set(document) == {"run", "config", "rounds", "clients", "events"}
     assert document["run"]["run_id"] == recorder.run_id
+    assert document["events"] == []  # only deployments record a client timeline
     assert document["run"]["status"] == "finished"
     assert document["run"]["final_metrics"] == FINAL
     assert document["run"]["params_sha256"] == params_at(3).sha256()

@@ -8,16 +8,16 @@ from typing import Annotated
 import typer
 
 from fedloom.cli.simulate import limit_torch_threads
-from fedloom.core.errors import ConfigError, DataError
+from fedloom.core.errors import ConfigError, DataError, TransportError
 from fedloom.data.base import ClientData, Dataset
 from fedloom.data.clientfile import load_client_data
 from fedloom.job import Job, load_job
-from fedloom.runtime.net.client import run_client
-from fedloom.runtime.net.tls import channel_credentials
+from fedloom.runtime.net.client import Backoff, run_client
+from fedloom.runtime.net.tls import channel_credentials, fetch_ca
 
 TLS_MISSING = (
-    "the client needs TLS: pass --ca with the federation's ca.pem (from the server's `fedloom certs init`), "
-    "or --insecure to connect without TLS to a server that runs with --insecure"
+    "the client needs TLS: pass --ca with the federation's ca.pem, or --ca-fingerprint with the fingerprint in "
+    "your invitation, or --insecure to connect without TLS to a server that runs with --insecure"
 )
 
 
@@ -31,10 +31,24 @@ def client_command(
             "the job's data function reads (its train and test splits become this client's data)."
         ),
     ],
-    name: Annotated[str, typer.Option(help="This client's name in the federation (unique).")],
+    token: Annotated[
+        str,
+        typer.Option(
+            envvar="FEDLOOM_TOKEN",
+            help="This site's token (from `fedloom token create` or an invitation); it names the client. "
+            "Also read from $FEDLOOM_TOKEN, which keeps it out of the process list.",
+        ),
+    ],
     ca: Annotated[
         Path | None,
         typer.Option(help="The federation's CA certificate (ca.pem): connect over TLS, trusting only this CA."),
+    ] = None,
+    ca_fingerprint: Annotated[
+        str | None,
+        typer.Option(
+            help="Instead of --ca: the CA's fingerprint (sha256:...) from an invitation; the CA is taken from the "
+            "server and trusted only if it matches."
+        ),
     ] = None,
     cert: Annotated[
         Path | None, typer.Option(help="This client's certificate, for a server with --mutual-tls (with --key).")
@@ -44,28 +58,44 @@ def client_command(
         bool,
         typer.Option("--insecure", help="Connect without TLS instead (to a server run with --insecure)."),
     ] = False,
-    connect_attempts: Annotated[int, typer.Option(help="Tries to reach the server before giving up.", min=1)] = 5,
+    retry_for: Annotated[
+        float,
+        typer.Option(help="Seconds to keep trying to reach the server (at the start, or after losing it).", min=0),
+    ] = 600.0,
+    heartbeat: Annotated[float, typer.Option(help="Seconds between keepalive pings to the server.", min=1)] = 30.0,
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
 ) -> None:
     """Join a federation: dial out to the server and train on local data until the server says bye.
 
-    TLS is on by default: --ca names the federation's ca.pem, and the host in --server must be one that the
-    server's certificate names (a --host of `fedloom certs init`).
+    The connection is lost and found again by itself (a server restart, a network failure). TLS is on by
+    default: --ca names the federation's ca.pem (or --ca-fingerprint checks the CA the server sends), and
+    the host in --server must be one that the server's certificate names (a --host of `fedloom certs init`).
     """
-    if insecure and (ca is not None or cert is not None or key is not None):
-        raise ConfigError("--insecure connects without TLS; it cannot be combined with --ca, --cert or --key")
-    if ca is None and (cert is not None or key is not None):
-        raise ConfigError("--cert and --key need --ca, the federation's ca.pem")
-    if ca is None and not insecure:
+    if insecure and (ca is not None or ca_fingerprint is not None or cert is not None or key is not None):
+        raise ConfigError(
+            "--insecure connects without TLS; it cannot be combined with --ca, --ca-fingerprint, --cert or --key"
+        )
+    if ca is not None and ca_fingerprint is not None:
+        raise ConfigError("give the CA once: --ca (a file) or --ca-fingerprint (from an invitation), not both")
+    if ca is None and ca_fingerprint is None and (cert is not None or key is not None):
+        raise ConfigError("--cert and --key need --ca or --ca-fingerprint, to check the server")
+    if ca is None and ca_fingerprint is None and not insecure:
         raise ConfigError(TLS_MISSING)
-    credentials = None if ca is None else channel_credentials(ca, cert, key)
     loaded = load_job(job)
     limit_torch_threads(threads)
     own = _own_data(loaded, data)
+    trusted: Path | bytes | None = ca
+    backoff = Backoff(retry_for, f"the server at {server}")
+    while ca_fingerprint is not None and trusted is None:
+        try:
+            trusted = fetch_ca(server, ca_fingerprint)
+        except TransportError as exc:
+            backoff.wait(str(exc))
+    credentials = None if trusted is None else channel_credentials(trusted, cert, key)
     answered = run_client(
-        loaded.task, own, server=server, name=name, connect_attempts=connect_attempts, credentials=credentials
+        loaded.task, own, server=server, token=token, retry_for=retry_for, heartbeat=heartbeat, credentials=credentials
     )
-    typer.echo(f"client {name}: answered {answered} instructions; the server said bye")
+    typer.echo(f"answered {answered} instructions; the server said bye")
 
 
 def _own_data(job: Job, path: Path) -> ClientData:

@@ -13,7 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import typer
 from rich.console import Console
 
-from fedloom.cli import certs, client, partition, runs, server, simulate
+from fedloom.cli import certs, client, partition, runs, server, simulate, tokens
 from fedloom.core.errors import FedloomError
 
 app = typer.Typer(
@@ -48,6 +48,8 @@ app.command("server")(server.server_command)
 app.command("client")(client.client_command)
 app.add_typer(runs.app, name="runs")
 app.add_typer(certs.app, name="certs")
+app.add_typer(tokens.app, name="token")
+app.command("invite")(tokens.invite_command)
 
 _stderr = Console(stderr=True)
 

@@ -18,6 +18,7 @@ from fedloom.tracking.store import ROUND_COLUMNS
 app = typer.Typer(help="List, show and export recorded runs.", no_args_is_help=True)
 
 RunsDir = Annotated[Path, typer.Option("--runs", help="Runs folder.")]
+RunRef = Annotated[str, typer.Argument(help="Run id, unique prefix, or run directory.")]
 
 
 def _fmt(value: object) -> str:
@@ -55,9 +56,7 @@ def list_command(runs: RunsDir = Path("runs")) -> None:
 
 
 @app.command("show")
-def show_command(
-    run: Annotated[str, typer.Argument(help="Run id, unique prefix, or run directory.")], runs: RunsDir = Path("runs")
-) -> None:
+def show_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
     """Show a run: where it is, and a table of its rounds."""
     store = RunStore(runs)
     rows = store.rounds(run)
@@ -69,9 +68,33 @@ def show_command(
     console.print(_table(columns, [tuple(_fmt(row.get(c)) for c in columns) for row in rows]))
 
 
+@app.command("events")
+def events_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
+    """Show a deployment's client timeline: connections, instructions, replies, refusals, drops."""
+    store = RunStore(runs)
+    events = store.client_events(run)
+    console = Console(soft_wrap=True)
+    if not events:
+        console.print(f"run {store.resolve(run).name} has no client events (only deployments record them)")
+        return
+    header = ("time (UTC)", "round", "client", "event", "bytes", "detail")
+    rows = [
+        (
+            f"{e['at']:%H:%M:%S.%f}"[:-3],
+            _fmt(e["round"]),
+            e["client_id"],
+            e["event"],
+            str(e["bytes"]) if e["bytes"] else "",
+            e["detail"] or "",
+        )
+        for e in events
+    ]
+    console.print(_table(header, rows))
+
+
 @app.command("export")
 def export_command(
-    run: Annotated[str, typer.Argument(help="Run id, unique prefix, or run directory.")],
+    run: RunRef,
     fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
     runs: RunsDir = Path("runs"),

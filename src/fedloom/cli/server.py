@@ -1,24 +1,26 @@
-"""``fedloom server``: run a job's server for clients at other sites, and record the run in the run store."""
+"""``fedloom server``: run a job's server for clients at other sites, and record the run in its run directory."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from fedloom.cli.progress import format_round
 from fedloom.cli.simulate import limit_torch_threads
-from fedloom.core.errors import ConfigError, user_code
+from fedloom.core.errors import ConfigError, FedloomError, user_code
 from fedloom.core.params import Params
 from fedloom.job import Job, describe, load_job
-from fedloom.runtime.loop import LoopResult
+from fedloom.runtime.loop import LoopResult, Resume
 from fedloom.runtime.net.server import FleetServer
 from fedloom.runtime.net.tls import server_credentials
-from fedloom.runtime.records import RoundRecord
+from fedloom.runtime.records import ClientEvent, ClientStatus, RoundRecord
 from fedloom.simulation import run_recorded
 from fedloom.tracking import RunRecorder
+from fedloom.tracking.tokens import TokenStore
 
 TLS_MISSING = (
     "the server needs TLS: pass --certs DIR with the files of `fedloom certs init --out DIR --host HOST`, "
@@ -31,7 +33,13 @@ def server_command(
     address: Annotated[str, typer.Option(help="HOST:PORT to listen on (only this address).")],
     rounds: Annotated[int, typer.Option(help="Number of rounds.", min=1)],
     min_clients: Annotated[int, typer.Option(help="Clients to wait for before the first round.", min=1)],
-    run_dir: Annotated[Path, typer.Option(help="Runs folder; the run goes to RUN_DIR/<run-id>/.")] = Path("runs"),
+    run_dir: Annotated[
+        Path,
+        typer.Option(
+            help="This deployment's run directory: its client tokens, round log and checkpoints. Run the same "
+            "command again with it to resume after a crash."
+        ),
+    ],
     seed: Annotated[int, typer.Option(help="Seed of the initial model and of client sampling.", min=0)] = 0,
     round_timeout: Annotated[
         float, typer.Option(help="Seconds a round waits for replies; later ones are dropped.", min=0.001)
@@ -53,17 +61,27 @@ def server_command(
         bool,
         typer.Option(
             "--insecure",
-            help="Run without TLS instead: traffic is unencrypted and clients are not authenticated; use only on "
+            help="Run without TLS instead: traffic is unencrypted and tokens travel in the clear; use only on "
             "a trusted network.",
         ),
     ] = False,
+    max_message_mb: Annotated[
+        float, typer.Option(help="Largest message a client may send, in MiB; larger ones are refused.", min=0.001)
+    ] = 4096.0,
+    max_uploads: Annotated[
+        int, typer.Option(help="Client replies read at once (bounds the server's memory).", min=1)
+    ] = 4,
+    heartbeat: Annotated[
+        float, typer.Option(help="Seconds between keepalive pings; a client silent that long after one is gone.", min=1)
+    ] = 30.0,
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
 ) -> None:
     """Serve a federation: wait for clients to dial in, run the rounds, record the run.
 
-    TLS is on by default: make the certificates once with `fedloom certs init --out certs --host HOST`, serve
-    with --certs certs, and give each site certs/ca.pem. Clients connect with
-    `fedloom client JOB --server HOST:PORT --data PATH --name NAME --ca ca.pem`.
+    Make a token per site first (`fedloom token create NAME --run-dir DIR`, or `fedloom invite`). TLS is on by
+    default: make the certificates once with `fedloom certs init --out certs --host HOST` and serve with
+    --certs certs. If the server stops (a crash, kill -9, a reboot), the same command resumes the run after
+    its last completed round; the clients reconnect by themselves.
     """
     if insecure and (certs is not None or mutual_tls):
         raise ConfigError("--insecure runs without TLS; it cannot be combined with --certs or --mutual-tls")
@@ -72,61 +90,106 @@ def server_command(
     if certs is None and not insecure:
         raise ConfigError(TLS_MISSING)
     credentials = None if certs is None else server_credentials(certs, mutual=mutual_tls)
+    tokens = TokenStore(run_dir)
+    if tokens.count_valid() == 0:
+        raise ConfigError(
+            f"no client tokens in {run_dir}: make one per site with `fedloom token create NAME --run-dir {run_dir}` "
+            "(or `fedloom invite NAME ...`)"
+        )
     loaded = load_job(job)
     limit_torch_threads(threads)
-    console = Console(soft_wrap=True)
+    identity = {
+        "job": loaded.name,
+        "backend": "deployment",
+        "task": describe(loaded.task),
+        "strategy": describe(loaded.strategy),
+        "rounds": rounds,
+        "seed": seed,
+    }
+    with user_code(f"the model of job {loaded.name!r} (init_params)"):
+        initial = loaded.task.init_params(seed)
+    server = FleetServer(  # binds the address now, so a port in use fails before anything is recorded
+        address,
+        authenticate=tokens.authenticate,
+        credentials=credentials,
+        max_message_bytes=int(max_message_mb * 2**20),
+        max_uploads=max_uploads,
+        heartbeat=heartbeat,
+    )
+    try:
+        recorder, resume = RunRecorder.open(run_dir, loaded.name, identity)
+    except BaseException:
+        server.stop(0)
+        raise
+    console = Console(soft_wrap=True, highlight=False)
+    if resume is not None:
+        console.print(f"resuming run {recorder.run_id} after round {resume.completed_rounds} of {rounds}")
     security = "without TLS" if certs is None else "with mutual TLS" if mutual_tls else "with TLS"
-    with FleetServer(address, credentials=credentials) as server:
+    with server:
         console.print(
             f"fedloom server: job {loaded.name}, listening on {address} {security}, waiting for {min_clients} clients"
         )
-        clients = server.wait_for_clients(min_clients, join_timeout)
-        console.print(f"clients connected: {', '.join(clients)}", highlight=False)
         try:
-            run_id, run_path, result = _run(loaded, server, rounds, seed, round_timeout, run_dir, address, console)
+            clients = server.wait_for_clients(min_clients, join_timeout)
+        except FedloomError as exc:
+            recorder.finish(resume.params if resume else initial, status="failed", error=str(exc))
+            raise
+        console.print(f"clients connected: {', '.join(clients)}")
+        try:
+            result = _run(loaded, server, recorder, initial, resume, rounds, seed, round_timeout, console)
         finally:
             server.say_bye()
     final: dict[str, float] = {}
     for record in result.history:
         final.update(record.metrics)
     shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
-    console.print(f"finished run [bold]{run_id}[/]: {shown}", highlight=False)
-    console.print(f"params_sha256 {result.params.sha256()}\nrun directory {run_path}", highlight=False)
+    console.print(f"finished run [bold]{recorder.run_id}[/]: {shown}", highlight=False)
+    console.print(f"params_sha256 {result.params.sha256()}\nrun directory {run_dir}")
 
 
 def _run(
     job: Job,
     server: FleetServer,
+    recorder: RunRecorder,
+    initial: Params,
+    resume: Resume | None,
     rounds: int,
     seed: int,
     timeout: float,
-    runs_dir: Path,
-    address: str,
     console: Console,
-) -> tuple[str, Path, LoopResult]:
+) -> LoopResult:
     """Run the rounds over the server's grid, recorded as :func:`fedloom.simulate` records a simulation."""
-    with user_code(f"the model of job {job.name!r} (init_params)"):
-        initial = job.task.init_params(seed)
-    recorded: dict[str, Any] = {
-        "job": job.name,
-        "backend": "deployment",
-        "address": address,
-        "task": describe(job.task),
-        "strategy": describe(job.strategy),
-        "deployment": {"rounds": rounds, "seed": seed, "round_timeout": timeout, "clients": server.grid.client_ids()},
-    }
-    recorder = RunRecorder.create(runs_dir, job.name, recorded)
-    result = run_recorded(
+    return run_recorded(
         recorder,
         strategy=job.strategy,
         grid=server.grid,
         initial_params=initial,
         rounds=rounds,
         seed=seed,
-        observers=[_RoundLines(console, rounds)],
+        observers=[_Timeline(server, recorder), _RoundLines(console, rounds)],
         timeout=timeout,
+        resume=resume,
     )
-    return recorder.run_id, recorder.run_dir, result
+
+
+class _Timeline:
+    """After each round: tells each client whose reply was refused why, and records the clients' events
+    (connections, instructions, replies, refusals, drops) in the run's timeline."""
+
+    def __init__(self, server: FleetServer, recorder: RunRecorder) -> None:
+        self._server = server
+        self._recorder = recorder
+
+    def on_round(self, record: RoundRecord, params: Params) -> None:
+        events = self._server.take_events()
+        now = datetime.now(timezone.utc)
+        for client in record.clients:
+            if client.status != ClientStatus.REFUSED:
+                continue
+            reason = f"round {record.server_round}: the server refused your {client.phase} reply: {client.detail}"
+            self._server.notify(client.client_id, reason)
+            events.append(ClientEvent(now, client.client_id, "refused", record.server_round, detail=client.detail))
+        self._recorder.on_events(events)
 
 
 class _RoundLines:

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-from fedloom.core.errors import InvalidUpdateError
+from fedloom.core.errors import ConfigError, InvalidUpdateError
 from fedloom.core.params import Params
 
-__all__ = ["check_update"]
+__all__ = ["check_client_name", "check_update"]
+
+_CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_client_name(name: str) -> str:
+    """``name`` if it can name a deployed client (1 to 64 letters, digits, ``.``, ``_`` or ``-``, starting with
+    a letter or digit: safe in a file name, a certificate and a log line), else :class:`ConfigError`."""
+    if not _CLIENT_NAME.match(name):
+        raise ConfigError(
+            f"client name {name!r} must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        )
+    return name
 
 
 def check_update(reference: Params, update: Params) -> None:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from fedloom.core.message import Message
 
-__all__ = ["Exchange", "Grid", "Reply"]
+__all__ = ["Exchange", "Grid", "Reply", "ReplyHandler", "hand_over"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,10 @@ class Exchange:
     late: tuple[str, ...] = ()
 
 
+#: Called with each reply (client id, reply) as it is gathered; the grid keeps what it returns instead.
+ReplyHandler = Callable[[str, Reply], Reply]
+
+
 class Grid(Protocol):
     """Who the clients are, and a way to send each of them a message and gather their replies.
 
@@ -39,8 +43,24 @@ class Grid(Protocol):
     ``Exchange.dropped`` (or ``Exchange.late``); it never raises for that. ``client_ids`` are the clients
     available now, in a stable order; it may be a lazy sequence (a million simulated clients are not a
     million strings). Simulation and deployment are two implementations.
+
+    ``on_reply``, where given, sees every reply that makes it into ``Exchange.replies``, one call at a time
+    (never two at once), and the exchange holds what it returns. A networked grid calls it as each reply
+    arrives, so the server loop can fold an update into the aggregate and let its arrays go before the other
+    clients' replies are in; a grid that gathers all replies at once calls it in the order of ``messages``
+    (see :func:`hand_over`). An exception from it ends ``send_and_receive``.
     """
 
     def client_ids(self) -> Sequence[str]: ...
 
-    def send_and_receive(self, messages: Mapping[str, Message], timeout: float | None = None) -> Exchange: ...
+    def send_and_receive(
+        self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
+    ) -> Exchange: ...
+
+
+def hand_over(exchange: Exchange, on_reply: ReplyHandler | None) -> Exchange:
+    """``exchange`` with each reply replaced by what ``on_reply`` makes of it, in order: how a grid that
+    gathers all replies at once honours ``on_reply``."""
+    if on_reply is None:
+        return exchange
+    return replace(exchange, replies={cid: on_reply(cid, reply) for cid, reply in exchange.replies.items()})

@@ -6,7 +6,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -17,9 +17,9 @@ from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
 from fedloom.runtime.grid import Exchange, Grid, Reply
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
-from fedloom.strategy.base import Strategy
+from fedloom.strategy.base import FitFold, FoldingStrategy, Strategy
 
-__all__ = ["LoopResult", "run_rounds"]
+__all__ = ["LoopResult", "Resume", "run_rounds"]
 
 log = logging.getLogger("fedloom.server")
 
@@ -34,6 +34,16 @@ class LoopResult:
     history: tuple[RoundRecord, ...]
 
 
+@dataclass(frozen=True)
+class Resume:
+    """Where a run that was cut short picks up: the rounds it completed, the global params after the last of
+    them, and the server's random state then (``RoundRecord.random_state`` of that round)."""
+
+    completed_rounds: int
+    params: Params
+    random_state: Mapping[str, Any]
+
+
 def run_rounds(
     *,
     strategy: Strategy[Any],
@@ -44,41 +54,59 @@ def run_rounds(
     evaluate_central: CentralEvaluator | None = None,
     observers: Sequence[RoundObserver] = (),
     timeout: float | None = None,
+    resume: Resume | None = None,
 ) -> LoopResult:
     """Run ``rounds`` rounds of federated training and return the final global params and the history.
 
     Each round: the strategy picks clients and instructions; the grid delivers them and gathers replies;
     every update is checked against the global params (names, shapes, dtypes, finite values) and a bad one
     is refused, logged and recorded, never aggregated; if fewer than ``strategy.min_clients`` valid updates
-    remain, :class:`NotEnoughClientsError` ends the run; otherwise the strategy aggregates. Then federated
-    evaluation (if the strategy asks for it), central evaluation on the server (if ``evaluate_central`` is
-    given), and every observer sees the round. Client sampling draws from generators seeded by ``seed``, so
-    the same seed selects the same clients; training and evaluation draw from separate ones, so how clients
-    are evaluated never changes how the model is trained.
+    remain, :class:`NotEnoughClientsError` ends the run; otherwise the strategy aggregates. A
+    :class:`~fedloom.strategy.base.FoldingStrategy` (FedAvg) aggregates each update as it arrives, so only
+    the updates in flight are held, not all of them. Then federated evaluation (if the strategy asks for
+    it), central evaluation on the server (if ``evaluate_central`` is given), and every observer sees the
+    round. Client sampling draws from generators seeded by ``seed``, so the same seed selects the same
+    clients; training and evaluation draw from separate ones, so how clients are evaluated never changes how
+    the model is trained.
+
+    With ``resume``, rounds ``1..resume.completed_rounds`` are taken as done: the loop starts from the saved
+    params and random state, so the remaining rounds are the ones an uninterrupted run would have run (for
+    strategies whose whole state is the global params, such as FedAvg), and the history holds only them.
     """
     fit_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, 0x5A3]).spawn(2))
-    state = strategy.init(initial_params)
+    state = strategy.init(initial_params if resume is None else resume.params)
+    first = 1
+    if resume is not None:
+        fit_rng.bit_generator.state = dict(resume.random_state["fit"])
+        eval_rng.bit_generator.state = dict(resume.random_state["evaluate"])
+        first = resume.completed_rounds + 1
     history: list[RoundRecord] = []
-    for server_round in range(1, rounds + 1):
+    for server_round in range(first, rounds + 1):
         started = time.perf_counter()
 
         global_params = strategy.params(state)
-        fit = grid.send_and_receive(strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng), timeout)
-        fit_results, fit_refused = _accept(server_round, "fit", fit.replies, _valid_update(global_params))
-        if len(fit_results) < strategy.min_clients:
+        instructions = strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng)
+        fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
+        fit_replies = _Gathered(server_round, "fit", _valid_update(global_params), fold)
+        fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
+        if len(fit_replies.accepted) < strategy.min_clients:
             asked = len(fit.replies) + len(fit.dropped) + len(fit.late)
             raise NotEnoughClientsError(
-                f"round {server_round}: {len(fit_results)} of {asked} clients "
+                f"round {server_round}: {len(fit_replies.accepted)} of {asked} clients "
                 f"replied with a valid update, fewer than min_clients={strategy.min_clients}"
             )
-        state, metrics = strategy.aggregate_fit(server_round, state, fit_results)
+        if fold is not None:
+            state, metrics = fold.finish()
+        else:  # in the order asked, so that the result does not depend on who answered first
+            ordered = {cid: fit_replies.accepted[cid] for cid in instructions if cid in fit_replies.accepted}
+            state, metrics = strategy.aggregate_fit(server_round, state, ordered)
         params = strategy.params(state)
 
+        eval_replies = _Gathered(server_round, "evaluate", EvalResult.from_message)
         evaluation = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, state, grid.client_ids(), eval_rng), timeout
+            strategy.configure_evaluate(server_round, state, grid.client_ids(), eval_rng), timeout, eval_replies.take
         )
-        eval_results, eval_refused = _accept(server_round, "evaluate", evaluation.replies, EvalResult.from_message)
-        metrics.update(strategy.aggregate_evaluate(server_round, state, eval_results))
+        metrics.update(strategy.aggregate_evaluate(server_round, state, eval_replies.accepted))
 
         if evaluate_central is not None:
             central = evaluate_central(params)
@@ -88,9 +116,9 @@ def run_rounds(
         record = RoundRecord(
             server_round=server_round,
             metrics=metrics,
-            clients=_client_records("fit", fit, fit_results, fit_refused)
-            + _client_records("evaluate", evaluation, eval_results, eval_refused),
+            clients=_client_records("fit", fit, fit_replies) + _client_records("evaluate", evaluation, eval_replies),
             seconds=time.perf_counter() - started,
+            random_state={"fit": fit_rng.bit_generator.state, "evaluate": eval_rng.bit_generator.state},
         )
         history.append(record)
         for observer in observers:
@@ -101,19 +129,33 @@ def run_rounds(
 R = TypeVar("R", FitResult, EvalResult)
 
 
-def _accept(
-    server_round: int, phase: str, replies: Mapping[str, Reply], parse: Callable[[Message], R]
-) -> tuple[dict[str, R], dict[str, str]]:
-    """Split replies into the results ``parse`` accepts and refusals (client id -> reason), logging each."""
-    accepted: dict[str, R] = {}
-    refused: dict[str, str] = {}
-    for cid, reply in replies.items():
+class _Gathered(Generic[R]):
+    """One phase's replies as the grid hands them over (:meth:`take`): each is parsed, a bad one refused and
+    logged, a good fit update folded into ``fold`` (and its arrays let go) where there is one."""
+
+    def __init__(
+        self, server_round: int, phase: str, parse: Callable[[Message], R], fold: FitFold[Any] | None = None
+    ) -> None:
+        self._round = server_round
+        self._phase = phase
+        self._parse: Callable[[Message], R] = parse
+        self._fold = fold
+        self.accepted: dict[str, R] = {}
+        self.refused: dict[str, str] = {}  # client id -> reason
+
+    def take(self, client_id: str, reply: Reply) -> Reply:
         try:
-            accepted[cid] = parse(reply.message)
+            result = self._parse(reply.message)
         except (DecodeError, InvalidUpdateError) as exc:
-            log.warning("round %d: refused the %s reply of client %s: %s", server_round, phase, cid, exc)
-            refused[cid] = str(exc)
-    return accepted, refused
+            log.warning("round %d: refused the %s reply of client %s: %s", self._round, self._phase, client_id, exc)
+            self.refused[client_id] = str(exc)
+            return replace(reply, message=Message(reply.message.kind))
+        if self._fold is not None and isinstance(result, FitResult):
+            self._fold.add(client_id, result)
+            result = replace(result, params=Params({}))
+            reply = replace(reply, message=Message(reply.message.kind))
+        self.accepted[client_id] = result
+        return reply
 
 
 def _valid_update(global_params: Params) -> Callable[[Message], FitResult]:
@@ -125,12 +167,8 @@ def _valid_update(global_params: Params) -> Callable[[Message], FitResult]:
     return parse
 
 
-def _client_records(
-    phase: str,
-    exchange: Exchange,
-    results: Mapping[str, FitResult | EvalResult],
-    refused: Mapping[str, str],
-) -> tuple[ClientRecord, ...]:
+def _client_records(phase: str, exchange: Exchange, gathered: _Gathered[Any]) -> tuple[ClientRecord, ...]:
+    results, refused = gathered.accepted, gathered.refused
     records = []
     for cid, reply in exchange.replies.items():
         replied = ClientRecord(

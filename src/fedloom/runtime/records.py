@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from datetime import datetime
+from typing import Any, Protocol
 
 from fedloom.core.params import Params
 
-__all__ = ["ClientRecord", "ClientStatus", "RoundObserver", "RoundRecord"]
+__all__ = ["ClientEvent", "ClientRecord", "ClientStatus", "RoundObserver", "RoundRecord"]
 
 
 class ClientStatus:
@@ -43,12 +44,36 @@ class ClientRecord:
 @dataclass(frozen=True)
 class RoundRecord:
     """A finished round: its global metrics (``fit_loss``, ``federated_loss``, ``federated_accuracy``,
-    ``central_loss``, ``central_accuracy``, where computed), every client's record, and wall seconds."""
+    ``central_loss``, ``central_accuracy``, where computed), every client's record, and wall seconds.
+    ``random_state`` is the server's random generators' state after the round (JSON values): what a resumed
+    run needs to draw the same clients as an uninterrupted one."""
 
     server_round: int
     metrics: Mapping[str, float]
     clients: tuple[ClientRecord, ...]
     seconds: float
+    random_state: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientEvent:
+    """Something that happened to a deployed client, for its timeline in the run store.
+
+    ``event`` is one of :data:`EVENTS`: ``connected``, ``disconnected``, ``refused`` (a connection or an update
+    the server would not take; ``detail`` says why), ``training`` / ``evaluating`` (an instruction went out),
+    ``reported`` (its whole reply arrived; ``nbytes`` is its size, as ``nbytes`` of an instruction is what
+    was sent), ``late`` (a reply after its round's deadline) and ``dropped`` (no reply by the deadline). ``at``
+    is a UTC time; ``server_round`` is ``None`` outside rounds.
+    """
+
+    at: datetime
+    client_id: str
+    event: str
+    server_round: int | None = None
+    nbytes: int = 0
+    detail: str | None = None
+
+    EVENTS = ("connected", "disconnected", "refused", "training", "evaluating", "reported", "late", "dropped")
 
 
 class RoundObserver(Protocol):

@@ -2,44 +2,92 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fedloom.core.errors import ConfigError
 from fedloom.core.params import Params
 
-__all__ = ["weighted_mean", "weighted_mean_scalar"]
+__all__ = ["RunningMean", "weighted_mean", "weighted_mean_scalar"]
+
+
+class RunningMean:
+    """``sum_k w_k p_k / sum_k w_k``, name by name, folded in one ``Params`` at a time.
+
+    A server adds each update as it arrives and keeps only float64 sums the size of one model, whatever the
+    number of clients. :meth:`result` casts back to each array's dtype, rounding integer arrays (batch-norm
+    counters) to the nearest integer. The sums depend on the order of :meth:`add` only in the last bits of
+    float64, which casting to float32 almost always hides; add in a fixed order for bit-identical results.
+
+    >>> mean = RunningMean()
+    >>> mean.add(Params({"w": np.array([0.0, 2.0])}), 1)
+    >>> mean.add(Params({"w": np.array([3.0, 2.0])}), 2)
+    >>> mean.result()["w"]
+    array([2., 2.])
+    """
+
+    def __init__(self) -> None:
+        self._totals: dict[str, npt.NDArray[np.float64]] = {}
+        self._layout: list[tuple[str, tuple[int, ...], np.dtype[Any]]] = []
+        self._weight = 0.0
+        self._count = 0
+
+    @property
+    def count(self) -> int:
+        """How many params were added."""
+        return self._count
+
+    def add(self, params: Params, weight: float) -> None:
+        """Fold in ``params`` with ``weight``. Raises :class:`ConfigError` for a negative or non-finite weight,
+        and for params whose names or shapes differ from the first ones added."""
+        if not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"weights must be finite and non-negative, got {weight}")
+        layout = [(name, array.shape, array.dtype) for name, array in params.items()]
+        if not self._layout:
+            self._layout = layout
+            self._totals = {name: np.zeros(shape, dtype=np.float64) for name, shape, _ in layout}
+        elif [(n, s) for n, s, _ in layout] != [(n, s) for n, s, _ in self._layout]:
+            raise ConfigError(f"params #{self._count} do not match params #0 in names or shapes")
+        for name, array in params.items():
+            term = array.astype(np.float64)  # one temporary the size of the array, scaled in place
+            term *= weight
+            self._totals[name] += term
+        self._weight += weight
+        self._count += 1
+
+    def result(self) -> Params:
+        """The weighted mean so far. Raises :class:`ConfigError` when nothing was added or the weights sum to 0."""
+        if not self._count:
+            raise ConfigError("cannot average an empty list of params")
+        if self._weight <= 0:
+            raise ConfigError("weights must sum to > 0")
+        out = {}
+        for name, _shape, dtype in self._layout:
+            mean = self._totals[name] / self._weight
+            if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+                mean = np.rint(mean)
+            out[name] = mean.astype(dtype)
+        return Params(out)
 
 
 def weighted_mean(params: Sequence[Params], weights: Sequence[float]) -> Params:
-    """Return ``sum_k w_k p_k / sum_k w_k``, name by name, in the order of ``params[0]``.
+    """Return ``sum_k w_k p_k / sum_k w_k``, name by name, in the order of ``params[0]`` (a
+    :class:`RunningMean` fed in order).
 
     Sums are taken in float64 and cast back to each array's dtype; integer arrays (batch-norm counters) are
     rounded to the nearest integer. Raises :class:`ConfigError` when the inputs disagree in names or shapes,
     when there is nothing to average, or when the weights are negative or sum to zero.
     """
-    if not params:
-        raise ConfigError("cannot average an empty list of params")
     if len(params) != len(weights):
         raise ConfigError(f"got {len(params)} params but {len(weights)} weights")
-    w = np.asarray(weights, dtype=np.float64)
-    if np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
-        raise ConfigError(f"weights must be finite, non-negative and sum to > 0, got {list(weights)}")
-    w = w / w.sum()
-    reference = params[0]
-    for i, p in enumerate(params[1:], start=1):
-        if list(p) != list(reference) or any(p[k].shape != reference[k].shape for k in reference):
-            raise ConfigError(f"params #{i} do not match params #0 in names or shapes")
-    out = {}
-    for name, first in reference.items():
-        total = np.zeros(first.shape, dtype=np.float64)
-        for wk, p in zip(w, params, strict=True):
-            total += wk * p[name].astype(np.float64)
-        if np.issubdtype(first.dtype, np.integer) or first.dtype == np.bool_:
-            total = np.rint(total)
-        out[name] = total.astype(first.dtype)
-    return Params(out)
+    mean = RunningMean()
+    for p, w in zip(params, weights, strict=True):
+        mean.add(p, float(w))
+    return mean.result()
 
 
 def weighted_mean_scalar(values: Sequence[float], weights: Sequence[float]) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -11,9 +11,10 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 
-__all__ = ["Strategy"]
+__all__ = ["FitFold", "FoldingStrategy", "Strategy"]
 
 S = TypeVar("S")
+S_co = TypeVar("S_co", covariant=True)
 
 
 class Strategy(Protocol[S]):
@@ -51,3 +52,22 @@ class Strategy(Protocol[S]):
     def aggregate_evaluate(
         self, server_round: int, state: S, results: Mapping[str, EvalResult]
     ) -> dict[str, float]: ...
+
+
+class FitFold(Protocol[S_co]):
+    """One round's aggregation, fed one update at a time: :meth:`add` as each valid update arrives (in any
+    order), then :meth:`finish` once for the new state and the round's metrics."""
+
+    def add(self, client_id: str, result: FitResult) -> None: ...
+
+    def finish(self) -> tuple[S_co, dict[str, float]]: ...
+
+
+@runtime_checkable
+class FoldingStrategy(Strategy[S], Protocol[S]):
+    """A strategy that can aggregate while the replies arrive. The server loop then folds each update in as
+    it comes and drops its arrays, so the server holds one aggregate rather than every client's update.
+    ``fold_fit(round, state)`` must give the same result as ``aggregate_fit`` over the same updates added in
+    the same order."""
+
+    def fold_fit(self, server_round: int, state: S) -> FitFold[S]: ...

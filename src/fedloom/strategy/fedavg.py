@@ -14,7 +14,7 @@ from fedloom.core.errors import ConfigError, NotEnoughClientsError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult, evaluate_message, fit_message
-from fedloom.strategy.aggregate import weighted_mean, weighted_mean_scalar
+from fedloom.strategy.aggregate import RunningMean, weighted_mean_scalar
 
 __all__ = ["FedAvg", "FedAvgState", "sample_clients"]
 
@@ -41,6 +41,36 @@ class FedAvgState:
 
     params: Params
     server_round: int = 0
+
+
+class _FedAvgFold:
+    """FedAvg's aggregation of one round, one update at a time: the example-weighted mean of the params and of
+    the reported training losses."""
+
+    def __init__(self, server_round: int) -> None:
+        self._round = server_round
+        self._mean = RunningMean()
+        self._losses: list[tuple[float, int]] | None = []
+
+    def add(self, client_id: str, result: FitResult) -> None:
+        self._mean.add(result.params, result.num_examples)
+        if self._losses is not None and "loss" in result.metrics:
+            self._losses.append((result.metrics["loss"], result.num_examples))
+        else:
+            self._losses = None  # a client without a loss: no fit_loss this round
+
+    def finish(self) -> tuple[FedAvgState, dict[str, float]]:
+        if not self._mean.count:
+            raise NotEnoughClientsError(f"round {self._round}: no client returned an update")
+        try:
+            new = self._mean.result()
+        except ConfigError:
+            raise NotEnoughClientsError(f"round {self._round}: the clients that replied have no examples") from None
+        metrics = {}
+        if self._losses:
+            losses, counts = zip(*self._losses, strict=True)
+            metrics["fit_loss"] = weighted_mean_scalar(losses, counts)
+        return FedAvgState(new, self._round), metrics
 
 
 @dataclass(frozen=True)
@@ -96,17 +126,13 @@ class FedAvg:
     def aggregate_fit(
         self, server_round: int, state: FedAvgState, results: Mapping[str, FitResult]
     ) -> tuple[FedAvgState, dict[str, float]]:
-        if not results:
-            raise NotEnoughClientsError(f"round {server_round}: no client returned an update")
-        replies = list(results.values())
-        counts = [r.num_examples for r in replies]
-        if sum(counts) == 0:
-            raise NotEnoughClientsError(f"round {server_round}: the clients that replied have no examples")
-        new = weighted_mean([r.params for r in replies], counts)
-        metrics = {}
-        if all("loss" in r.metrics for r in replies):
-            metrics["fit_loss"] = weighted_mean_scalar([r.metrics["loss"] for r in replies], counts)
-        return FedAvgState(new, server_round), metrics
+        fold = self.fold_fit(server_round, state)
+        for client_id, result in results.items():
+            fold.add(client_id, result)
+        return fold.finish()
+
+    def fold_fit(self, server_round: int, state: FedAvgState) -> _FedAvgFold:
+        return _FedAvgFold(server_round)
 
     def configure_evaluate(
         self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator

@@ -26,7 +26,7 @@ from safetensors.numpy import save_file
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.params import Params
 
-__all__ = ["ORDER_KEY", "load_params", "save_params", "write_atomic"]
+__all__ = ["ORDER_KEY", "checkpoint_metadata", "load_params", "save_params", "write_atomic"]
 
 #: safetensors metadata key holding the ``Params`` order as a JSON list of names.
 ORDER_KEY = "fedloom.order"
@@ -117,3 +117,17 @@ def load_params(path: str | os.PathLike[str]) -> Params:
     except (SafetensorError, OSError, ValueError) as exc:
         raise RunStoreError(f"checkpoint {file} cannot be read: {exc}") from None
     return Params({name: arrays[name] for name in _order(header, names, file)})
+
+
+def checkpoint_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
+    """The text stored in a checkpoint's header by :func:`save_params` (its ``metadata``, without fedloom's own
+    keys). Raises :class:`RunStoreError` if the file is missing or not a valid safetensors file."""
+    file = Path(path)
+    if not file.is_file():
+        raise RunStoreError(f"checkpoint {file} does not exist")
+    try:
+        with safe_open(file, framework="numpy") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunStoreError(f"checkpoint {file} cannot be read: {exc}") from None
+    return {k: v for k, v in header.items() if not k.startswith("fedloom.")}

@@ -5,8 +5,13 @@ after every round, and the caller calls :meth:`RunRecorder.finish` once at the e
 crashed (``status="failed"``). Layout of the run directory::
 
     <root>/<run_id>/run.db                                  rounds, metrics, client records (SQLite)
-    <root>/<run_id>/checkpoints/round_00001.safetensors     global params after each round
+    <root>/<run_id>/checkpoints/round_00001.safetensors     global params after each round, and the
+                                                            server's random state (for resuming)
     <root>/<run_id>/summary.json                            written by finish()
+
+A deployment names its run directory itself (:meth:`RunRecorder.open`): there ``run.db`` also holds the client
+tokens (:mod:`fedloom.tracking.tokens`) and the clients' event timeline (:meth:`RunRecorder.on_events`), and
+the same command resumes the run after its last recorded round.
 
 >>> recorder = RunRecorder.create("runs", "digits", {"rounds": 3})   # doctest: +SKIP
 >>> recorder.on_round(record, params)                              # from the loop, each round  # doctest: +SKIP
@@ -19,19 +24,28 @@ import json
 import math
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, insert, update
+from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.params import Params
-from fedloom.runtime.records import ClientRecord, ClientStatus, RoundRecord
-from fedloom.tracking.checkpoint import save_params, write_atomic
-from fedloom.tracking.schema import client_metrics, metadata, round_metrics, rounds, runs, sqlite_engine
+from fedloom.runtime.loop import Resume
+from fedloom.runtime.records import ClientEvent, ClientRecord, ClientStatus, RoundRecord
+from fedloom.tracking.checkpoint import checkpoint_metadata, load_params, save_params, write_atomic
+from fedloom.tracking.schema import (
+    client_events,
+    client_metrics,
+    metadata,
+    round_metrics,
+    rounds,
+    runs,
+    sqlite_engine,
+)
 from fedloom.tracking.store import DB_NAME, ROUND_COLUMNS, dumps_json, final_metrics, read_rounds, utc
 
 __all__ = ["CHECKPOINT_DIR", "SUMMARY_NAME", "RunRecorder", "checkpoint_path"]
@@ -42,6 +56,7 @@ _FIT_PHASE = "fit"
 _FINAL_STATUSES = ("finished", "failed")
 _NAME_MAX = 64
 _ATTEMPTS = 5
+_RANDOM_STATE_KEY = "random_state"  # checkpoint metadata: the server's random state after the round (JSON)
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
@@ -60,6 +75,30 @@ def _finite(value: float | None) -> float | None:
         return None
     number = float(value)
     return number if math.isfinite(number) else None
+
+
+def _new_run_id(name: str) -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{_sanitize(name)}-{secrets.token_hex(2)}"
+
+
+def _check_same_config(stored: dict[str, Any], given: dict[str, Any], folder: Path) -> None:
+    differ = sorted(k for k in stored.keys() | given.keys() if stored.get(k) != given.get(k))
+    if differ:
+        shown = "; ".join(f"{k}: {json.dumps(stored.get(k))} there, {json.dumps(given.get(k))} now" for k in differ)
+        raise ConfigError(
+            f"the run in {folder} was started with other settings ({shown}); resume it with the same command, "
+            "or give a new run directory"
+        )
+
+
+def _resume_point(folder: Path, last: int) -> Resume:
+    path = checkpoint_path(folder, last)
+    params = load_params(path)
+    try:
+        random_state = json.loads(checkpoint_metadata(path)[_RANDOM_STATE_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise RunStoreError(f"checkpoint {path} holds no random state to resume from") from None
+    return Resume(last, params, random_state)
 
 
 def _counts(clients: tuple[ClientRecord, ...]) -> tuple[int, int, int]:
@@ -97,10 +136,8 @@ class RunRecorder:
         config_json = dumps_json(dict(config))
         root_dir = Path(root)
         root_dir.mkdir(parents=True, exist_ok=True)
-        slug = _sanitize(name)
         for _ in range(_ATTEMPTS):
-            created_at = datetime.now(timezone.utc)
-            run_id = f"{created_at:%Y%m%d-%H%M%S}-{slug}-{secrets.token_hex(2)}"
+            run_id = _new_run_id(name)
             run_dir = root_dir / run_id
             try:
                 run_dir.mkdir()
@@ -109,7 +146,12 @@ class RunRecorder:
             break
         else:
             raise RunStoreError(f"could not create a fresh run directory under {root_dir}")
-        (run_dir / CHECKPOINT_DIR).mkdir()
+        return cls._start(run_dir, run_id, name, config_json)
+
+    @classmethod
+    def _start(cls, run_dir: Path, run_id: str, name: str, config_json: str) -> RunRecorder:
+        """Record a new run ``run_id`` in ``run_dir`` (which exists; its database may hold tokens already)."""
+        (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
         engine = sqlite_engine(run_dir / DB_NAME)
         try:
             metadata.create_all(engine)
@@ -119,7 +161,7 @@ class RunRecorder:
                         run_id=run_id,
                         name=name,
                         status="running",
-                        created_at=created_at,
+                        created_at=datetime.now(timezone.utc),
                         config_json=config_json,
                     )
                 )
@@ -127,6 +169,54 @@ class RunRecorder:
             engine.dispose()
             raise RunStoreError(f"cannot create the run database in {run_dir}: {exc}") from None
         return cls(run_dir, run_id, name, engine)
+
+    @classmethod
+    def open(cls, run_dir: str | Path, name: str, config: Mapping[str, Any]) -> tuple[RunRecorder, Resume | None]:
+        """Record into the run directory ``run_dir`` itself (a deployment's ``--run-dir``): start its run if it
+        has none yet, or resume the one it has, and say where to resume from.
+
+        Resuming needs the same ``config`` as the run was started with (else :class:`ConfigError`, naming what
+        differs) and a run that has not finished (else :class:`RunStoreError`). It returns a
+        :class:`~fedloom.runtime.loop.Resume` holding the last recorded round's checkpoint and random state,
+        or ``None`` when no round was recorded yet; the run is marked ``running`` again.
+        """
+        folder = Path(run_dir)
+        config_json = dumps_json(dict(config))
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunStoreError(f"cannot create the run directory {folder}: {exc.strerror or exc}") from None
+        engine = sqlite_engine(folder / DB_NAME)
+        try:
+            metadata.create_all(engine)
+            with engine.begin() as conn:
+                row = conn.execute(runs.select()).first()
+                last = None if row is None else conn.execute(select(func.max(rounds.c.round))).scalar()
+        except SQLAlchemyError as exc:
+            raise RunStoreError(f"cannot open the run database in {folder}: {exc}") from None
+        finally:
+            engine.dispose()
+        if row is None:
+            return cls._start(folder, _new_run_id(name), name, config_json), None
+        if row.status == "finished":
+            raise RunStoreError(
+                f"run {row.run_id} in {folder} has finished already; start another with a new run directory"
+            )
+        _check_same_config(json.loads(row.config_json), json.loads(config_json), folder)
+        resume = None if not last else _resume_point(folder, int(last))
+        recorder = cls(folder, row.run_id, row.name, sqlite_engine(folder / DB_NAME))
+        recorder._last_round = int(last or 0)
+        try:
+            with recorder._live_engine().begin() as conn:
+                conn.execute(
+                    update(runs)
+                    .where(runs.c.run_id == row.run_id)
+                    .values(status="running", finished_at=None, error=None)
+                )
+        except SQLAlchemyError as exc:
+            recorder.close()
+            raise RunStoreError(f"cannot resume run {row.run_id} in {folder}: {exc}") from None
+        return recorder, resume
 
     @property
     def run_id(self) -> str:
@@ -183,7 +273,11 @@ class RunRecorder:
                 save_params(
                     checkpoint_path(self._run_dir, server_round),
                     params,
-                    {"run_id": rid, "round": str(server_round)},
+                    {
+                        "run_id": rid,
+                        "round": str(server_round),
+                        _RANDOM_STATE_KEY: json.dumps(dict(record.random_state)),
+                    },
                 )
         except SQLAlchemyError as exc:
             raise RunStoreError(f"cannot record round {server_round} of run {rid}: {exc}") from None
@@ -207,6 +301,36 @@ class RunRecorder:
             "extra_json": dumps_json(dict(client.metrics)),
             "detail": client.detail,
         }
+
+    def on_events(self, events: Sequence[ClientEvent]) -> None:
+        """Append ``events`` to the run's client timeline (``client_events``), after those already there."""
+        if not events:
+            return
+        engine = self._live_engine()
+        rid = self._run_id
+        try:
+            with engine.begin() as conn:
+                seq = conn.execute(
+                    select(func.coalesce(func.max(client_events.c.seq), 0)).where(client_events.c.run_id == rid)
+                ).scalar_one()
+                conn.execute(
+                    insert(client_events),
+                    [
+                        {
+                            "run_id": rid,
+                            "seq": seq + i,
+                            "at": e.at,
+                            "round": e.server_round,
+                            "client_id": e.client_id,
+                            "event": e.event,
+                            "bytes": e.nbytes,
+                            "detail": e.detail,
+                        }
+                        for i, e in enumerate(events, start=1)
+                    ],
+                )
+        except SQLAlchemyError as exc:
+            raise RunStoreError(f"cannot record client events of run {rid}: {exc}") from None
 
     def finish(self, params: Params, status: str = "finished", error: str | None = None) -> None:
         """Close the run: store its status, end time and ``params.sha256()``, and write ``summary.json``.

@@ -31,7 +31,9 @@ from sqlalchemy.engine import URL
 
 __all__ = [
     "RUN_STATUSES",
+    "client_events",
     "client_metrics",
+    "credentials",
     "metadata",
     "open_engine",
     "round_metrics",
@@ -101,6 +103,32 @@ client_metrics = Table(
     Column("extra_json", Text, nullable=False),
     Column("detail", Text, nullable=True),  # why an update was refused
     ForeignKeyConstraint(["run_id", "round"], ["rounds.run_id", "rounds.round"], name="fk_client_metrics_round"),
+)
+
+
+client_events = Table(
+    "client_events",
+    metadata,
+    Column("run_id", String(_RUN_ID), primary_key=True),
+    Column("seq", Integer, primary_key=True),  # the order events happened in, from 1
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("round", Integer, nullable=True),  # None outside a round (connections, disconnections)
+    Column("client_id", String(_NAME), nullable=False),
+    Column("event", String(_SHORT), nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("detail", Text, nullable=True),
+    ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_client_events_run"),
+)
+
+# A deployment's client tokens. Only a SHA-256 of each token is kept: tokens are 256 random bits, so a fast hash
+# is as safe as a slow one here, and checking one costs nothing. A revoked token keeps its row (with its time).
+credentials = Table(
+    "credentials",
+    metadata,
+    Column("token_sha256", String(64), primary_key=True),
+    Column("client_name", String(_NAME), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True), nullable=True),
 )
 
 

@@ -23,11 +23,11 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedloom.core.errors import ConfigError, RunStoreError
-from fedloom.tracking.schema import client_metrics, open_engine, round_metrics, rounds, runs
+from fedloom.tracking.schema import client_events, client_metrics, open_engine, round_metrics, rounds, runs
 
 __all__ = ["DB_NAME", "ROUND_COLUMNS", "RunInfo", "RunStore"]
 
@@ -187,6 +187,7 @@ class _Run:
     rounds: list[dict[str, Any]]
     clients: list[dict[str, Any]]
     config: dict[str, Any]
+    events: list[dict[str, Any]]
 
 
 def _load(run_dir: Path, *, details: bool) -> _Run:
@@ -196,6 +197,7 @@ def _load(run_dir: Path, *, details: bool) -> _Run:
             row = _read_run_row(conn, run_dir)
             round_list = read_rounds(conn, row.run_id)
             clients = _read_clients(conn, row.run_id) if details else []
+            events = _read_events(conn, row.run_id) if details else []
             config_json = row.config_json if details else "{}"
     except SQLAlchemyError as exc:
         raise RunStoreError(f"cannot read the run database in {run_dir}: {exc}") from None
@@ -203,7 +205,7 @@ def _load(run_dir: Path, *, details: bool) -> _Run:
         config = json.loads(config_json)
     except json.JSONDecodeError as exc:
         raise RunStoreError(f"run {row.run_id} has a corrupt config: {exc}") from None
-    return _Run(_info_from(row, round_list, run_dir), round_list, clients, config)
+    return _Run(_info_from(row, round_list, run_dir), round_list, clients, config, events)
 
 
 # ---------------------------------------------------------------------------------------------- the store
@@ -273,6 +275,12 @@ class RunStore:
         client_id, phase, status, num_examples, loss, accuracy, seconds, bytes_down, bytes_up, metrics."""
         return _load(self.resolve(ref), details=True).clients
 
+    def client_events(self, ref: str) -> list[dict[str, Any]]:
+        """A deployment's client timeline, in the order things happened: seq, at (UTC), round (``None`` outside
+        rounds), client_id, event (connected, disconnected, refused, training, evaluating, reported, late,
+        dropped), bytes, detail. Empty for a simulation."""
+        return _load(self.resolve(ref), details=True).events
+
     def config(self, ref: str) -> dict[str, Any]:
         """The configuration the run was created with (as stored: JSON values, non-finite floats as None)."""
         return _load(self.resolve(ref), details=True).config
@@ -280,14 +288,21 @@ class RunStore:
     def export(self, ref: str, fmt: str) -> str:
         """The run as text. ``csv``: the rounds table (see :meth:`rounds`) with a header row, empty cells
         for missing values. ``json``: ``{"run", "config", "rounds", "clients"}``. Raises
-        :class:`ConfigError` for another format and :class:`RunStoreError` for an unknown run."""
+        :class:`ConfigError` for another format and :class:`RunStoreError` for an unknown run. ``json``
+        also holds ``events``, a deployment's client timeline (see :meth:`client_events`)."""
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
         run = _load(self.resolve(ref), details=True)
         round_list = run.rounds
         table = _flatten(round_list)
         if fmt == "json":
-            document = {"run": run.info.to_dict(), "config": run.config, "rounds": table, "clients": run.clients}
+            document = {
+                "run": run.info.to_dict(),
+                "config": run.config,
+                "rounds": table,
+                "clients": run.clients,
+                "events": run.events,
+            }
             return dumps_json(document, indent=2) + "\n"
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=_columns(round_list), lineterminator="\n")
@@ -331,5 +346,18 @@ def _read_clients(conn: Connection, run_id: str) -> list[dict[str, Any]]:
             item["metrics"] = json.loads(item.pop("extra_json"))
         except json.JSONDecodeError as exc:
             raise RunStoreError(f"run {run_id} has corrupt client metrics: {exc}") from None
+        out.append(item)
+    return out
+
+
+def _read_events(conn: Connection, run_id: str) -> list[dict[str, Any]]:
+    if not inspect(conn).has_table(client_events.name):  # a run recorded before timelines existed
+        return []
+    query = select(client_events).where(client_events.c.run_id == run_id).order_by(client_events.c.seq)
+    out: list[dict[str, Any]] = []
+    for row in conn.execute(query):
+        item = dict(row._mapping)
+        del item["run_id"]
+        item["at"] = utc(item["at"])
         out.append(item)
     return out

@@ -1,14 +1,17 @@
 """The client agent of a deployment: dial out to the server, then answer its instructions until it says bye.
 
-The agent opens one ``Connect`` stream (see ``fleet.proto``), introduces itself by name, and then, for every
+The agent opens one ``Connect`` stream (see ``fleet.proto``), presents its token, and then, for every
 instruction the server sends, runs :func:`fedloom.runtime.client.handle_instruction` on the task and this
 site's own data and sends the encoded reply back under the instruction's message id. The same code as in
 simulation computes the reply; only the transport differs.
 
 If the task raises, the agent logs the error with its traceback and sends nothing for that instruction: the
 server counts the client as dropped for that round (after the round's deadline) and the agent stays
-connected for the next instruction. The agent does not reconnect after the connection is lost (not yet): it
-raises :class:`~fedloom.core.errors.TransportError`.
+connected for the next instruction. When the connection is lost (the server restarts, the network fails,
+a heartbeat goes unanswered) the agent reconnects, with pauses doubling from 0.5 s up to 30 s, and rejoins at
+the server's next instruction; a reply it was computing when the connection went is lost with it. What
+cannot get better by trying again ends the agent with a :class:`~fedloom.core.errors.TransportError`: a
+refused token, a TLS mismatch, a server that shuts down.
 
 gRPC reaches the server through the proxy in ``https_proxy``/``http_proxy`` (or ``grpc_proxy``) where one is
 set, unless the server's host is listed in ``no_proxy``.
@@ -23,7 +26,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from fedloom.core.codec import decode_message, encode_message
+from fedloom.core.codec import decode_message, message_parts
 from fedloom.core.errors import DecodeError, TransportError
 from fedloom.data.base import ClientData
 from fedloom.runtime.client import handle_instruction
@@ -36,12 +39,47 @@ from fedloom.runtime.net.frames import (
     check_protocol_version,
     split_message,
 )
-from fedloom.runtime.net.server import GRPC_OPTIONS, parse_address
+from fedloom.runtime.net.server import GRPC_OPTIONS, keepalive_options, parse_address
 from fedloom.task.base import Task
 
-__all__ = ["run_client"]
+__all__ = ["Backoff", "run_client"]
 
 log = logging.getLogger("fedloom.client")
+
+_FIRST_PAUSE = 0.5
+_LONGEST_PAUSE = 30.0
+_Outbox = queue.Queue[fleet_pb2.ClientFrame | tuple[int, tuple[bytes | memoryview, ...]] | None]
+
+
+class Backoff:
+    """Pauses between tries that double from 0.5 s up to 30 s, for at most ``retry_for`` seconds since the
+    last success (or since it was made).
+
+    >>> backoff = Backoff(retry_for=60)
+    >>> backoff.wait("connection refused")   # sleeps 0.5 s, then 1 s next time...   # doctest: +SKIP
+    """
+
+    def __init__(self, retry_for: float, what: str = "the server") -> None:
+        self._retry_for = retry_for
+        self._what = what
+        self.succeeded()
+
+    def succeeded(self) -> None:
+        self._since = time.monotonic()
+        self._pause = _FIRST_PAUSE
+
+    def wait(self, failure: str) -> None:
+        """Sleep before the next try, or raise :class:`TransportError` (with ``failure``) if the next try would
+        come more than ``retry_for`` seconds after the last success."""
+        waited = time.monotonic() - self._since
+        if waited + self._pause > self._retry_for:
+            raise TransportError(
+                f"cannot reach {self._what}: tried for {waited:.0f} s (--retry-for {self._retry_for:g}); "
+                f"last error: {failure}"
+            )
+        log.warning("%s not reachable (%s); trying again in %.1f s", self._what, failure, self._pause)
+        time.sleep(self._pause)
+        self._pause = min(self._pause * 2, _LONGEST_PAUSE)
 
 
 def run_client(
@@ -49,61 +87,143 @@ def run_client(
     data: ClientData,
     *,
     server: str,
-    name: str,
-    connect_attempts: int = 5,
+    token: str,
+    retry_for: float = 600.0,
     connect_timeout: float = 2.0,
+    heartbeat: float = 30.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     credentials: grpc.ChannelCredentials | None = None,
 ) -> int:
-    """Serve as client ``name`` of the federation at ``server`` (``HOST:PORT``) until it says bye, and return
-    how many instructions were answered.
+    """Serve as the client that ``token`` names in the federation at ``server`` (``HOST:PORT``) until it says
+    bye, and return how many instructions were answered.
 
     With ``credentials`` (see :func:`fedloom.runtime.net.tls.channel_credentials`) the connection is TLS, and
     the server's certificate must name the host in ``server``; without them it is plaintext (with a warning).
-    The first connection is tried ``connect_attempts`` times, each waiting up to ``connect_timeout`` seconds
-    and the waits between them doubling from 0.5 s; a TLS mismatch (wrong CA, one side without TLS, a missing
-    client certificate) ends the tries at once. Raises :class:`~fedloom.core.errors.ConfigError` for a
-    malformed address; :class:`TransportError` when the server cannot be reached after those attempts, a TLS
-    mismatch (naming its likely cause), when the server refuses this client, or goes away before saying bye;
-    :class:`DecodeError` when it sends malformed frames.
+    Each connection attempt waits up to ``connect_timeout`` seconds; the agent keeps trying, with pauses
+    doubling from 0.5 s to 30 s, for ``retry_for`` seconds from the start or from when a connection was lost.
+    ``heartbeat`` is the seconds between keepalive pings to the server. Raises
+    :class:`~fedloom.core.errors.ConfigError` for a malformed address; :class:`TransportError` when the
+    server stays out of reach for ``retry_for`` seconds, for a TLS mismatch (naming its likely cause), when
+    the server refuses this client or ends its session; :class:`DecodeError` when it sends malformed frames.
     """
     parse_address(server)
-    if credentials is None:
-        channel = grpc.insecure_channel(server, options=GRPC_OPTIONS)
-    else:
-        channel = grpc.secure_channel(server, credentials, options=GRPC_OPTIONS)
-    with channel:
-        _wait_until_reachable(channel, server, connect_attempts, connect_timeout, tls=credentials is not None)
+    options = [*GRPC_OPTIONS, *keepalive_options(heartbeat)]
+    tls = credentials is not None
+    answered = 0
+    backoff = Backoff(retry_for, f"the server at {server}")
+    while True:
         if credentials is None:
-            log.warning("connected to %s without TLS: traffic is unencrypted", server)
-        outbox: queue.Queue[fleet_pb2.ClientFrame | None] = queue.Queue()
-        outbox.put(fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, client_name=name)))
-        stub = fleet_pb2_grpc.FleetStub(channel)  # type: ignore[no-untyped-call]  # generated code, untyped
-        frames = stub.Connect(_drain(outbox))
+            channel = grpc.insecure_channel(server, options=options)
+        else:
+            channel = grpc.secure_channel(server, credentials, options=options)
+        with channel:
+            failure = _connect_failure(channel, connect_timeout)
+            if failure is None:
+                if not tls:
+                    log.warning("connected to %s without TLS: traffic is unencrypted", server)
+                session = _Session(task, data, channel, server, chunk_size, max_message_bytes)
+                bye = session.run(token)
+                answered += session.answered
+                if bye:
+                    log.info("the server said bye after %d instructions", answered)
+                    return answered
+                if session.welcomed:
+                    backoff.succeeded()
+                failure = session.lost or "the stream ended"
+            else:
+                mismatch = _tls_mismatch(failure, server, tls=tls)
+                if mismatch is not None:
+                    raise TransportError(mismatch)
+        backoff.wait(failure)
+
+
+class _Session:
+    """One connection's stream: the greeting, then instructions answered until bye or the stream is lost."""
+
+    def __init__(
+        self, task: Task, data: ClientData, channel: grpc.Channel, server: str, chunk_size: int, max_bytes: int
+    ) -> None:
+        self._task = task
+        self._data = data
+        self._channel = channel
+        self._server = server
+        self._chunk_size = chunk_size
+        self._max = max_bytes
+        self.answered = 0
+        self.welcomed = False
+        self.lost: str | None = None
+
+    def run(self, token: str) -> bool:
+        """Serve the stream; ``True`` if the server said bye, ``False`` if the connection was lost (why is in
+        :attr:`lost`). Raises :class:`TransportError` for a refusal, :class:`DecodeError` for bad frames."""
+        outbox: _Outbox = queue.Queue()
+        outbox.put(fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=token)))
+        stub = fleet_pb2_grpc.FleetStub(self._channel)  # type: ignore[no-untyped-call]  # generated code, untyped
+        frames = stub.Connect(self._drain(outbox))
         try:
-            return _serve(task, data, frames, outbox, server, name, chunk_size, max_message_bytes)
+            return self._serve(frames, outbox)
         except grpc.RpcError as exc:
-            raise TransportError(f"lost the connection to the server at {server}: {_describe(exc)}") from None
+            self.lost = _describe(exc)
+            return False
         finally:
             outbox.put(None)
             frames.cancel()
 
+    def _drain(self, outbox: _Outbox) -> Iterator[fleet_pb2.ClientFrame]:
+        """The frames to send, as gRPC's request iterator wants them, a reply cut into chunks only as it is
+        sent; ``None`` in the queue ends the stream."""
+        while (item := outbox.get()) is not None:
+            if isinstance(item, tuple):
+                message_id, parts = item
+                for chunk in split_message(message_id, parts, self._chunk_size):
+                    yield fleet_pb2.ClientFrame(chunk=chunk)
+            else:
+                yield item
 
-def _wait_until_reachable(channel: grpc.Channel, server: str, attempts: int, timeout: float, *, tls: bool) -> None:
-    pause = 0.5
-    for attempt in range(1, attempts + 1):
-        failure = _connect_failure(channel, timeout)
-        if failure is None:
-            return
-        mismatch = _tls_mismatch(failure, server, tls=tls)
-        if mismatch is not None:
-            raise TransportError(mismatch)
-        log.info("server %s not reachable (attempt %d of %d): %s", server, attempt, attempts, failure)
-        if attempt < attempts:
-            time.sleep(pause)
-            pause *= 2
-    raise TransportError(f"cannot reach the server at {server} after {attempts} attempts")
+    def _serve(self, frames: Iterator[fleet_pb2.ServerFrame], outbox: _Outbox) -> bool:
+        server = self._server
+        greeting = next(frames, None)
+        kind = None if greeting is None else greeting.WhichOneof("frame")
+        if greeting is None or kind == "refusal":
+            reason = "it closed the stream" if greeting is None else greeting.refusal.reason
+            raise TransportError(f"the server at {server} refused this client: {reason}")
+        if kind != "welcome":
+            raise DecodeError(f"the server at {server} opened with a {kind} frame instead of a Welcome")
+        check_protocol_version(greeting.welcome.protocol_version, f"the server at {server}")
+        self.welcomed = True
+        name = greeting.welcome.client_name
+        log.info("joined the federation at %s as client %s", server, name)
+        reassembler = Reassembler(self._max)
+        for frame in frames:
+            kind = frame.WhichOneof("frame")
+            if kind == "bye":
+                return True
+            if kind == "notice":
+                log.warning("the server says: %s", frame.notice.text)
+                continue
+            if kind == "refusal":
+                raise TransportError(f"the server at {server} ended the session of {name!r}: {frame.refusal.reason}")
+            if kind != "chunk":
+                raise DecodeError(f"the server at {server} sent an unexpected {kind} frame")
+            done = reassembler.feed(frame.chunk)
+            if done is None:
+                continue
+            message_id, encoded = done
+            instruction = decode_message(encoded)
+            del encoded
+            try:
+                reply = handle_instruction(self._task, self._data, instruction)
+            except Exception:
+                # Sending nothing makes the server count this client as dropped for the round; see the module's doc.
+                log.exception(
+                    "the task failed on the %s instruction %d; sending no reply", instruction.kind, message_id
+                )
+                continue
+            outbox.put((message_id, message_parts(reply)))
+            self.answered += 1
+        self.lost = "the server closed the stream without saying bye"
+        return False
 
 
 def _connect_failure(channel: grpc.Channel, timeout: float) -> str | None:
@@ -151,58 +271,6 @@ def _tls_mismatch(failure: str, server: str, *, tls: bool) -> str | None:
             "(pass --ca with the federation's ca.pem instead of --insecure)"
         )
     return None
-
-
-def _drain(outbox: queue.Queue[fleet_pb2.ClientFrame | None]) -> Iterator[fleet_pb2.ClientFrame]:
-    """The frames to send, as gRPC's request iterator wants them; ``None`` in the queue ends the stream."""
-    while (frame := outbox.get()) is not None:
-        yield frame
-
-
-def _serve(
-    task: Task,
-    data: ClientData,
-    frames: Iterator[fleet_pb2.ServerFrame],
-    outbox: queue.Queue[fleet_pb2.ClientFrame | None],
-    server: str,
-    name: str,
-    chunk_size: int,
-    max_message_bytes: int,
-) -> int:
-    greeting = next(frames, None)
-    kind = None if greeting is None else greeting.WhichOneof("frame")
-    if greeting is None or kind == "refusal":
-        reason = "it closed the stream" if greeting is None else greeting.refusal.reason
-        raise TransportError(f"the server at {server} refused client {name!r}: {reason}")
-    if kind != "welcome":
-        raise DecodeError(f"the server at {server} opened with a {kind} frame instead of a Welcome")
-    check_protocol_version(greeting.welcome.protocol_version, f"the server at {server}")
-    reassembler = Reassembler(max_message_bytes)
-    answered = 0
-    for frame in frames:
-        kind = frame.WhichOneof("frame")
-        if kind == "bye":
-            log.info("the server said bye after %d instructions", answered)
-            return answered
-        if kind == "refusal":
-            raise TransportError(f"the server at {server} ended the session of {name!r}: {frame.refusal.reason}")
-        if kind != "chunk":
-            raise DecodeError(f"the server at {server} sent an unexpected {kind} frame")
-        done = reassembler.feed(frame.chunk)
-        if done is None:
-            continue
-        message_id, encoded = done
-        instruction = decode_message(encoded)
-        try:
-            reply = handle_instruction(task, data, instruction)
-        except Exception:
-            # Sending nothing makes the server count this client as dropped for the round; see the module's doc.
-            log.exception("the task failed on the %s instruction %d; sending no reply", instruction.kind, message_id)
-            continue
-        for chunk in split_message(message_id, encode_message(reply), chunk_size):
-            outbox.put(fleet_pb2.ClientFrame(chunk=chunk))
-        answered += 1
-    raise TransportError(f"the server at {server} closed the connection without saying bye")
 
 
 def _describe(error: grpc.RpcError) -> str:

@@ -9,12 +9,12 @@ its limit, as well as chunks out of order, repeated, interleaved with another me
 >>> chunks = list(split_message(7, b"hello world", chunk_size=4))
 >>> reassembler = Reassembler(max_message_bytes=1024)
 >>> [reassembler.feed(c) for c in chunks][-1]
-(7, b'hello world')
+(7, bytearray(b'hello world'))
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from fedloom.core.errors import DecodeError
 from fedloom.runtime.net import fleet_pb2
@@ -49,25 +49,52 @@ def check_protocol_version(version: int, peer: str) -> None:
         )
 
 
-def split_message(message_id: int, data: bytes, chunk_size: int = DEFAULT_CHUNK_SIZE) -> Iterator[fleet_pb2.Chunk]:
-    """The chunks of one encoded message, in order: at most ``chunk_size`` bytes each (an empty message is one
-    empty chunk), numbered from 0, the first carrying the total size and the last flagged ``last``.
+Buffer = bytes | bytearray | memoryview
 
-    Raises ``ValueError`` for a ``chunk_size`` outside ``[1, MAX_CHUNK_SIZE]`` (a programming error; the
-    command line checks the user's value first).
+
+def split_message(
+    message_id: int, data: Buffer | Sequence[Buffer], chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> Iterator[fleet_pb2.Chunk]:
+    """The chunks of one encoded message, made as they are asked for: at most ``chunk_size`` bytes each (an
+    empty message is one empty chunk), numbered from 0, the first carrying the total size and the last
+    flagged ``last``.
+
+    ``data`` is the message's bytes, or its parts in order (:func:`fedloom.core.codec.message_parts`: a header
+    and each array's own buffer), so a large model is sent without ever being copied whole. Raises
+    ``ValueError`` for a ``chunk_size`` outside ``[1, MAX_CHUNK_SIZE]`` (a programming error; the command line
+    checks the user's value first).
     """
     if not 1 <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK_SIZE}], got {chunk_size}")
-    view = memoryview(data)
-    count = max(1, -(-len(data) // chunk_size))
-    for index in range(count):
+    parts = [data] if isinstance(data, bytes | bytearray | memoryview) else list(data)
+    views = [memoryview(part).cast("B") for part in parts]
+    total = sum(view.nbytes for view in views)
+    count = max(1, -(-total // chunk_size))
+    for index, piece in enumerate(_pieces(views, chunk_size, total)):
         yield fleet_pb2.Chunk(
             message_id=message_id,
             index=index,
             last=index == count - 1,
-            data=bytes(view[index * chunk_size : (index + 1) * chunk_size]),
-            total_size=len(data) if index == 0 else 0,
+            data=piece,
+            total_size=total if index == 0 else 0,
         )
+
+
+def _pieces(views: Sequence[memoryview], size: int, total: int) -> Iterator[bytes]:
+    """The concatenation of ``views`` in pieces of ``size`` bytes (the last one shorter; one empty piece for
+    nothing at all), copying only one piece at a time."""
+    piece = bytearray()
+    for view in views:
+        at = 0
+        while at < view.nbytes:
+            take = min(size - len(piece), view.nbytes - at)
+            piece += view[at : at + take]
+            at += take
+            if len(piece) == size:
+                yield bytes(piece)
+                piece.clear()
+    if piece or total == 0:
+        yield bytes(piece)
 
 
 class Reassembler:
@@ -94,14 +121,14 @@ class Reassembler:
         """Whether a message has started and not yet ended."""
         return self._message_id is not None
 
-    def feed(self, chunk: fleet_pb2.Chunk) -> tuple[int, bytes] | None:
+    def feed(self, chunk: fleet_pb2.Chunk) -> tuple[int, bytearray] | None:
         try:
             return self._feed(chunk)
         except DecodeError:
             self._reset()
             raise
 
-    def _feed(self, chunk: fleet_pb2.Chunk) -> tuple[int, bytes] | None:
+    def _feed(self, chunk: fleet_pb2.Chunk) -> tuple[int, bytearray] | None:
         if self._message_id is None:
             if chunk.index != 0:
                 raise DecodeError(f"message {chunk.message_id} starts at chunk {chunk.index}, not 0")
@@ -129,7 +156,7 @@ class Reassembler:
             raise DecodeError(
                 f"message {chunk.message_id} ended after {len(self._buffer)} of the {self._declared} bytes it declared"
             )
-        done = (chunk.message_id, bytes(self._buffer))
+        done = (chunk.message_id, self._buffer)  # handed over, not copied: the next message starts a new buffer
         self._reset()
         return done
 

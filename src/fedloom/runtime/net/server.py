@@ -18,18 +18,19 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from fedloom.core.codec import decode_message, encode_message
-from fedloom.core.errors import ConfigError, DecodeError, NotEnoughClientsError, TransportError
-from fedloom.core.message import Message
-from fedloom.runtime.grid import Exchange, Reply
+from fedloom.core.codec import decode_message, message_parts
+from fedloom.core.errors import ConfigError, DecodeError, FedloomError, NotEnoughClientsError, TransportError
+from fedloom.core.message import Message, MessageKind
+from fedloom.runtime.grid import Exchange, Reply, ReplyHandler
 from fedloom.runtime.net import fleet_pb2, fleet_pb2_grpc
 from fedloom.runtime.net.frames import (
     DEFAULT_CHUNK_SIZE,
@@ -40,17 +41,36 @@ from fedloom.runtime.net.frames import (
     check_protocol_version,
     split_message,
 )
+from fedloom.runtime.records import ClientEvent
 
-__all__ = ["FleetServer", "NetGrid", "parse_address"]
+__all__ = ["Authenticator", "FleetServer", "NetGrid", "keepalive_options", "parse_address"]
 
 log = logging.getLogger("fedloom.server")
 
 _NAME_MAX = 128
 _POLL_S = 0.2  # how often a blocked stream checks whether it should end
+_SENT_EVENT = {MessageKind.FIT: "training", MessageKind.EVALUATE: "evaluating"}
 GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", GRPC_FRAME_LIMIT),
     ("grpc.max_send_message_length", GRPC_FRAME_LIMIT),
 )
+#: A token's client name, or ``None`` for a token that admits nobody.
+Authenticator = Callable[[str], "str | None"]
+
+
+def keepalive_options(heartbeat: float) -> list[tuple[str, int]]:
+    """gRPC channel options for heartbeats: an HTTP/2 ping every ``heartbeat`` seconds, the peer taken as gone
+    when one is not answered within ``heartbeat`` seconds, pings allowed with no call in flight, and pings
+    received as often as once a second (a peer that pings more often is told to go away)."""
+    every = max(1000, int(heartbeat * 1000))
+    return [
+        ("grpc.keepalive_time_ms", every),
+        ("grpc.keepalive_timeout_ms", every),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ]
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -81,51 +101,121 @@ def _check_free(host: str, port: int, address: str) -> None:
 
 @dataclass
 class _Connection:
-    """One connected client: its name and the frames waiting to be sent down its stream (``None`` ends it)."""
+    """One connected client: its name, its token (checked again each round, so a revoked one is shut out),
+    and what waits to be sent down its stream: frames, messages to chunk, or ``None`` to end it."""
 
     name: str
-    outbox: queue.Queue[fleet_pb2.ServerFrame | None]
+    token: str
+    outbox: queue.Queue[fleet_pb2.ServerFrame | _Outgoing | None]
     open: bool = True
+
+
+@dataclass(frozen=True)
+class _Outgoing:
+    """A message to send: its id and its encoded parts, cut into chunks only as the stream sends them."""
+
+    message_id: int
+    parts: tuple[bytes | memoryview, ...]
+
+
+@dataclass
+class _Awaited:
+    """A message sent, whose reply is awaited: to whom, when, its size, and what to do with the reply."""
+
+    connection: _Connection
+    server_round: int | None
+    sent_at: float
+    bytes_down: int
+    on_reply: ReplyHandler | None
+    reply: Reply | None = None  # set once the reply has arrived and been handed over
+    busy: bool = False  # the reply is being decoded and handed over
+    malformed: str | None = None
 
 
 class _Hub:
     """What the stream handlers and :class:`NetGrid` share, under one condition variable: who is connected,
-    which message ids await replies (id -> client name), and the replies that came (id -> bytes, time)."""
+    the messages whose replies are awaited (by message id), and the client events not yet collected."""
 
-    def __init__(self) -> None:
+    def __init__(self, authenticate: Authenticator, max_uploads: int) -> None:
         self.cond = threading.Condition()
+        self.authenticate = authenticate
         self.connections: dict[str, _Connection] = {}
-        self.awaiting: dict[int, str] = {}
-        self.arrived: dict[int, tuple[bytes, float]] = {}
+        self.awaiting: dict[int, _Awaited] = {}
         self.ids = itertools.count(1)
         self.closing = False
+        self.events: list[ClientEvent] = []
+        self.uploads = threading.BoundedSemaphore(max_uploads)
+        self.handing_over = threading.Lock()  # on_reply is called one reply at a time
 
-    def deliver(self, name: str, message_id: int, data: bytes) -> None:
+    def event(
+        self, client_id: str, event: str, server_round: int | None = None, nbytes: int = 0, detail: str | None = None
+    ) -> None:
         with self.cond:
-            if self.awaiting.get(message_id) != name:
-                log.warning("client %s: reply %d came late or unasked; dropped", name, message_id)
-                return
-            self.arrived[message_id] = (data, time.perf_counter())
-            self.cond.notify_all()
+            self.events.append(ClientEvent(datetime.now(timezone.utc), client_id, event, server_round, nbytes, detail))
 
-    def disconnect(self, connection: _Connection) -> None:
+    def expects(self, connection: _Connection, message_id: int) -> bool:
+        with self.cond:
+            awaited = self.awaiting.get(message_id)
+            return awaited is not None and awaited.connection is connection and awaited.reply is None
+
+    def deliver(self, connection: _Connection, message_id: int, data: bytearray) -> None:
+        """Decode a whole reply and hand it over (folding it into the round's aggregate, for FedAvg) at once,
+        in this stream's thread, so its bytes can go before other replies come in."""
+        with self.cond:
+            awaited = self.awaiting.get(message_id)
+            if awaited is None or awaited.connection is not connection or awaited.reply is not None:
+                log.warning(
+                    "client %s: reply %d came after its deadline or unasked; dropped", connection.name, message_id
+                )
+                self.events.append(ClientEvent(datetime.now(timezone.utc), connection.name, "late", None, len(data)))
+                return
+            awaited.busy = True
+        arrived = time.perf_counter()
+        size = len(data)
+        try:
+            reply = Reply(decode_message(data), arrived - awaited.sent_at, awaited.bytes_down, size)
+            del data  # the decoded params are a copy
+            if awaited.on_reply is not None:
+                with self.handing_over:
+                    reply = awaited.on_reply(connection.name, reply)
+        except DecodeError as exc:
+            reply, awaited.malformed = None, str(exc)
+        finally:
+            with self.cond:
+                awaited.busy = False
+                awaited.reply = reply
+                self.events.append(
+                    ClientEvent(
+                        datetime.now(timezone.utc),
+                        connection.name,
+                        "reported" if reply is not None else "refused",
+                        awaited.server_round,
+                        size,
+                        None if reply is not None else f"malformed reply: {awaited.malformed}",
+                    )
+                )
+                self.cond.notify_all()
+
+    def disconnect(self, connection: _Connection, detail: str | None = None) -> None:
         with self.cond:
             if not connection.open:
                 return
             connection.open = False
             if self.connections.get(connection.name) is connection:
                 del self.connections[connection.name]
+            self.events.append(ClientEvent(datetime.now(timezone.utc), connection.name, "disconnected", detail=detail))
             self.cond.notify_all()
         connection.outbox.put(None)
-        log.info("client %s disconnected", connection.name)
+        log.info("client %s disconnected%s", connection.name, f" ({detail})" if detail else "")
 
 
 class _Servicer(fleet_pb2_grpc.FleetServicer):
     """Serves each client's ``Connect`` stream: the greeting, then instructions down and replies up."""
 
-    def __init__(self, hub: _Hub, max_message_bytes: int) -> None:
+    def __init__(self, hub: _Hub, max_message_bytes: int, chunk_size: int) -> None:
         self._hub = hub
         self._max = max_message_bytes
+        self._chunk_size = chunk_size
 
     def Connect(  # noqa: N802 (the name is the gRPC method's)
         self, request_iterator: Iterator[fleet_pb2.ClientFrame], context: grpc.ServicerContext
@@ -134,172 +224,261 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
             first = next(request_iterator)
         except (StopIteration, grpc.RpcError):
             return
-        refusal = self._refusal(first)
-        if refusal is not None:
+        name, refusal = self._admit(first)
+        if name is None:
             log.warning("refused a client from %s: %s", context.peer(), refusal)
+            self._hub.event(f"? {context.peer()}"[:_NAME_MAX], "refused", detail=refusal)
             yield fleet_pb2.ServerFrame(refusal=fleet_pb2.Refusal(reason=refusal))
             return
-        connection = _Connection(first.hello.client_name, queue.Queue())
+        connection = _Connection(name, first.hello.token, queue.Queue())
         with self._hub.cond:
-            self._hub.connections[connection.name] = connection
+            replaced = self._hub.connections.get(name)
+            self._hub.connections[name] = connection
             self._hub.cond.notify_all()
-        log.info("client %s connected from %s", connection.name, context.peer())
+        if replaced is not None:  # the same client again, after a connection the server had not yet seen die
+            replaced.outbox.put(_refusal("this client connected again; this older connection is closed"))
+            self._hub.disconnect(replaced, "replaced by a new connection")
+        log.info("client %s connected from %s", name, context.peer())
+        self._hub.event(name, "connected", detail=context.peer())
         context.add_callback(lambda: self._hub.disconnect(connection))
         reader = threading.Thread(
-            target=self._read, args=(connection, request_iterator), name=f"fleet-read-{connection.name}", daemon=True
+            target=self._read, args=(connection, request_iterator), name=f"fleet-read-{name}", daemon=True
         )
         reader.start()
-        yield fleet_pb2.ServerFrame(welcome=fleet_pb2.Welcome(protocol_version=PROTOCOL_VERSION))
+        yield fleet_pb2.ServerFrame(welcome=fleet_pb2.Welcome(protocol_version=PROTOCOL_VERSION, client_name=name))
         while True:
             try:
-                frame = connection.outbox.get(timeout=_POLL_S)
+                item = connection.outbox.get(timeout=_POLL_S)
             except queue.Empty:
                 if not context.is_active() or not connection.open:
                     break
                 continue
-            if frame is None:
+            if item is None:
                 break
-            yield frame
+            if isinstance(item, _Outgoing):
+                for chunk in split_message(item.message_id, item.parts, self._chunk_size):
+                    if not connection.open:
+                        break
+                    yield fleet_pb2.ServerFrame(chunk=chunk)
+                continue
+            yield item
         self._hub.disconnect(connection)
 
-    def _refusal(self, frame: fleet_pb2.ClientFrame) -> str | None:
-        """Why this first frame cannot open a client's session, or ``None`` if it can."""
+    def _admit(self, frame: fleet_pb2.ClientFrame) -> tuple[str | None, str]:
+        """The name of the client this first frame admits, or ``None`` and why it admits nobody."""
         if frame.WhichOneof("frame") != "hello":
-            return "the first frame must be a Hello"
+            return None, "the first frame must be a Hello"
         try:
             check_protocol_version(frame.hello.protocol_version, "the client")
         except DecodeError as exc:
-            return str(exc)
-        name = frame.hello.client_name
-        if not name or len(name) > _NAME_MAX or not name.isprintable():
-            return f"a client name must be 1 to {_NAME_MAX} printable characters"
+            return None, str(exc)
         with self._hub.cond:
             if self._hub.closing:
-                return "the server is shutting down"
-            if name in self._hub.connections:
-                return f"a client named {name!r} is already connected"
-        return None
+                return None, "the server is shutting down"
+        if not frame.hello.token:
+            return None, "no token: connect with --token (from `fedloom token create` or an invitation)"
+        try:
+            name = self._hub.authenticate(frame.hello.token)
+        except FedloomError as exc:
+            log.error("cannot check a client's token: %s", exc)
+            return None, "the server cannot check tokens right now; try again later"
+        if name is None:
+            return None, "unknown or revoked token"
+        return name, ""
 
     def _read(self, connection: _Connection, frames: Iterator[fleet_pb2.ClientFrame]) -> None:
-        """Reassemble the client's replies until its stream ends; a malformed frame ends its session."""
+        """Reassemble the client's replies until its stream ends; a malformed frame ends its session.
+
+        At most ``max_uploads`` replies are read at once over all clients: a stream waits for a free slot
+        before it reads a reply's first chunk, and gRPC's flow control holds its sender back meanwhile. A reply
+        nobody awaits (after its deadline) is read past without being kept."""
+        hub = self._hub
         reassembler = Reassembler(self._max)
+        skipping: int | None = None  # id of a late reply being read past
+        slot = False
         try:
             for frame in frames:
                 if frame.WhichOneof("frame") != "chunk":
                     raise DecodeError("only chunks may follow the Hello")
-                done = reassembler.feed(frame.chunk)
+                chunk = frame.chunk
+                if chunk.index == 0 and not reassembler.in_progress:
+                    skipping = None
+                    if not hub.expects(connection, chunk.message_id):
+                        skipping = chunk.message_id
+                        log.warning(
+                            "client %s: reply %d came after its deadline or unasked; dropped",
+                            connection.name,
+                            chunk.message_id,
+                        )
+                        hub.event(connection.name, "late", detail=f"reply {chunk.message_id}")
+                    else:
+                        slot = _acquire(hub.uploads, connection)
+                        if not slot:
+                            break
+                if skipping is not None and chunk.message_id == skipping:
+                    continue
+                done = reassembler.feed(chunk)
                 if done is not None:
-                    self._hub.deliver(connection.name, *done)
+                    hub.deliver(connection, *done)
+                    hub.uploads.release()
+                    slot = False
         except DecodeError as exc:
             log.warning("client %s sent a malformed frame, disconnecting it: %s", connection.name, exc)
-            connection.outbox.put(fleet_pb2.ServerFrame(refusal=fleet_pb2.Refusal(reason=str(exc))))
+            hub.event(connection.name, "refused", detail=f"malformed frame: {exc}")
+            connection.outbox.put(_refusal(str(exc)))
         except grpc.RpcError:
             pass  # the stream ended; the disconnect callback has the rest
-        self._hub.disconnect(connection)
+        finally:
+            if slot:
+                hub.uploads.release()
+        hub.disconnect(connection)
+
+
+def _refusal(reason: str) -> fleet_pb2.ServerFrame:
+    return fleet_pb2.ServerFrame(refusal=fleet_pb2.Refusal(reason=reason))
+
+
+def _acquire(slots: threading.BoundedSemaphore, connection: _Connection) -> bool:
+    """Wait for an upload slot while ``connection`` is open; whether one was taken."""
+    while connection.open:
+        if slots.acquire(timeout=_POLL_S):
+            return True
+    return False
 
 
 class NetGrid:
     """The :class:`~fedloom.runtime.grid.Grid` of a deployment: the clients connected to a :class:`FleetServer`.
 
-    ``client_ids()`` are the connected clients' names, sorted. ``send_and_receive`` sends each message down its
-    client's stream (in chunks of ``chunk_size``) and waits, at most ``timeout`` seconds, for the replies. A
-    client that is not connected, disconnects, does not reply in time, or replies with bytes that do not
-    decode is in ``Exchange.dropped`` (the last two are logged). Replies come in the order of ``messages``,
-    so a strategy aggregates them in the same order as in simulation. ``Reply.seconds`` is the wall time from
-    sending to the whole reply's arrival; ``bytes_down``/``bytes_up`` are the encoded messages' sizes.
+    ``client_ids()`` are the connected clients' names, sorted; a client whose token was revoked since it
+    connected is disconnected first. ``send_and_receive`` sends each message down its client's stream (cut
+    into chunks as the stream sends them, without copying the model per client) and waits, at most
+    ``timeout`` seconds, for the replies, handing each to ``on_reply`` as it arrives. A client that is not
+    connected, disconnects, does not reply in time, or replies with bytes that do not decode is in
+    ``Exchange.dropped`` (the last two are logged). Replies are listed in the order of ``messages``.
+    ``Reply.seconds`` is the wall time from sending to the whole reply's arrival; ``bytes_down``/``bytes_up``
+    are the encoded messages' sizes.
     """
 
-    def __init__(self, hub: _Hub, chunk_size: int) -> None:
+    def __init__(self, hub: _Hub) -> None:
         self._hub = hub
-        self._chunk_size = chunk_size
 
     def client_ids(self) -> Sequence[str]:
-        with self._hub.cond:
-            return sorted(self._hub.connections)
+        hub = self._hub
+        with hub.cond:
+            connections = list(hub.connections.values())
+        for connection in connections:
+            try:
+                valid = hub.authenticate(connection.token) == connection.name
+            except FedloomError as exc:  # cannot tell: keep the client rather than end the run
+                log.error("cannot check the token of client %s: %s", connection.name, exc)
+                valid = True
+            if not valid:
+                log.warning("client %s: its token was revoked; disconnecting it", connection.name)
+                connection.outbox.put(_refusal("this client's token was revoked"))
+                hub.disconnect(connection, "token revoked")
+        with hub.cond:
+            return sorted(hub.connections)
 
-    def send_and_receive(self, messages: Mapping[str, Message], timeout: float | None = None) -> Exchange:
+    def send_and_receive(
+        self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
+    ) -> Exchange:
         hub = self._hub
         deadline = None if timeout is None else time.perf_counter() + timeout
-        sent: dict[str, tuple[int, int, float]] = {}  # client -> (message id, bytes down, send time)
+        sent: dict[str, int] = {}  # client -> message id
         for client_id, message in messages.items():
-            data = encode_message(message)
+            parts = message_parts(message)
+            size = sum(memoryview(part).nbytes for part in parts)
+            server_round = message.metadata.get("round")
+            server_round = server_round if isinstance(server_round, int) else None
             with hub.cond:
                 connection = hub.connections.get(client_id)
                 if connection is None:
                     continue
                 message_id = next(hub.ids)
-                hub.awaiting[message_id] = client_id
-            sent[client_id] = (message_id, len(data), time.perf_counter())
-            for chunk in split_message(message_id, data, self._chunk_size):
-                connection.outbox.put(fleet_pb2.ServerFrame(chunk=chunk))
+                hub.awaiting[message_id] = _Awaited(connection, server_round, time.perf_counter(), size, on_reply)
+            sent[client_id] = message_id
+            connection.outbox.put(_Outgoing(message_id, parts))
+            hub.event(client_id, _SENT_EVENT.get(message.kind, "training"), server_round, size)
         with hub.cond:
             hub.cond.wait_for(lambda: self._settled(sent), None if deadline is None else deadline - time.perf_counter())
-            arrived = {cid: hub.arrived.pop(sent[cid][0]) for cid in sent if sent[cid][0] in hub.arrived}
-            for message_id, _down, _at in sent.values():
-                hub.awaiting.pop(message_id, None)
+            hub.cond.wait_for(lambda: not any(hub.awaiting[m].busy for m in sent.values()))  # on time: let it finish
+            awaited = {cid: hub.awaiting.pop(message_id) for cid, message_id in sent.items()}
         replies: dict[str, Reply] = {}
         dropped: list[str] = []
-        for client_id in messages:
-            if client_id not in arrived:
-                if client_id in sent:
-                    log.warning("client %s did not reply to its %s instruction", client_id, messages[client_id].kind)
-                dropped.append(client_id)
+        for client_id, message in messages.items():
+            entry = awaited.get(client_id)
+            if entry is not None and entry.reply is not None:
+                replies[client_id] = entry.reply
                 continue
-            up, received = arrived[client_id]
-            _id, down, started = sent[client_id]
-            try:
-                reply = decode_message(up)
-            except DecodeError as exc:
-                log.warning("client %s replied with a malformed message: %s", client_id, exc)
-                dropped.append(client_id)
-                continue
-            replies[client_id] = Reply(reply, received - started, down, len(up))
+            dropped.append(client_id)
+            if entry is None:
+                why = "not connected"
+            elif entry.malformed is not None:
+                why = "malformed reply"
+                log.warning("client %s replied with a malformed message: %s", client_id, entry.malformed)
+            elif not entry.connection.open:
+                why = "disconnected"
+            else:
+                why = "no reply by the deadline"
+            if entry is not None and entry.malformed is None:
+                log.warning("client %s did not reply to its %s instruction (%s)", client_id, message.kind, why)
+            hub.event(client_id, "dropped", None if entry is None else entry.server_round, detail=why)
         return Exchange(replies, tuple(dropped))
 
-    def _settled(self, sent: Mapping[str, tuple[int, int, float]]) -> bool:
+    def _settled(self, sent: Mapping[str, int]) -> bool:
         """Whether every addressed client has replied or is gone (called under the hub's lock)."""
-        hub = self._hub
+        awaiting = self._hub.awaiting
         return all(
-            message_id in hub.arrived or client_id not in hub.connections
-            for client_id, (message_id, _down, _at) in sent.items()
+            awaiting[m].reply is not None or awaiting[m].malformed is not None or not awaiting[m].connection.open
+            for m in sent.values()
         )
 
 
 class FleetServer:
     """A gRPC server for the fleet protocol, listening on exactly ``address`` (``HOST:PORT``).
 
-    ``credentials`` (see :func:`fedloom.runtime.net.tls.server_credentials`) make it serve TLS only; without
-    them it serves plaintext, and says so in a warning when it starts.
+    ``authenticate`` maps a client's token to its name (``None``: refused); see
+    :meth:`fedloom.tracking.tokens.TokenStore.authenticate`. ``credentials`` (see
+    :func:`fedloom.runtime.net.tls.server_credentials`) make it serve TLS only; without them it serves
+    plaintext, and says so in a warning when it starts.
 
-    ``max_clients`` bounds the streams held open at once (each holds a worker thread of the server).
-    Raises :class:`ConfigError` for a malformed address and :class:`TransportError` when the address cannot
-    be listened on (a port in use, a host that is not this machine's). Use it as a context manager, or call
-    :meth:`start` and :meth:`stop`.
+    ``max_clients`` bounds the streams held open at once (each holds a worker thread of the server);
+    ``max_uploads`` bounds the replies read at once, which bounds the server's memory: with FedAvg it holds
+    the aggregate and those replies, however many clients there are. ``heartbeat`` is the seconds between
+    HTTP/2 keepalive pings to each client; a client that does not answer one within ``heartbeat`` seconds is
+    taken as gone. Raises :class:`ConfigError` for a malformed address and :class:`TransportError` when the
+    address cannot be listened on (a port in use, a host that is not this machine's). Use it as a context
+    manager, or call :meth:`start` and :meth:`stop`.
     """
 
     def __init__(
         self,
         address: str,
         *,
+        authenticate: Authenticator,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_clients: int = 256,
+        max_uploads: int = 4,
+        heartbeat: float = 30.0,
         credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         _check_free(*parse_address(address), address)
+        if max_uploads < 1:
+            raise ConfigError(f"max_uploads must be >= 1, got {max_uploads}")
         self.address = address
         self.tls = credentials is not None
-        self._hub = _Hub()
-        self.grid = NetGrid(self._hub, chunk_size)
+        self._hub = _Hub(authenticate, max_uploads)
+        self.grid = NetGrid(self._hub)
         # One worker per stream, plus a few for streams being refused. Without so_reuseport=0, gRPC would let
         # a second server bind a port that is already in use.
         self._server = grpc.server(
             ThreadPoolExecutor(max_workers=max_clients + 4, thread_name_prefix="fleet"),
-            options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+            options=[*GRPC_OPTIONS, *keepalive_options(heartbeat), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=max_clients + 4,
         )
         generated = fleet_pb2_grpc.add_FleetServicer_to_server  # generated code, untyped
-        generated(_Servicer(self._hub, max_message_bytes), self._server)  # type: ignore[no-untyped-call]
+        generated(_Servicer(self._hub, max_message_bytes, chunk_size), self._server)  # type: ignore[no-untyped-call]
         try:
             if credentials is None:
                 port = self._server.add_insecure_port(address)
@@ -332,6 +511,19 @@ class FleetServer:
                     + (f" ({', '.join(came)})" if came else "")
                 )
             return sorted(self._hub.connections)
+
+    def notify(self, client_id: str, text: str) -> None:
+        """Send ``text`` to ``client_id`` for its log (if it is connected): why its update was refused."""
+        with self._hub.cond:
+            connection = self._hub.connections.get(client_id)
+        if connection is not None:
+            connection.outbox.put(fleet_pb2.ServerFrame(notice=fleet_pb2.Notice(text=text)))
+
+    def take_events(self) -> list[ClientEvent]:
+        """The client events since the last call, oldest first (for the run store's client timeline)."""
+        with self._hub.cond:
+            events, self._hub.events = self._hub.events, []
+        return events
 
     def say_bye(self, grace: float = 5.0) -> None:
         """Tell every connected client that the federation is over and wait (at most ``grace`` seconds) for

@@ -18,12 +18,15 @@ invitation, so a site can check the ``ca.pem`` it was given.
 
 from __future__ import annotations
 
+import _ssl
 import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
 import os
 import re
+import socket
+import ssl
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,16 +34,20 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedloom.core.errors import ConfigError
+from fedloom.core.errors import ConfigError, TransportError
+from fedloom.core.validation import check_client_name
+from fedloom.runtime.net.server import parse_address
 
 __all__ = [
     "CA_DAYS",
     "LEAF_DAYS",
     "channel_credentials",
+    "fetch_ca",
     "fingerprint",
     "init_certs",
     "server_credentials",
@@ -50,7 +57,6 @@ CA_DAYS = 3650
 LEAF_DAYS = 825  # the longest validity that common TLS clients accept for a server certificate
 _SKEW = dt.timedelta(minutes=5)
 _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
-_CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -179,11 +185,7 @@ def init_certs(
     folder = Path(out)
     alt = _subject_names(hosts)
     for client in clients:
-        if not _CLIENT_NAME.match(client):
-            raise ConfigError(
-                f"client name {client!r} must be 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
-                "or digit"
-            )
+        check_client_name(client)
     if len(set(clients)) != len(clients):
         raise ConfigError("each --client name may be given once")
     ca = _make_ca(str(alt[0].value))
@@ -277,17 +279,79 @@ def server_credentials(certs: str | os.PathLike[str], *, mutual: bool = False) -
     cert_path, key_path = folder / "server.pem", folder / "server.key"
     cert_pem, key_pem = _read(cert_path, "the server certificate"), _read(key_path, "the server key")
     _check_pair(cert_pem, key_pem, cert_path, key_path)
-    ca_pem = _load_ca(folder / "ca.pem") if mutual else None
-    return grpc.ssl_server_credentials([(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=mutual)
+    ca_path = folder / "ca.pem"
+    ca_pem = _load_ca(ca_path) if mutual or ca_path.is_file() else None
+    # The handshake sends the CA after the server's certificate, so that a site with only the CA's fingerprint
+    # (an invitation) can take the CA from the server and check it (see fetch_ca).
+    chain = cert_pem if ca_pem is None else cert_pem.rstrip(b"\n") + b"\n" + ca_pem
+    return grpc.ssl_server_credentials(
+        [(key_pem, chain)], root_certificates=ca_pem if mutual else None, require_client_auth=mutual
+    )
+
+
+def fetch_ca(server: str, expected: str, timeout: float = 10.0) -> bytes:
+    """The federation's CA certificate (PEM), taken from the TLS handshake of the server at ``server``
+    (``HOST:PORT``) and trusted only because its :func:`fingerprint` is ``expected`` and it signed the
+    server's certificate: how a site joins with an invitation instead of a ``ca.pem`` file.
+
+    Raises :class:`TransportError` if the server cannot be reached or does not speak TLS, and
+    :class:`ConfigError` if no certificate it sends has that fingerprint (the wrong server, or someone in
+    between) or that certificate did not sign the server's.
+    """
+    host, port = parse_address(server)
+    wanted = expected.strip().lower()
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", wanted):
+        raise ConfigError(f"a CA fingerprint is 'sha256:' and 64 hex digits, got {expected!r}")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # nothing is trusted yet: the fingerprint decides below
+    context.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((host, port), timeout=timeout) as raw,
+            context.wrap_socket(raw, server_hostname=host) as tls,
+        ):
+            chain = _unverified_chain(tls)
+    except (OSError, ssl.SSLError) as exc:
+        raise TransportError(f"cannot fetch the CA from the server at {server}: {exc}") from None
+    certs = [x509.load_der_x509_certificate(der) for der in chain]
+    matching = [
+        c for c in certs if "sha256:" + hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).hexdigest() == wanted
+    ]
+    if not certs or not matching:
+        raise ConfigError(
+            f"the server at {server} sent no certificate with fingerprint {wanted}: is it the federation's "
+            "server, and is that the fingerprint of its invitation?"
+        )
+    ca = matching[0]
+    try:
+        certs[0].verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        raise ConfigError(
+            f"the CA with fingerprint {wanted} did not sign the certificate of the server at {server}"
+        ) from None
+    return ca.public_bytes(serialization.Encoding.PEM)
+
+
+def _unverified_chain(tls: ssl.SSLSocket) -> list[bytes]:
+    """The certificates the peer sent, as DER, its own first (``SSLSocket.get_unverified_chain`` from Python
+    3.13; the same method of the underlying ``_ssl`` object before)."""
+    public = getattr(tls, "get_unverified_chain", None)
+    if public is not None:
+        return [bytes(der) for der in public()]
+    certs = tls._sslobj.get_unverified_chain()  # type: ignore[attr-defined]  # Python 3.10 to 3.12
+    return [cert.public_bytes(_ssl.ENCODING_DER) for cert in certs or []]
 
 
 def channel_credentials(
-    ca: str | os.PathLike[str], cert: str | os.PathLike[str] | None = None, key: str | os.PathLike[str] | None = None
+    ca: str | os.PathLike[str] | bytes,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
 ) -> grpc.ChannelCredentials:
-    """gRPC credentials of a client that trusts only the CA in ``ca`` and, for mutual TLS, presents the
-    certificate ``cert`` with its private key ``key`` (both or neither). Raises :class:`ConfigError` if a file
-    is missing or not what it should be."""
-    ca_pem = _load_ca(Path(ca))
+    """gRPC credentials of a client that trusts only the CA ``ca`` (a ``ca.pem`` path, or the PEM itself as
+    :func:`fetch_ca` returns it) and, for mutual TLS, presents the certificate ``cert`` with its private key
+    ``key`` (both or neither). Raises :class:`ConfigError` if a file is missing or not what it should be."""
+    ca_pem = ca if isinstance(ca, bytes) else _load_ca(Path(ca))
     if (cert is None) != (key is None):
         raise ConfigError("--cert and --key go together: give both for mutual TLS, or neither")
     if cert is None or key is None:

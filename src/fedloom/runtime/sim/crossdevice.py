@@ -22,7 +22,7 @@ from fedloom.core.message import Message, MessageKind
 from fedloom.core.results import parse_instruction
 from fedloom.data.base import Federation
 from fedloom.data.lazy import ClientIds
-from fedloom.runtime.grid import Exchange, Grid
+from fedloom.runtime.grid import Exchange, Grid, ReplyHandler, hand_over
 
 __all__ = ["AvailabilityTrace", "SystemGrid", "SystemRound", "local_steps"]
 
@@ -269,11 +269,13 @@ class SystemGrid:
         steps = local_steps(len(self._data.clients[client_id].train), config)
         return steps * self._system.seconds_per_step / self.speed(client_id)
 
-    def send_and_receive(self, messages: Mapping[str, Message], timeout: float | None = None) -> Exchange:
+    def send_and_receive(
+        self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
+    ) -> Exchange:
         rounds = [r for m in messages.values() if isinstance(r := m.metadata.get("round"), int)]
         fits = {cid: m for cid, m in messages.items() if m.kind == MessageKind.FIT}
         if not fits:
-            exchange = self._inner.send_and_receive(messages, timeout)
+            exchange = self._inner.send_and_receive(messages, timeout, on_reply)
             self._last_round = max([self._last_round, *rounds])
             return exchange
 
@@ -293,7 +295,7 @@ class SystemGrid:
         )
         self._clock += duration
         self._last_round = max(self._last_round, server_round)
-        return Exchange(exchange.replies, exchange.dropped, (*late, *exchange.late))
+        return hand_over(Exchange(exchange.replies, exchange.dropped, (*late, *exchange.late)), on_reply)
 
 
 def _numbering(ids: Sequence[str]) -> Callable[[str], int]:

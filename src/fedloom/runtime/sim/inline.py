@@ -10,7 +10,7 @@ from fedloom.core.errors import user_code
 from fedloom.core.message import Message
 from fedloom.data.base import Federation
 from fedloom.runtime.client import handle_instruction
-from fedloom.runtime.grid import Exchange, Reply
+from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
 from fedloom.task.base import Task
 
@@ -37,7 +37,9 @@ class InlineGrid:
     def client_ids(self) -> Sequence[str]:
         return self._data.client_ids
 
-    def send_and_receive(self, messages: Mapping[str, Message], timeout: float | None = None) -> Exchange:
+    def send_and_receive(
+        self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
+    ) -> Exchange:
         replies: dict[str, Reply] = {}
         dropped: list[str] = []
         for client_id, message in messages.items():
@@ -52,4 +54,4 @@ class InlineGrid:
             seconds = time.perf_counter() - start
             up = encode_message(reply)
             replies[client_id] = Reply(decode_message(up), seconds, len(down), len(up))
-        return Exchange(replies, tuple(dropped))
+        return hand_over(Exchange(replies, tuple(dropped)), on_reply)

@@ -24,7 +24,7 @@ from fedloom.core.errors import (
 )
 from fedloom.core.message import Message
 from fedloom.data.base import ClientData, FederatedData, Federation
-from fedloom.runtime.grid import Exchange, Reply
+from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
     Header,
@@ -250,7 +250,9 @@ class ProcessGrid:
     def client_ids(self) -> Sequence[str]:
         return self._data.client_ids
 
-    def send_and_receive(self, messages: Mapping[str, Message], timeout: float | None = None) -> Exchange:
+    def send_and_receive(
+        self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
+    ) -> Exchange:
         if self._workers.closed:
             raise FedloomError("this ProcessGrid is closed")
         work: list[str] = []
@@ -275,7 +277,7 @@ class ProcessGrid:
             self._abort()
             raise
         # In the order asked, as inline replies: aggregation sums in this order, so it must not depend on timing.
-        return Exchange({client_id: replies[client_id] for client_id in work}, tuple(dropped))
+        return hand_over(Exchange({client_id: replies[client_id] for client_id in work}, tuple(dropped)), on_reply)
 
     def close(self) -> None:
         """Stop the worker processes (waiting a few seconds for a client that is still running). Idempotent."""

@@ -20,7 +20,7 @@ from fedloom.core.codec import decode_message, encode_message
 from fedloom.core.errors import ConfigError, FedloomError, JobError
 from fedloom.core.message import Message
 from fedloom.data.base import ClientData, FederatedData, Federation
-from fedloom.runtime.grid import Exchange, Reply
+from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
     Header,
@@ -135,7 +135,9 @@ class RayGrid:
     def client_ids(self) -> Sequence[str]:
         return self._data.client_ids
 
-    def send_and_receive(self, messages: Mapping[str, Message], timeout: float | None = None) -> Exchange:
+    def send_and_receive(
+        self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
+    ) -> Exchange:
         if not self._finalizer.alive:
             raise FedloomError("this RayGrid is closed")
         ray = self._ray
@@ -181,7 +183,7 @@ class RayGrid:
             self.close()
             raise
         # In the order asked, as inline replies: aggregation sums in this order, so it must not depend on timing.
-        return Exchange({client_id: replies[client_id] for client_id in work}, tuple(dropped))
+        return hand_over(Exchange({client_id: replies[client_id] for client_id in work}, tuple(dropped)), on_reply)
 
     def close(self) -> None:
         """Stop the actors, and the Ray this grid started (a connected cluster keeps running). Idempotent."""

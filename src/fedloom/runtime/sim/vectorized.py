@@ -31,7 +31,7 @@ from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult, parse_instruction
 from fedloom.data.base import ArrayData, Federation
-from fedloom.runtime.grid import Exchange, Reply
+from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.vmap_model import (
     Arrays,
@@ -126,7 +126,9 @@ class VectorizedGrid:
     def client_ids(self) -> Sequence[str]:
         return self._data.client_ids
 
-    def send_and_receive(self, messages: Mapping[str, Message], timeout: float | None = None) -> Exchange:
+    def send_and_receive(
+        self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
+    ) -> Exchange:
         dropped: list[str] = []
         fits: list[_Job] = []
         evaluations: list[_Job] = []
@@ -152,7 +154,7 @@ class VectorizedGrid:
             for cid, message in messages.items()
             if cid in done
         }
-        return Exchange(replies, tuple(dropped))
+        return hand_over(Exchange(replies, tuple(dropped)), on_reply)
 
     # -- chunks ----------------------------------------------------------------------------------------------
 

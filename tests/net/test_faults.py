@@ -1,0 +1,293 @@
+"""Faults in a real deployment on 127.0.0.1: a client killed mid-round, the server killed and resumed, a bad or
+revoked token, a NaN update, and a hundred clients held through three rounds.
+
+Processes run as in ``test_deployment.py`` (hermetic environment, output to files, bounded waits, killed in
+teardown). ``slow_digits.py`` is the digits job with a task that sleeps ``SLOW_FIT_S`` seconds before each
+fit, so that "mid-round" is a moment a test can hit.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_deployment import Done, Processes, free_port
+
+from fedloom.data.base import ArrayData, ClientData
+from fedloom.data.clientfile import load_client_data, save_client_data
+from fedloom.tracking import RunStore
+from fedloom.tracking.tokens import TokenStore
+
+SLOW_JOB = '''\
+"""The digits job, with a task that first sleeps SLOW_FIT_S seconds (from the environment) in each fit."""
+
+import os
+import time
+
+import fedloom as fl
+from fedloom.examples.digits import job as digits
+
+
+class SlowTask:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def fit(self, *args, **kwargs):
+        time.sleep(float(os.environ.get("SLOW_FIT_S", "0")))
+        return self.inner.fit(*args, **kwargs)
+
+
+job = fl.Job(
+    name="slow_digits", task=SlowTask(digits.task), data=digits.data, strategy=digits.strategy,
+    simulation=digits.simulation,
+)
+'''
+
+LIGHT_JOB = '''\
+"""Light clients for a crowd: logistic regression on digits, one local epoch."""
+
+import fedloom as fl
+from fedloom.data import load_digits
+
+job = fl.Job(
+    name="light_digits",
+    task=fl.LogisticRegressionTask(num_features=64, num_classes=10),
+    data=load_digits,
+    strategy=fl.FedAvg(fraction=1.0, fraction_evaluate=0.0, fit=fl.FitConfig(local_epochs=1, batch_size=16, lr=0.1)),
+    simulation=fl.SimulationConfig(num_clients=100, rounds=3, partition=fl.PartitionConfig(scheme="iid")),
+)
+'''
+
+# Runs many client agents in one process (light clients may share processes), each in a thread.
+CROWD = """\
+import json, sys, threading
+from fedloom.data.clientfile import load_client_data
+from fedloom.job import load_job
+from fedloom.runtime.net.client import run_client
+
+job = load_job(sys.argv[1])
+server, tokens, parts = sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4]
+answered = {}
+
+def serve(name, token):
+    answered[name] = run_client(job.task, load_client_data(f"{parts}/{name}.npz"), server=server, token=token,
+                                retry_for=60)
+
+threads = [threading.Thread(target=serve, args=item, daemon=True) for item in tokens.items()]
+for thread in threads:
+    thread.start()
+for thread in threads:
+    thread.join(timeout=240)
+print(json.dumps(answered))
+"""
+
+SITES = ("client-000", "client-001", "client-002")
+
+
+@pytest.fixture(scope="module")
+def procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Processes]:
+    runner = Processes(tmp_path_factory.mktemp("faults"))
+    (runner.cwd / "slow_digits.py").write_text(SLOW_JOB)
+    (runner.cwd / "light_digits.py").write_text(LIGHT_JOB)
+    (runner.cwd / "crowd.py").write_text(CROWD)
+    runner.run("partition", "digits", "--clients", "3", "--seed", "5", "--out", "parts").ok()
+    yield runner
+    runner.close()
+
+
+def tokens(procs: Processes, run_dir: str, names: tuple[str, ...]) -> dict[str, str]:
+    store = TokenStore(procs.cwd / run_dir)
+    try:
+        return {name: store.create(name) for name in names}
+    finally:
+        store.close()
+
+
+def rounds_recorded(db: Path) -> int:
+    """How many rounds the server's run database holds now (0 while it does not exist or is busy)."""
+    if not db.is_file():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM rounds").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def final_error(done: Done) -> str:
+    """The error a client ended with (exit code 2): its last line on stderr, after its warnings (waiting for the
+    server, no TLS)."""
+    assert done.returncode == 2, done
+    assert "Traceback" not in done.stderr, done
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), done
+    return last.removeprefix("error: ")
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def server_args(address: str, run_dir: str, rounds: int, *extra: str, job: str = "slow_digits.py") -> tuple[str, ...]:
+    return (
+        *("server", job, "--address", address, "--rounds", str(rounds), "--seed", "5", "--run-dir", run_dir),
+        *("--insecure", "--join-timeout", "60", *extra),
+    )
+
+
+def client_args(address: str, site: str, token: str, *extra: str) -> tuple[str, ...]:
+    return (
+        *("client", "slow_digits.py", "--server", address, "--data", f"parts/{site}.npz", "--token", token),
+        *("--insecure", *extra),
+    )
+
+
+def test_a_client_killed_mid_round_does_not_stall_the_round(procs: Processes):
+    address = f"127.0.0.1:{free_port()}"
+    keys = tokens(procs, "killed-client", SITES)
+    server = procs.start(*server_args(address, "killed-client", 2, "--min-clients", "3", "--round-timeout", "300"))
+    clients = {site: procs.start(*client_args(address, site, keys[site])) for site in SITES[:2]}
+    # The third site trains slowly: it is surely inside round 1's fit when it is killed.
+    victim = procs.start(*client_args(address, SITES[2], keys[SITES[2]]), env={"SLOW_FIT_S": "60"})
+    wait_until(lambda: "clients connected" in procs.output(server), 90, "three clients")
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    procs.kill(victim)
+    done = procs.wait(server, timeout=120).ok()
+    # Dropped as soon as its stream closed, not at the 300 s deadline.
+    assert time.monotonic() - killed_at < 60
+    assert "round 1/2  clients 2/3" in done.stdout
+    assert "round 2/2  clients 2/2" in done.stdout
+    assert "client client-002 did not reply to its fit instruction (disconnected)" in done.stderr
+    for handle in clients.values():
+        assert "answered 4 instructions" in procs.wait(handle).ok().stdout
+    events = RunStore(procs.cwd).client_events(str(procs.cwd / "killed-client"))
+    mine = [(e["round"], e["event"]) for e in events if e["client_id"] == SITES[2]]
+    assert (1, "training") in mine
+    assert (1, "dropped") in mine
+    assert (None, "disconnected") in mine
+
+
+def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(procs: Processes):
+    address = f"127.0.0.1:{free_port()}"
+    keys = tokens(procs, "resumed", SITES)
+    simulation = procs.start(
+        *("simulate", "slow_digits.py", "--clients", "3", "--rounds", "5", "--seed", "5", "--backend", "inline"),
+        *("--quiet", "--out", "sim-runs"),
+    )
+    args = server_args(address, "resumed", 5, "--min-clients", "3", "--round-timeout", "60")
+    first = procs.start(*args)
+    # Each fit takes at least 0.3 s, so the kill lands inside the run, whatever the round.
+    clients = [
+        procs.start(*client_args(address, site, keys[site], "--retry-for", "120"), env={"SLOW_FIT_S": "0.3"})
+        for site in SITES
+    ]
+    db = procs.cwd / "resumed" / "run.db"
+    wait_until(lambda: rounds_recorded(db) >= 2, 120, "two rounds")
+    procs.kill(first)
+    done_before = rounds_recorded(db)
+    assert done_before < 5
+    second = procs.wait(procs.start(*args), timeout=180).ok()
+    assert "resuming run " in second.stdout
+    assert f"after round {done_before} of 5" in second.stdout
+    for handle in clients:
+        procs.wait(handle).ok()
+    assert second.sha256() == procs.wait(simulation).ok().sha256()
+    store = RunStore(procs.cwd)
+    rounds = store.rounds(str(procs.cwd / "resumed"))
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
+    assert all(r["num_ok"] == 3 for r in rounds)
+    assert store.info(str(procs.cwd / "resumed")).status == "finished"
+    # A finished run is not run again.
+    again = procs.run(*args)
+    assert "has finished already; start another with a new run directory" in again.error()
+
+
+def test_bad_and_revoked_tokens_are_refused_and_the_server_serves_the_others(procs: Processes):
+    address = f"127.0.0.1:{free_port()}"
+    keys = tokens(procs, "tokens", SITES[:2])
+    procs.run("token", "revoke", SITES[1], "--run-dir", "tokens").ok()
+    listed = procs.run("token", "list", "--run-dir", "tokens").ok().stdout
+    assert "client-000" in listed
+    assert "client-001" in listed
+    assert "revoked" in listed
+    server = procs.start(*server_args(address, "tokens", 1, "--min-clients", "1", "--round-timeout", "60"))
+    refused = {
+        "wrong": procs.start(*client_args(address, SITES[0], "flt_not-a-token", "--retry-for", "60")),
+        "revoked": procs.start(*client_args(address, SITES[1], keys[SITES[1]], "--retry-for", "60")),
+        "missing": procs.start(*client_args(address, SITES[0], "", "--retry-for", "60")),
+    }
+    outcome = {name: procs.wait(handle, timeout=90) for name, handle in refused.items()}
+    good = procs.start(*client_args(address, SITES[0], keys[SITES[0]]))
+    refusal = f"the server at {address} refused this client: unknown or revoked token"
+    assert final_error(outcome["wrong"]) == refusal
+    assert final_error(outcome["revoked"]) == refusal
+    assert "no token" in final_error(outcome["missing"])
+    done = procs.wait(server).ok()
+    assert "clients connected: client-000" in done.stdout
+    assert done.stderr.count("refused a client from") == 3
+    assert "answered 2 instructions" in procs.wait(good).ok().stdout
+
+
+def test_a_nan_update_is_refused_the_client_is_told_and_the_others_go_on(procs: Processes):
+    good = load_client_data(procs.cwd / "parts" / "client-002.npz")
+    poisoned = good.train.x.copy()
+    poisoned[0, 0] = np.nan  # SGD spreads it into every weight: the update holds NaN
+    save_client_data(procs.cwd / "nan.npz", ClientData(ArrayData(poisoned, good.train.y), good.test))
+    address = f"127.0.0.1:{free_port()}"
+    keys = tokens(procs, "nan", SITES)
+    server = procs.start(*server_args(address, "nan", 2, "--min-clients", "3", "--round-timeout", "60"))
+    clients = [procs.start(*client_args(address, site, keys[site])) for site in SITES[:2]]
+    bad = procs.start(
+        *("client", "slow_digits.py", "--server", address, "--data", "nan.npz", "--token", keys[SITES[2]]),
+        "--insecure",
+    )
+    done = procs.wait(server).ok()
+    assert "round 1/2  clients 2/3" in done.stdout
+    assert "refused the fit reply of client client-002: parameter" in done.stderr
+    told = procs.wait(bad).ok()
+    assert "the server says: round 1: the server refused your fit reply: parameter" in told.stderr
+    assert "holds NaN or infinite values" in told.stderr
+    for handle in clients:
+        procs.wait(handle).ok()
+    records = RunStore(procs.cwd).client_metrics(str(procs.cwd / "nan"))
+    fits = {(r["round"], r["client_id"]): r for r in records if r["phase"] == "fit"}
+    assert fits[(1, "client-002")]["status"] == "refused"
+    assert "NaN" in fits[(1, "client-002")]["detail"]
+    assert fits[(1, "client-000")]["status"] == "ok"
+
+
+def test_a_hundred_clients_are_held_through_three_rounds(procs: Processes):
+    names = tuple(f"client-{i:03d}" for i in range(100))
+    procs.run("partition", "light_digits.py", "--clients", "100", "--out", "crowd-parts").ok()
+    keys = tokens(procs, "crowd", names)
+    halves = [dict(list(keys.items())[:50]), dict(list(keys.items())[50:])]
+    for i, half in enumerate(halves):
+        (procs.cwd / f"crowd-{i}.json").write_text(json.dumps(half))
+    address = f"127.0.0.1:{free_port()}"
+    server = procs.start(
+        *server_args(address, "crowd", 3, "--min-clients", "100", "--round-timeout", "120", job="light_digits.py")
+    )
+    crowd = [
+        procs.start("crowd.py", "light_digits.py", address, f"crowd-{i}.json", "crowd-parts", python=True)
+        for i in range(2)
+    ]
+    done = procs.wait(server, timeout=240).ok()
+    assert "round 3/3  clients 100/100" in done.stdout
+    for handle in crowd:
+        answered = json.loads(procs.wait(handle, timeout=60).ok().stdout)
+        assert len(answered) == 50
+        assert set(answered.values()) == {3}  # one fit per round, no evaluation
+    rounds = RunStore(procs.cwd).rounds(str(procs.cwd / "crowd"))
+    assert [r["num_ok"] for r in rounds] == [100, 100, 100]
