@@ -245,6 +245,7 @@ def test_user_mistakes_are_one_line_errors(procs: Processes):
         ArrayData(np.zeros((2, 64), np.float32), np.array([0, 1])), ArrayData(np.zeros((0, 64)), np.zeros(0))
     )
     save_client_data(procs.cwd / "one.npz", one)
+    procs.run("token", "create", "a", "--run-dir", "mistakes-run").ok()  # so that the servers get as far as the address
     try:
         started = time.monotonic()
         handles = {
@@ -261,11 +262,11 @@ def test_user_mistakes_are_one_line_errors(procs: Processes):
             ),
             "port_in_use": procs.start(
                 *("server", "digits", "--address", f"127.0.0.1:{busy_port}", "--rounds", "1"),
-                *("--min-clients", "1", "--insecure", "--run-dir", "net-run"),
+                *("--min-clients", "1", "--insecure", "--run-dir", "mistakes-run"),
             ),
             "bad_address": procs.start(
                 *("server", "digits", "--address", "localhost", "--rounds", "1", "--min-clients", "1", "--insecure"),
-                *("--run-dir", "net-run"),
+                *("--run-dir", "mistakes-run"),
             ),
             "unreachable": procs.start(
                 *("client", "digits", "--server", f"127.0.0.1:{nobody}", "--data", "one.npz", "--token", "flt_x"),
@@ -288,7 +289,7 @@ def test_user_mistakes_are_one_line_errors(procs: Processes):
     unreachable = done["unreachable"]
     assert unreachable.error().startswith(f"cannot reach the server at 127.0.0.1:{nobody}: tried for ")
     assert "(--retry-for 2); last error: " in unreachable.error()
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 120  # bounded: every client gives up by itself, even on a loaded machine
 
 
 class _RawClient:
@@ -370,7 +371,7 @@ def test_a_reply_over_the_size_limit_is_refused_with_a_reason_and_the_others_are
                 time.sleep(0.05)
             assert len(clients["big"].refusals) == 1
             assert re.fullmatch(r"message \d+ is \d+ bytes, over the limit of 2000 bytes", clients["big"].refusals[0])
-            assert "client big sent a malformed frame, disconnecting it: message" in caplog.text
+            assert "client big: refused its frame and disconnected it: message" in caplog.text
             assert list(server.grid.client_ids()) == ["small"]
         finally:
             for client in clients.values():

@@ -212,6 +212,6 @@ def test_tls_mismatches_are_one_line_errors(procs: Processes, certs: Done, parts
     assert (
         f"the server at {tls_address} sent no certificate with fingerprint sha256:" in done["wrong_fingerprint"].error()
     )
-    assert time.monotonic() - started < 60
+    assert time.monotonic() - started < 120  # bounded: every client gives up by itself, even on a loaded machine
     for handle in servers:
         procs.kill(handle)

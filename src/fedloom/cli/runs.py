@@ -31,7 +31,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
     """A plain table whose cells are never cut or wrapped: each column is as wide as its widest cell."""
     table = Table(box=box.SIMPLE_HEAD)
     for i, name in enumerate(header):
-        table.add_column(name, no_wrap=True, min_width=max(len(name), *(len(row[i]) for row in rows)))
+        table.add_column(name, no_wrap=True, min_width=max([len(name), *(len(row[i]) for row in rows)]))
     for row in rows:
         table.add_row(*row)
     return table

@@ -253,7 +253,7 @@ def _tls_mismatch(failure: str, server: str, *, tls: bool) -> str | None:
             f"TLS handshake with the server at {server} failed: it does not speak TLS "
             "(if it runs with --insecure, connect with --insecure too)"
         )
-    if "certificate_verify_failed" in text or "peer name" in text:
+    if "certificate_verify_failed" in text or "peer name" in text or "hostname verification" in text:
         return (
             f"TLS handshake with the server at {server} failed: its certificate is not signed by the CA given "
             "with --ca, or does not name the host in --server (is it the federation's ca.pem?)"

@@ -323,7 +323,7 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
                     hub.uploads.release()
                     slot = False
         except DecodeError as exc:
-            log.warning("client %s sent a malformed frame, disconnecting it: %s", connection.name, exc)
+            log.warning("client %s: refused its frame and disconnected it: %s", connection.name, exc)
             hub.event(connection.name, "refused", detail=f"malformed frame: {exc}")
             connection.outbox.put(_refusal(str(exc)))
         except grpc.RpcError:
@@ -497,7 +497,7 @@ class FleetServer:
         if self.tls:
             log.info("listening on %s with TLS", self.address)
         else:
-            log.warning("listening on %s without TLS: traffic is unencrypted, clients unauthenticated", self.address)
+            log.warning("listening on %s without TLS: traffic, tokens included, is unencrypted", self.address)
         return self
 
     def wait_for_clients(self, count: int, timeout: float) -> list[str]:

@@ -312,7 +312,12 @@ def fetch_ca(server: str, expected: str, timeout: float = 10.0) -> bytes:
             context.wrap_socket(raw, server_hostname=host) as tls,
         ):
             chain = _unverified_chain(tls)
-    except (OSError, ssl.SSLError) as exc:
+    except ssl.SSLError as exc:  # it answered, but not as a TLS server: trying again will not help
+        raise ConfigError(
+            f"cannot fetch the CA from the server at {server}: the TLS handshake failed ({exc.reason or exc}); "
+            "if it runs with --insecure, connect with --insecure too"
+        ) from None
+    except OSError as exc:
         raise TransportError(f"cannot fetch the CA from the server at {server}: {exc}") from None
     certs = [x509.load_der_x509_certificate(der) for der in chain]
     matching = [
