@@ -210,8 +210,9 @@ class _Session:
             if done is None:
                 continue
             message_id, encoded = done
+            done = None
             instruction = decode_message(encoded)
-            del encoded
+            del encoded  # the instruction's arrays are copies: the received bytes go before the task runs
             try:
                 reply = handle_instruction(self._task, self._data, instruction)
             except Exception:

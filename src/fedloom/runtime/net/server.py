@@ -158,9 +158,11 @@ class _Hub:
             awaited = self.awaiting.get(message_id)
             return awaited is not None and awaited.connection is connection and awaited.reply is None
 
-    def deliver(self, connection: _Connection, message_id: int, data: bytearray) -> None:
-        """Decode a whole reply and hand it over (folding it into the round's aggregate, for FedAvg) at once,
-        in this stream's thread, so its bytes can go before other replies come in."""
+    def deliver(self, connection: _Connection, message_id: int, box: list[bytearray]) -> None:
+        """Decode a whole reply (the one buffer in ``box``, taken out so that nothing else holds it) and hand it
+        over (folding it into the round's aggregate, for FedAvg) at once, in this stream's thread, so its bytes
+        go before other replies come in."""
+        data = box.pop()
         with self.cond:
             awaited = self.awaiting.get(message_id)
             if awaited is None or awaited.connection is not connection or awaited.reply is not None:
@@ -319,7 +321,9 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
                     continue
                 done = reassembler.feed(chunk)
                 if done is not None:
-                    hub.deliver(connection, *done)
+                    message_id, box = done[0], [done[1]]
+                    done = None  # the reply's buffer is in box alone, and deliver lets it go after decoding
+                    hub.deliver(connection, message_id, box)
                     hub.uploads.release()
                     slot = False
         except DecodeError as exc:
