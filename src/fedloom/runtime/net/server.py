@@ -153,10 +153,17 @@ class _Hub:
         with self.cond:
             self.events.append(ClientEvent(datetime.now(timezone.utc), client_id, event, server_round, nbytes, detail))
 
+    def _awaited(self, connection: _Connection, message_id: int) -> _Awaited | None:
+        """The message whose reply ``message_id`` from ``connection`` would be, if that reply is still awaited
+        (called under the lock)."""
+        awaited = self.awaiting.get(message_id)
+        if awaited is None or awaited.connection is not connection or awaited.reply is not None:
+            return None
+        return awaited
+
     def expects(self, connection: _Connection, message_id: int) -> bool:
         with self.cond:
-            awaited = self.awaiting.get(message_id)
-            return awaited is not None and awaited.connection is connection and awaited.reply is None
+            return self._awaited(connection, message_id) is not None
 
     def deliver(self, connection: _Connection, message_id: int, box: list[bytearray]) -> None:
         """Decode a whole reply (the one buffer in ``box``, taken out so that nothing else holds it) and hand it
@@ -164,14 +171,12 @@ class _Hub:
         go before other replies come in."""
         data = box.pop()
         with self.cond:
-            awaited = self.awaiting.get(message_id)
-            if awaited is None or awaited.connection is not connection or awaited.reply is not None:
-                log.warning(
-                    "client %s: reply %d came after its deadline or unasked; dropped", connection.name, message_id
-                )
-                self.events.append(ClientEvent(datetime.now(timezone.utc), connection.name, "late", None, len(data)))
-                return
-            awaited.busy = True
+            awaited = self._awaited(connection, message_id)
+            if awaited is not None:
+                awaited.busy = True
+        if awaited is None:
+            self.drop_late(connection, message_id, len(data))
+            return
         arrived = time.perf_counter()
         size = len(data)
         try:
@@ -197,6 +202,11 @@ class _Hub:
                     )
                 )
                 self.cond.notify_all()
+
+    def drop_late(self, connection: _Connection, message_id: int, nbytes: int = 0) -> None:
+        """Log and record a reply that nobody awaits (any more): it came after its round's deadline, or unasked."""
+        log.warning("client %s: reply %d came after its deadline or unasked; dropped", connection.name, message_id)
+        self.event(connection.name, "late", nbytes=nbytes, detail=f"reply {message_id}")
 
     def disconnect(self, connection: _Connection, detail: str | None = None) -> None:
         with self.cond:
@@ -307,12 +317,7 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
                     skipping = None
                     if not hub.expects(connection, chunk.message_id):
                         skipping = chunk.message_id
-                        log.warning(
-                            "client %s: reply %d came after its deadline or unasked; dropped",
-                            connection.name,
-                            chunk.message_id,
-                        )
-                        hub.event(connection.name, "late", detail=f"reply {chunk.message_id}")
+                        hub.drop_late(connection, chunk.message_id)
                     else:
                         slot = _acquire(hub.uploads, connection)
                         if not slot:

@@ -77,6 +77,10 @@ def fingerprint(cert_pem: bytes) -> str:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError as exc:
         raise ConfigError(f"not a PEM certificate: {exc}") from None
+    return _fingerprint(cert)
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
     return "sha256:" + hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
 
 
@@ -320,10 +324,8 @@ def fetch_ca(server: str, expected: str, timeout: float = 10.0) -> bytes:
     except OSError as exc:
         raise TransportError(f"cannot fetch the CA from the server at {server}: {exc}") from None
     certs = [x509.load_der_x509_certificate(der) for der in chain]
-    matching = [
-        c for c in certs if "sha256:" + hashlib.sha256(c.public_bytes(serialization.Encoding.DER)).hexdigest() == wanted
-    ]
-    if not certs or not matching:
+    matching = [cert for cert in certs if _fingerprint(cert) == wanted]
+    if not matching:
         raise ConfigError(
             f"the server at {server} sent no certificate with fingerprint {wanted}: is it the federation's "
             "server, and is that the fingerprint of its invitation?"
