@@ -61,14 +61,16 @@ import argparse
 import json
 import os
 import platform
+import queue
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +86,7 @@ ROUND_TIMEOUT_S = 900.0
 RSS_INTERVAL_S = 0.005
 HEARTBEAT_S = 30.0
 LOOPBACK = "127.0.0.1"
+GRPC_METHOD = "/transport.Bench/Echo"
 PROXY_ENV = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}  # gRPC obeys proxy variables
 
 
@@ -201,14 +204,48 @@ def recv_exactly(sock: socket.socket, view: memoryview) -> bool:
 
 def raw_client(spec: Mapping[str, Any], index: int, name: str, answered: dict[str, int]) -> None:
     """Receive a whole message into a buffer made beforehand, send it back; until the server closes the
-    connection."""
+    connection. Over TLS (Python's ``ssl``, OpenSSL) for a TLS case."""
     buffer = memoryview(bytearray(spec["nbytes"]))  # zero-filled: its pages are touched before any transfer
     count = 0
-    with socket.create_connection((LOOPBACK, spec["port"])) as sock:
+    with socket.create_connection((LOOPBACK, spec["port"])) as plain:
+        sock = plain
+        if spec["tls"]:
+            context = ssl.create_default_context(cafile=str(Path(spec["certs"]) / "ca.pem"))
+            sock = context.wrap_socket(plain, server_hostname=LOOPBACK)
         while recv_exactly(sock, buffer):
             sock.sendall(buffer)
             count += 1
     answered[name] = count
+
+
+def grpc_client(spec: Mapping[str, Any], index: int, name: str, answered: dict[str, int]) -> None:
+    """On one bare gRPC stream (bytes in, bytes out: no protobuf, no fedloom): receive the server's chunks until
+    a whole message is in, send the same chunk objects back; until the server ends the stream."""
+    import grpc
+
+    options = [("grpc.max_receive_message_length", 8 << 20), ("grpc.keepalive_time_ms", 300_000 + index)]
+    if spec["tls"]:
+        credentials = grpc.ssl_channel_credentials((Path(spec["certs"]) / "ca.pem").read_bytes())
+        channel = grpc.secure_channel(spec["address"], credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(spec["address"], options=options)
+    outbox: queue.Queue[bytes | None] = queue.Queue()
+    call = channel.stream_stream(GRPC_METHOD, request_serializer=_same, response_deserializer=_same)
+    count, got, chunks = 0, 0, []
+    for chunk in call(iter(outbox.get, None)):
+        chunks.append(chunk)
+        got += len(chunk)
+        if got == spec["nbytes"]:
+            for piece in chunks:
+                outbox.put(piece)
+            count, got, chunks = count + 1, 0, []
+    outbox.put(None)
+    channel.close()
+    answered[name] = count
+
+
+def _same(data: bytes) -> bytes:
+    return data
 
 
 def clients_role(spec: Mapping[str, Any]) -> None:
@@ -218,7 +255,7 @@ def clients_role(spec: Mapping[str, Any]) -> None:
         import fedloom.runtime.net.client
         import fedloom.runtime.net.tls  # noqa: F401
     started_cpu = time.process_time()
-    run = fleet_client if spec["mode"] == "fleet" else raw_client
+    run = {"fleet": fleet_client, "raw": raw_client, "grpc": grpc_client}[spec["mode"]]
     answered: dict[str, int] = {}
     threads = [
         threading.Thread(target=run, args=(spec, index, name, answered), name=name)
@@ -400,6 +437,32 @@ def fleet_case(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     }
 
 
+def reference_result(
+    seconds: list[float],
+    first_up: list[float],
+    cpu: float,
+    rss: PeakRss,
+    connections: int,
+    intact: bool,
+    finished: dict[str, Any],
+    rounds: int,
+) -> dict[str, Any]:
+    """A reference case's numbers, in the fleet case's keys."""
+    return {
+        "transfer_s": seconds,
+        "round_s": None,
+        "first_up_s": first_up,
+        "server_cpu_s": cpu,
+        "rss_baseline_mib": rss.baseline / 2**20,
+        "rss_peak_mib": rss.peak / 2**20,
+        "max_rss_mib": max_rss_mib(),
+        "distinct_connections": connections,
+        "dropped": [],
+        "intact": intact and all(v == rounds for v in finished["answered"].values()),
+        **finished,
+    }
+
+
 def raw_case(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     n, nbytes = spec["clients"], spec["nbytes"]
     payload = memoryview(model_values(nbytes)).cast("B")
@@ -409,8 +472,13 @@ def raw_case(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
         connections: list[socket.socket] = []
         try:
             listener.settimeout(CONNECT_S)
+            context = None
+            if spec["tls"]:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(Path(spec["certs"]) / "server.pem", Path(spec["certs"]) / "server.key")
             while len(connections) < n:
-                connections.append(listener.accept()[0])
+                accepted = listener.accept()[0]
+                connections.append(accepted if context is None else context.wrap_socket(accepted, server_side=True))
             buffers = [memoryview(bytearray(nbytes)) for _ in range(n)]  # zero-filled: pages touched now
             seconds, first_up = [], []
             cpu = time.process_time()
@@ -445,19 +513,85 @@ def raw_case(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
             finished = clients.finish()
         finally:
             clients.kill()
-    return {
-        "transfer_s": seconds,
-        "round_s": None,
-        "first_up_s": first_up,
-        "server_cpu_s": cpu,
-        "rss_baseline_mib": rss.baseline / 2**20,
-        "rss_peak_mib": rss.peak / 2**20,
-        "max_rss_mib": max_rss_mib(),
-        "distinct_connections": len(connections),
-        "dropped": [],
-        "intact": intact and all(v == spec["rounds"] for v in finished["answered"].values()),
-        **finished,
-    }
+    return reference_result(seconds, first_up, cpu, rss, len(connections), intact, finished, spec["rounds"])
+
+
+def grpc_case(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The floor of any transport on grpcio: N bare bidirectional streams moving the model in chunks of the
+    fleet's size as ``bytes`` (no protobuf, no fedloom), down and back, the server landing each upload in a
+    buffer allocated before the clock starts, as the raw case does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    n, nbytes, size = spec["clients"], spec["nbytes"], spec["chunk"]
+    payload = memoryview(model_values(nbytes)).cast("B")
+    chunks = [bytes(payload[at : at + size]) for at in range(0, nbytes, size)]  # made once, before any round
+    buffers = [memoryview(bytearray(nbytes)) for _ in range(n)]  # zero-filled: pages touched now
+    go = [threading.Semaphore(0) for _ in range(n)]
+    done: list[float] = []
+    finished = threading.Semaphore(0)
+    connected = [0]  # streams opened so far; the k-th gets buffers[k]
+    lock = threading.Lock()
+
+    def serve(requests: Iterator[bytes], context: Any) -> Iterator[bytes]:
+        with lock:
+            k = connected[0]
+            connected[0] += 1
+        buffer = buffers[k]
+        for _ in range(spec["rounds"]):
+            go[k].acquire()
+            yield from chunks
+            at = 0
+            while at < nbytes:
+                piece = next(requests)
+                buffer[at : at + len(piece)] = piece
+                at += len(piece)
+            with lock:
+                done.append(time.perf_counter())
+            finished.release()
+
+    handler = grpc.method_handlers_generic_handler(
+        GRPC_METHOD.split("/")[1],
+        {GRPC_METHOD.split("/")[2]: grpc.stream_stream_rpc_method_handler(serve, _same, _same)},
+    )
+    server = grpc.server(ThreadPoolExecutor(max_workers=n + 4), options=[("grpc.max_receive_message_length", 8 << 20)])
+    server.add_generic_rpc_handlers([handler])
+    if spec["tls"]:
+        certs = Path(spec["certs"])
+        key_pair = ((certs / "server.key").read_bytes(), (certs / "server.pem").read_bytes())
+        port = server.add_secure_port(f"{LOOPBACK}:0", grpc.ssl_server_credentials([key_pair]))
+    else:
+        port = server.add_insecure_port(f"{LOOPBACK}:0")
+    server.start()
+    clients = ClientProcesses({**spec, "address": f"{LOOPBACK}:{port}"}, [f"c{k:03d}" for k in range(n)], folder)
+    try:
+        deadline = time.monotonic() + CONNECT_S
+        while connected[0] < n:
+            clients.check_alive()
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{connected[0]} of {n} gRPC clients connected in {CONNECT_S:g} s")
+            time.sleep(0.1)
+        seconds, first_up = [], []
+        cpu = time.process_time()
+        with PeakRss() as rss:
+            for _ in range(spec["rounds"]):
+                done.clear()
+                started = time.perf_counter()
+                for semaphore in go:
+                    semaphore.release()
+                for _ in range(n):
+                    finished.acquire()
+                seconds.append(time.perf_counter() - started)
+                first_up.append(min(done) - started)
+        cpu = time.process_time() - cpu
+        sent = np.frombuffer(payload, np.uint8)
+        intact = all(np.array_equal(np.frombuffer(buffer, np.uint8), sent) for buffer in buffers)
+        server.stop(grace=2).wait()
+        finished_clients = clients.finish()
+    finally:
+        clients.kill()
+    return reference_result(seconds, first_up, cpu, rss, n, intact, finished_clients, spec["rounds"])
 
 
 def case_role(spec: dict[str, Any]) -> None:
@@ -466,7 +600,7 @@ def case_role(spec: dict[str, Any]) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     with tempfile.TemporaryDirectory(prefix="transport-case-") as folder:
-        run = fleet_case if spec["mode"] == "fleet" else raw_case
+        run = {"fleet": fleet_case, "raw": raw_case, "grpc": grpc_case}[spec["mode"]]
         print(json.dumps(run(spec, Path(folder))), flush=True)
 
 
@@ -529,6 +663,9 @@ def cases_for(args: argparse.Namespace) -> list[tuple[Case, str | None]]:
     for i, n in enumerate(args.clients):
         raw = f"raw, {n} clients"
         cases.append((Case(raw, "raw", n, nbytes), None))
+        if i == 0 and not args.skip_references:
+            cases.append((Case(f"raw TLS, {n} clients", "raw", n, nbytes, True), raw))
+            cases.append((Case(f"bare gRPC TLS, {n} clients", "grpc", n, nbytes, True), raw))
         for uploads in args.uploads if i == 0 else args.uploads[:1]:
             cases.append(
                 (Case(f"fleet TLS, {n} clients, max_uploads={uploads}", "fleet", n, nbytes, True, uploads), raw)
@@ -550,6 +687,9 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0, help="model size of the one-client case, in GiB")
     parser.add_argument("--skip-gib", action="store_true", help="leave out the one-client 1 GiB case")
     parser.add_argument("--skip-plaintext", action="store_true", help="leave out the plaintext fleet cases")
+    parser.add_argument(
+        "--skip-references", action="store_true", help="leave out the TLS socket and bare gRPC references"
+    )
     parser.add_argument(
         "--uploads",
         type=int,
@@ -670,6 +810,13 @@ def main() -> None:
             f"{verdict}: fleet TLS round, {target_n} clients of {size_text(nbytes)}: {min(fleet['transfer_s']):.2f} s, "
             f"{ratio:.2f}x the raw loopback sockets' {min(raw['transfer_s']):.2f} s (target <= {TARGET}x)"
         )
+        for label in (f"raw TLS, {target_n} clients", f"bare gRPC TLS, {target_n} clients"):
+            if measured := results.get(label):
+                best = min(measured["transfer_s"])
+                print(
+                    f"  against {label}: {best:.2f} s ({best / min(raw['transfer_s']):.2f}x raw), "
+                    f"so the fleet is {min(fleet['transfer_s']) / best:.2f}x that"
+                )
     if not args.skip_gib:
         gib = int(args.gib * GIB)
         big = results[f"fleet TLS, 1 client, {size_text(gib)}"]

@@ -22,6 +22,7 @@ from fedloom.core.codec import (
     ALLOWED_DTYPES,
     MAX_HEADER_BYTES,
     WIRE_VERSION,
+    data_offset,
     encoded_size,
     message_parts,
     params_parts,
@@ -300,6 +301,37 @@ def test_decode_accepts_bytearray_and_memoryview_and_keeps_nothing_of_them():
     buffer[:] = bytes(len(buffer))  # the decoded arrays are copies
     buffer.extend(b"more")  # and no export of the buffer is left behind
     assert decoded.params == message.params
+
+
+def test_decode_from_read_only_buffers_uses_their_memory_where_arrays_are_aligned():
+    params = Params({"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(2, dtype=np.int64)})
+    data = encode_message(Message("fit", params))
+    start = data_offset(data)
+    assert start == len(data) - params.nbytes
+    storage = np.zeros(len(data) + 16, np.uint8)
+    pad = -(storage.ctypes.data + start) % 16  # place the arrays on a 16-byte boundary
+    storage[pad : pad + len(data)] = np.frombuffer(data, np.uint8)
+    storage.flags.writeable = False
+    decoded = decode_message(storage[pad : pad + len(data)].data)
+    assert decoded.params == params
+    assert all(np.shares_memory(a, storage) for a in decoded.params.values())  # "w" 24 bytes, then "b": aligned
+    shifted = np.zeros(len(data) + 32, np.uint8)
+    at = (-(shifted.ctypes.data + start) % 16) + 1  # one byte off a boundary: float32 and int64 misaligned
+    shifted[at : at + len(data)] = np.frombuffer(data, np.uint8)
+    shifted.flags.writeable = False
+    copied = decode_message(shifted[at : at + len(data)].data)
+    assert copied.params == params
+    assert not any(np.shares_memory(a, shifted) for a in copied.params.values())
+    assert all(a.flags.aligned for a in copied.params.values())
+
+
+def test_params_without_copy_freeze_a_view_and_leave_the_caller_array_alone():
+    source = np.arange(4, dtype=np.float32)
+    params = Params({"w": source, "t": source[::2]}, copy=False)
+    assert np.shares_memory(params["w"], source)
+    assert not params["w"].flags.writeable
+    assert source.flags.writeable  # the caller's own array is not frozen
+    assert not np.shares_memory(params["t"], source)  # not C-contiguous: copied all the same
 
 
 class _Recording:

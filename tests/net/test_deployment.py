@@ -30,8 +30,9 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.data.base import ArrayData, ClientData
 from fedloom.data.clientfile import save_client_data
-from fedloom.runtime.net import fleet_pb2, fleet_pb2_grpc
-from fedloom.runtime.net.frames import PROTOCOL_VERSION, Reassembler, split_message
+from fedloom.runtime.net import fleet_pb2
+from fedloom.runtime.net.client import connect_call
+from fedloom.runtime.net.frames import PROTOCOL_VERSION, Chunk, Reassembler, split_message
 from fedloom.runtime.net.server import FleetServer
 from fedloom.tracking import RunStore
 
@@ -293,32 +294,53 @@ def test_user_mistakes_are_one_line_errors(procs: Processes):
 
 
 class _RawClient:
-    """A client on a bare fleet stream, in this process: it echoes every instruction back, or stays silent."""
+    """A client on a bare fleet stream, in this process: it offers every instruction back as its reply and sends
+    it when granted (``delay`` seconds late, if asked to), or stays silent; with ``unasked``, it sends the reply
+    without offering it."""
 
-    def __init__(self, address: str, name: str, *, echo: bool) -> None:
-        self._outbox: queue.Queue[fleet_pb2.ClientFrame | None] = queue.Queue()
+    def __init__(self, address: str, name: str, *, echo: bool, unasked: bool = False, delay: float = 0.0) -> None:
+        self._outbox: queue.Queue[fleet_pb2.ClientFrame | Chunk | None] = queue.Queue()
         self._outbox.put(fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=name)))
         self._channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
-        self._frames = fleet_pb2_grpc.FleetStub(self._channel).Connect(iter(self._outbox.get, None))
+        self._frames = connect_call(self._channel)(iter(self._outbox.get, None))
         self._echo = echo
+        self._unasked = unasked
+        self._delay = delay
         self.refusals: list[str] = []
+        self.declines: list[str] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
         reassembler = Reassembler(1 << 20)
+        offered: dict[int, bytes] = {}
         try:
             for frame in self._frames:
-                if frame.WhichOneof("frame") == "refusal":
-                    self.refusals.append(frame.refusal.reason)
-                if frame.WhichOneof("frame") != "chunk":
+                if isinstance(frame, Chunk):
+                    done = reassembler.feed(frame)
+                    if done is None or not self._echo:
+                        continue
+                    message_id, data = done[0], bytes(done[1])
+                    if self._unasked:
+                        self._send(message_id, data)
+                    else:
+                        offered[message_id] = data
+                        offer = fleet_pb2.ClientFrame(offer=fleet_pb2.Offer(message_id=message_id, size=len(data)))
+                        threading.Timer(self._delay, self._outbox.put, (offer,)).start()
                     continue
-                done = reassembler.feed(frame.chunk)
-                if done is not None and self._echo:
-                    for chunk in split_message(*done, chunk_size=5):
-                        self._outbox.put(fleet_pb2.ClientFrame(chunk=chunk))
+                kind = frame.WhichOneof("frame")
+                if kind == "refusal":
+                    self.refusals.append(frame.refusal.reason)
+                elif kind == "decline":
+                    self.declines.append(frame.decline.reason)
+                elif kind == "grant":
+                    self._send(frame.grant.message_id, offered.pop(frame.grant.message_id))
         except grpc.RpcError:
             pass
+
+    def _send(self, message_id: int, data: bytes) -> None:
+        for chunk in split_message(message_id, data, chunk_size=5):
+            self._outbox.put(chunk)
 
     def close(self) -> None:
         self._outbox.put(None)
@@ -353,7 +375,7 @@ def test_the_net_grid_drops_silent_and_vanished_clients_and_keeps_the_order_of_m
                 client.close()
 
 
-def test_a_reply_over_the_size_limit_is_refused_with_a_reason_and_the_others_are_served(caplog):
+def test_a_reply_over_the_size_limit_is_declined_with_a_reason_and_the_others_are_served(caplog):
     address = f"127.0.0.1:{free_port()}"
     with FleetServer(address, max_message_bytes=2000, authenticate=lambda token: token) as server:
         clients = {name: _RawClient(address, name, echo=True) for name in ("big", "small")}
@@ -363,16 +385,71 @@ def test_a_reply_over_the_size_limit_is_refused_with_a_reason_and_the_others_are
                 "big": Message("evaluate", Params({"w": np.zeros(1000, np.float32)}), {"round": 1}),
                 "small": Message("evaluate", Params({"w": np.zeros(10, np.float32)}), {"round": 1}),
             }
-            exchange = server.grid.send_and_receive(messages, timeout=10.0)
+            started = time.monotonic()
+            exchange = server.grid.send_and_receive(messages, timeout=60.0)
+            assert time.monotonic() - started < 30  # the round does not wait for the refused reply's deadline
             assert list(exchange.replies) == ["small"]
             assert exchange.dropped == ("big",)
             wait_s = time.monotonic() + 10
-            while not clients["big"].refusals and time.monotonic() < wait_s:
+            while not clients["big"].declines and time.monotonic() < wait_s:
                 time.sleep(0.05)
-            assert len(clients["big"].refusals) == 1
-            assert re.fullmatch(r"message \d+ is \d+ bytes, over the limit of 2000 bytes", clients["big"].refusals[0])
-            assert "client big: refused its frame and disconnected it: message" in caplog.text
-            assert list(server.grid.client_ids()) == ["small"]
+            assert len(clients["big"].declines) == 1
+            assert re.fullmatch(r"reply \d+ is \d+ bytes, over the limit of 2000 bytes", clients["big"].declines[0])
+            assert "client big: declined its reply: reply" in caplog.text
+            assert list(server.grid.client_ids()) == ["big", "small"]  # declined, not disconnected
+            events = [(e.client_id, e.event) for e in server.take_events()]
+            assert ("big", "refused") in events
+            assert ("small", "reported") in events
+        finally:
+            for client in clients.values():
+                client.close()
+
+
+def test_a_late_reply_is_declined_before_its_bytes_are_sent_and_logged(caplog):
+    address = f"127.0.0.1:{free_port()}"
+    with FleetServer(address, authenticate=lambda token: token) as server:
+        client = _RawClient(address, "slow", echo=True, delay=2.0)
+        try:
+            server.wait_for_clients(1, timeout=30)
+            message = Message("evaluate", Params({"w": np.zeros(10, np.float32)}), {"round": 1})
+            exchange = server.grid.send_and_receive({"slow": message}, timeout=0.5)
+            assert exchange.dropped == ("slow",)
+            assert "client slow did not reply to its evaluate instruction (no reply by the deadline)" in caplog.text
+            wait_s = time.monotonic() + 20
+            while not client.declines and time.monotonic() < wait_s:
+                time.sleep(0.05)
+            assert client.declines == ["it came after its round's deadline"]
+            assert re.search(r"client slow: reply \d+ came after its deadline or unasked; dropped", caplog.text)
+            late = [e for e in server.take_events() if e.event == "late"]
+            assert len(late) == 1
+            assert late[0].nbytes == len(encode_message(message))
+            assert list(server.grid.client_ids()) == ["slow"]  # still connected, for the next round
+        finally:
+            client.close()
+
+
+def test_a_reply_sent_without_a_grant_ends_that_session_and_the_others_are_served(caplog):
+    address = f"127.0.0.1:{free_port()}"
+    with FleetServer(address, authenticate=lambda token: token) as server:
+        clients = {
+            "pushy": _RawClient(address, "pushy", echo=True, unasked=True),
+            "polite": _RawClient(address, "polite", echo=True),
+        }
+        try:
+            server.wait_for_clients(2, timeout=30)
+            message = Message("evaluate", Params({"w": np.zeros(10, np.float32)}), {"round": 1})
+            exchange = server.grid.send_and_receive({"pushy": message, "polite": message}, timeout=60.0)
+            assert list(exchange.replies) == ["polite"]
+            assert exchange.dropped == ("pushy",)
+            wait_s = time.monotonic() + 10
+            while not clients["pushy"].refusals and time.monotonic() < wait_s:
+                time.sleep(0.05)
+            assert len(clients["pushy"].refusals) == 1
+            assert re.fullmatch(
+                r"a chunk of message \d+, which the server did not ask for", clients["pushy"].refusals[0]
+            )
+            assert "client pushy: refused its frame and disconnected it: a chunk of message" in caplog.text
+            assert list(server.grid.client_ids()) == ["polite"]
         finally:
             for client in clients.values():
                 client.close()

@@ -16,7 +16,16 @@ from fedloom.core.params import Params
 from fedloom.data.base import ArrayData, ClientData
 from fedloom.data.clientfile import load_client_data, save_client_data
 from fedloom.runtime.net import fleet_pb2
-from fedloom.runtime.net.frames import PROTOCOL_VERSION, Reassembler, check_protocol_version, split_message
+from fedloom.runtime.net.frames import (
+    CLIENT_FRAMES,
+    PROTOCOL_VERSION,
+    SERVER_FRAMES,
+    Chunk,
+    Malformed,
+    Reassembler,
+    check_protocol_version,
+    split_message,
+)
 
 
 def _message() -> Message:
@@ -40,7 +49,7 @@ def test_tiny_chunks_reassemble_exactly():
     assert [c.index for c in chunks] == list(range(len(chunks)))
     assert [c.last for c in chunks] == [False] * (len(chunks) - 1) + [True]
     message_id, whole = _reassemble(chunks)
-    assert (message_id, whole) == (42, data)
+    assert (message_id, bytes(whole)) == (42, data)
     assert decode_message(whole).params.sha256() == _message().params.sha256()
 
 
@@ -48,12 +57,104 @@ def test_chunks_survive_the_wire_and_the_reassembler_is_reusable():
     reassembler = Reassembler(1 << 20)
     for message_id, payload in [(1, b"abc" * 10), (2, b""), (3, b"x")]:
         frames = [
-            fleet_pb2.ClientFrame.FromString(fleet_pb2.ClientFrame(chunk=c).SerializeToString())
-            for c in split_message(message_id, payload, chunk_size=4)
+            CLIENT_FRAMES.parse(CLIENT_FRAMES.serialize(c)) for c in split_message(message_id, payload, chunk_size=4)
         ]
-        results = [reassembler.feed(f.chunk) for f in frames]
-        assert results[-1] == (message_id, payload)
+        results = [reassembler.feed(f) for f in frames]
+        assert results[-1] is not None
+        assert (results[-1][0], bytes(results[-1][1])) == (message_id, payload)
         assert not reassembler.in_progress
+
+
+def test_chunks_are_views_of_the_parts_not_copies():
+    params = Params({"w": np.arange(40, dtype=np.float32)})
+    parts = encode_message(Message("fit", params)), params["w"].data.cast("B")
+    chunks = list(split_message(1, parts, chunk_size=32))
+    assert b"".join(bytes(c.data) for c in chunks) == b"".join(bytes(p) for p in parts)
+    in_place = [c for c in chunks if isinstance(c.data, memoryview) and c.data.obj is params["w"]]
+    assert len(in_place) >= 3  # all but the chunk that straddles the two parts point into the array itself
+
+
+@pytest.mark.parametrize(
+    ("codec", "frame_type"), [(CLIENT_FRAMES, fleet_pb2.ClientFrame), (SERVER_FRAMES, fleet_pb2.ServerFrame)]
+)
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        Chunk(0, 0, False, b""),
+        Chunk(1, 0, False, b"abc", 3),
+        Chunk(2**64 - 1, 2**32 - 1, True, b"\0" * 300, 2**64 - 1),
+        Chunk(300, 5, True, memoryview(b"xyz")[1:]),
+    ],
+)
+def test_a_chunk_frame_is_byte_for_byte_what_protobuf_writes_and_reads_back(codec, frame_type, chunk):
+    raw = codec.serialize(chunk)
+    pb = fleet_pb2.Chunk(
+        message_id=chunk.message_id,
+        index=chunk.index,
+        last=chunk.last,
+        data=bytes(chunk.data),
+        total_size=chunk.total_size,
+    )
+    assert raw == frame_type(chunk=pb).SerializeToString()
+    assert codec.parse(raw) == chunk
+    hello = fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=1, token="t"))
+    assert CLIENT_FRAMES.parse(CLIENT_FRAMES.serialize(hello)) == hello
+
+
+def test_a_chunk_in_another_field_order_is_still_read_as_a_chunk():
+    # total_size first, then data, index, message_id, last: valid protobuf that fedloom does not write itself
+    inner = b"\x28\x05" + b"\x22\x02hi" + b"\x10\x00" + b"\x08\x07" + b"\x18\x01"
+    raw = b"\x12" + bytes([len(inner)]) + inner
+    assert CLIENT_FRAMES.parse(raw) == Chunk(7, 0, True, b"hi", 5)
+    assert isinstance(CLIENT_FRAMES.parse(b"\xff\xff\xff"), Malformed)
+
+
+_chunk_values = st.builds(
+    Chunk,
+    message_id=st.integers(0, 2**64 - 1),
+    index=st.integers(0, 2**32 - 1),
+    last=st.booleans(),
+    data=st.binary(max_size=40),
+    total_size=st.integers(0, 2**64 - 1),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_chunk_values)
+def test_any_chunk_round_trips_through_its_frame(chunk):
+    assert CLIENT_FRAMES.parse(CLIENT_FRAMES.serialize(chunk)) == chunk
+    assert SERVER_FRAMES.parse(SERVER_FRAMES.serialize(chunk)) == chunk
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.binary(max_size=60), _chunk_values.map(CLIENT_FRAMES.serialize).map(lambda b: b[:-1] + b"\x01")))
+def test_random_bytes_parse_as_protobuf_would_read_them(raw):
+    parsed = CLIENT_FRAMES.parse(raw)
+    try:
+        reference = fleet_pb2.ClientFrame.FromString(raw)
+    except Exception:  # protobuf refuses them: so do we
+        assert isinstance(parsed, Malformed)
+        return
+    if reference.WhichOneof("frame") == "chunk":
+        c = reference.chunk
+        assert parsed == Chunk(c.message_id, c.index, c.last, c.data, c.total_size)
+    else:
+        assert parsed == reference
+
+
+def test_reassembled_messages_decode_in_place_with_aligned_arrays():
+    message = _message()
+    data = encode_message(message)
+    for chunk_size in (16, 100, 1 << 20):  # the 16-byte prefix comes whole in chunk 0: the arrays are aligned
+        _, whole = _reassemble(list(split_message(1, data, chunk_size=chunk_size)))
+        decoded = decode_message(whole)
+        assert decoded.params == message.params
+        for array in decoded.params.values():
+            assert array.flags.aligned
+            assert not array.flags.writeable
+        assert not decoded.params["w"].flags.owndata  # a view of the received buffer, not a copy
+        # "b" (int64) starts 60 bytes after "w" (15 float32 values), off an 8-byte boundary: it is copied
+        assert decoded.params["b"].flags.owndata
 
 
 def test_a_message_over_the_limit_is_refused_on_its_first_chunk():
@@ -63,10 +164,10 @@ def test_a_message_over_the_limit_is_refused_on_its_first_chunk():
 
 
 def test_a_peer_cannot_send_more_than_it_declared():
-    lying = fleet_pb2.Chunk(message_id=1, index=0, last=False, data=b"12345", total_size=3)
+    lying = Chunk(message_id=1, index=0, last=False, data=b"12345", total_size=3)
     with pytest.raises(DecodeError, match="longer than the 3 bytes"):
         Reassembler(100).feed(lying)
-    short = fleet_pb2.Chunk(message_id=1, index=0, last=True, data=b"12", total_size=3)
+    short = Chunk(message_id=1, index=0, last=True, data=b"12", total_size=3)
     with pytest.raises(DecodeError, match="ended after 2 of the 3 bytes"):
         Reassembler(100).feed(short)
 
@@ -84,7 +185,8 @@ def test_chunks_out_of_order_or_repeated_are_refused(fed, bad, match):
     with pytest.raises(DecodeError, match=match):
         reassembler.feed(chunks[bad])
     assert not reassembler.in_progress  # a refused message is forgotten; the next one starts clean
-    assert [reassembler.feed(c) for c in chunks][-1] == (9, b"abcdefghi")
+    message_id, data = [reassembler.feed(c) for c in chunks][-1]
+    assert (message_id, bytes(data)) == (9, b"abcdefghi")
 
 
 def test_a_chunk_of_another_message_inside_one_is_refused():
@@ -98,12 +200,12 @@ def test_a_chunk_of_another_message_inside_one_is_refused():
 
 def test_protocol_version_mismatch_is_a_clear_error():
     check_protocol_version(PROTOCOL_VERSION, "the server")
-    with pytest.raises(DecodeError, match="the server speaks fleet protocol version 99, this fedloom speaks 1"):
+    with pytest.raises(DecodeError, match="the server speaks fleet protocol version 99, this fedloom speaks 2"):
         check_protocol_version(99, "the server")
 
 
 _chunks = st.builds(
-    fleet_pb2.Chunk,
+    Chunk,
     message_id=st.integers(0, 3),
     index=st.integers(0, 4),
     last=st.booleans(),
@@ -122,7 +224,7 @@ def test_random_frames_raise_only_fedloom_errors_and_never_buffer_past_the_limit
             done = reassembler.feed(chunk)
         except FedloomError:
             continue
-        assert len(reassembler._buffer) <= limit
+        assert reassembler.buffered <= limit
         if done is not None:
             assert len(done[1]) <= limit
 
@@ -131,13 +233,10 @@ def test_random_frames_raise_only_fedloom_errors_and_never_buffer_past_the_limit
 @given(st.binary(max_size=200))
 def test_random_bytes_as_a_frame_raise_only_fedloom_errors(raw):
     reassembler = Reassembler(64)
-    try:
-        frame = fleet_pb2.ClientFrame.FromString(raw)
-    except Exception:  # protobuf's own DecodeError: the transport refuses such bytes before fedloom sees them
-        return
-    if frame.WhichOneof("frame") == "chunk":
+    frame = CLIENT_FRAMES.parse(raw)  # never raises: bytes that are no frame come back as Malformed
+    if isinstance(frame, Chunk):
         try:
-            done = reassembler.feed(frame.chunk)
+            done = reassembler.feed(frame)
         except FedloomError:
             return
         if done is not None:

@@ -42,6 +42,7 @@ __all__ = [
     "decode_params",
     "encode_message",
     "encode_params",
+    "data_offset",
     "encoded_size",
     "message_parts",
     "params_parts",
@@ -144,6 +145,19 @@ def encoded_size(message: Message) -> int:
     return len(_header(message.kind, arrays, _metadata_json(message))) + sum(a.nbytes for _, a in arrays)
 
 
+def data_offset(head: Buffer) -> int | None:
+    """Where the first array's bytes start in the message that begins with ``head`` (at least its 16-byte
+    prefix), or ``None`` if ``head`` does not begin a message of this format. A receiver that places that offset
+    on a 16-byte boundary of its buffer gets arrays that :func:`decode_message` can use in place."""
+    view = memoryview(head).cast("B")
+    if view.nbytes < _PREFIX.size:
+        return None
+    magic, version, header_length = _PREFIX.unpack_from(view)
+    if magic != _MAGIC or version != WIRE_VERSION or header_length > MAX_HEADER_BYTES:
+        return None
+    return int(_PREFIX.size + header_length)
+
+
 def _version_error(version: int) -> DecodeError:
     return DecodeError(
         f"wire format version {version} is not supported (this fedloom speaks {WIRE_VERSION}); upgrade the older side"
@@ -214,7 +228,7 @@ def _arrays(view: memoryview) -> tuple[str, Params, str]:
             count = math.prod(shape)
             arrays[name] = np.frombuffer(view, dtype=dtype, count=count, offset=offset).reshape(shape)
             offset += count * dtype.itemsize
-        params = Params(arrays)  # copies: the result never holds on to ``data``
+        params = Params(arrays, copy=not view.readonly)
     except ValueError as exc:  # an empty name; a shape this numpy cannot build
         raise DecodeError(str(exc)) from None
     return envelope.kind, params, envelope.metadata_json
@@ -230,12 +244,13 @@ def _open(data: Buffer) -> tuple[str, Params, str]:
     try:
         return _arrays(view)
     finally:
-        with contextlib.suppress(BufferError):  # arrays over it may outlive us in a traceback; gc releases then
-            view.release()  # so a bytearray can be resized again as soon as we return
+        with contextlib.suppress(BufferError):  # the arrays are views of a read-only buffer: they keep it
+            view.release()  # so that a bytearray whose arrays were copied can be resized again at once
 
 
 def decode_params(data: Buffer) -> Params:
-    """Decode bytes made by :func:`encode_params`. Raises :class:`DecodeError` on anything else."""
+    """Decode bytes made by :func:`encode_params` (views or copies as in :func:`decode_message`). Raises
+    :class:`DecodeError` on anything else."""
     kind, params, _ = _open(data)
     if kind != _PARAMS_KIND:
         raise DecodeError(f"expected encoded params, got a {kind!r} message")
@@ -244,7 +259,11 @@ def decode_params(data: Buffer) -> Params:
 
 def decode_message(data: Buffer) -> Message:
     """Decode bytes made by :func:`encode_message` (any contiguous buffer: ``bytes``, ``bytearray``,
-    ``memoryview``). Raises :class:`DecodeError` on anything malformed."""
+    ``memoryview``). Raises :class:`DecodeError` on anything malformed.
+
+    From a read-only buffer (``bytes``, a read-only ``memoryview``) the arrays are read-only views of it, not
+    copies: they keep the buffer alive, and whoever holds the memory under a read-only view must not change
+    it. From a writable one they are copies, and the buffer is free again when this returns."""
     kind, params, metadata_json = _open(data)
     if not kind:
         raise DecodeError("message has no kind")

@@ -20,6 +20,11 @@ class Params(Mapping[str, npt.NDArray[np.generic]]):
     server loop, a strategy's state and a checkpoint without anyone changing it behind another's back.
     Order matters: it is the order of the wire encoding and therefore of :meth:`sha256`.
 
+    ``copy=False`` takes NumPy arrays that are already C-contiguous and aligned as read-only views instead of
+    copying them (anything else is still copied): for code that owns arrays nobody else will change, such as the decoder
+    reading a received message, where copying a large model costs time and memory. The caller promises that
+    the memory under them does not change afterwards.
+
     >>> p = Params({"w": np.zeros((2, 2), np.float32), "b": np.ones(2, np.float32)})
     >>> list(p), p.num_values
     (['w', 'b'], 6)
@@ -27,12 +32,15 @@ class Params(Mapping[str, npt.NDArray[np.generic]]):
 
     __slots__ = ("_arrays",)
 
-    def __init__(self, arrays: Mapping[str, npt.ArrayLike]) -> None:
+    def __init__(self, arrays: Mapping[str, npt.ArrayLike], *, copy: bool = True) -> None:
         frozen: dict[str, npt.NDArray[np.generic]] = {}
         for name, value in arrays.items():
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"parameter names must be non-empty strings, got {name!r}")
-            array = np.array(value, copy=True, order="C")
+            if not copy and isinstance(value, np.ndarray) and value.flags.c_contiguous and value.flags.aligned:
+                array = value.view()  # a view of its own, so that freezing it leaves the caller's array alone
+            else:
+                array = np.array(value, copy=True, order="C")
             if array.dtype == object:
                 raise ConfigError(f"parameter {name!r} has dtype object; only numeric arrays are allowed")
             array.flags.writeable = False

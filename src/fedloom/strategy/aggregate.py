@@ -53,9 +53,7 @@ class RunningMean:
         elif [(n, s) for n, s, _ in layout] != [(n, s) for n, s, _ in self._layout]:
             raise ConfigError(f"params #{self._count} do not match params #0 in names or shapes")
         for name, array in params.items():
-            term = array.astype(np.float64)  # one temporary the size of the array, scaled in place
-            term *= weight
-            self._totals[name] += term
+            _add_scaled(self._totals[name].reshape(-1), array.reshape(-1), weight)
         self._weight += weight
         self._count += 1
 
@@ -66,12 +64,39 @@ class RunningMean:
         if self._weight <= 0:
             raise ConfigError("weights must sum to > 0")
         out = {}
-        for name, _shape, dtype in self._layout:
-            mean = self._totals[name] / self._weight
-            if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-                mean = np.rint(mean)
-            out[name] = mean.astype(dtype)
-        return Params(out)
+        for name, shape, dtype in self._layout:
+            out[name] = np.empty(shape, dtype)
+            rounded = bool(np.issubdtype(dtype, np.integer) or dtype == np.bool_)
+            _scaled_into(out[name].reshape(-1), self._totals[name].reshape(-1), self._weight, rounded=rounded)
+        return Params(out, copy=False)  # fresh arrays of its own
+
+
+_BLOCK = 1 << 17  # values per step of _add_scaled: 1 MiB of float64 scratch, which stays in cache
+
+
+def _add_scaled(total: npt.NDArray[np.float64], values: npt.NDArray[Any], weight: float) -> None:
+    """``total += float64(values) * weight`` (1-d arrays), block by block: the same float64 arithmetic as on
+    the whole arrays at once, without a temporary the size of a model (that is a large allocation for every
+    update a server folds in, and page faults on fresh memory are most of its cost)."""
+    scratch = np.empty(min(_BLOCK, total.size), dtype=np.float64)
+    for start in range(0, total.size, _BLOCK):
+        stop = min(start + _BLOCK, total.size)
+        term = scratch[: stop - start]
+        np.multiply(values[start:stop], weight, out=term, dtype=np.float64)
+        total[start:stop] += term
+
+
+def _scaled_into(out: npt.NDArray[Any], total: npt.NDArray[np.float64], weight: float, *, rounded: bool) -> None:
+    """``out[:] = total / weight`` (rounded to the nearest integer first if ``rounded``), cast to ``out``'s dtype
+    block by block, as ``(total / weight).astype(...)`` would, without a float64 temporary the size of a model."""
+    scratch = np.empty(min(_BLOCK, total.size), dtype=np.float64)
+    for start in range(0, total.size, _BLOCK):
+        stop = min(start + _BLOCK, total.size)
+        mean = scratch[: stop - start]
+        np.divide(total[start:stop], weight, out=mean)
+        if rounded:
+            np.rint(mean, out=mean)
+        out[start:stop] = mean
 
 
 def weighted_mean(params: Sequence[Params], weights: Sequence[float]) -> Params:

@@ -2,8 +2,10 @@
 
 The agent opens one ``Connect`` stream (see ``fleet.proto``), presents its token, and then, for every
 instruction the server sends, runs :func:`fedloom.runtime.client.handle_instruction` on the task and this
-site's own data and sends the encoded reply back under the instruction's message id. The same code as in
-simulation computes the reply; only the transport differs.
+site's own data and offers the encoded reply under the instruction's message id; it sends the reply when the
+server grants the offer (the server reads a few replies at a time), and drops it when the server declines (the
+reply is too large, or its round is over). The same code as in simulation computes the reply; only the
+transport differs.
 
 If the task raises, the agent logs the error with its traceback and sends nothing for that instruction: the
 server counts the client as dropped for that round (after the round's deadline) and the agent stays
@@ -30,11 +32,16 @@ from fedloom.core.codec import decode_message, message_parts
 from fedloom.core.errors import DecodeError, TransportError
 from fedloom.data.base import ClientData
 from fedloom.runtime.client import handle_instruction
-from fedloom.runtime.net import fleet_pb2, fleet_pb2_grpc
+from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.frames import (
+    CLIENT_FRAMES,
+    CONNECT_METHOD,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
+    SERVER_FRAMES,
+    Chunk,
+    Malformed,
     Reassembler,
     check_protocol_version,
     split_message,
@@ -49,6 +56,15 @@ log = logging.getLogger("fedloom.client")
 _FIRST_PAUSE = 0.5
 _LONGEST_PAUSE = 30.0
 _Outbox = queue.Queue[fleet_pb2.ClientFrame | tuple[int, tuple[bytes | memoryview, ...]] | None]
+_ServerFrame = fleet_pb2.ServerFrame | Chunk | Malformed
+
+
+def connect_call(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
+    """The fleet's ``Connect`` method on ``channel``, its frames written and read by
+    :mod:`fedloom.runtime.net.frames`."""
+    return channel.stream_stream(
+        CONNECT_METHOD, request_serializer=CLIENT_FRAMES.serialize, response_deserializer=SERVER_FRAMES.parse
+    )
 
 
 class Backoff:
@@ -153,14 +169,14 @@ class _Session:
         self.answered = 0
         self.welcomed = False
         self.lost: str | None = None
+        self._offered: dict[int, tuple[bytes | memoryview, ...]] = {}  # replies offered, not yet granted
 
     def run(self, token: str) -> bool:
         """Serve the stream; ``True`` if the server said bye, ``False`` if the connection was lost (why is in
         :attr:`lost`). Raises :class:`TransportError` for a refusal, :class:`DecodeError` for bad frames."""
         outbox: _Outbox = queue.Queue()
         outbox.put(fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=token)))
-        stub = fleet_pb2_grpc.FleetStub(self._channel)  # type: ignore[no-untyped-call]  # generated code, untyped
-        frames = stub.Connect(self._drain(outbox))
+        frames = connect_call(self._channel)(self._drain(outbox))
         try:
             return self._serve(frames, outbox)
         except grpc.RpcError as exc:
@@ -170,33 +186,52 @@ class _Session:
             outbox.put(None)
             frames.cancel()
 
-    def _drain(self, outbox: _Outbox) -> Iterator[fleet_pb2.ClientFrame]:
+    def _drain(self, outbox: _Outbox) -> Iterator[fleet_pb2.ClientFrame | Chunk]:
         """The frames to send, as gRPC's request iterator wants them, a reply cut into chunks only as it is
         sent; ``None`` in the queue ends the stream."""
         while (item := outbox.get()) is not None:
             if isinstance(item, tuple):
                 message_id, parts = item
-                for chunk in split_message(message_id, parts, self._chunk_size):
-                    yield fleet_pb2.ClientFrame(chunk=chunk)
+                yield from split_message(message_id, parts, self._chunk_size)
             else:
                 yield item
 
-    def _serve(self, frames: Iterator[fleet_pb2.ServerFrame], outbox: _Outbox) -> bool:
+    def _serve(self, frames: Iterator[_ServerFrame], outbox: _Outbox) -> bool:
         server = self._server
         greeting = next(frames, None)
-        kind = None if greeting is None else greeting.WhichOneof("frame")
-        if greeting is None or kind == "refusal":
-            reason = "it closed the stream" if greeting is None else greeting.refusal.reason
-            raise TransportError(f"the server at {server} refused this client: {reason}")
-        if kind != "welcome":
-            raise DecodeError(f"the server at {server} opened with a {kind} frame instead of a Welcome")
+        if greeting is None:
+            raise TransportError(f"the server at {server} refused this client: it closed the stream")
+        if isinstance(greeting, Malformed):
+            raise DecodeError(f"the server at {server} sent {greeting.reason}")
+        if isinstance(greeting, Chunk) or greeting.WhichOneof("frame") not in ("welcome", "refusal"):
+            raise DecodeError(f"the server at {server} opened with a {_kind(greeting)} frame instead of a Welcome")
+        if greeting.WhichOneof("frame") == "refusal":
+            raise TransportError(f"the server at {server} refused this client: {greeting.refusal.reason}")
         check_protocol_version(greeting.welcome.protocol_version, f"the server at {server}")
         self.welcomed = True
         name = greeting.welcome.client_name
         log.info("joined the federation at %s as client %s", server, name)
         reassembler = Reassembler(self._max)
         for frame in frames:
-            kind = frame.WhichOneof("frame")
+            if isinstance(frame, Malformed):
+                raise DecodeError(f"the server at {server} sent {frame.reason}")
+            if isinstance(frame, Chunk):
+                box = [reassembler.feed(frame)]  # _answer takes the message out: nothing here keeps its buffer
+                if box[0] is not None:
+                    self._answer(box, outbox)
+                continue
+            kind = _kind(frame)
+            if kind == "grant":
+                parts = self._offered.pop(frame.grant.message_id, None)
+                if parts is None:
+                    raise DecodeError(f"the server at {server} asked for a reply this client did not offer")
+                outbox.put((frame.grant.message_id, parts))
+                continue
+            if kind == "decline":
+                self._offered.pop(frame.decline.message_id, None)
+                decline = frame.decline
+                log.warning("the server declined the reply to instruction %d: %s", decline.message_id, decline.reason)
+                continue
             if kind == "bye":
                 return True
             if kind == "notice":
@@ -204,27 +239,38 @@ class _Session:
                 continue
             if kind == "refusal":
                 raise TransportError(f"the server at {server} ended the session of {name!r}: {frame.refusal.reason}")
-            if kind != "chunk":
-                raise DecodeError(f"the server at {server} sent an unexpected {kind} frame")
-            done = reassembler.feed(frame.chunk)
-            if done is None:
-                continue
-            message_id, encoded = done
-            done = None
-            instruction = decode_message(encoded)
-            del encoded  # the instruction's arrays are copies: the received bytes go before the task runs
-            try:
-                reply = handle_instruction(self._task, self._data, instruction)
-            except Exception:
-                # Sending nothing makes the server count this client as dropped for the round; see the module's doc.
-                log.exception(
-                    "the task failed on the %s instruction %d; sending no reply", instruction.kind, message_id
-                )
-                continue
-            outbox.put((message_id, message_parts(reply)))
-            self.answered += 1
+            raise DecodeError(f"the server at {server} sent an unexpected {kind} frame")
         self.lost = "the server closed the stream without saying bye"
         return False
+
+    def _answer(self, box: list[tuple[int, memoryview] | None], outbox: _Outbox) -> None:
+        """Run the instruction in ``box`` (its message id and bytes, taken out) and offer the reply; it is sent
+        when the server grants it. The instruction's arrays are views of the received buffer, which goes once the
+        task lets them go."""
+        done = box.pop()
+        assert done is not None
+        message_id, encoded = done
+        del done
+        instruction = decode_message(encoded)
+        del encoded
+        try:
+            reply = handle_instruction(self._task, self._data, instruction)
+        except Exception:
+            # Sending nothing makes the server count this client as dropped for the round; see the module's doc.
+            log.exception("the task failed on the %s instruction %d; sending no reply", instruction.kind, message_id)
+            return
+        parts = message_parts(reply)
+        self._offered[message_id] = parts
+        size = sum(memoryview(part).nbytes for part in parts)
+        outbox.put(fleet_pb2.ClientFrame(offer=fleet_pb2.Offer(message_id=message_id, size=size)))
+        self.answered += 1
+
+
+def _kind(frame: fleet_pb2.ServerFrame | Chunk | None) -> str | None:
+    """Which frame ``frame`` is (``"welcome"``, ``"chunk"``...), ``None`` for none."""
+    if frame is None:
+        return None
+    return "chunk" if isinstance(frame, Chunk) else frame.WhichOneof("frame")
 
 
 def _connect_failure(channel: grpc.Channel, timeout: float) -> str | None:
@@ -235,9 +281,8 @@ def _connect_failure(channel: grpc.Channel, timeout: float) -> str | None:
         return None
     except grpc.FutureTimeoutError:
         pass
-    stub = fleet_pb2_grpc.FleetStub(channel)  # type: ignore[no-untyped-call]  # generated code, untyped
     try:
-        next(stub.Connect(iter(()), timeout=timeout, wait_for_ready=False), None)
+        next(connect_call(channel)(iter(()), timeout=timeout, wait_for_ready=False), None)
     except grpc.RpcError as exc:
         return _describe(exc)
     return None  # connected after all; the server ends a stream that sends no Hello
