@@ -349,6 +349,81 @@ class _RawClient:
         self._thread.join(timeout=10)
 
 
+class _FreezingProxy:
+    """Forwards TCP from 127.0.0.1:``port`` to the server until :meth:`freeze`: from then on it forwards nothing
+    either way and keeps every connection open, as a network that goes dark does (it does not close)."""
+
+    def __init__(self, target: int) -> None:
+        self._target = target
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.settimeout(0.1)
+        self.port = self._listener.getsockname()[1]
+        self._frozen = threading.Event()
+        self._stopped = threading.Event()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                inbound, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+            outbound = socket.create_connection(("127.0.0.1", self._target))
+            self._sockets += [inbound, outbound]
+            for source, sink in ((inbound, outbound), (outbound, inbound)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        source.settimeout(0.1)
+        while not self._stopped.is_set():
+            if self._frozen.is_set():
+                time.sleep(0.1)
+                continue
+            try:
+                data = source.recv(1 << 16)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not data:
+                return
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def freeze(self) -> None:
+        self._frozen.set()
+
+    def close(self) -> None:
+        self._stopped.set()
+        for sock in [self._listener, *self._sockets]:
+            sock.close()
+
+
+def test_a_client_behind_a_network_gone_dark_is_dropped_by_heartbeats_not_the_deadline(caplog):
+    port = free_port()
+    with FleetServer(f"127.0.0.1:{port}", heartbeat=1.0, authenticate=lambda token: token) as server:
+        proxy = _FreezingProxy(port)
+        client = _RawClient(f"127.0.0.1:{proxy.port}", "dark", echo=False)  # it trains for ever, silently
+        try:
+            server.wait_for_clients(1, timeout=30)
+            message = Message("fit", Params({"w": np.zeros(10, np.float32)}), {"round": 1})
+            threading.Timer(1.0, proxy.freeze).start()  # once the instruction is through
+            started = time.monotonic()
+            exchange = server.grid.send_and_receive({"dark": message}, timeout=120.0)
+            assert exchange.dropped == ("dark",)
+            assert time.monotonic() - started < 30  # a heartbeat went unanswered: gone, long before the deadline
+            assert "client dark did not reply to its fit instruction (disconnected)" in caplog.text
+            assert list(server.grid.client_ids()) == []
+        finally:
+            client.close()
+            proxy.close()
+
+
 def test_the_net_grid_drops_silent_and_vanished_clients_and_keeps_the_order_of_messages():
     address = f"127.0.0.1:{free_port()}"
     with FleetServer(address, chunk_size=16, authenticate=lambda token: token) as server:

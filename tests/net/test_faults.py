@@ -177,6 +177,8 @@ def test_a_client_killed_mid_round_does_not_stall_the_round(procs: Processes):
     assert (1, "training") in mine
     assert (1, "dropped") in mine
     assert (None, "disconnected") in mine
+    # The timeline goes on past the last round: the others leave when the server says bye.
+    assert [e["event"] for e in events if e["client_id"] == SITES[0]][-1] == "disconnected"
 
 
 def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(procs: Processes):

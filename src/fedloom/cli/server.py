@@ -132,6 +132,7 @@ def server_command(
         try:
             clients = server.wait_for_clients(min_clients, join_timeout)
         except FedloomError as exc:
+            recorder.on_events(server.take_events())  # who came, and who was refused
             recorder.finish(resume.params if resume else initial, status="failed", error=str(exc))
             raise
         console.print(f"clients connected: {', '.join(clients)}")
@@ -159,6 +160,7 @@ def _run(
     console: Console,
 ) -> LoopResult:
     """Run the rounds over the server's grid, recorded as :func:`fedloom.simulate` records a simulation."""
+    timeline = _Timeline(server, recorder)
     return run_recorded(
         recorder,
         strategy=job.strategy,
@@ -166,9 +168,10 @@ def _run(
         initial_params=initial,
         rounds=rounds,
         seed=seed,
-        observers=[_Timeline(server, recorder), _RoundLines(console, rounds)],
+        observers=[timeline, _RoundLines(console, rounds)],
         timeout=timeout,
         resume=resume,
+        on_close=timeline.close,
     )
 
 
@@ -190,6 +193,12 @@ class _Timeline:
             self._server.notify(client.client_id, reason)
             events.append(ClientEvent(now, client.client_id, "refused", record.server_round, detail=client.detail))
         self._recorder.on_events(events)
+
+    def close(self) -> None:
+        """Say bye to the clients, then record the events since the last round: those of a round that failed,
+        and the clients leaving."""
+        self._server.say_bye()
+        self._recorder.on_events(self._server.take_events())
 
 
 class _RoundLines:
