@@ -151,14 +151,15 @@ def run_recorded(
     observers: Sequence[RoundObserver] = (),
     timeout: float | None = None,
     resume: Resume | None = None,
-    on_close: Callable[[], None] | None = None,
+    on_close: Callable[[BaseException | None], None] | None = None,
 ) -> LoopResult:
     """:func:`~fedloom.runtime.loop.run_rounds` with the run recorded by ``recorder``: every round as it ends,
     then the run as finished with its final params, or as failed with its error and the last good params
     (and the error raised again). Simulations and deployments record their runs through this one path;
     ``resume`` (from :meth:`RunRecorder.open`) continues a deployment's run after its last recorded round.
-    ``on_close`` is called after the rounds, or on failure, just before the run is closed, while ``recorder``
-    still records: a deployment records there the client events that came after the last round."""
+    ``on_close`` is called just before the run is closed, while ``recorder`` still records, with ``None`` after
+    the last round or with the error on failure: a deployment says bye to its clients when the run is over and
+    records the client events that came after the last round."""
     latest = _Latest(initial_params if resume is None else resume.params)
     try:
         result = run_rounds(
@@ -175,13 +176,13 @@ def run_recorded(
     except BaseException as exc:
         try:
             if on_close is not None:
-                on_close()
+                on_close(exc)
             recorder.finish(latest.params, status="failed", error=f"{type(exc).__name__}: {exc}")
         except FedloomError as unrecorded:  # the run's own error matters more; say why it is not on record
             log.error("run %s: could not record its failure: %s", recorder.run_id, unrecorded)
         raise
     if on_close is not None:
-        on_close()
+        on_close(None)
     recorder.finish(result.params)
     return result
 

@@ -10,6 +10,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -146,6 +147,10 @@ class Processes:
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=10)
+
+    def interrupt(self, handle: int) -> None:
+        """Send SIGINT (Ctrl-C) to the process of ``handle``."""
+        self._running[handle][1].send_signal(signal.SIGINT)
 
     def close(self) -> None:
         for handle in range(len(self._running)):

@@ -216,6 +216,30 @@ def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(
     assert "has finished already; start another with a new run directory" in again.error()
 
 
+def test_an_interrupted_server_says_no_bye_and_its_clients_rejoin_when_it_resumes(procs: Processes):
+    address = f"127.0.0.1:{free_port()}"
+    keys = tokens(procs, "interrupted", SITES[:2])
+    args = server_args(address, "interrupted", 4, "--min-clients", "2", "--round-timeout", "60")
+    first = procs.start(*args)
+    clients = [
+        procs.start(*client_args(address, site, keys[site], "--retry-for", "120"), env={"SLOW_FIT_S": "0.3"})
+        for site in SITES[:2]
+    ]
+    wait_until(lambda: rounds_recorded(procs.cwd / "interrupted" / "run.db") >= 1, 120, "one round")
+    procs.interrupt(first)  # Ctrl-C
+    stopped = procs.wait(first, timeout=60)
+    assert stopped.returncode == 130, stopped
+    assert RunStore(procs.cwd).info(str(procs.cwd / "interrupted")).status == "failed"
+    time.sleep(2.0)
+    assert all(procs.running(handle) for handle in clients)  # no bye: they keep trying to reconnect
+    second = procs.wait(procs.start(*args), timeout=180).ok()
+    assert "resuming run " in second.stdout
+    for handle in clients:
+        assert "the server said bye" in procs.wait(handle).ok().stdout
+    rounds = RunStore(procs.cwd).rounds(str(procs.cwd / "interrupted"))
+    assert [r["round"] for r in rounds] == [1, 2, 3, 4]
+
+
 def test_bad_and_revoked_tokens_are_refused_and_the_server_serves_the_others(procs: Processes):
     address = f"127.0.0.1:{free_port()}"
     keys = tokens(procs, "tokens", SITES[:2])

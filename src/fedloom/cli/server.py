@@ -136,10 +136,7 @@ def server_command(
             recorder.finish(resume.params if resume else initial, status="failed", error=str(exc))
             raise
         console.print(f"clients connected: {', '.join(clients)}")
-        try:
-            result = _run(loaded, server, recorder, initial, resume, rounds, seed, round_timeout, console)
-        finally:
-            server.say_bye()
+        result = _run(loaded, server, recorder, initial, resume, rounds, seed, round_timeout, console)
     final: dict[str, float] = {}
     for record in result.history:
         final.update(record.metrics)
@@ -194,10 +191,12 @@ class _Timeline:
             events.append(ClientEvent(now, client.client_id, "refused", record.server_round, detail=client.detail))
         self._recorder.on_events(events)
 
-    def close(self) -> None:
-        """Say bye to the clients, then record the events since the last round: those of a round that failed,
-        and the clients leaving."""
-        self._server.say_bye()
+    def close(self, error: BaseException | None) -> None:
+        """Record the events since the last round: those of a round that failed, or, when the run is over, the
+        clients leaving after the server says bye. A run that failed or was interrupted says no bye: the
+        clients keep trying to reconnect, and rejoin when the same command resumes the run."""
+        if error is None:
+            self._server.say_bye()
         self._recorder.on_events(self._server.take_events())
 
 

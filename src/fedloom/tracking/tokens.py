@@ -58,6 +58,10 @@ class TokenStore:
         self._run_dir = Path(run_dir)
         self._engine: Engine | None = None
 
+    def _absent(self) -> bool:
+        """Whether this run directory holds no token store yet (reading it then makes nothing)."""
+        return self._engine is None and not (self._run_dir / DB_NAME).exists()
+
     def _db(self) -> Engine:
         if self._engine is None:
             try:
@@ -101,6 +105,8 @@ class TokenStore:
 
     def revoke(self, client_name: str) -> None:
         """Revoke the valid token of ``client_name``; :class:`ConfigError` if it has none."""
+        if self._absent():
+            raise ConfigError(f"client {client_name!r} has no valid token in {self._run_dir} (it holds no tokens)")
         try:
             with self._db().begin() as conn:
                 done = conn.execute(
@@ -115,6 +121,8 @@ class TokenStore:
 
     def list(self) -> list[TokenInfo]:
         """Every token ever made here, oldest first (the tokens themselves are not stored, so not shown)."""
+        if self._absent():
+            return []
         try:
             with self._db().connect() as conn:
                 rows = conn.execute(select(credentials).order_by(credentials.c.created_at)).all()
@@ -128,7 +136,7 @@ class TokenStore:
 
     def authenticate(self, token: str) -> str | None:
         """The name of the client that holds ``token``, or ``None`` if it is unknown or revoked."""
-        if not token.startswith(TOKEN_PREFIX) or len(token) > 256:
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 256 or self._absent():
             return None
         digest = _digest(token)
         try:
