@@ -503,6 +503,7 @@ def test_a_late_reply_is_declined_before_its_bytes_are_sent_and_logged(caplog):
             late = [e for e in server.take_events() if e.event == "late"]
             assert len(late) == 1
             assert late[0].nbytes == len(encode_message(message))
+            assert late[0].server_round == 1
             assert list(server.grid.client_ids()) == ["slow"]  # still connected, for the next round
         finally:
             client.close()

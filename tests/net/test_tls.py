@@ -91,6 +91,7 @@ class Runs:
     mutual_server: Done
     mutual_clients: list[Done]
     intruder: Done
+    impostor: Done
     invitations: list[Done]
 
 
@@ -138,6 +139,8 @@ def runs(procs: Processes, certs: Done, parts: Path) -> Runs:
     # (it would be gone once they finish). It retries until the server listens: on a loaded machine the server
     # may take 15 s or more to start.
     intruder = procs.wait(client(mutual, "intruder", *ca, "--retry-for", "60"), timeout=120)
+    own = ("--cert", f"certs/clients/{SITES[0]}.pem", "--key", f"certs/clients/{SITES[0]}.key")
+    impostor = procs.wait(client(mutual, "intruder", *ca, *own, "--retry-for", "60"), timeout=120)
     mutual_clients = [
         client(mutual, site, *ca, "--cert", f"certs/clients/{site}.pem", "--key", f"certs/clients/{site}.key")
         for site in SITES
@@ -149,6 +152,7 @@ def runs(procs: Processes, certs: Done, parts: Path) -> Runs:
         mutual_server=procs.wait(servers[mutual]),
         mutual_clients=[procs.wait(c) for c in mutual_clients],
         intruder=intruder,
+        impostor=impostor,
         invitations=invitations,
     )
 
@@ -172,6 +176,9 @@ def test_mutual_tls_admits_clients_with_certificates_and_refuses_one_without(run
     for done in runs.mutual_clients:
         assert "answered 4 instructions" in done.ok().stdout
     assert "requires a client certificate" in runs.intruder.error()
+    # A site's certificate with another site's token: refused, naming both.
+    refusal = "refused this client: the client certificate names client-000, the token names intruder"
+    assert runs.impostor.error().endswith(refusal)
 
 
 def test_tls_mismatches_are_one_line_errors(procs: Processes, certs: Done, parts: Path):

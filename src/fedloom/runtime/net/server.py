@@ -57,6 +57,7 @@ log = logging.getLogger("fedloom.server")
 
 _NAME_MAX = 128
 _POLL_S = 0.2  # how often a blocked stream checks whether it should end
+_EXPIRED_KEPT = 4096  # unanswered messages remembered, so that a late reply's event names its round
 _SENT_EVENT = {MessageKind.FIT: "training", MessageKind.EVALUATE: "evaluating"}
 GRPC_OPTIONS = (
     ("grpc.max_receive_message_length", GRPC_FRAME_LIMIT),
@@ -178,6 +179,7 @@ class _Hub:
         self.authenticate = authenticate
         self.connections: dict[str, _Connection] = {}
         self.awaiting: dict[int, _Awaited] = {}
+        self.expired: dict[int, int | None] = {}  # message id -> round, of recent messages left unanswered
         self.ids = itertools.count(1)
         self.closing = False
         self.events: list[ClientEvent] = []
@@ -248,7 +250,9 @@ class _Hub:
     def drop_late(self, connection: _Connection, message_id: int, nbytes: int = 0) -> None:
         """Log and record a reply that nobody awaits (any more): it came after its round's deadline, or unasked."""
         log.warning("client %s: reply %d came after its deadline or unasked; dropped", connection.name, message_id)
-        self.event(connection.name, "late", nbytes=nbytes, detail=f"reply {message_id}")
+        with self.cond:
+            server_round = self.expired.pop(message_id, None)
+        self.event(connection.name, "late", server_round, nbytes, f"reply {message_id}")
 
     def refuse(self, connection: _Connection, message_id: int, reason: str) -> None:
         """Record that the reply to ``message_id`` was refused before it was read (it is too large): its round
@@ -300,7 +304,7 @@ class _Servicer:
             first = next(request_iterator)
         except (StopIteration, grpc.RpcError):
             return
-        name, refusal = self._admit(first)
+        name, refusal = self._admit(first, context)
         if name is None:
             log.warning("refused a client from %s: %s", context.peer(), refusal)
             self._hub.event(f"? {context.peer()}"[:_NAME_MAX], "refused", detail=refusal)
@@ -341,8 +345,9 @@ class _Servicer:
             yield item
         self._hub.disconnect(connection)
 
-    def _admit(self, frame: _ClientFrame) -> tuple[str | None, str]:
-        """The name of the client this first frame admits, or ``None`` and why it admits nobody."""
+    def _admit(self, frame: _ClientFrame, context: grpc.ServicerContext) -> tuple[str | None, str]:
+        """The name of the client this first frame admits, or ``None`` and why it admits nobody. A client that
+        presented a certificate (mutual TLS) must present its own: the certificate's name must be the token's."""
         if not isinstance(frame, fleet_pb2.ClientFrame) or frame.WhichOneof("frame") != "hello":
             return None, "the first frame must be a Hello"
         try:
@@ -361,6 +366,9 @@ class _Servicer:
             return None, "the server cannot check tokens right now; try again later"
         if name is None:
             return None, "unknown or revoked token"
+        certified = [n.decode(errors="replace") for n in context.auth_context().get("x509_common_name", [])]
+        if certified and name not in certified:
+            return None, f"the client certificate names {certified[0]}, the token names {name}"
         return name, ""
 
     def _read(self, connection: _Connection, frames: Iterator[_ClientFrame]) -> None:
@@ -499,6 +507,9 @@ class NetGrid:
             hub.cond.wait_for(lambda: self._settled(sent), None if deadline is None else deadline - time.perf_counter())
             hub.cond.wait_for(lambda: not any(hub.awaiting[m].busy for m in sent.values()))  # on time: let it finish
             awaited = {cid: hub.awaiting.pop(message_id) for cid, message_id in sent.items()}
+            hub.expired.update((m, awaited[c].server_round) for c, m in sent.items() if awaited[c].reply is None)
+            for old in list(itertools.islice(hub.expired, max(0, len(hub.expired) - _EXPIRED_KEPT))):
+                del hub.expired[old]  # the oldest first: dicts keep insertion order
         replies: dict[str, Reply] = {}
         dropped: list[str] = []
         for client_id, message in messages.items():
