@@ -301,9 +301,11 @@ def test_user_mistakes_are_one_line_errors(procs: Processes):
 class _RawClient:
     """A client on a bare fleet stream, in this process: it offers every instruction back as its reply and sends
     it when granted (``delay`` seconds late, if asked to), or stays silent; with ``unasked``, it sends the reply
-    without offering it."""
+    without offering it. It takes messages of up to ``limit`` bytes."""
 
-    def __init__(self, address: str, name: str, *, echo: bool, unasked: bool = False, delay: float = 0.0) -> None:
+    def __init__(
+        self, address: str, name: str, *, echo: bool, unasked: bool = False, delay: float = 0.0, limit: int = 1 << 20
+    ) -> None:
         self._outbox: queue.Queue[fleet_pb2.ClientFrame | Chunk | None] = queue.Queue()
         self._outbox.put(fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=name)))
         self._channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
@@ -311,13 +313,14 @@ class _RawClient:
         self._echo = echo
         self._unasked = unasked
         self._delay = delay
+        self._limit = limit
         self.refusals: list[str] = []
         self.declines: list[str] = []
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
     def _serve(self) -> None:
-        reassembler = Reassembler(1 << 20)
+        reassembler = Reassembler(self._limit)
         offered: dict[int, bytes] = {}
         try:
             for frame in self._frames:
@@ -427,6 +430,34 @@ def test_a_client_behind_a_network_gone_dark_is_dropped_by_heartbeats_not_the_de
         finally:
             client.close()
             proxy.close()
+
+
+_FROZEN_CLIENT = """
+import sys, time
+sys.path.insert(0, {here!r})
+import test_deployment
+test_deployment._RawClient({address!r}, "frozen", echo=True, limit=1 << 30)
+time.sleep(300)
+"""
+
+
+def test_a_client_whose_machine_freezes_while_it_receives_the_model_is_dropped_by_heartbeats(caplog):
+    port = free_port()
+    with FleetServer(f"127.0.0.1:{port}", heartbeat=1.0, authenticate=lambda token: token) as server:
+        program = _FROZEN_CLIENT.format(here=str(Path(__file__).parent), address=f"127.0.0.1:{port}")
+        child = subprocess.Popen([sys.executable, "-c", program], env={**os.environ, "no_proxy": "127.0.0.1"})
+        try:
+            server.wait_for_clients(1, timeout=60)
+            model = Message("fit", Params({"w": np.zeros(50_000_000, np.float32)}), {"round": 1})  # 200 MB
+            threading.Timer(0.3, child.send_signal, (signal.SIGSTOP,)).start()  # frozen mid-download
+            started = time.monotonic()
+            exchange = server.grid.send_and_receive({"frozen": model}, timeout=120.0)
+            assert exchange.dropped == ("frozen",)
+            assert time.monotonic() - started < 30  # not the 120 s deadline
+            assert "client frozen did not reply to its fit instruction (disconnected)" in caplog.text
+        finally:
+            child.kill()
+            child.wait(timeout=10)
 
 
 def test_the_net_grid_drops_silent_and_vanished_clients_and_keeps_the_order_of_messages():

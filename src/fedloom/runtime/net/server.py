@@ -74,8 +74,8 @@ def keepalive_options(heartbeat: float) -> list[tuple[str, int]]:
 
     On a connection with a call in flight, gRPC (1.85) gives up on an unanswered ping after
     ``grpc.http2.ping_timeout_ms`` (60 s unless set), whatever ``grpc.keepalive_timeout_ms`` says: a client
-    whose network went dark was found gone after 62 s with a 1 s heartbeat, and after about 3 s with this set
-    (``tests/net/test_deployment.py``)."""
+    whose network went dark was found gone after 62 s with a 1 s heartbeat, and after about 2 s with this set,
+    as was one frozen (SIGSTOP) while the model was being sent to it (``tests/net/test_deployment.py``)."""
     every = max(1000, int(heartbeat * 1000))
     return [
         ("grpc.keepalive_time_ms", every),
