@@ -66,10 +66,10 @@ def server_command(
         ),
     ] = False,
     max_message_mb: Annotated[
-        float, typer.Option(help="Largest message a client may send, in MiB; larger ones are refused.", min=0.001)
+        float, typer.Option(help="Largest reply a client may send, in MiB; larger ones are declined.", min=0.001)
     ] = 4096.0,
     max_uploads: Annotated[
-        int, typer.Option(help="Client replies read at once (bounds the server's memory).", min=1)
+        int, typer.Option(help="Client replies asked for at once (bounds the server's memory).", min=1)
     ] = 4,
     heartbeat: Annotated[
         float, typer.Option(help="Seconds between keepalive pings; a client silent that long after one is gone.", min=1)
