@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 from test_deployment import Done, Processes, free_port
 
 from fedloom.runtime.net.tls import fingerprint
@@ -74,6 +75,31 @@ def test_certs_init_refuses_to_overwrite_without_force_and_bad_hosts(procs: Proc
     bad = procs.run("certs", "init", "--out", "bad", "--host", "not a host").error()
     assert bad == "host 'not a host' is neither an IP address nor a DNS name"
     assert not (procs.cwd / "bad").exists()
+
+
+def test_certs_issue_signs_new_sites_and_hosts_with_the_same_ca(procs: Processes):
+    procs.run("certs", "init", "--out", "grow", "--host", "127.0.0.1", "--client", "client-000").ok()
+    folder = procs.cwd / "grow"
+    ca_pem = (folder / "ca.pem").read_bytes()
+    old_site = (folder / "clients" / "client-000.pem").read_bytes()
+    added = procs.run("certs", "issue", "--out", "grow", "--client", "client-001", "--host", "fl.example.org").ok()
+    assert f"CA fingerprint {fingerprint(ca_pem)}" in added.stdout  # the same CA: every site keeps working
+    assert (folder / "ca.pem").read_bytes() == ca_pem
+    assert (folder / "clients" / "client-000.pem").read_bytes() == old_site
+    ca = _cert(folder / "ca.pem")
+    site = _cert(folder / "clients" / "client-001.pem")
+    site.verify_directly_issued_by(ca)
+    assert site.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "client-001"
+    server = _cert(folder / "server.pem")
+    server.verify_directly_issued_by(ca)
+    alt = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert alt.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert stat.S_IMODE((folder / "clients" / "client-001.key").stat().st_mode) == 0o600
+    again = procs.run("certs", "issue", "--out", "grow", "--client", "client-001").error()
+    assert again.endswith("client-001.key exist already; pass --force to replace them")
+    assert procs.run("certs", "issue", "--out", "grow").error().startswith("give --host")
+    nothing = procs.run("certs", "issue", "--out", "empty", "--client", "client-002").error()
+    assert nothing == "empty holds no CA (ca.pem, ca.key); make one with `fedloom certs init --out empty`"
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedloom.runtime.net.tls import fingerprint, init_certs
+from fedloom.runtime.net.tls import fingerprint, init_certs, issue_certs
 
 app = typer.Typer(help="Certificates for TLS between the server and the clients.", no_args_is_help=True)
 
@@ -33,7 +33,30 @@ def init_command(
     Serve with `fedloom server ... --certs OUT`; give every site OUT/ca.pem (never ca.key) and connect with
     `fedloom client ... --ca ca.pem`. Keys are written with mode 0600.
     """
-    written = init_certs(out, host or [], client or [], force=force)
+    _report(init_certs(out, host or [], client or [], force=force), out)
+
+
+@app.command("issue")
+def issue_command(
+    out: Annotated[Path, typer.Option(help="The folder of `certs init`, with the federation's ca.pem and ca.key.")],
+    host: Annotated[
+        list[str] | None,
+        typer.Option(help="A new server certificate for these hosts (repeatable; list them all: it replaces the old)."),
+    ] = None,
+    client: Annotated[
+        list[str] | None,
+        typer.Option(help="A client certificate for this site: clients/NAME.pem and .key (repeatable)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace client certificates that exist.")] = False,
+) -> None:
+    """Sign new certificates with the federation's existing CA: a site's certificate for mutual TLS, or a server
+    certificate for another host. The CA's fingerprint does not change, so every site keeps working; restart the
+    server after a new server certificate.
+    """
+    _report(issue_certs(out, host or [], client or [], force=force), out)
+
+
+def _report(written: list[Path], out: Path) -> None:
     console = Console(soft_wrap=True, highlight=False)
     for path in written:
         console.print(f"wrote {path}{'  (private key: keep it secret)' if path.suffix == '.key' else ''}")

@@ -1,6 +1,7 @@
 """TLS for a federation: a private CA, the server's certificate, client certificates, and gRPC credentials.
 
-``fedloom certs init`` calls :func:`init_certs`, which writes into one folder::
+``fedloom certs init`` calls :func:`init_certs`, which writes into one folder (``fedloom certs issue``, with
+:func:`issue_certs`, adds client certificates or a new server certificate signed by the same CA later)::
 
     ca.pem  ca.key                  the federation's CA (keep ca.key offline; sites get only ca.pem)
     server.pem  server.key          the server's certificate, for the hosts clients dial (DNS names, IPs)
@@ -50,6 +51,7 @@ __all__ = [
     "fetch_ca",
     "fingerprint",
     "init_certs",
+    "issue_certs",
     "server_credentials",
 ]
 
@@ -188,28 +190,84 @@ def init_certs(
     """
     folder = Path(out)
     alt = _subject_names(hosts)
-    for client in clients:
-        check_client_name(client)
-    if len(set(clients)) != len(clients):
-        raise ConfigError("each --client name may be given once")
+    _check_clients(clients)
     ca = _make_ca(str(alt[0].value))
-    server = _make_leaf(ca, str(alt[0].value), ExtendedKeyUsageOID.SERVER_AUTH, alt)
     files: dict[Path, tuple[bytes, bool]] = {  # path -> (content, private)
         folder / "ca.pem": (ca.cert_pem, False),
         folder / "ca.key": (ca.key_pem, True),
-        folder / "server.pem": (server.cert_pem, False),
-        folder / "server.key": (server.key_pem, True),
+        **_server_files(folder, ca, alt),
+        **_client_files(folder, ca, clients),
     }
-    for client in clients:
-        issued = _make_leaf(ca, client, ExtendedKeyUsageOID.CLIENT_AUTH, [])
-        files[folder / "clients" / f"{client}.pem"] = (issued.cert_pem, False)
-        files[folder / "clients" / f"{client}.key"] = (issued.key_pem, True)
     existing = [str(path) for path in files if path.exists()]
     if existing and not force:
         verb = "exists" if len(existing) == 1 else "exist"
         raise ConfigError(
             f"{', '.join(existing)} {verb} already; pass --force to replace the federation's certificates"
         )
+    return _write_all(files)
+
+
+def issue_certs(
+    out: str | os.PathLike[str], hosts: Sequence[str] = (), clients: Sequence[str] = (), *, force: bool = False
+) -> list[Path]:
+    """With the CA that :func:`init_certs` made in ``out`` (``ca.pem``, ``ca.key``): a new server certificate
+    for ``hosts`` (all the hosts clients dial: it replaces the old one) if any are given, and a certificate per
+    name in ``clients``; return the paths written. The CA, and so its fingerprint, stay as they are: sites keep
+    working, and a new site or a new server address needs no new CA.
+
+    Raises :class:`ConfigError` when neither hosts nor clients are given, for a bad host or client name, when
+    ``out`` holds no CA (or its key does not match it), and when a client's files exist already (unless
+    ``force``): then nothing is written.
+    """
+    if not hosts and not clients:
+        raise ConfigError("give --host (a new server certificate) or --client (a certificate for a site), or both")
+    folder = Path(out)
+    alt = _subject_names(hosts) if hosts else []
+    _check_clients(clients)
+    ca = _load_issuer(folder)
+    files = {**(_server_files(folder, ca, alt) if alt else {}), **_client_files(folder, ca, clients)}
+    existing = [str(path) for path in files if path.exists() and path.parent.name == "clients"]
+    if existing and not force:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise ConfigError(f"{', '.join(existing)} {verb} already; pass --force to replace them")
+    return _write_all(files)
+
+
+def _check_clients(clients: Sequence[str]) -> None:
+    for client in clients:
+        check_client_name(client)
+    if len(set(clients)) != len(clients):
+        raise ConfigError("each --client name may be given once")
+
+
+def _server_files(folder: Path, ca: _Issued, alt: list[x509.GeneralName]) -> dict[Path, tuple[bytes, bool]]:
+    server = _make_leaf(ca, str(alt[0].value), ExtendedKeyUsageOID.SERVER_AUTH, alt)
+    return {folder / "server.pem": (server.cert_pem, False), folder / "server.key": (server.key_pem, True)}
+
+
+def _client_files(folder: Path, ca: _Issued, clients: Sequence[str]) -> dict[Path, tuple[bytes, bool]]:
+    files = {}
+    for client in clients:
+        issued = _make_leaf(ca, client, ExtendedKeyUsageOID.CLIENT_AUTH, [])
+        files[folder / "clients" / f"{client}.pem"] = (issued.cert_pem, False)
+        files[folder / "clients" / f"{client}.key"] = (issued.key_pem, True)
+    return files
+
+
+def _load_issuer(folder: Path) -> _Issued:
+    """The CA in ``folder`` (``ca.pem`` and its key ``ca.key``), to sign with; :class:`ConfigError` if absent."""
+    cert_path, key_path = folder / "ca.pem", folder / "ca.key"
+    if not cert_path.is_file() or not key_path.is_file():
+        raise ConfigError(f"{folder} holds no CA (ca.pem, ca.key); make one with `fedloom certs init --out {folder}`")
+    cert_pem, key_pem = _read(cert_path, "the CA certificate"), _read(key_path, "the CA key")
+    _check_pair(cert_pem, key_pem, cert_path, key_path)
+    key = serialization.load_pem_private_key(key_pem, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ConfigError(f"{key_path} is not an ECDSA key as fedloom makes")
+    return _Issued(cert_pem, key_pem, x509.load_pem_x509_certificate(cert_pem), key)
+
+
+def _write_all(files: dict[Path, tuple[bytes, bool]]) -> list[Path]:
     for path, (content, private) in files.items():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
