@@ -27,3 +27,13 @@ def test_a_matching_finite_update_passes():
 def test_bad_updates_are_refused_with_a_reason(update, message):
     with pytest.raises(InvalidUpdateError, match=message):
         check_update(REFERENCE, Params(update))
+
+
+@pytest.mark.parametrize("where", [0, (1 << 20) - 1, 1 << 20, 3 * (1 << 20) + 5])
+def test_a_nan_anywhere_in_a_large_array_is_found(where):
+    reference = Params({"w": np.zeros(3 * (1 << 20) + 6, np.float32)})  # past several blocks of the check
+    values = np.zeros(3 * (1 << 20) + 6, np.float32)
+    check_update(reference, Params({"w": values}))
+    values[where] = np.nan
+    with pytest.raises(InvalidUpdateError, match="NaN or infinite"):
+        check_update(reference, Params({"w": values}))

@@ -43,5 +43,14 @@ def check_update(reference: Params, update: Params) -> None:
             raise InvalidUpdateError(
                 f"parameter {name!r} is {got.dtype}{list(got.shape)}, expected {expected.dtype}{list(expected.shape)}"
             )
-        if np.issubdtype(got.dtype, np.inexact) and not np.isfinite(got).all():
+        if np.issubdtype(got.dtype, np.inexact) and not _all_finite(got):
             raise InvalidUpdateError(f"parameter {name!r} holds NaN or infinite values")
+
+
+_BLOCK = 1 << 20
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """Whether every value is finite, a block at a time: no boolean temporary the size of a large model."""
+    flat = array.reshape(-1)
+    return all(bool(np.isfinite(flat[start : start + _BLOCK]).all()) for start in range(0, flat.size, _BLOCK))
