@@ -20,6 +20,7 @@ from fedloom.runtime.net.frames import (
     CLIENT_FRAMES,
     PROTOCOL_VERSION,
     SERVER_FRAMES,
+    BufferPool,
     Chunk,
     Malformed,
     Reassembler,
@@ -242,6 +243,57 @@ def test_random_bytes_as_a_frame_raise_only_fedloom_errors(raw):
         if done is not None:
             with contextlib.suppress(FedloomError):
                 decode_message(done[1])
+
+
+def test_pooled_buffers_are_used_again_only_once_nothing_refers_to_them():
+    message = Message("fit", Params({"w": np.arange(1000, dtype=np.float32)}), {"round": 1})
+    data = encode_message(message)
+    pool = BufferPool(keep=2)
+    reassembler = Reassembler(1 << 20, pool)
+
+    def receive(message_id: int) -> Message:
+        done = [reassembler.feed(c) for c in split_message(message_id, data, chunk_size=100)][-1]
+        return decode_message(done[1])
+
+    def address(decoded: Message) -> int:
+        return int(decoded.params["w"].__array_interface__["data"][0])
+
+    first = receive(1)
+    held = address(first)
+    second = receive(2)  # the first message's arrays are alive: its buffer is not handed out again
+    assert address(second) != held
+    assert first.params == message.params
+    assert second.params == message.params
+    del first
+    assert pool.free == 1
+    third = receive(3)
+    assert address(third) == held  # the same memory, used again
+    assert third.params == message.params
+    del second, third
+    assert pool.free == 2
+    for message_id in range(4, 8):  # never more than `keep` buffers wait
+        receive(message_id)
+    assert pool.free <= 2
+    small = Message("fit", Params({"w": np.arange(10, dtype=np.float32)}), {"round": 1})
+    other = Reassembler(1 << 20, pool)  # a message of another size takes a buffer that fits, or a new one
+    done = [other.feed(c) for c in split_message(8, encode_message(small), chunk_size=100)][-1]
+    assert decode_message(done[1]).params == small.params
+    del done
+    assert pool.free <= 2
+    with pytest.raises(DecodeError):  # a refused message gives its buffer back too
+        reassembler.feed(Chunk(9, 0, False, b"\0" * 10, 5))
+    assert pool.free <= 2
+
+
+def test_a_pool_hands_out_the_smallest_free_buffer_that_fits():
+    pool = BufferPool(keep=3)
+    large, small = pool.take(200), pool.take(100)
+    del large, small  # both wait now, the larger first
+    piece = pool.take(50)
+    assert piece.size == 50
+    assert piece.base is not None
+    assert piece.base.size == 100
+    assert pool.free == 1
 
 
 def test_client_data_files_round_trip(tmp_path):

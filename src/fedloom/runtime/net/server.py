@@ -43,6 +43,7 @@ from fedloom.runtime.net.frames import (
     PROTOCOL_VERSION,
     SERVER_FRAMES,
     SERVICE,
+    BufferPool,
     Chunk,
     Malformed,
     Reassembler,
@@ -184,6 +185,7 @@ class _Hub:
         self.closing = False
         self.events: list[ClientEvent] = []
         self.uploads = threading.BoundedSemaphore(max_uploads)
+        self.buffers = BufferPool(max_uploads)  # the granted replies' receive buffers, used again
         self.handing_over = threading.Lock()  # on_reply is called one reply at a time
 
     def event(
@@ -378,7 +380,7 @@ class _Servicer:
         at once over all clients: a stream waits here for a free slot before it grants one. A reply that nobody
         awaits (after its deadline) or that is over the size limit is declined, so its bytes never come."""
         hub = self._hub
-        reassembler = Reassembler(self._max)
+        reassembler = Reassembler(self._max, self._hub.buffers)
         granted: tuple[int, int] | None = None  # the reply being received: its message id and offered size
         try:
             for frame in frames:
