@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,6 +298,14 @@ def test_user_mistakes_are_one_line_errors(procs: Processes):
     assert time.monotonic() - started < 120  # bounded: every client gives up by itself, even on a loaded machine
 
 
+def wait_until(condition: Callable[[], object], timeout: float, what: str) -> None:
+    """Poll ``condition`` until it holds; fail the test if it does not within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
 class _RawClient:
     """A client on a bare fleet stream, in this process: it offers every instruction back as its reply and sends
     it when granted (``delay`` seconds late, if asked to), or stays silent; with ``unasked``, it sends the reply
@@ -501,9 +509,7 @@ def test_a_reply_over_the_size_limit_is_declined_with_a_reason_and_the_others_ar
             assert time.monotonic() - started < 30  # the round does not wait for the refused reply's deadline
             assert list(exchange.replies) == ["small"]
             assert exchange.dropped == ("big",)
-            wait_s = time.monotonic() + 10
-            while not clients["big"].declines and time.monotonic() < wait_s:
-                time.sleep(0.05)
+            wait_until(lambda: clients["big"].declines, 10, "the client's decline")
             assert len(clients["big"].declines) == 1
             assert re.fullmatch(r"reply \d+ is \d+ bytes, over the limit of 2000 bytes", clients["big"].declines[0])
             assert "client big: declined its reply: reply" in caplog.text
@@ -526,9 +532,7 @@ def test_a_late_reply_is_declined_before_its_bytes_are_sent_and_logged(caplog):
             exchange = server.grid.send_and_receive({"slow": message}, timeout=0.5)
             assert exchange.dropped == ("slow",)
             assert "client slow did not reply to its evaluate instruction (no reply by the deadline)" in caplog.text
-            wait_s = time.monotonic() + 20
-            while not client.declines and time.monotonic() < wait_s:
-                time.sleep(0.05)
+            wait_until(lambda: client.declines, 20, "the client's decline")
             assert client.declines == ["it came after its round's deadline"]
             assert re.search(r"client slow: reply \d+ came after its deadline or unasked; dropped", caplog.text)
             late = [e for e in server.take_events() if e.event == "late"]
@@ -553,9 +557,7 @@ def test_a_reply_sent_without_a_grant_ends_that_session_and_the_others_are_serve
             exchange = server.grid.send_and_receive({"pushy": message, "polite": message}, timeout=60.0)
             assert list(exchange.replies) == ["polite"]
             assert exchange.dropped == ("pushy",)
-            wait_s = time.monotonic() + 10
-            while not clients["pushy"].refusals and time.monotonic() < wait_s:
-                time.sleep(0.05)
+            wait_until(lambda: clients["pushy"].refusals, 10, "the client's refusal")
             assert len(clients["pushy"].refusals) == 1
             assert re.fullmatch(
                 r"a chunk of message \d+, which the server did not ask for", clients["pushy"].refusals[0]

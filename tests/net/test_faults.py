@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_deployment import Done, Processes, free_port
+from test_deployment import Done, Processes, free_port, wait_until
 
 from fedloom.data.base import ArrayData, ClientData
 from fedloom.data.clientfile import load_client_data, save_client_data
@@ -130,13 +130,6 @@ def final_error(done: Done) -> str:
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: "), done
     return last.removeprefix("error: ")
-
-
-def wait_until(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def server_args(address: str, run_dir: str, rounds: int, *extra: str, job: str = "slow_digits.py") -> tuple[str, ...]:

@@ -228,8 +228,8 @@ class _Session:
                 outbox.put((frame.grant.message_id, parts))
                 continue
             if kind == "decline":
-                self._offered.pop(frame.decline.message_id, None)
                 decline = frame.decline
+                self._offered.pop(decline.message_id, None)
                 log.warning("the server declined the reply to instruction %d: %s", decline.message_id, decline.reason)
                 continue
             if kind == "bye":
@@ -266,10 +266,8 @@ class _Session:
         self.answered += 1
 
 
-def _kind(frame: fleet_pb2.ServerFrame | Chunk | None) -> str | None:
-    """Which frame ``frame`` is (``"welcome"``, ``"chunk"``...), ``None`` for none."""
-    if frame is None:
-        return None
+def _kind(frame: fleet_pb2.ServerFrame | Chunk) -> str | None:
+    """Which frame ``frame`` is (``"welcome"``, ``"chunk"``...)."""
     return "chunk" if isinstance(frame, Chunk) else frame.WhichOneof("frame")
 
 

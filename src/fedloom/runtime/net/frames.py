@@ -74,7 +74,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 << 30  # 4 GiB; a deployment sets its own limit
 
 Buffer = bytes | bytearray | memoryview
 _ALIGN = 16  # what malloc guarantees for the buffer's start, and enough for any dtype fedloom sends
-_PREFIX_SIZE = 16  # a fedloom message's fixed prefix (see fedloom.core.codec), which says where its arrays start
 
 
 def check_protocol_version(version: int, peer: str) -> None:
@@ -210,7 +209,6 @@ class FrameCodec(Generic[_T]):
 
     def __init__(self, frame_type: type[_T], chunk_field: int) -> None:
         self._type = frame_type
-        self._field = chunk_field
         self._frame_tag = _tag(chunk_field, _LENGTH_DELIMITED)
 
     def serialize(self, frame: _T | Chunk) -> bytes:
@@ -391,7 +389,7 @@ class Reassembler:
                 )
             self._message_id = chunk.message_id
             self._declared = chunk.total_size
-            offset = data_offset(memoryview(chunk.data)[:_PREFIX_SIZE])
+            offset = data_offset(chunk.data)  # from the message's prefix, which chunk 0 begins with
             self._pad = 0 if offset is None else -offset % _ALIGN
             if self._pool is not None:
                 self._pooled = self._pool.take(self._pad + self._declared)

@@ -208,10 +208,9 @@ class _Hub:
 
     def deliver(self, connection: _Connection, box: list[tuple[int, memoryview] | None]) -> None:
         """Decode a whole reply (its message id and bytes, the one item in ``box``, taken out so that nothing
-        else holds the bytes) and hand it
-        over (folding it into the round's aggregate, for FedAvg) at once, in this stream's thread, so its bytes
-        go before other replies come in: the decoded arrays are views of the buffer, which goes when the
-        handler lets the reply's params go."""
+        else holds the bytes) and hand it over (folding it into the round's aggregate, for FedAvg) at once, in
+        this stream's thread, so its bytes go before other replies come in: the decoded arrays are views of the
+        buffer, which goes when the handler lets the reply's params go."""
         done = box.pop()
         assert done is not None
         message_id, data = done
