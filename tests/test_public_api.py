@@ -6,6 +6,7 @@ import sys
 import fedloom
 
 EXPECTED = {
+    "AttackConfig",
     "BackendConfig",
     "ConfigError",
     "DataError",

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedloom import data
 from fedloom.core import (
+    AttackConfig,
     BackendConfig,
     ConfigError,
     DataError,
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttackConfig",
     "BackendConfig",
     "ConfigError",
     "DataError",

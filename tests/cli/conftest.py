@@ -162,6 +162,11 @@ def digits_runs(cli: Cli) -> dict[str, CliResult]:
                 *("--batch-size", "8", "--fraction", "0.4", "--min-clients", "2", "--seed", "1"),
                 *("--out", "runs_flags"),
             ],
+            "fedadam": [
+                *DIGITS,
+                *("--strategy", "fedadam", "--strategy-arg", "eta=0.05", "--strategy-arg", "tau=0.01"),
+                *("--lr", "0.05", "--seed", "7", "--out", "runs_fedadam"),
+            ],
             "dropout": [
                 *("simulate", "digits", "--clients", "10", "--rounds", "2", "--dropout", "0.3", "--min-clients", "1"),
                 *("--partition", "shards", "--shards", "3", "--local-epochs", "1", "--seed", "3", "--out", "runs_drop"),

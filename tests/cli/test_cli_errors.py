@@ -106,6 +106,16 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     ),
     "float_labels": (("jobs/bad_labels.py", *SMALL), ("floaty: train labels must be integer class ids",)),
     "strategy_not_a_strategy": (("jobs/wrong_strategy.py",), ("Job.strategy must be a strategy", "'fedavg'")),
+    "unknown_strategy": (("digits", "--strategy", "fedfoo", *SMALL), ("unknown strategy 'fedfoo'", "fedadam")),
+    "unknown_strategy_arg": (
+        ("digits", "--strategy", "fedadam", "--strategy-arg", "mu=1", *SMALL),
+        ("strategy 'fedadam' has no argument 'mu'", "eta"),
+    ),
+    "strategy_arg_without_strategy": (("digits", "--strategy-arg", "mu=1", *SMALL), ("--strategy-arg needs",)),
+    "bad_strategy_value": (
+        ("digits", "--strategy", "trimmed_mean", "--strategy-arg", "beta=0.7", *SMALL),
+        ("beta", "0.7"),
+    ),
     "too_few_replies": (
         ("digits", "--clients", "10", "--rounds", "2", "--dropout", "0.95", "--min-clients", "5", "--local-steps", "1"),
         ("round 1:", "clients replied", "fewer than min_clients=5"),

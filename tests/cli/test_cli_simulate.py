@@ -207,3 +207,15 @@ def test_round_lines_are_not_wrapped_at_80_columns(cli: Cli, heart_runs: dict[st
     assert all(re.search(r"acc \d\.\d{4}  \d+\.\d\ds$", line) for line in lines), result
     # The run directory can be a long path without spaces; it must stay on its line to be copied.
     assert result.run_dir(cli.cwd).is_dir()
+
+
+def test_strategy_flags_build_the_named_algorithm_and_keep_the_jobs_settings(
+    cli: Cli, digits_runs: dict[str, CliResult]
+) -> None:
+    run = digits_runs["fedadam"].ok()
+    strategy = _summary(run.run_dir(cli.cwd))["config"]["strategy"]
+    assert strategy["type"] == "FedAvg"
+    assert strategy["server_optimizer"] == {"type": "Adam", "eta": 0.05, "beta1": 0.9, "beta2": 0.99, "tau": 0.01}
+    assert strategy["fit"]["lr"] == 0.05  # a flag laid over the named strategy
+    assert strategy["fit"]["local_epochs"] == 5  # the digits job's own setting, kept
+    assert run.params_sha256() != digits_runs["happy"].ok().params_sha256()

@@ -26,6 +26,7 @@ import pytest
 
 from fedloom.cli.client import TLS_MISSING as CLIENT_TLS_MISSING
 from fedloom.cli.server import TLS_MISSING as SERVER_TLS_MISSING
+from fedloom.core.checkpoint import load_params
 from fedloom.core.codec import encode_message
 from fedloom.core.message import Message
 from fedloom.core.params import Params
@@ -239,6 +240,46 @@ def test_the_deployed_run_is_in_the_run_store(deployment: Deployment, procs: Pro
         sent = next(e for e in mine if e["event"] == "training")
         fit = next(c for c in clients if c["client_id"] == name and c["round"] == 1 and c["phase"] == "fit")
         assert sent["bytes"] == fit["bytes_down"]
+
+
+SCAFFOLD_JOB = """
+import dataclasses
+import fedloom as fl
+from fedloom.strategy import Scaffold
+from fedloom.examples.digits import job as digits
+
+job = dataclasses.replace(
+    digits, name="scaffold-digits", strategy=Scaffold(fit=fl.FitConfig(local_epochs=1, batch_size=16, lr=0.1))
+)
+"""
+
+
+def test_a_stateful_algorithm_deploys_with_the_state_on_each_sites_disk(procs: Processes):
+    """SCAFFOLD over the network: each site keeps its control variate in its --state-dir, and the deployed
+    run ends with the model of the inline simulation of the same job."""
+    (procs.cwd / "scaffold_job.py").write_text(SCAFFOLD_JOB)
+    common = ("--rounds", "2", "--seed", "5")
+    simulation = procs.start("simulate", "scaffold_job.py", "--clients", "3", *common, "--backend", "inline", "-q")
+    procs.run("partition", "digits", "--clients", "3", "--seed", "5", "--out", "scaffold-parts").ok()
+    tokens = {n: procs.run("token", "create", n, "--run-dir", "scaffold-run").ok().stdout.strip() for n in CLIENTS}
+    address = f"127.0.0.1:{free_port()}"
+    server = procs.start(
+        *("server", "scaffold_job.py", "--address", address, *common, "--min-clients", "3", "--insecure"),
+        *("--run-dir", "scaffold-run", "--join-timeout", "60", "--round-timeout", "60"),
+    )
+    clients = [
+        procs.start(
+            *("client", "scaffold_job.py", "--server", address, "--data", f"scaffold-parts/{name}.npz"),
+            *("--token", tokens[name], "--insecure", "--state-dir", f"state-{name}"),
+        )
+        for name in CLIENTS
+    ]
+    assert procs.wait(server).ok().sha256() == procs.wait(simulation).ok().sha256()
+    for name, handle in zip(CLIENTS, clients, strict=True):
+        procs.wait(handle).ok()
+        control = load_params(procs.cwd / f"state-{name}" / "scaffold.control.safetensors")
+        assert list(control) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+        assert any(np.abs(a).max() > 0 for a in control.values())
 
 
 def test_user_mistakes_are_one_line_errors(procs: Processes):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from fedloom.data import federate, load_digits
 from fedloom.data.base import ArrayData, ClientData, FederatedData
 from fedloom.runtime import ClientStatus, InlineGrid, LoopResult, run_rounds
 from fedloom.runtime.sim.vectorized import VectorizedGrid, unsupported_reason
-from fedloom.strategy import FedAvg
+from fedloom.strategy import FedAvg, FedProx, Scaffold
 from fedloom.task.torch_task import TorchTask
 
 TOLERANCE = 1e-5
@@ -79,7 +80,7 @@ def assert_params_close(got: Params, want: Params, tolerance: float = TOLERANCE)
 def compare_runs(
     task: TorchTask,
     data: FederatedData,
-    strategy: FedAvg,
+    strategy: Any,
     *,
     rounds: int = 3,
     dropout: float = 0.2,
@@ -148,6 +149,31 @@ def test_local_steps_match_inline(digits: FederatedData) -> None:
     got, _ = compare_runs(TorchTask(mlp), digits, strategy, rounds=2, dropout=0.0)
     steps = {c.metrics["steps"] for r in got.history for c in r.clients if c.phase == "fit"}
     assert steps == {7.0}
+
+
+def test_fedprox_with_unequal_local_steps_matches_inline(digits: FederatedData) -> None:
+    strategy = FedProx(
+        mu=0.5, work_range=(1, 9), fit=FitConfig(local_epochs=None, local_steps=1, batch_size=16, lr=0.1)
+    )
+    got, _ = compare_runs(TorchTask(mlp), digits, strategy, rounds=2, dropout=0.0)
+    steps = {c.metrics["steps"] for r in got.history for c in r.clients if c.phase == "fit"}
+    assert len(steps) > 2  # the clients took different numbers of steps
+
+
+def test_an_algorithms_own_client_half_runs_as_inline_does(digits: FederatedData, tmp_path: Path) -> None:
+    strategy = Scaffold(fraction=0.5, fit=FitConfig(local_epochs=1, batch_size=16, lr=0.1))
+    task = TorchTask(mlp)
+    results = [
+        run_rounds(strategy=strategy, grid=grid, initial_params=task.init_params(0), rounds=2, seed=3)
+        for grid in (
+            InlineGrid(task, digits, seed=3, state_dir=str(tmp_path / "inline")),
+            VectorizedGrid(task, digits, seed=3, state_dir=str(tmp_path / "vectorized")),
+        )
+    ]
+    assert results[0].params == results[1].params  # the same code on the same thread: bit for bit
+    assert sorted(p.name for p in (tmp_path / "vectorized").iterdir()) == sorted(
+        p.name for p in (tmp_path / "inline").iterdir()
+    )
 
 
 def test_bce_on_a_binary_task_matches_inline(digits: FederatedData) -> None:

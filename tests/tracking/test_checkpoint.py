@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from fedloom.core.checkpoint import ORDER_KEY, write_atomic
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.params import Params
 from fedloom.tracking import load_params, save_params
-from fedloom.tracking.checkpoint import ORDER_KEY, write_atomic
 
 
 def _params(scale: float = 1.0) -> Params:

@@ -14,6 +14,7 @@ from fedloom.data.clientfile import load_client_data
 from fedloom.job import Job, load_job
 from fedloom.runtime.net.client import Backoff, run_client
 from fedloom.runtime.net.tls import channel_credentials, fetch_ca
+from fedloom.runtime.state import DirectoryState
 
 TLS_MISSING = (
     "the client needs TLS: pass --ca with the federation's ca.pem, or --ca-fingerprint with the fingerprint in "
@@ -64,6 +65,13 @@ def client_command(
     ] = 600.0,
     heartbeat: Annotated[float, typer.Option(help="Seconds between keepalive pings to the server.", min=1)] = 30.0,
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
+    state_dir: Annotated[
+        Path,
+        typer.Option(
+            help="Folder where this site keeps what an algorithm carries between rounds (SCAFFOLD's control "
+            "variate, personal layers); it survives restarts and is never sent unless the algorithm sends it."
+        ),
+    ] = Path("fedloom-client-state"),
 ) -> None:
     """Join a federation: dial out to the server and train on local data until the server says bye.
 
@@ -93,7 +101,14 @@ def client_command(
             backoff.wait(str(exc))
     credentials = None if trusted is None else channel_credentials(trusted, cert, key)
     answered = run_client(
-        loaded.task, own, server=server, token=token, retry_for=retry_for, heartbeat=heartbeat, credentials=credentials
+        loaded.task,
+        own,
+        server=server,
+        token=token,
+        retry_for=retry_for,
+        heartbeat=heartbeat,
+        credentials=credentials,
+        state=DirectoryState(state_dir),
     )
     typer.echo(f"answered {answered} instructions; the server said bye")
 

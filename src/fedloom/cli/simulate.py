@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,16 +14,18 @@ import typer
 from rich.console import Console
 
 from fedloom.cli.progress import ConsoleProgress
-from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, PartitionConfig
+from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
 from fedloom.job import Job, load_job
 from fedloom.simulation import simulate
-from fedloom.strategy.fedavg import FedAvg
+from fedloom.strategy.catalog import STRATEGIES, build_strategy
+from fedloom.strategy.sampling import ClientSampling
 
 _PANEL_SIM = "Federation"
 _PANEL_FIT = "Strategy and local training"
 _PANEL_BACKEND = "Backend"
 _PANEL_SYSTEM = "Client systems (cross-device)"
+_PANEL_ATTACK = "Attacks (robustness experiments)"
 
 
 def simulate_command(
@@ -51,6 +55,22 @@ def simulate_command(
     dropout: Annotated[
         float | None,
         typer.Option(help="Probability that a selected client fails to reply.", rich_help_panel=_PANEL_SIM),
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help=f"The algorithm, instead of the job's: {', '.join(STRATEGIES)}. It keeps the job's sampling "
+            "and local training settings.",
+            rich_help_panel=_PANEL_FIT,
+        ),
+    ] = None,
+    strategy_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="An argument of --strategy as KEY=VALUE (repeat it), e.g. mu=0.01 or work_range=[1,20]; "
+            "values are read as JSON where they parse, else as text.",
+            rich_help_panel=_PANEL_FIT,
+        ),
     ] = None,
     fraction: Annotated[
         float | None, typer.Option(help="Fraction C of clients trained per round.", rich_help_panel=_PANEL_FIT)
@@ -114,15 +134,35 @@ def simulate_command(
             help="Round deadline in simulated seconds; slower clients are late.", rich_help_panel=_PANEL_SYSTEM
         ),
     ] = None,
+    attack: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Some clients attack, as KIND:FRACTION[:KEY=VALUE,...] (repeat it): kinds label_flip, scale, "
+            "noise, backdoor; keys scale, boost, sigma, target_label, poison_fraction, trigger_size, "
+            "clients=ID+ID. E.g. scale:0.2:scale=-10 or noise:0.1:sigma=2.",
+            rich_help_panel=_PANEL_ATTACK,
+        ),
+    ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
 ) -> None:
     """Run a simulated federation and record it in the runs folder."""
     loaded = load_job(job)
     limit_torch_threads(threads)
+    if strategy is not None:
+        loaded = dataclasses.replace(loaded, strategy=replace_strategy(loaded.strategy, strategy, strategy_arg or []))
+    elif strategy_arg:
+        raise ConfigError("--strategy-arg needs --strategy NAME: the algorithm the arguments are for")
     configured = _apply_flags(
         loaded,
-        simulation={"num_clients": clients, "rounds": rounds, "seed": seed, "dropout": dropout, "data_dir": data},
+        simulation={
+            "num_clients": clients,
+            "rounds": rounds,
+            "seed": seed,
+            "dropout": dropout,
+            "data_dir": data,
+            "attacks": None if attack is None else tuple(parse_attack(spec) for spec in attack),
+        },
         partition={"scheme": partition, "alpha": alpha, "shards_per_client": shards},
         backend={
             "name": "ray" if ray_address is not None and backend is None else backend,
@@ -205,10 +245,10 @@ def _apply_flags(
     chosen = job.strategy
     strategy_flags, fit_flags = _given(strategy), _given(fit)
     if strategy_flags or fit_flags:
-        if not isinstance(chosen, FedAvg):
+        if not isinstance(chosen, ClientSampling):
             raise ConfigError(
-                f"--fraction, --min-clients, --clients-per-round and the local training flags apply to FedAvg; "
-                f"job {job.name!r} uses {type(chosen).__name__}"
+                f"--fraction, --min-clients, --clients-per-round and the local training flags apply to the "
+                f"built-in strategies; job {job.name!r} uses {type(chosen).__name__}"
             )
         if "local_steps" in fit_flags and "local_epochs" not in fit_flags:
             fit_flags["local_epochs"] = None
@@ -216,3 +256,65 @@ def _apply_flags(
             fit_flags["local_steps"] = None
         chosen = dataclasses.replace(chosen, fit=dataclasses.replace(chosen.fit, **fit_flags), **strategy_flags)
     return dataclasses.replace(job, simulation=sim, strategy=chosen)
+
+
+def replace_strategy(current: Any, name: str, arguments: list[str]) -> Any:
+    """Strategy ``name`` built from ``KEY=VALUE`` ``arguments``, keeping ``current``'s client sampling and
+    local training settings (fraction, fit...) where it has them and the arguments do not set them."""
+    parsed: dict[str, Any] = {}
+    for argument in arguments:
+        key, sep, text = argument.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--strategy-arg takes KEY=VALUE, got {argument!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        parsed[key.strip()] = tuple(value) if isinstance(value, list) else value
+    kept: dict[str, Any] = {}
+    if isinstance(current, ClientSampling):
+        kept = {f.name: getattr(current, f.name) for f in dataclasses.fields(ClientSampling)}
+    if name == "fedprox" and "mu" not in parsed and "fit" in kept:
+        parsed["mu"] = kept["fit"].proximal_mu or 0.01  # FedProx's own default unless the job set one
+    return build_strategy(name, **{**kept, **parsed})
+
+
+# How each key of ``--attack``'s KEY=VALUE list is read, and what its value must be.
+_ATTACK_KEYS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "scale": (float, "a number"),
+    "boost": (float, "a number"),
+    "sigma": (float, "a number"),
+    "target_label": (int, "a whole number"),
+    "poison_fraction": (float, "a number"),
+    "trigger_size": (int, "a whole number"),
+    "clients": (lambda text: tuple(text.split("+")), "client ids joined by +"),
+}
+
+
+def parse_attack(spec: str) -> AttackConfig:
+    """``--attack KIND:FRACTION[:KEY=VALUE,...]`` as an :class:`AttackConfig`, e.g. ``scale:0.2:scale=-10``;
+    ``clients=ID+ID`` names attackers. Raises :class:`ConfigError` with a one-line reason for bad text."""
+    kind, sep, rest = spec.partition(":")
+    fraction_text, _, options = rest.partition(":")
+    if not sep or not kind.strip() or not fraction_text.strip():
+        raise ConfigError(f"--attack takes KIND:FRACTION[:KEY=VALUE,...], got {spec!r}")
+    values: dict[str, Any] = {}
+    try:
+        values["fraction"] = float(fraction_text)
+    except ValueError:
+        raise ConfigError(f"--attack {spec!r}: the fraction {fraction_text.strip()!r} is not a number") from None
+    for item in filter(str.strip, options.split(",")):
+        key, sep, text = (part.strip() for part in item.partition("="))
+        if not sep or key not in _ATTACK_KEYS:
+            raise ConfigError(
+                f"--attack {spec!r}: {item.strip()!r} is not KEY=VALUE with KEY one of {', '.join(_ATTACK_KEYS)}"
+            )
+        read, what = _ATTACK_KEYS[key]
+        try:
+            values[key] = read(text)
+        except ValueError:
+            raise ConfigError(f"--attack {spec!r}: {key} must be {what}, got {text!r}") from None
+    try:
+        return AttackConfig(kind.strip(), **values)
+    except ConfigError as exc:
+        raise ConfigError(f"--attack {spec!r}: {exc}") from None

@@ -1,7 +1,14 @@
 """fedloom.core: params, messages, their wire encoding, results, configuration and errors. Imports no torch."""
 
 from fedloom.core.codec import decode_message, decode_params, encode_message, encode_params
-from fedloom.core.config import BackendConfig, FitConfig, PartitionConfig, SimulationConfig, SystemConfig
+from fedloom.core.config import (
+    AttackConfig,
+    BackendConfig,
+    FitConfig,
+    PartitionConfig,
+    SimulationConfig,
+    SystemConfig,
+)
 from fedloom.core.errors import (
     ConfigError,
     DataError,
@@ -19,6 +26,7 @@ from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
 
 __all__ = [
+    "AttackConfig",
     "BackendConfig",
     "ConfigError",
     "DataError",

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from fedloom.core.errors import ConfigError
 
 __all__ = [
+    "ATTACK_KINDS",
     "BACKENDS",
     "PARTITION_SCHEMES",
+    "AttackConfig",
     "BackendConfig",
     "FitConfig",
     "PartitionConfig",
@@ -19,6 +22,7 @@ __all__ = [
 
 PARTITION_SCHEMES = ("iid", "dirichlet", "shards", "quantity", "natural")
 BACKENDS = ("auto", "inline", "vectorized", "process", "ray")
+ATTACK_KINDS = ("label_flip", "scale", "noise", "backdoor")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -46,7 +50,9 @@ class FitConfig:
 
     Exactly one of ``local_epochs`` (E full passes over the client's data) and ``local_steps`` (S minibatch
     steps, cycling through reshuffled epochs as needed) is set. ``seed`` makes shuffling reproducible; the
-    server derives a distinct one per client and round.
+    server derives a distinct one per client and round. ``proximal_mu`` (FedProx's mu, Li et al. 2020) adds
+    ``mu / 2 * ||w - w_start||^2`` to the local loss, where ``w_start`` is the model training starts from (the
+    global model), so that local models cannot drift far from it; 0 leaves the loss as it is.
     """
 
     local_epochs: int | None = 1
@@ -54,9 +60,10 @@ class FitConfig:
     batch_size: int = 32
     lr: float = 0.01
     seed: int = 0
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
-        _require_types(self, ("local_epochs", "local_steps", "batch_size", "seed"), ("lr",))
+        _require_types(self, ("local_epochs", "local_steps", "batch_size", "seed"), ("lr", "proximal_mu"))
         _require(
             (self.local_epochs is None) != (self.local_steps is None),
             "set exactly one of local_epochs and local_steps",
@@ -65,6 +72,7 @@ class FitConfig:
         _require(self.local_steps is None or self.local_steps >= 1, "local_steps must be >= 1")
         _require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         _require(self.lr > 0, f"learning rate must be > 0, got {self.lr}")
+        _require(self.proximal_mu >= 0, f"proximal_mu must be >= 0, got {self.proximal_mu}")
 
     def to_metadata(self) -> dict[str, Any]:
         return {
@@ -73,6 +81,7 @@ class FitConfig:
             "batch_size": self.batch_size,
             "lr": self.lr,
             "seed": self.seed,
+            "proximal_mu": self.proximal_mu,
         }
 
     @classmethod
@@ -86,6 +95,7 @@ class FitConfig:
                 batch_size=metadata["batch_size"],
                 lr=metadata["lr"],
                 seed=metadata.get("seed", 0),
+                proximal_mu=metadata.get("proximal_mu", 0.0),
             )
         except KeyError as exc:
             raise ConfigError(f"invalid fit config {metadata!r}: {exc}") from None
@@ -181,6 +191,88 @@ class SystemConfig:
         return self == SystemConfig()
 
 
+# Which options each attack kind reads; setting another kind's option is a mistake worth a ConfigError.
+_ATTACK_OPTIONS = {
+    "scale": ("scale",),
+    "boost": ("backdoor",),
+    "sigma": ("noise",),
+    "target_label": ("backdoor",),
+    "poison_fraction": ("backdoor",),
+    "trigger_size": ("backdoor",),
+}
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Some simulated clients attack the federation, to exercise robust aggregation. Simulation only.
+
+    Who attacks: ``clients`` (explicit client ids) and a ``fraction`` of all clients, drawn from the
+    simulation seed among the clients that no attack names (the same seed chooses the same attackers). At
+    least one of the two must choose somebody. How, by ``kind`` (one of :data:`ATTACK_KINDS`):
+
+    - ``label_flip``: the attacker trains on labels ``y -> num_classes - 1 - y``.
+    - ``scale``: its ``fit`` reply becomes ``global + scale * (local - global)``; the default ``-10`` sends
+      the update scaled up and negated, ``0`` a free rider's unchanged global model.
+    - ``noise``: Gaussian noise ``N(0, sigma^2)`` is added to every floating-point value of its ``fit`` reply
+      (seeded per client and round).
+    - ``backdoor``: a ``poison_fraction`` share of its training examples get a trigger (their last
+      ``trigger_size`` features set to the largest feature value of its training data) and the label
+      ``target_label``; ``boost`` scales its update as ``scale`` does (model replacement, Bagdasaryan et al.
+      2020; 1 sends it as trained). The backdoor's success is the accuracy on triggered test examples of other
+      labels, labelled ``target_label`` (build them with :func:`fedloom.runtime.sim.attacks.add_trigger`).
+
+    Attackers answer evaluation honestly. Options of another kind than ``kind`` must keep their defaults.
+
+        AttackConfig("scale", fraction=0.2)
+        AttackConfig("backdoor", clients=("client-003",), target_label=7, boost=5.0)
+    """
+
+    kind: str
+    fraction: float = 0.0
+    clients: tuple[str, ...] = ()
+    scale: float = -10.0
+    boost: float = 1.0
+    sigma: float = 1.0
+    target_label: int = 0
+    poison_fraction: float = 0.5
+    trigger_size: int = 4
+
+    def __post_init__(self) -> None:
+        _require(
+            self.kind in ATTACK_KINDS,
+            f"unknown attack kind {self.kind!r}; choose one of {', '.join(ATTACK_KINDS)}",
+        )
+        _require_types(
+            self, ("target_label", "trigger_size"), ("fraction", "scale", "boost", "sigma", "poison_fraction")
+        )
+        _require(
+            isinstance(self.clients, (tuple, list)) and all(isinstance(c, str) and c for c in self.clients),
+            f"attack clients must be a tuple of client ids, got {self.clients!r}",
+        )
+        object.__setattr__(self, "clients", tuple(self.clients))
+        _require(len(set(self.clients)) == len(self.clients), f"attack clients name a client twice: {self.clients}")
+        _require(0.0 <= self.fraction <= 1.0, f"attack fraction must be in [0, 1], got {self.fraction}")
+        _require(
+            self.fraction > 0.0 or bool(self.clients),
+            f"attack {self.kind} chooses nobody: give a fraction > 0 or clients",
+        )
+        for name in ("scale", "boost", "sigma"):
+            value = getattr(self, name)
+            _require(math.isfinite(value), f"attack {name} must be a finite number, got {value}")
+        _require(self.sigma >= 0.0, f"attack sigma must be >= 0, got {self.sigma}")
+        _require(self.target_label >= 0, f"attack target_label must be >= 0, got {self.target_label}")
+        _require(
+            0.0 < self.poison_fraction <= 1.0, f"attack poison_fraction must be in (0, 1], got {self.poison_fraction}"
+        )
+        _require(self.trigger_size >= 1, f"attack trigger_size must be >= 1, got {self.trigger_size}")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, kinds in _ATTACK_OPTIONS.items():
+            _require(
+                self.kind in kinds or getattr(self, name) == defaults[name],
+                f"attack option {name} applies to kind {' or '.join(kinds)}, not to {self.kind}",
+            )
+
+
 @dataclass(frozen=True)
 class SimulationConfig:
     """A simulated federation: how many clients, how many rounds, how the data is split, how clients fail.
@@ -189,7 +281,8 @@ class SimulationConfig:
     ``dropout`` is the probability that a selected client fails to reply in a round. ``holdout`` is the
     fraction of each client's own data kept aside for federated evaluation (ignored where the dataset has a
     natural per-client test split). ``data_dir`` is where datasets are read from (``None``: the loader's
-    default, ``$FEDLOOM_DATA``, then its download cache).
+    default, ``$FEDLOOM_DATA``, then its download cache). ``attacks`` make some clients attack (see
+    :class:`AttackConfig`); a client is chosen by one attack at most.
     """
 
     num_clients: int = 10
@@ -201,9 +294,15 @@ class SimulationConfig:
     data_dir: str | None = None
     backend: BackendConfig = field(default_factory=BackendConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    attacks: tuple[AttackConfig, ...] = ()
 
     def __post_init__(self) -> None:
         _require_types(self, ("num_clients", "rounds", "seed"), ("dropout", "holdout"))
+        _require(
+            isinstance(self.attacks, (tuple, list)) and all(isinstance(a, AttackConfig) for a in self.attacks),
+            f"attacks must be a tuple of AttackConfig, got {self.attacks!r}",
+        )
+        object.__setattr__(self, "attacks", tuple(self.attacks))
         _require(isinstance(self.partition, PartitionConfig), "partition must be a PartitionConfig")
         _require(isinstance(self.backend, BackendConfig), "backend must be a BackendConfig")
         _require(isinstance(self.system, SystemConfig), "system must be a SystemConfig")

@@ -2,22 +2,59 @@
 
 from __future__ import annotations
 
+from fedloom.core.errors import ConfigError, DecodeError
 from fedloom.core.message import Message, MessageKind
+from fedloom.core.params import Params
 from fedloom.core.results import parse_instruction
 from fedloom.data.base import ClientData
+from fedloom.strategy.catalog import LOCAL_ALGORITHMS
+from fedloom.strategy.local import Client, ClientState, local_args
 from fedloom.task.base import Task
 
 __all__ = ["handle_instruction"]
 
 
-def handle_instruction(task: Task, data: ClientData, message: Message) -> Message:
+def handle_instruction(task: Task, data: ClientData, message: Message, state: ClientState | None = None) -> Message:
     """Run a ``fit`` (on ``data.train``) or ``evaluate`` (on ``data.test``) instruction and return the reply.
 
-    Raises :class:`fedloom.core.errors.DecodeError` for a malformed instruction; whatever the task raises
-    propagates, so each runtime decides how to report it.
+    An instruction that names a local algorithm (SCAFFOLD, Ditto, ...; see :mod:`fedloom.strategy.local`) runs
+    it with ``state``, this client's persistent state. Raises :class:`fedloom.core.errors.DecodeError` for a
+    malformed instruction or an algorithm this client does not know, and :class:`ConfigError` when the
+    algorithm keeps state and no ``state`` was given; whatever the task raises propagates, so each runtime
+    decides how to report it.
     """
     kind, _round, params, fit_config = parse_instruction(message)
+    local = local_args(message)
+    if local is None:
+        if kind == MessageKind.FIT:
+            assert fit_config is not None
+            return task.fit(params, data.train, fit_config).to_message()
+        return task.evaluate(params, data.test).to_message()
+    name, args = local
+    algorithm = LOCAL_ALGORITHMS.get(name)
+    if algorithm is None:
+        known = ", ".join(sorted(LOCAL_ALGORITHMS))
+        raise DecodeError(f"the server asks for local algorithm {name!r}, which this client does not have ({known})")
+    client = Client(task, data, state if state is not None else _NoState(name))
     if kind == MessageKind.FIT:
         assert fit_config is not None
-        return task.fit(params, data.train, fit_config).to_message()
-    return task.evaluate(params, data.test).to_message()
+        return algorithm.fit(client, params, fit_config, args).to_message()
+    return algorithm.evaluate(client, params, args).to_message()
+
+
+class _NoState:
+    """The state of a client that has no state folder: an algorithm that keeps state cannot run there."""
+
+    def __init__(self, algorithm: str) -> None:
+        self._algorithm = algorithm
+
+    def load(self, key: str) -> Params | None:
+        raise self._missing()
+
+    def save(self, key: str, params: Params) -> None:
+        raise self._missing()
+
+    def _missing(self) -> ConfigError:
+        return ConfigError(
+            f"local algorithm {self._algorithm!r} keeps client state, and this client has no state folder"
+        )

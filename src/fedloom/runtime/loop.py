@@ -59,8 +59,9 @@ def run_rounds(
     """Run ``rounds`` rounds of federated training and return the final global params and the history.
 
     Each round: the strategy picks clients and instructions; the grid delivers them and gathers replies;
-    every update is checked against the global params (names, shapes, dtypes, finite values) and a bad one
-    is refused, logged and recorded, never aggregated; if fewer than ``strategy.min_clients`` valid updates
+    every update is checked against the params its client was sent (names, shapes, dtypes, finite values:
+    the global model, plus whatever else the algorithm sends, such as SCAFFOLD's control variates) and a bad
+    one is refused, logged and recorded, never aggregated; if fewer than ``strategy.min_clients`` valid updates
     remain, :class:`NotEnoughClientsError` ends the run; otherwise the strategy aggregates. A
     :class:`~fedloom.strategy.base.FoldingStrategy` (FedAvg) aggregates each update as it arrives, so only
     the updates in flight are held, not all of them. Then federated evaluation (if the strategy asks for
@@ -84,10 +85,9 @@ def run_rounds(
     for server_round in range(first, rounds + 1):
         started = time.perf_counter()
 
-        global_params = strategy.params(state)
         instructions = strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng)
         fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
-        fit_replies = _Gathered(server_round, "fit", _valid_update(global_params), fold)
+        fit_replies = _Gathered(server_round, "fit", _valid_update(instructions), fold)
         fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
         if len(fit_replies.accepted) < strategy.min_clients:
             asked = len(fit.replies) + len(fit.dropped) + len(fit.late)
@@ -102,7 +102,7 @@ def run_rounds(
             state, metrics = strategy.aggregate_fit(server_round, state, ordered)
         params = strategy.params(state)
 
-        eval_replies = _Gathered(server_round, "evaluate", EvalResult.from_message)
+        eval_replies = _Gathered(server_round, "evaluate", lambda _client_id, message: EvalResult.from_message(message))
         evaluation = grid.send_and_receive(
             strategy.configure_evaluate(server_round, state, grid.client_ids(), eval_rng), timeout, eval_replies.take
         )
@@ -134,18 +134,18 @@ class _Gathered(Generic[R]):
     logged, a good fit update folded into ``fold`` (and its arrays let go) where there is one."""
 
     def __init__(
-        self, server_round: int, phase: str, parse: Callable[[Message], R], fold: FitFold[Any] | None = None
+        self, server_round: int, phase: str, parse: Callable[[str, Message], R], fold: FitFold[Any] | None = None
     ) -> None:
         self._round = server_round
         self._phase = phase
-        self._parse: Callable[[Message], R] = parse
+        self._parse: Callable[[str, Message], R] = parse
         self._fold = fold
         self.accepted: dict[str, R] = {}
         self.refused: dict[str, str] = {}  # client id -> reason
 
     def take(self, client_id: str, reply: Reply) -> Reply:
         try:
-            result = self._parse(reply.message)
+            result = self._parse(client_id, reply.message)
         except (DecodeError, InvalidUpdateError) as exc:
             log.warning("round %d: refused the %s reply of client %s: %s", self._round, self._phase, client_id, exc)
             self.refused[client_id] = str(exc)
@@ -158,10 +158,15 @@ class _Gathered(Generic[R]):
         return reply
 
 
-def _valid_update(global_params: Params) -> Callable[[Message], FitResult]:
-    def parse(message: Message) -> FitResult:
+def _valid_update(instructions: Mapping[str, Message]) -> Callable[[str, Message], FitResult]:
+    """A parser that accepts a client's fit reply only if its params match what that client was sent."""
+
+    def parse(client_id: str, message: Message) -> FitResult:
         result = FitResult.from_message(message)
-        check_update(global_params, result.params)
+        sent = instructions.get(client_id)
+        if sent is None:
+            raise InvalidUpdateError(f"client {client_id} was not asked to train this round")
+        check_update(sent.params, result.params)
         return result
 
     return parse

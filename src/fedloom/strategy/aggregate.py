@@ -57,16 +57,18 @@ class RunningMean:
         self._weight += weight
         self._count += 1
 
-    def result(self) -> Params:
-        """The weighted mean so far. Raises :class:`ConfigError` when nothing was added or the weights sum to 0."""
+    def result(self, dtype: type[np.floating[Any]] | None = None) -> Params:
+        """The weighted mean so far, in each array's own dtype or, where given, in ``dtype`` (``np.float64``: the
+        sums' precision, for a server optimizer). Raises :class:`ConfigError` when nothing was added or the
+        weights sum to 0."""
         if not self._count:
             raise ConfigError("cannot average an empty list of params")
         if self._weight <= 0:
             raise ConfigError("weights must sum to > 0")
         out = {}
-        for name, shape, dtype in self._layout:
-            out[name] = np.empty(shape, dtype)
-            rounded = bool(np.issubdtype(dtype, np.integer) or dtype == np.bool_)
+        for name, shape, own in self._layout:
+            out[name] = np.empty(shape, own if dtype is None else dtype)
+            rounded = bool(np.issubdtype(out[name].dtype, np.integer) or out[name].dtype == np.bool_)
             _scaled_into(out[name].reshape(-1), self._totals[name].reshape(-1), self._weight, rounded=rounded)
         return Params(out, copy=False)  # fresh arrays of its own
 

@@ -68,6 +68,7 @@ class FoldingStrategy(Strategy[S], Protocol[S]):
     """A strategy that can aggregate while the replies arrive. The server loop then folds each update in as
     it comes and drops its arrays, so the server holds one aggregate rather than every client's update.
     ``fold_fit(round, state)`` must give the same result as ``aggregate_fit`` over the same updates added in
-    the same order."""
+    the same order, or be ``None`` where this configuration cannot fold (a robust rule needs every update at
+    once): the loop then gathers the updates and calls ``aggregate_fit``."""
 
-    def fold_fit(self, server_round: int, state: S) -> FitFold[S]: ...
+    def fold_fit(self, server_round: int, state: S) -> FitFold[S] | None: ...

@@ -1,59 +1,131 @@
 """FedAvg, as Algorithm 1 of McMahan et al. 2017, "Communication-Efficient Learning of Deep Networks from
-Decentralized Data"."""
+Decentralized Data", with the server-side pieces later papers add to it: a server optimizer (FedAvgM, FedOpt),
+a robust aggregation rule and norm bounding of each update; and FedProx, which is FedAvg with a proximal term
+in the clients' objective."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from fedloom.core.config import FitConfig
-from fedloom.core.counting import share_of
 from fedloom.core.errors import ConfigError, NotEnoughClientsError
-from fedloom.core.message import Message
 from fedloom.core.params import Params
-from fedloom.core.results import EvalResult, FitResult, evaluate_message, fit_message
+from fedloom.core.results import FitResult
 from fedloom.strategy.aggregate import RunningMean, weighted_mean_scalar
+from fedloom.strategy.optimizers import Adagrad, Adam, ServerOptimizer, ServerSGD, Yogi
+from fedloom.strategy.robust import Aggregator, clip_to_norm
+from fedloom.strategy.sampling import ClientSampling
 
-__all__ = ["FedAvg", "FedAvgState", "sample_clients"]
-
-
-def sample_clients(
-    clients: Sequence[str], fraction: float, minimum: int, rng: np.random.Generator, count: int | None = None
-) -> list[str]:
-    """Pick ``max(floor(fraction * K), minimum, 1)`` of the ``K`` clients (or ``count`` of them, where given)
-    uniformly without replacement.
-
-    The result keeps the order of ``clients``. Raises :class:`NotEnoughClientsError` if ``K < minimum``.
-    """
-    if len(clients) < minimum:
-        raise NotEnoughClientsError(f"{len(clients)} clients are available but at least {minimum} are needed")
-    wanted = count if count is not None else max(share_of(fraction, len(clients)), minimum, 1)
-    m = min(len(clients), wanted)
-    chosen = rng.choice(len(clients), size=m, replace=False)
-    return [clients[i] for i in sorted(chosen)]
+__all__ = ["FedAdagrad", "FedAdam", "FedAvg", "FedAvgM", "FedAvgState", "FedProx", "FedYogi"]
 
 
 @dataclass(frozen=True)
 class FedAvgState:
-    """The global model after ``server_round`` rounds."""
+    """The global model after ``server_round`` rounds, and the server optimizer's state (empty without one)."""
 
     params: Params
     server_round: int = 0
+    optimizer: Params = field(default_factory=lambda: Params({}))
+
+
+@dataclass(frozen=True)
+class FedAvg(ClientSampling):
+    """Federated averaging: the new global model is ``sum_k n_k / n * w_k`` over the clients that replied,
+    ``n_k`` being each client's number of training examples (sampling, local training and evaluation as
+    :class:`~fedloom.strategy.sampling.ClientSampling` says).
+
+    Three optional server-side pieces, each a small object of its own, change how the replies become the new
+    model; with none of them this is McMahan et al.'s FedAvg, folded in as the replies arrive:
+
+    - ``clip_norm``: norm bounding (Sun et al. 2019): each update ``w_k - w`` is scaled down to at most this
+      L2 norm (over the whole model) before aggregation.
+    - ``aggregator``: a robust rule over the updates instead of the weighted mean
+      (:mod:`fedloom.strategy.robust`: ``Median()``, ``TrimmedMean(beta)``, ``Krum(f, m)``, ``Bulyan(f)``).
+      It needs every update of the round at once, so the server holds them all.
+    - ``server_optimizer``: the aggregated update is a pseudo-gradient for a server optimizer
+      (:mod:`fedloom.strategy.optimizers`: ``ServerSGD`` with momentum is FedAvgM, ``Adam``, ``Yogi`` and
+      ``Adagrad`` are FedOpt), whose state is part of the strategy's state.
+
+    >>> strategy = FedAvg(fraction=0.1, fit=FitConfig(local_epochs=5, batch_size=10, lr=0.1))
+    """
+
+    aggregator: Aggregator | None = None
+    server_optimizer: ServerOptimizer | None = None
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ConfigError(f"clip_norm must be > 0, got {self.clip_norm}")
+
+    def init(self, params: Params) -> FedAvgState:
+        optimizer = self.server_optimizer.init(params) if self.server_optimizer is not None else Params({})
+        return FedAvgState(params, 0, optimizer)
+
+    def aggregate_fit(
+        self, server_round: int, state: FedAvgState, results: Mapping[str, FitResult]
+    ) -> tuple[FedAvgState, dict[str, float]]:
+        if self.aggregator is None:
+            fold = self.fold_fit(server_round, state)
+            assert fold is not None
+            for client_id, result in results.items():
+                fold.add(client_id, result)
+            return fold.finish()
+        if not results:
+            raise NotEnoughClientsError(f"round {server_round}: no client returned an update")
+        updates = [self._update(state.params, r.params) for r in results.values()]
+        delta = self.aggregator(updates, [r.num_examples for r in results.values()])
+        return self._advance(server_round, state, delta=delta), _fit_loss(results.values())
+
+    def fold_fit(self, server_round: int, state: FedAvgState) -> _FedAvgFold | None:
+        """The round's aggregation, one update at a time; ``None`` with a robust ``aggregator``, which needs
+        every update at once."""
+        return None if self.aggregator is not None else _FedAvgFold(self, server_round, state)
+
+    def _update(self, global_params: Params, params: Params) -> Params:
+        """``params - global_params`` in float64, bounded to ``clip_norm`` where that is set."""
+        delta = Params({name: f64(params[name]) - f64(global_params[name]) for name in global_params}, copy=False)
+        return clip_to_norm(delta, self.clip_norm) if self.clip_norm is not None else delta
+
+    def _advance(
+        self, server_round: int, state: FedAvgState, *, delta: Params | None = None, mean: Params | None = None
+    ) -> FedAvgState:
+        """The state after applying the round's aggregated float64 ``delta`` (or the new model ``mean``) through
+        the server optimizer, if there is one."""
+        x = state.params
+        if self.server_optimizer is None:
+            if mean is not None:
+                return FedAvgState(mean, server_round, state.optimizer)
+            assert delta is not None
+            return FedAvgState(_cast_like(x, {n: f64(x[n]) + f64(delta[n]) for n in x}), server_round, state.optimizer)
+        if delta is None:
+            assert mean is not None
+            delta = Params({n: f64(mean[n]) - f64(x[n]) for n in x}, copy=False)
+        params, optimizer = self.server_optimizer.step(x, delta, state.optimizer)
+        return FedAvgState(params, server_round, optimizer)
 
 
 class _FedAvgFold:
-    """FedAvg's aggregation of one round, one update at a time: the example-weighted mean of the params and of
-    the reported training losses."""
+    """FedAvg's aggregation of one round, one update at a time: the example-weighted mean of the params (or of
+    the norm-bounded updates) and of the reported training losses."""
 
-    def __init__(self, server_round: int) -> None:
+    def __init__(self, strategy: FedAvg, server_round: int, state: FedAvgState) -> None:
+        self._strategy = strategy
         self._round = server_round
+        self._state = state
         self._mean = RunningMean()
         self._losses: list[tuple[float, int]] | None = []
 
     def add(self, client_id: str, result: FitResult) -> None:
-        self._mean.add(result.params, result.num_examples)
+        if self._strategy.clip_norm is not None:
+            self._mean.add(self._strategy._update(self._state.params, result.params), result.num_examples)
+        else:
+            self._mean.add(result.params, result.num_examples)
         if self._losses is not None and "loss" in result.metrics:
             self._losses.append((result.metrics["loss"], result.num_examples))
         else:
@@ -63,96 +135,83 @@ class _FedAvgFold:
         if not self._mean.count:
             raise NotEnoughClientsError(f"round {self._round}: no client returned an update")
         try:
-            new = self._mean.result()
+            if self._strategy.clip_norm is not None:  # a mean of float64 updates
+                state = self._strategy._advance(self._round, self._state, delta=self._mean.result())
+            elif self._strategy.server_optimizer is not None:
+                state = self._strategy._advance(self._round, self._state, mean=self._mean.result(np.float64))
+            else:
+                state = self._strategy._advance(self._round, self._state, mean=self._mean.result())
         except ConfigError:
             raise NotEnoughClientsError(f"round {self._round}: the clients that replied have no examples") from None
         metrics = {}
         if self._losses:
             losses, counts = zip(*self._losses, strict=True)
             metrics["fit_loss"] = weighted_mean_scalar(losses, counts)
-        return FedAvgState(new, self._round), metrics
+        return state, metrics
 
 
-@dataclass(frozen=True)
-class FedAvg:
-    """Federated averaging.
+def _fit_loss(results: Any) -> dict[str, float]:
+    """The example-weighted mean of the clients' ``loss`` as ``fit_loss``, where every client reported one."""
+    scored = [r for r in results if "loss" in r.metrics]
+    if not scored or len(scored) != len(results):
+        return {}
+    return {"fit_loss": weighted_mean_scalar([r.metrics["loss"] for r in scored], [r.num_examples for r in scored])}
 
-    Each round a fraction ``fraction`` (C) of the K clients is sampled, each runs ``fit`` (E local epochs or
-    S steps of minibatch SGD with batch size B and learning rate from ``fit``) from the global model, and the
-    new global model is ``sum_k n_k / n * w_k`` over the clients that replied, ``n_k`` being each client's
-    number of training examples. ``min_clients`` is both the fewest clients sampled and the fewest replies a
-    round accepts. ``clients_per_round``, where given, replaces the fraction: that many clients are sampled
-    from those available (all of them if fewer are), as in cross-device FL. Federated evaluation asks a
-    fraction ``fraction_evaluate`` of clients for their held-out loss and accuracy, weighted by their
-    held-out example counts (at most ``clients_per_round`` of them, where that is given); 0 turns it off.
 
-    >>> strategy = FedAvg(fraction=0.1, fit=FitConfig(local_epochs=5, batch_size=10, lr=0.1))
-    """
+def f64(array: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """``array`` as float64 (itself where it already is)."""
+    return array.astype(np.float64, copy=False)
 
-    fraction: float = 1.0
-    min_clients: int = 1
-    fraction_evaluate: float = 1.0
-    fit: FitConfig = field(default_factory=FitConfig)
-    clients_per_round: int | None = None
 
-    def __post_init__(self) -> None:
-        if not 0.0 < self.fraction <= 1.0:
-            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
-        if not 0.0 <= self.fraction_evaluate <= 1.0:
-            raise ConfigError(f"fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}")
-        if self.min_clients < 1:
-            raise ConfigError(f"min_clients must be >= 1, got {self.min_clients}")
-        if self.clients_per_round is not None and self.clients_per_round < self.min_clients:
-            raise ConfigError(
-                f"clients_per_round must be >= min_clients={self.min_clients}, got {self.clients_per_round}"
-            )
+def _cast_like(reference: Params, arrays: Mapping[str, Any]) -> Params:
+    """``arrays`` cast to ``reference``'s dtypes, integers rounded to the nearest (batch-norm counters)."""
+    out = {}
+    for name, like in reference.items():
+        value = np.asarray(arrays[name])
+        if np.issubdtype(like.dtype, np.integer) or like.dtype == np.bool_:
+            value = np.rint(value)
+        out[name] = value.astype(like.dtype)
+    return Params(out, copy=False)
 
-    def init(self, params: Params) -> FedAvgState:
-        return FedAvgState(params)
 
-    def params(self, state: FedAvgState) -> Params:
-        return state.params
+# -- named configurations ------------------------------------------------------------------------------------
 
-    def configure_fit(
-        self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator
-    ) -> dict[str, Message]:
-        selected = sample_clients(clients, self.fraction, self.min_clients, rng, self.clients_per_round)
-        seeds = rng.integers(0, 2**31 - 1, size=len(selected))
-        return {
-            cid: fit_message(server_round, state.params, replace(self.fit, seed=int(seed)))
-            for cid, seed in zip(selected, seeds, strict=True)
-        }
 
-    def aggregate_fit(
-        self, server_round: int, state: FedAvgState, results: Mapping[str, FitResult]
-    ) -> tuple[FedAvgState, dict[str, float]]:
-        fold = self.fold_fit(server_round, state)
-        for client_id, result in results.items():
-            fold.add(client_id, result)
-        return fold.finish()
+def _with_fit(kwargs: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    fit = kwargs.pop("fit", FitConfig())
+    return {**kwargs, "fit": replace(fit, **changes)}
 
-    def fold_fit(self, server_round: int, state: FedAvgState) -> _FedAvgFold:
-        return _FedAvgFold(server_round)
 
-    def configure_evaluate(
-        self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator
-    ) -> dict[str, Message]:
-        if self.fraction_evaluate == 0.0 or not clients:
-            return {}
-        count = None
-        if self.clients_per_round is not None:  # cross-device: never ask more clients than train in a round
-            count = min(self.clients_per_round, max(share_of(self.fraction_evaluate, len(clients)), 1))
-        selected = sample_clients(clients, self.fraction_evaluate, 1, rng, count)
-        return {cid: evaluate_message(server_round, state.params) for cid in selected}
+def FedProx(mu: float = 0.01, **kwargs: Any) -> FedAvg:  # noqa: N802  (named as the algorithm)
+    """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"): FedAvg whose clients
+    minimize ``f_k(w) + mu / 2 * ||w - w_global||^2``, which keeps local models near the global one when
+    clients differ and do unequal amounts of work (``work_range``). Other arguments are :class:`FedAvg`'s."""
+    return FedAvg(**_with_fit(kwargs, proximal_mu=mu))
 
-    def aggregate_evaluate(
-        self, server_round: int, state: FedAvgState, results: Mapping[str, EvalResult]
-    ) -> dict[str, float]:
-        scored = [r for r in results.values() if r.num_examples > 0]
-        if not scored:
-            return {}
-        counts = [r.num_examples for r in scored]
-        metrics = {"federated_loss": weighted_mean_scalar([r.loss for r in scored], counts)}
-        if all("accuracy" in r.metrics for r in scored):
-            metrics["federated_accuracy"] = weighted_mean_scalar([r.metrics["accuracy"] for r in scored], counts)
-        return metrics
+
+def FedAvgM(server_lr: float = 1.0, momentum: float = 0.9, **kwargs: Any) -> FedAvg:  # noqa: N802
+    """FedAvgM (Hsu et al. 2019): FedAvg with server momentum, ``v = momentum * v + delta; w += server_lr * v``.
+    Other arguments are :class:`FedAvg`'s."""
+    return FedAvg(server_optimizer=ServerSGD(lr=server_lr, momentum=momentum), **kwargs)
+
+
+def FedAdagrad(eta: float = 0.01, beta1: float = 0.0, tau: float = 1e-3, **kwargs: Any) -> FedAvg:  # noqa: N802
+    """FedAdagrad (Reddi et al. 2021, "Adaptive Federated Optimization"): server learning rate ``eta``,
+    adaptivity ``tau``; the clients' learning rate is ``fit.lr``. Other arguments are :class:`FedAvg`'s."""
+    return FedAvg(server_optimizer=Adagrad(eta=eta, beta1=beta1, tau=tau), **kwargs)
+
+
+def FedAdam(  # noqa: N802
+    eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, **kwargs: Any
+) -> FedAvg:
+    """FedAdam (Reddi et al. 2021): Adam on the server over the clients' mean update. Other arguments are
+    :class:`FedAvg`'s."""
+    return FedAvg(server_optimizer=Adam(eta=eta, beta1=beta1, beta2=beta2, tau=tau), **kwargs)
+
+
+def FedYogi(  # noqa: N802
+    eta: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3, **kwargs: Any
+) -> FedAvg:
+    """FedYogi (Reddi et al. 2021): Yogi on the server, whose second moment grows more cautiously than
+    Adam's. Other arguments are :class:`FedAvg`'s."""
+    return FedAvg(server_optimizer=Yogi(eta=eta, beta1=beta1, beta2=beta2, tau=tau), **kwargs)

@@ -17,8 +17,14 @@ class Task(Protocol):
     """What a client computes.
 
     - ``init_params(seed)``: the initial global model, the same for the same seed.
-    - ``fit(params, data, config)``: train a copy of ``params`` on ``data`` as ``config`` says (E epochs or S
-      steps of minibatch SGD with batch size B, shuffled by ``config.seed``); never mutates ``params``.
+    - ``fit(params, data, config, anchor=None, correction=None)``: train a copy of ``params`` on ``data`` as
+      ``config`` says (E epochs or S steps of minibatch SGD with batch size B, shuffled by ``config.seed``);
+      never mutates ``params``. Federated algorithms change the local objective through two optional terms,
+      added to the gradient of every trainable floating-point parameter at every step:
+      ``config.proximal_mu * (w - anchor)`` (FedProx, Ditto; ``anchor`` defaults to ``params``, the model
+      training starts from) and ``correction`` (SCAFFOLD's ``c - c_i``), a constant per parameter; a name
+      missing from ``correction`` gets none. Report ``steps`` (local steps taken) in the metrics: FedNova and
+      SCAFFOLD need it.
     - ``evaluate(params, data)``: loss (mean over examples) and metrics such as ``accuracy`` on ``data``.
 
     Both ``fit`` and ``evaluate`` must be deterministic for the same inputs on CPU.
@@ -26,6 +32,14 @@ class Task(Protocol):
 
     def init_params(self, seed: int) -> Params: ...
 
-    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult: ...
+    def fit(
+        self,
+        params: Params,
+        data: ArrayData,
+        config: FitConfig,
+        *,
+        anchor: Params | None = None,
+        correction: Params | None = None,
+    ) -> FitResult: ...
 
     def evaluate(self, params: Params, data: ArrayData) -> EvalResult: ...

@@ -63,9 +63,24 @@ class LogisticRegressionTask:
             weight = (np.random.default_rng(seed).standard_normal(shape) * self.init_scale).astype(np.float32)
         return Params({"weight": weight, "bias": np.zeros(self.num_classes, np.float32)})
 
-    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
+    def fit(
+        self,
+        params: Params,
+        data: ArrayData,
+        config: FitConfig,
+        *,
+        anchor: Params | None = None,
+        correction: Params | None = None,
+    ) -> FitResult:
+        """Minibatch SGD from ``params``; ``config.proximal_mu``, ``anchor`` and ``correction`` add their terms to
+        every step's gradient (see :class:`~fedloom.task.base.Task`). Metrics: ``loss``, ``steps``."""
         weight, bias = self._unpack(params)
         x, y = self._arrays(data)
+        mu = config.proximal_mu
+        anchor_w, anchor_b = self._unpack(params if anchor is None else anchor)
+        shift_w, shift_b = (np.zeros_like(weight), np.zeros_like(bias))
+        if correction is not None:
+            shift_w, shift_b = self._unpack(correction, partial=True)
         total_loss = 0.0
         steps = 0
         for batch in minibatches(len(y), config):
@@ -74,10 +89,14 @@ class LogisticRegressionTask:
             probs[np.arange(len(yb)), yb] -= 1.0
             probs /= len(yb)  # now d(mean loss)/d(logits)
             grad_weight = probs.T @ xb
+            grad_bias = probs.sum(axis=0)
             if self.l2:
                 grad_weight += self.l2 * weight
-            weight -= config.lr * grad_weight
-            bias -= config.lr * probs.sum(axis=0)
+            if mu:
+                grad_weight += mu * (weight - anchor_w)
+                grad_bias += mu * (bias - anchor_b)
+            weight -= config.lr * (grad_weight + shift_w)
+            bias -= config.lr * (grad_bias + shift_b)
             total_loss += loss
             steps += 1
         new = Params({"weight": weight.astype(np.float32), "bias": bias.astype(np.float32)})
@@ -94,13 +113,15 @@ class LogisticRegressionTask:
         accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
         return EvalResult(loss, len(y), {"accuracy": accuracy})
 
-    def _unpack(self, params: Params) -> tuple[_F64, _F64]:
+    def _unpack(self, params: Params, *, partial: bool = False) -> tuple[_F64, _F64]:
+        """``weight`` and ``bias`` as float64 copies; ``partial``: a missing one is zeros (a correction)."""
         expected = {"weight": (self.num_classes, self.num_features), "bias": (self.num_classes,)}
         got = {name: tuple(array.shape) for name, array in params.items()}
-        if got != expected:
+        if got != expected and not (partial and all(expected.get(k) == v for k, v in got.items())):
             raise ConfigError(f"logistic regression expects params {expected}, got {got}")
         # astype copies, so training never touches the caller's (read-only) arrays.
-        return params["weight"].astype(np.float64), params["bias"].astype(np.float64)
+        arrays = [params[k].astype(np.float64) if k in params else np.zeros(expected[k]) for k in ("weight", "bias")]
+        return arrays[0], arrays[1]
 
     def _arrays(self, data: ArrayData) -> tuple[_F64, npt.NDArray[np.intp]]:
         n = len(data)

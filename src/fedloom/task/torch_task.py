@@ -108,10 +108,21 @@ class TorchTask:
         self._cache.module = module
         return _to_params(module)
 
-    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
-        """Train a copy of ``params`` on ``data``; metrics: ``loss`` (mean batch loss over steps), ``steps``.
+    def fit(
+        self,
+        params: Params,
+        data: ArrayData,
+        config: FitConfig,
+        *,
+        anchor: Params | None = None,
+        correction: Params | None = None,
+    ) -> FitResult:
+        """Train a copy of ``params`` on ``data``; metrics: ``loss`` (mean batch loss over steps, without the
+        proximal term), ``steps``. ``config.proximal_mu``, ``anchor`` and ``correction`` change each step's
+        gradient as :class:`~fedloom.task.base.Task` says.
 
-        Raises :class:`DataError` for empty data and :class:`ConfigError` for params that do not fit the model.
+        Raises :class:`DataError` for empty data and :class:`ConfigError` for params (or an anchor or
+        correction) that do not fit the model.
         """
         n = len(data)
         if n == 0:
@@ -124,6 +135,7 @@ class TorchTask:
         module.train()
         module.zero_grad(set_to_none=True)  # a fit that raised half-way may have left gradients behind
         step = self._stepper(module, config.lr)
+        terms = _gradient_terms(module, config.proximal_mu, params if anchor is None else anchor, correction)
         total_loss = 0.0
         steps = 0
         with self._seeded(config.seed), torch.enable_grad():
@@ -131,6 +143,8 @@ class TorchTask:
                 index = torch.from_numpy(batch).to(x.device)
                 loss = loss_fn(module(x.index_select(0, index)), y.index_select(0, index))
                 torch.autograd.backward(loss)
+                if terms is not None:
+                    terms()
                 step()
                 total_loss += loss.item()
                 steps += 1
@@ -248,6 +262,45 @@ class TorchTask:
             optimizer.zero_grad(set_to_none=True)
 
         return step
+
+
+def _gradient_terms(
+    module: nn.Module, mu: float, anchor: Params, correction: Params | None
+) -> Callable[[], None] | None:
+    """What adds ``mu * (w - anchor) + correction`` to the gradient of each trainable floating-point parameter
+    (see :class:`~fedloom.task.base.Task`), or None where there is nothing to add."""
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad and p.is_floating_point()]
+
+    def tensors(source: Params, what: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, p in trainable:
+            if name not in source:
+                if what == "anchor":
+                    raise ConfigError(f"the proximal anchor has no parameter {name!r}")
+                continue
+            if tuple(source[name].shape) != tuple(p.shape):
+                raise ConfigError(
+                    f"{what} {name!r} has shape {tuple(source[name].shape)}, the model expects {tuple(p.shape)}"
+                )
+            out[name] = torch.tensor(np.asarray(source[name]), dtype=p.dtype, device=p.device)
+        return out
+
+    anchors = tensors(anchor, "anchor") if mu > 0 else {}
+    corrections = tensors(correction, "correction") if correction is not None else {}
+    if not anchors and not corrections:
+        return None
+
+    def add() -> None:
+        with torch.no_grad():
+            for name, p in trainable:
+                if p.grad is None:
+                    continue
+                if name in anchors:
+                    p.grad.add_(p - anchors[name], alpha=mu)
+                if name in corrections:
+                    p.grad.add_(corrections[name])
+
+    return add
 
 
 def _load(module: nn.Module, params: Params) -> None:

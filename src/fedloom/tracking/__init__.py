@@ -5,7 +5,7 @@ resolve a reference, rounds, client records, export); :func:`save_params` and :f
 write checkpoints. Nothing in a run directory is pickle.
 """
 
-from fedloom.tracking.checkpoint import load_params, save_params
+from fedloom.core.checkpoint import load_params, save_params
 from fedloom.tracking.recorder import RunRecorder
 from fedloom.tracking.store import RunInfo, RunStore
 

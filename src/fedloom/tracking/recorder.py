@@ -32,11 +32,11 @@ from typing import Any
 from sqlalchemy import Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
+from fedloom.core.checkpoint import checkpoint_metadata, load_params, save_params, write_atomic
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.params import Params
 from fedloom.runtime.loop import Resume
 from fedloom.runtime.records import ClientEvent, ClientRecord, ClientStatus, RoundRecord
-from fedloom.tracking.checkpoint import checkpoint_metadata, load_params, save_params, write_atomic
 from fedloom.tracking.schema import (
     client_events,
     client_metrics,

@@ -47,6 +47,7 @@ from fedloom.runtime.net.frames import (
     split_message,
 )
 from fedloom.runtime.net.server import GRPC_OPTIONS, keepalive_options, parse_address
+from fedloom.strategy.local import ClientState
 from fedloom.task.base import Task
 
 __all__ = ["Backoff", "run_client"]
@@ -110,6 +111,7 @@ def run_client(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     credentials: grpc.ChannelCredentials | None = None,
+    state: ClientState | None = None,
 ) -> int:
     """Serve as the client that ``token`` names in the federation at ``server`` (``HOST:PORT``) until it says
     bye, and return how many instructions were answered.
@@ -118,7 +120,9 @@ def run_client(
     the server's certificate must name the host in ``server``; without them it is plaintext (with a warning).
     Each connection attempt waits up to ``connect_timeout`` seconds; the agent keeps trying, with pauses
     doubling from 0.5 s to 30 s, for ``retry_for`` seconds from the start or from when a connection was lost.
-    ``heartbeat`` is the seconds between keepalive pings to the server. Raises
+    ``heartbeat`` is the seconds between keepalive pings to the server. ``state`` is where this client keeps
+    what an algorithm carries from round to round (SCAFFOLD's control variate...), across reconnects and
+    restarts: a :class:`~fedloom.runtime.state.DirectoryState` on this machine's disk. Raises
     :class:`~fedloom.core.errors.ConfigError` for a malformed address; :class:`TransportError` when the
     server stays out of reach for ``retry_for`` seconds, for a TLS mismatch (naming its likely cause), when
     the server refuses this client or ends its session; :class:`DecodeError` when it sends malformed frames.
@@ -138,7 +142,7 @@ def run_client(
             if failure is None:
                 if not tls:
                     log.warning("connected to %s without TLS: traffic is unencrypted", server)
-                session = _Session(task, data, channel, server, chunk_size, max_message_bytes)
+                session = _Session(task, data, channel, server, chunk_size, max_message_bytes, state)
                 bye = session.run(token)
                 answered += session.answered
                 if bye:
@@ -158,9 +162,17 @@ class _Session:
     """One connection's stream: the greeting, then instructions answered until bye or the stream is lost."""
 
     def __init__(
-        self, task: Task, data: ClientData, channel: grpc.Channel, server: str, chunk_size: int, max_bytes: int
+        self,
+        task: Task,
+        data: ClientData,
+        channel: grpc.Channel,
+        server: str,
+        chunk_size: int,
+        max_bytes: int,
+        state: ClientState | None,
     ) -> None:
         self._task = task
+        self._state = state
         self._data = data
         self._channel = channel
         self._server = server
@@ -254,7 +266,7 @@ class _Session:
         instruction = decode_message(encoded)
         del encoded
         try:
-            reply = handle_instruction(self._task, self._data, instruction)
+            reply = handle_instruction(self._task, self._data, instruction, self._state)
         except Exception:
             # Sending nothing makes the server count this client as dropped for the round; see the module's doc.
             log.exception("the task failed on the %s instruction %d; sending no reply", instruction.kind, message_id)

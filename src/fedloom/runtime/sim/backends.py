@@ -10,16 +10,18 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
-from fedloom.core.config import BackendConfig, SimulationConfig
+from fedloom.core.config import AttackConfig, BackendConfig, SimulationConfig
 from fedloom.core.errors import ConfigError, user_code
 from fedloom.data.base import Federation
 from fedloom.runtime.grid import Grid
+from fedloom.runtime.sim.attacks import AttackGrid, choose_attackers, describe_attackers, poison_federation
 from fedloom.runtime.sim.inline import InlineGrid
 from fedloom.task.base import Task
 
@@ -48,16 +50,27 @@ def open_backend(
 ) -> Iterator[Backend]:
     """Open the backend ``config.backend`` asks for (``auto``: the fastest that supports ``task``), wrapped in
     the cross-device system model when ``config.system`` models availability or stragglers; close it on exit.
+    With ``config.attacks``, the attackers' training data is poisoned before the backend opens, and their
+    ``fit`` replies are rewritten (:class:`~fedloom.runtime.sim.attacks.AttackGrid`, inside the system model:
+    an attacker's reply is what arrives, if it arrives in time).
 
     ``job_file`` is the job's source file, which worker processes import before they unpickle the task.
     """
     settings = config.backend
     task = _on_device(task, settings.device)
+    attackers: dict[str, AttackConfig] = {}
+    if config.attacks:
+        attackers = choose_attackers(config.attacks, data.client_ids, config.seed)
+        data = poison_federation(data, attackers, data.num_classes, config.seed)
     name, reason, probed = _choose(task, data, settings)
     with ExitStack() as stack:
-        grid = _open(name, task, data, config, job_file, probed)
+        # What clients keep between rounds (SCAFFOLD's control variates...) lives for the simulation only.
+        state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedloom-clients-"))
+        grid = _open(name, task, data, config, job_file, probed, state_dir)
         if hasattr(grid, "close"):
             stack.callback(grid.close)
+        if attackers:
+            grid = AttackGrid(grid, attackers, seed=config.seed)
         if not config.system.is_default:
             from fedloom.runtime.sim.crossdevice import SystemGrid
 
@@ -65,6 +78,8 @@ def open_backend(
         # One line says which backend runs and why; a warning when it is not the one asked for.
         fell_back = settings.name not in ("auto", name)
         log.log(logging.WARNING if fell_back else logging.INFO, "backend %s: %s", name, reason)
+        if attackers:
+            log.info("%s", describe_attackers(attackers, len(data.client_ids)))
         yield Backend(grid, name, reason)
 
 
@@ -129,10 +144,18 @@ def _client_work_seconds(task: Task, data: Federation) -> float:
     return time.perf_counter() - start
 
 
-def _open(name: str, task: Task, data: Federation, config: SimulationConfig, job_file: str | None, probed: Any) -> Any:
+def _open(
+    name: str,
+    task: Task,
+    data: Federation,
+    config: SimulationConfig,
+    job_file: str | None,
+    probed: Any,
+    state_dir: str,
+) -> Any:
     settings = config.backend
     if name == "inline":
-        return InlineGrid(task, data, dropout=config.dropout, seed=config.seed)
+        return InlineGrid(task, data, dropout=config.dropout, seed=config.seed, state_dir=state_dir)
     if name == "vectorized":
         from fedloom.runtime.sim.vectorized import VectorizedGrid
 
@@ -144,12 +167,19 @@ def _open(name: str, task: Task, data: Federation, config: SimulationConfig, job
             device=settings.device,
             memory_budget_mb=settings.memory_budget_mb,
             probed=probed,
+            state_dir=state_dir,
         )
     if name == "process":
         from fedloom.runtime.sim.process import ProcessGrid
 
         return ProcessGrid(
-            task, data, dropout=config.dropout, seed=config.seed, workers=settings.workers, job_file=job_file
+            task,
+            data,
+            dropout=config.dropout,
+            seed=config.seed,
+            workers=settings.workers,
+            job_file=job_file,
+            state_dir=state_dir,
         )
     from fedloom.runtime.sim.raygrid import RayGrid
 
@@ -161,6 +191,7 @@ def _open(name: str, task: Task, data: Federation, config: SimulationConfig, job
         workers=settings.workers,
         address=settings.ray_address,
         job_file=job_file,
+        state_dir=state_dir,
     )
 
 

@@ -12,6 +12,7 @@ from fedloom.data.base import Federation
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
+from fedloom.runtime.state import DirectoryState, client_folder
 from fedloom.task.base import Task
 
 __all__ = ["InlineGrid"]
@@ -25,17 +26,24 @@ class InlineGrid:
     with probability ``dropout`` (a dropped client does no work). Whether it does is drawn from ``seed``, the
     round, the client and the message kind alone, so it does not depend on which other clients were asked.
     An exception raised by the task is user code failing, not a dropout: it ends the run as a
-    :class:`JobError` that names the client.
+    :class:`JobError` that names the client. What a client keeps between rounds (SCAFFOLD's control variate,
+    personal layers) goes to its own folder under ``state_dir``; without one, stateful algorithms cannot run.
     """
 
-    def __init__(self, task: Task, data: Federation, *, dropout: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self, task: Task, data: Federation, *, dropout: float = 0.0, seed: int = 0, state_dir: str | None = None
+    ) -> None:
         self._task = task
+        self._state_dir = state_dir
         self._data = data
         self._dropout = dropout
         self._seed = seed
 
     def client_ids(self) -> Sequence[str]:
         return self._data.client_ids
+
+    def _state(self, client_id: str) -> DirectoryState | None:
+        return DirectoryState(client_folder(self._state_dir, client_id)) if self._state_dir is not None else None
 
     def send_and_receive(
         self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
@@ -50,7 +58,7 @@ class InlineGrid:
             down = encode_message(message)
             start = time.perf_counter()
             with user_code(f"client {client_id} in {message.kind}"):
-                reply = handle_instruction(self._task, client_data, decode_message(down))
+                reply = handle_instruction(self._task, client_data, decode_message(down), self._state(client_id))
             seconds = time.perf_counter() - start
             up = encode_message(reply)
             replies[client_id] = Reply(decode_message(up), seconds, len(down), len(up))

@@ -50,7 +50,7 @@ def _send(conn: Connection, header: Header, *payloads: bytes) -> None:
         conn.send_bytes(payload)
 
 
-def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None) -> None:
+def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None, state_root: str | None) -> None:
     """A worker: load the task, then answer ``run`` requests one at a time until ``stop`` or the parent goes.
 
     Request: a JSON header ``{"op": "run", "client", "kind", "data": bool, "keep": bool}``, then the client's
@@ -83,7 +83,7 @@ def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None) -> No
             data = decode_client_data(conn.recv_bytes()) if header["data"] else cache[client_id]
             if header["keep"]:
                 cache[client_id] = data
-            answer, up = run_client(task, data, client_id, header["kind"], conn.recv_bytes())
+            answer, up = run_client(task, data, client_id, header["kind"], conn.recv_bytes(), state_root)
             _send(conn, answer, up)
     except (EOFError, OSError):
         return  # the parent closed the pipe or died: nobody is left to answer
@@ -95,7 +95,7 @@ def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None) -> No
 class _Workers:
     """The worker processes and their pipes; kept apart from the grid so that a finalizer can stop them."""
 
-    def __init__(self, count: int, task_blob: bytes, job_file: str | None) -> None:
+    def __init__(self, count: int, task_blob: bytes, job_file: str | None, state_root: str | None) -> None:
         context = multiprocessing.get_context("spawn")
         self.processes: list[BaseProcess] = []
         self.conns: list[Connection] = []
@@ -104,7 +104,10 @@ class _Workers:
             for index in range(count):
                 here, there = context.Pipe(duplex=True)
                 process = context.Process(
-                    target=_worker_main, args=(there, task_blob, job_file), name=f"fedloom-worker-{index}", daemon=True
+                    target=_worker_main,
+                    args=(there, task_blob, job_file, state_root),
+                    name=f"fedloom-worker-{index}",
+                    daemon=True,
                 )
                 process.start()
                 there.close()
@@ -217,6 +220,7 @@ class ProcessGrid:
         seed: int = 0,
         workers: int | None = None,
         job_file: str | None = None,
+        state_dir: str | None = None,
     ) -> None:
         check_workers(workers)
         self._data = data
@@ -230,7 +234,7 @@ class ProcessGrid:
                 "factory as a module-level function in the job file, not a lambda or a nested function"
             ) from None
         count = min(workers or os.cpu_count() or 1, max(1, len(data.client_ids)))
-        self._workers = _Workers(count, task_blob, job_file)
+        self._workers = _Workers(count, task_blob, job_file, state_dir)
         self._finalizer = weakref.finalize(self, self._workers.shutdown)
         self._has_data: list[set[str]] = [set() for _ in range(count)]
         # An in-memory federation is shipped once and kept by the workers; a lazy one (a million clients, each

@@ -45,11 +45,12 @@ _CONNECT_SECONDS = 5.0
 class _RayWorker:
     """A Ray actor: the task, the data of the clients it has been given to keep, and the inline client code."""
 
-    def __init__(self, task_blob: bytes, sys_path: list[str]) -> None:
+    def __init__(self, task_blob: bytes, sys_path: list[str], state_root: str | None) -> None:
         # Modules importable in the driver (a test module, a package under development) are then importable
         # here too when this actor runs on the driver's machine; elsewhere, missing folders are skipped.
         sys.path.extend(folder for folder in sys_path if folder not in sys.path)
         self._cache: dict[str, ClientData] = {}
+        self._state_root = state_root
         self._failure: Header | None = None
         try:
             self._task: Task = pickle.loads(task_blob)
@@ -75,7 +76,7 @@ class _RayWorker:
             client = decode_client_data(ray.get(data[0]))
             if keep:
                 self._cache[client_id] = client
-        return run_client(self._task, client, client_id, kind, down)
+        return run_client(self._task, client, client_id, kind, down, self._state_root)
 
 
 class RayGrid:
@@ -95,6 +96,8 @@ class RayGrid:
       so that a task from, say, a test module loads in a Ray on this machine. ``job_file`` is accepted so
       that both pool backends take the same arguments. Messages, replies and client data are fedloom's own
       encoding; each client's data is put in Ray's object store once and kept by the actor it belongs to.
+    - Client state (``state_dir``) is a folder of the machine an actor runs on: on a cluster of several
+      machines, a stateful algorithm needs ``state_dir`` on a file system they share.
     - A task that raises ends the run with the same :class:`JobError` as inline; an actor that dies raises a
       :class:`JobError` naming the client. Either way the grid is closed.
     """
@@ -109,9 +112,11 @@ class RayGrid:
         workers: int | None = None,
         address: str | None = None,
         job_file: str | None = None,
+        state_dir: str | None = None,
     ) -> None:
         check_workers(workers)
         ray = _import_ray()
+        self._state_dir = state_dir
         self._ray = ray
         self._data = data
         self._dropout = dropout
@@ -211,7 +216,7 @@ class RayGrid:
         count = min(workers or cpus or 1, max(1, len(self._data.client_ids)))
         actor_class = ray.remote(num_cpus=1, max_restarts=0)(_RayWorker)
         task_ref = ray.put(task_blob)  # stored once, however many actors load it
-        self._actors.extend(actor_class.remote(task_ref, list(sys.path)) for _ in range(count))
+        self._actors.extend(actor_class.remote(task_ref, list(sys.path), self._state_dir) for _ in range(count))
         try:
             failures = ray.get([actor.ready.remote() for actor in self._actors], timeout=_START_SECONDS)
         except ray.exceptions.GetTimeoutError:

@@ -31,6 +31,7 @@ from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult, parse_instruction
 from fedloom.data.base import ArrayData, Federation
+from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.vmap_model import (
@@ -42,6 +43,8 @@ from fedloom.runtime.sim.vmap_model import (
     step_function,
     unsupported_reason,
 )
+from fedloom.runtime.state import DirectoryState, client_folder
+from fedloom.strategy.local import local_args
 from fedloom.task.batching import minibatches
 from fedloom.task.torch_task import TorchTask
 
@@ -65,6 +68,7 @@ class _Job:
     data: ArrayData
     lr: float = 0.0
     batches: tuple[npt.NDArray[np.intp], ...] = ()
+    proximal_mu: float = 0.0
 
 
 class VectorizedGrid:
@@ -74,7 +78,9 @@ class VectorizedGrid:
     evaluate replies ``task.evaluate``'s; dropouts follow the rule every backend shares
     (:func:`~fedloom.runtime.sim.common.drops`). Clients are trained in chunks whose estimated working set
     fits ``memory_budget_mb`` (default: 1024 MiB on CPU, 80% of the free memory on a GPU); clients with
-    similar step counts share a chunk, and a client that has done its steps leaves the batch.
+    similar step counts share a chunk, and a client that has done its steps leaves the batch. FedProx's
+    proximal term trains in lockstep too; an instruction that names an algorithm's own client half (SCAFFOLD,
+    q-FFL...) runs that client alone, as the inline backend would, with its state under ``state_dir``.
 
     Byte counts are exact wire sizes, computed without encoding every message: a message's encoded size is
     its params' part (which depends only on names, dtypes and shapes, so it is computed once per model) plus
@@ -97,6 +103,7 @@ class VectorizedGrid:
         device: str | None = None,
         memory_budget_mb: int | None = None,
         probed: ProbedModel | None = None,
+        state_dir: str | None = None,
     ) -> None:
         name = device if device is not None else getattr(task, "device", "cpu")
         if name.startswith("cuda") and not torch.cuda.is_available():
@@ -106,6 +113,7 @@ class VectorizedGrid:
             raise ConfigError(f"the vectorized backend cannot run this task: {reason}")
         self._task = task
         self._data = data
+        self._state_dir = state_dir
         self._dropout = dropout
         self._seed = seed
         self._device = torch.device(name)
@@ -132,21 +140,28 @@ class VectorizedGrid:
         dropped: list[str] = []
         fits: list[_Job] = []
         evaluations: list[_Job] = []
+        done: dict[str, tuple[Message, float]] = {}
         for cid, message in messages.items():
             if drops(self._seed, self._dropout, cid, message):
                 dropped.append(cid)
                 continue
             kind, _round, params, config = parse_instruction(message)
             client = self._data.clients[cid]
+            if local_args(message) is not None:  # an algorithm's own client half: run it as inline does
+                began = time.perf_counter()
+                state = DirectoryState(client_folder(self._state_dir, cid)) if self._state_dir is not None else None
+                with user_code(f"client {cid} in {message.kind}"):
+                    reply = handle_instruction(self._task, client, message, state)
+                done[cid] = (reply, time.perf_counter() - began)
+                continue
             if kind == MessageKind.FIT:
                 assert config is not None
                 if len(client.train) == 0:
                     raise DataError("cannot fit on an empty dataset (0 examples)")
                 batches = tuple(minibatches(len(client.train), config))
-                fits.append(_Job(cid, params, client.train, config.lr, batches))
+                fits.append(_Job(cid, params, client.train, config.lr, batches, config.proximal_mu))
             else:
                 evaluations.append(_Job(cid, params, client.test))
-        done: dict[str, tuple[Message, float]] = {}
         done.update(self._run("fit", fits, self._fit_chunk))
         done.update(self._run("evaluate", evaluations, self._evaluate_chunk))
         replies = {
@@ -287,6 +302,13 @@ class VectorizedGrid:
         neg_lr = {
             name: lrs.to(device, t.dtype).reshape((count,) + (1,) * (t.ndim - 1)) for name, t in trainable.items()
         }
+        mus = torch.tensor([job.proximal_mu for job in jobs], dtype=torch.float64)
+        proximal = bool((mus > 0).any())
+        if proximal:  # FedProx: each step's gradient gains mu * (w - w_start)
+            mu = {
+                name: mus.to(device, t.dtype).reshape((count,) + (1,) * (t.ndim - 1)) for name, t in trainable.items()
+            }
+            anchor = {name: t.clone() for name, t in trainable.items()}
         losses = torch.zeros((total_steps, count), dtype=torch.float64, device=device)
         self._module.train()
         for t in range(total_steps):
@@ -300,6 +322,8 @@ class VectorizedGrid:
                 mask_t[t, :a, :b],
             )
             for name, grad in grads.items():
+                if proximal:
+                    grad = grad + mu[name][:a] * (trainable[name][:a] - anchor[name][:a])
                 trainable[name][:a].addcmul_(neg_lr[name][:a], grad)  # p - lr * g, TorchTask's SGD step
             losses[t, :a] = values
 

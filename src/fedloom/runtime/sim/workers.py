@@ -25,6 +25,7 @@ from fedloom.core.errors import (
 from fedloom.core.params import Params
 from fedloom.data.base import ArrayData, ClientData
 from fedloom.runtime.client import handle_instruction
+from fedloom.runtime.state import DirectoryState, client_folder
 from fedloom.task.base import Task
 
 __all__ = [
@@ -62,8 +63,11 @@ def decode_client_data(blob: bytes) -> ClientData:
     return ClientData(train, test)
 
 
-def run_client(task: Task, data: ClientData, client_id: str, kind: str, down: bytes) -> tuple[Header, bytes]:
-    """Handle one encoded instruction in a worker, as the inline backend does in-process.
+def run_client(
+    task: Task, data: ClientData, client_id: str, kind: str, down: bytes, state_root: str | None = None
+) -> tuple[Header, bytes]:
+    """Handle one encoded instruction in a worker, as the inline backend does in-process, with the client's
+    state in its folder under ``state_root`` (where given).
 
     Returns ``({"status": "ok", "seconds": s}, encoded reply)`` or, when anything raised,
     ``({"status": "error", "type": ..., "message": ..., "traceback": ...}, b"")`` for :func:`remote_error`.
@@ -71,7 +75,8 @@ def run_client(task: Task, data: ClientData, client_id: str, kind: str, down: by
     try:
         start = time.perf_counter()
         with user_code(f"client {client_id} in {kind}"):
-            reply = handle_instruction(task, data, decode_message(down))
+            state = DirectoryState(client_folder(state_root, client_id)) if state_root is not None else None
+            reply = handle_instruction(task, data, decode_message(down), state)
         seconds = time.perf_counter() - start
         up = encode_message(reply)
     except Exception as exc:

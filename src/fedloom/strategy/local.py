@@ -1,0 +1,83 @@
+"""The client half of federated algorithms: what a client runs for an instruction, beyond plain training.
+
+A strategy that needs more of a client than ``task.fit`` and ``task.evaluate`` (SCAFFOLD's control variates,
+personal layers, Ditto's personal model, q-FFL's loss at the global model) names a *local algorithm* in its
+instructions: ``metadata["local"] = {"name": NAME, **args}`` (:func:`with_local`). Every client runtime (the
+simulation backends and the deployed client) looks the name up in the built-in catalog and runs it with a
+:class:`Client`: the task, the client's data, and the client's own persistent :class:`ClientState`. No code
+travels with a message: a client runs only algorithms it has, and refuses a name it does not know.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fedloom.core.config import FitConfig
+from fedloom.core.errors import DecodeError
+from fedloom.core.message import Message
+from fedloom.core.params import Params
+from fedloom.core.results import EvalResult, FitResult
+from fedloom.data.base import ClientData
+from fedloom.task.base import Task
+
+__all__ = ["Client", "ClientState", "LocalAlgorithm", "local_args", "number_arg", "with_local"]
+
+
+class ClientState(Protocol):
+    """What one client keeps between rounds (control variates, personal layers, a personal model): named
+    ``Params`` that survive across rounds, and for a deployed client across reconnects and restarts (they are
+    files on the client's own disk). Nothing in it is sent unless the algorithm sends it.
+
+    ``load(key)`` is ``None`` when nothing was saved under ``key``; ``save`` replaces atomically."""
+
+    def load(self, key: str) -> Params | None: ...
+
+    def save(self, key: str, params: Params) -> None: ...
+
+
+@dataclass(frozen=True)
+class Client:
+    """A client as a local algorithm sees it: its task, its data and its persistent state."""
+
+    task: Task
+    data: ClientData
+    state: ClientState
+
+
+class LocalAlgorithm(Protocol):
+    """The client half of an algorithm: a ``fit`` instruction's reply and an ``evaluate`` instruction's.
+
+    ``args`` are the JSON arguments the strategy put in the instruction (without ``name``); a bad one is a
+    :class:`DecodeError` (the server sent something this client cannot use)."""
+
+    def fit(self, client: Client, params: Params, config: FitConfig, args: Mapping[str, Any]) -> FitResult: ...
+
+    def evaluate(self, client: Client, params: Params, args: Mapping[str, Any]) -> EvalResult: ...
+
+
+def with_local(message: Message, name: str, **args: Any) -> Message:
+    """``message`` asking the client to run local algorithm ``name`` with JSON ``args``."""
+    return Message(message.kind, message.params, {**message.metadata, "local": {"name": name, **args}})
+
+
+def local_args(message: Message) -> tuple[str, dict[str, Any]] | None:
+    """The local algorithm an instruction names and its arguments, or ``None`` for plain training."""
+    local = message.metadata.get("local")
+    if local is None:
+        return None
+    if not isinstance(local, Mapping) or not isinstance(local.get("name"), str):
+        raise DecodeError(f"an instruction's 'local' must be an object with a string 'name', got {local!r}")
+    args = {k: v for k, v in local.items() if k != "name"}
+    return str(local["name"]), args
+
+
+def number_arg(args: Mapping[str, Any], name: str, *, minimum: float | None = None) -> float:
+    """``args[name]`` as a float, or :class:`DecodeError` when it is missing, not a number or below ``minimum``."""
+    value = args.get(name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DecodeError(f"local algorithm argument {name!r} must be a number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise DecodeError(f"local algorithm argument {name!r} must be >= {minimum}, got {value}")
+    return float(value)

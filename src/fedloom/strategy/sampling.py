@@ -1,0 +1,123 @@
+"""What most strategies share: which clients train and evaluate each round, and what they are told."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from fedloom.core.config import FitConfig
+from fedloom.core.counting import share_of
+from fedloom.core.errors import ConfigError, NotEnoughClientsError
+from fedloom.core.message import Message
+from fedloom.core.params import Params
+from fedloom.core.results import EvalResult, evaluate_message, fit_message
+from fedloom.strategy.aggregate import weighted_mean_scalar
+
+__all__ = ["ClientSampling", "sample_clients"]
+
+
+def sample_clients(
+    clients: Sequence[str], fraction: float, minimum: int, rng: np.random.Generator, count: int | None = None
+) -> list[str]:
+    """Pick ``max(floor(fraction * K), minimum, 1)`` of the ``K`` clients (or ``count`` of them, where given)
+    uniformly without replacement.
+
+    The result keeps the order of ``clients``. Raises :class:`NotEnoughClientsError` if ``K < minimum``.
+    """
+    if len(clients) < minimum:
+        raise NotEnoughClientsError(f"{len(clients)} clients are available but at least {minimum} are needed")
+    wanted = count if count is not None else max(share_of(fraction, len(clients)), minimum, 1)
+    m = min(len(clients), wanted)
+    chosen = rng.choice(len(clients), size=m, replace=False)
+    return [clients[i] for i in sorted(chosen)]
+
+
+@dataclass(frozen=True)
+class ClientSampling:
+    """The round structure of FedAvg (McMahan et al. 2017) that most algorithms keep: who is asked, and how
+    they train and are evaluated. Strategies derive from it and add their own aggregation.
+
+    Each round a fraction ``fraction`` (C) of the K clients is sampled (``clients_per_round``, where given,
+    replaces the fraction: that many clients, all of them if fewer are available, as in cross-device FL), and
+    each trains locally as ``fit`` says (E epochs or S steps, batch B, learning rate, FedProx's
+    ``proximal_mu``). ``work_range=(lo, hi)`` gives every sampled client its own amount of local work each
+    round, drawn uniformly from ``lo..hi``: epochs, or steps where ``fit`` counts steps; FedProx's experiments
+    model systems heterogeneity so (stragglers run 1 to E epochs).
+    ``min_clients`` is both the fewest clients sampled and the fewest replies a round accepts. Federated
+    evaluation asks a fraction ``fraction_evaluate`` of clients (0 turns it off) for their held-out loss and
+    accuracy, weighted by their held-out example counts.
+    """
+
+    fraction: float = 1.0
+    min_clients: int = 1
+    fraction_evaluate: float = 1.0
+    fit: FitConfig = field(default_factory=FitConfig)
+    clients_per_round: int | None = None
+    work_range: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.fraction <= 1.0:
+            raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError(f"fraction_evaluate must be in [0, 1], got {self.fraction_evaluate}")
+        if self.min_clients < 1:
+            raise ConfigError(f"min_clients must be >= 1, got {self.min_clients}")
+        if self.clients_per_round is not None and self.clients_per_round < self.min_clients:
+            raise ConfigError(
+                f"clients_per_round must be >= min_clients={self.min_clients}, got {self.clients_per_round}"
+            )
+        if self.work_range is not None:
+            steps = tuple(self.work_range)
+            if len(steps) != 2 or not all(isinstance(s, int) and s >= 1 for s in steps) or steps[0] > steps[1]:
+                raise ConfigError(f"work_range must be (lo, hi) with 1 <= lo <= hi, got {self.work_range!r}")
+            object.__setattr__(self, "work_range", steps)
+
+    def fit_instructions(
+        self, server_round: int, params: Params, clients: Sequence[str], rng: np.random.Generator
+    ) -> dict[str, Message]:
+        """Sample this round's clients and tell each to train ``params``, with a seed of its own."""
+        selected = sample_clients(clients, self.fraction, self.min_clients, rng, self.clients_per_round)
+        seeds = rng.integers(0, 2**31 - 1, size=len(selected))
+        configs = [replace(self.fit, seed=int(seed)) for seed in seeds]
+        if self.work_range is not None:
+            lo, hi = self.work_range
+            work = [int(w) for w in rng.integers(lo, hi + 1, size=len(selected))]
+            unit = "local_steps" if self.fit.local_steps is not None else "local_epochs"
+            configs = [replace(c, **{unit: w}) for c, w in zip(configs, work, strict=True)]
+        return {cid: fit_message(server_round, params, config) for cid, config in zip(selected, configs, strict=True)}
+
+    def configure_fit(
+        self, server_round: int, state: Any, clients: Sequence[str], rng: np.random.Generator
+    ) -> dict[str, Message]:
+        """The sampled clients, each told to train the global model (:meth:`fit_instructions`)."""
+        return self.fit_instructions(server_round, self.params(state), clients, rng)
+
+    def params(self, state: Any) -> Params:
+        """The global model held in ``state`` (its ``params``)."""
+        held: Params = state.params
+        return held
+
+    def configure_evaluate(
+        self, server_round: int, state: Any, clients: Sequence[str], rng: np.random.Generator
+    ) -> dict[str, Message]:
+        if self.fraction_evaluate == 0.0 or not clients:
+            return {}
+        count = None
+        if self.clients_per_round is not None:  # cross-device: never ask more clients than train in a round
+            count = min(self.clients_per_round, max(share_of(self.fraction_evaluate, len(clients)), 1))
+        selected = sample_clients(clients, self.fraction_evaluate, 1, rng, count)
+        message = evaluate_message(server_round, self.params(state))
+        return dict.fromkeys(selected, message)
+
+    def aggregate_evaluate(self, server_round: int, state: Any, results: Mapping[str, EvalResult]) -> dict[str, float]:
+        scored = [r for r in results.values() if r.num_examples > 0]
+        if not scored:
+            return {}
+        counts = [r.num_examples for r in scored]
+        metrics = {"federated_loss": weighted_mean_scalar([r.loss for r in scored], counts)}
+        if all("accuracy" in r.metrics for r in scored):
+            metrics["federated_accuracy"] = weighted_mean_scalar([r.metrics["accuracy"] for r in scored], counts)
+        return metrics
