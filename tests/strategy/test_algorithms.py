@@ -210,6 +210,8 @@ def test_every_named_strategy_builds_with_its_defaults_and_refuses_unknown_argum
         assert strategy.fraction == 0.5
     assert build_strategy("krum", f=2, m=3).aggregator == Krum(f=2, m=3)
     assert build_strategy("fedprox", mu=0.5).fit.proximal_mu == 0.5
+    assert build_strategy("fedprox").fit.proximal_mu == 0.01
+    assert FedProx(fit=FitConfig(proximal_mu=0.3)).fit.proximal_mu == 0.3  # a job's own mu is kept
     with pytest.raises(ConfigError, match="unknown strategy 'fedfoo'"):
         build_strategy("fedfoo")
     with pytest.raises(ConfigError, match="strategy 'fedadam' has no argument 'mu'; it takes eta, beta1"):

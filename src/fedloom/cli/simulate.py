@@ -274,8 +274,6 @@ def replace_strategy(current: Any, name: str, arguments: list[str]) -> Any:
     kept: dict[str, Any] = {}
     if isinstance(current, ClientSampling):
         kept = {f.name: getattr(current, f.name) for f in dataclasses.fields(ClientSampling)}
-    if name == "fedprox" and "mu" not in parsed and "fit" in kept:
-        parsed["mu"] = kept["fit"].proximal_mu or 0.01  # FedProx's own default unless the job set one
     return build_strategy(name, **{**kept, **parsed})
 
 

@@ -11,7 +11,7 @@ from fedloom.core.checkpoint import load_params, save_params
 from fedloom.core.errors import ConfigError
 from fedloom.core.params import Params
 
-__all__ = ["DirectoryState", "client_folder"]
+__all__ = ["DirectoryState", "client_folder", "client_state"]
 
 _KEY = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -49,3 +49,8 @@ def client_folder(root: str | os.PathLike[str], client_id: str) -> Path:
     if _SAFE_ID.match(client_id):
         return Path(root) / client_id
     return Path(root) / hashlib.sha256(client_id.encode()).hexdigest()[:32]
+
+
+def client_state(root: str | os.PathLike[str] | None, client_id: str) -> DirectoryState | None:
+    """A simulated client's state in its folder under ``root`` (:func:`client_folder`); ``None`` without a root."""
+    return DirectoryState(client_folder(root, client_id)) if root is not None else None

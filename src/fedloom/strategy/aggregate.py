@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -123,3 +123,30 @@ def weighted_mean_scalar(values: Sequence[float], weights: Sequence[float]) -> f
     if w.sum() <= 0:
         return float("nan")
     return float(np.dot(np.asarray(values, dtype=np.float64), w) / w.sum())
+
+
+# -- what the strategies share when they turn replies into a new model -------------------------------------
+
+
+def fit_loss(results: Any) -> dict[str, float]:
+    """The example-weighted mean of the clients' ``loss`` as ``fit_loss``, where every client reported one."""
+    scored = [r for r in results if "loss" in r.metrics]
+    if not scored or len(scored) != len(results):
+        return {}
+    return {"fit_loss": weighted_mean_scalar([r.metrics["loss"] for r in scored], [r.num_examples for r in scored])}
+
+
+def f64(array: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+    """``array`` as float64 (itself where it already is)."""
+    return array.astype(np.float64, copy=False)
+
+
+def cast_like(reference: Params, arrays: Mapping[str, Any]) -> Params:
+    """``arrays`` cast to ``reference``'s dtypes, integers rounded to the nearest (batch-norm counters)."""
+    out = {}
+    for name, like in reference.items():
+        value = np.asarray(arrays[name])
+        if np.issubdtype(like.dtype, np.integer) or like.dtype == np.bool_:
+            value = np.rint(value)
+        out[name] = value.astype(like.dtype)
+    return Params(out, copy=False)

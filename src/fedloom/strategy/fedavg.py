@@ -10,13 +10,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from fedloom.core.config import FitConfig
 from fedloom.core.errors import ConfigError, NotEnoughClientsError
 from fedloom.core.params import Params
 from fedloom.core.results import FitResult
-from fedloom.strategy.aggregate import RunningMean, weighted_mean_scalar
+from fedloom.strategy.aggregate import RunningMean, cast_like, f64, fit_loss, weighted_mean_scalar
 from fedloom.strategy.optimizers import Adagrad, Adam, ServerOptimizer, ServerSGD, Yogi
 from fedloom.strategy.robust import Aggregator, clip_to_norm
 from fedloom.strategy.sampling import ClientSampling
@@ -80,7 +79,7 @@ class FedAvg(ClientSampling):
             raise NotEnoughClientsError(f"round {server_round}: no client returned an update")
         updates = [self._update(state.params, r.params) for r in results.values()]
         delta = self.aggregator(updates, [r.num_examples for r in results.values()])
-        return self._advance(server_round, state, delta=delta), _fit_loss(results.values())
+        return self._advance(server_round, state, delta=delta), fit_loss(results.values())
 
     def fold_fit(self, server_round: int, state: FedAvgState) -> _FedAvgFold | None:
         """The round's aggregation, one update at a time; ``None`` with a robust ``aggregator``, which needs
@@ -102,7 +101,7 @@ class FedAvg(ClientSampling):
             if mean is not None:
                 return FedAvgState(mean, server_round, state.optimizer)
             assert delta is not None
-            return FedAvgState(_cast_like(x, {n: f64(x[n]) + f64(delta[n]) for n in x}), server_round, state.optimizer)
+            return FedAvgState(cast_like(x, {n: f64(x[n]) + f64(delta[n]) for n in x}), server_round, state.optimizer)
         if delta is None:
             assert mean is not None
             delta = Params({n: f64(mean[n]) - f64(x[n]) for n in x}, copy=False)
@@ -150,43 +149,17 @@ class _FedAvgFold:
         return state, metrics
 
 
-def _fit_loss(results: Any) -> dict[str, float]:
-    """The example-weighted mean of the clients' ``loss`` as ``fit_loss``, where every client reported one."""
-    scored = [r for r in results if "loss" in r.metrics]
-    if not scored or len(scored) != len(results):
-        return {}
-    return {"fit_loss": weighted_mean_scalar([r.metrics["loss"] for r in scored], [r.num_examples for r in scored])}
-
-
-def f64(array: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
-    """``array`` as float64 (itself where it already is)."""
-    return array.astype(np.float64, copy=False)
-
-
-def _cast_like(reference: Params, arrays: Mapping[str, Any]) -> Params:
-    """``arrays`` cast to ``reference``'s dtypes, integers rounded to the nearest (batch-norm counters)."""
-    out = {}
-    for name, like in reference.items():
-        value = np.asarray(arrays[name])
-        if np.issubdtype(like.dtype, np.integer) or like.dtype == np.bool_:
-            value = np.rint(value)
-        out[name] = value.astype(like.dtype)
-    return Params(out, copy=False)
-
-
 # -- named configurations ------------------------------------------------------------------------------------
 
 
-def _with_fit(kwargs: dict[str, Any], **changes: Any) -> dict[str, Any]:
-    fit = kwargs.pop("fit", FitConfig())
-    return {**kwargs, "fit": replace(fit, **changes)}
-
-
-def FedProx(mu: float = 0.01, **kwargs: Any) -> FedAvg:  # noqa: N802  (named as the algorithm)
+def FedProx(mu: float | None = None, **kwargs: Any) -> FedAvg:  # noqa: N802  (named as the algorithm)
     """FedProx (Li et al. 2020, "Federated Optimization in Heterogeneous Networks"): FedAvg whose clients
     minimize ``f_k(w) + mu / 2 * ||w - w_global||^2``, which keeps local models near the global one when
-    clients differ and do unequal amounts of work (``work_range``). Other arguments are :class:`FedAvg`'s."""
-    return FedAvg(**_with_fit(kwargs, proximal_mu=mu))
+    clients differ and do unequal amounts of work (``work_range``). ``mu=None`` keeps the ``proximal_mu`` of the
+    given ``fit`` where that is set, else 0.01. Other arguments are :class:`FedAvg`'s."""
+    fit: FitConfig = kwargs.pop("fit", FitConfig())
+    chosen = mu if mu is not None else (fit.proximal_mu or 0.01)
+    return FedAvg(fit=replace(fit, proximal_mu=chosen), **kwargs)
 
 
 def FedAvgM(server_lr: float = 1.0, momentum: float = 0.9, **kwargs: Any) -> FedAvg:  # noqa: N802

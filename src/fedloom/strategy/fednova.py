@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from fedloom.core.errors import NotEnoughClientsError
 from fedloom.core.params import Params
 from fedloom.core.results import FitResult
-from fedloom.strategy.aggregate import RunningMean, weighted_mean_scalar
-from fedloom.strategy.fedavg import FedAvgState, _cast_like, _fit_loss, f64
+from fedloom.strategy.aggregate import RunningMean, cast_like, f64, fit_loss, weighted_mean_scalar
+from fedloom.strategy.fedavg import FedAvgState
 from fedloom.strategy.sampling import ClientSampling
 
 __all__ = ["FedNova"]
@@ -52,7 +52,7 @@ class FedNova(ClientSampling):
             raise NotEnoughClientsError(f"round {server_round}: no client returned an update with local steps")
         tau_eff = weighted_mean_scalar(steps, weights)
         direction = normalized.result()
-        new = _cast_like(x, {n: f64(x[n]) + tau_eff * f64(direction[n]) for n in x})
-        metrics = _fit_loss(results.values())
+        new = cast_like(x, {n: f64(x[n]) + tau_eff * f64(direction[n]) for n in x})
+        metrics = fit_loss(results.values())
         metrics["tau_eff"] = tau_eff
         return FedAvgState(new, server_round), metrics

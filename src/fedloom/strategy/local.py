@@ -22,7 +22,7 @@ from fedloom.core.results import EvalResult, FitResult
 from fedloom.data.base import ClientData
 from fedloom.task.base import Task
 
-__all__ = ["Client", "ClientState", "LocalAlgorithm", "local_args", "number_arg", "with_local"]
+__all__ = ["Client", "ClientState", "FitOnly", "LocalAlgorithm", "local_args", "with_local"]
 
 
 class ClientState(Protocol):
@@ -57,6 +57,13 @@ class LocalAlgorithm(Protocol):
     def evaluate(self, client: Client, params: Params, args: Mapping[str, Any]) -> EvalResult: ...
 
 
+class FitOnly:
+    """For a local algorithm that changes only training: evaluation is the task's, on the client's test split."""
+
+    def evaluate(self, client: Client, params: Params, args: Mapping[str, Any]) -> EvalResult:
+        return client.task.evaluate(params, client.data.test)
+
+
 def with_local(message: Message, name: str, **args: Any) -> Message:
     """``message`` asking the client to run local algorithm ``name`` with JSON ``args``."""
     return Message(message.kind, message.params, {**message.metadata, "local": {"name": name, **args}})
@@ -71,13 +78,3 @@ def local_args(message: Message) -> tuple[str, dict[str, Any]] | None:
         raise DecodeError(f"an instruction's 'local' must be an object with a string 'name', got {local!r}")
     args = {k: v for k, v in local.items() if k != "name"}
     return str(local["name"]), args
-
-
-def number_arg(args: Mapping[str, Any], name: str, *, minimum: float | None = None) -> float:
-    """``args[name]`` as a float, or :class:`DecodeError` when it is missing, not a number or below ``minimum``."""
-    value = args.get(name)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DecodeError(f"local algorithm argument {name!r} must be a number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise DecodeError(f"local algorithm argument {name!r} must be >= {minimum}, got {value}")
-    return float(value)

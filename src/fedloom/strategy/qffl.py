@@ -14,9 +14,10 @@ from fedloom.core.config import FitConfig
 from fedloom.core.errors import ConfigError, NotEnoughClientsError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
-from fedloom.core.results import EvalResult, FitResult
-from fedloom.strategy.fedavg import FedAvgState, _cast_like, _fit_loss, f64
-from fedloom.strategy.local import Client, with_local
+from fedloom.core.results import FitResult
+from fedloom.strategy.aggregate import cast_like, f64, fit_loss
+from fedloom.strategy.fedavg import FedAvgState
+from fedloom.strategy.local import Client, FitOnly, with_local
 from fedloom.strategy.sampling import ClientSampling
 
 __all__ = ["QFedAvg", "QFedAvgClient"]
@@ -80,17 +81,14 @@ class QFedAvg(ClientSampling):
             used += 1
         if not used or h_total <= 0:
             raise NotEnoughClientsError(f"round {server_round}: no client returned a usable q-FFL update")
-        new = _cast_like(w, {n: f64(w[n]) - total[n] / h_total for n in w})
-        return FedAvgState(new, server_round), _fit_loss(results.values())
+        new = cast_like(w, {n: f64(w[n]) - total[n] / h_total for n in w})
+        return FedAvgState(new, server_round), fit_loss(results.values())
 
 
-class QFedAvgClient:
+class QFedAvgClient(FitOnly):
     """q-FFL's client half: its training loss at the global model, then FedAvg's local training."""
 
     def fit(self, client: Client, params: Params, config: FitConfig, args: Mapping[str, Any]) -> FitResult:
         before = client.task.evaluate(params, client.data.train)
         result = client.task.fit(params, client.data.train, config)
         return FitResult(result.params, result.num_examples, {**result.metrics, LOSS: before.loss})
-
-    def evaluate(self, client: Client, params: Params, args: Mapping[str, Any]) -> EvalResult:
-        return client.task.evaluate(params, client.data.test)

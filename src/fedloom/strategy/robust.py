@@ -35,6 +35,7 @@ import numpy.typing as npt
 
 from fedloom.core.errors import ConfigError
 from fedloom.core.params import Params
+from fedloom.strategy.aggregate import RunningMean
 
 __all__ = [
     "Aggregator",
@@ -206,23 +207,12 @@ class Mean:
     """
 
     def __call__(self, updates: Sequence[Params], weights: Sequence[float]) -> Params:
-        layout = _layout(updates)
+        _layout(updates)
         _check_count(updates, weights)
-        w = [float(x) for x in weights]
-        for x in w:
-            if not math.isfinite(x) or x < 0:
-                raise ConfigError(f"weights must be finite and non-negative, got {x}")
-        total = math.fsum(w)
-        if total <= 0:
-            raise ConfigError("weights must sum to > 0")
-        out = {}
-        for name, shape in layout:
-            acc = np.zeros(shape, dtype=np.float64)
-            for update, weight in zip(updates, w, strict=True):
-                acc += np.multiply(update[name], weight, dtype=np.float64)
-            acc /= total
-            out[name] = acc
-        return Params(out, copy=False)  # fresh arrays of its own
+        mean = RunningMean()  # FedAvg's own sums, which check the weights
+        for update, weight in zip(updates, weights, strict=True):
+            mean.add(update, float(weight))
+        return mean.result(np.float64)
 
 
 # The robust aggregators below take weights only to share the Aggregator signature, and check only how many there

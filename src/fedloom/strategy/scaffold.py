@@ -13,10 +13,9 @@ from fedloom.core.config import FitConfig
 from fedloom.core.errors import ConfigError, DecodeError, NotEnoughClientsError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
-from fedloom.core.results import EvalResult, FitResult
-from fedloom.strategy.aggregate import RunningMean
-from fedloom.strategy.fedavg import _fit_loss, f64
-from fedloom.strategy.local import Client, with_local
+from fedloom.core.results import FitResult
+from fedloom.strategy.aggregate import RunningMean, cast_like, f64, fit_loss
+from fedloom.strategy.local import Client, FitOnly, with_local
 from fedloom.strategy.sampling import ClientSampling
 
 __all__ = ["Scaffold", "ScaffoldClient", "ScaffoldState"]
@@ -92,20 +91,15 @@ class Scaffold(ClientSampling):
         except ConfigError:
             raise NotEnoughClientsError(f"round {server_round}: the clients that replied have no examples") from None
         x = state.params
-        arrays = {}
-        for name, old in x.items():
-            if _floating(old):
-                arrays[name] = (f64(old) + self.server_lr * (f64(mean[name]) - f64(old))).astype(old.dtype)
-            else:
-                arrays[name] = np.rint(mean[name]).astype(old.dtype)
+        moved = {n: f64(x[n]) + self.server_lr * (f64(mean[n]) - f64(x[n])) if _floating(x[n]) else mean[n] for n in x}
         share = len(results) / self.population if self.population is not None else self.fraction
         changes = control.result(np.float64)
         new_control = {n: f64(c) + share * f64(changes[n]) for n, c in state.control.items()}
-        new = ScaffoldState(Params(arrays, copy=False), Params(new_control, copy=False), server_round)
-        return new, _fit_loss(results.values())
+        new = ScaffoldState(cast_like(x, moved), Params(new_control, copy=False), server_round)
+        return new, fit_loss(results.values())
 
 
-class ScaffoldClient:
+class ScaffoldClient(FitOnly):
     """SCAFFOLD's client half: train with the corrected gradient, update and keep ``c_i``, send the change."""
 
     def fit(self, client: Client, params: Params, config: FitConfig, args: Mapping[str, Any]) -> FitResult:
@@ -127,9 +121,6 @@ class ScaffoldClient:
         client.state.save(_STATE_KEY, Params(c_new, copy=False))
         changes = {PREFIX + n: (c_new[n] - c_i[n]).astype(x[n].dtype) for n in c}
         return FitResult(Params({**y, **changes}, copy=False), result.num_examples, result.metrics)
-
-    def evaluate(self, client: Client, params: Params, args: Mapping[str, Any]) -> EvalResult:
-        return client.task.evaluate(params, client.data.test)
 
 
 def _floating(array: np.ndarray[Any, Any]) -> bool:

@@ -12,7 +12,7 @@ from fedloom.data.base import Federation
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
-from fedloom.runtime.state import DirectoryState, client_folder
+from fedloom.runtime.state import client_state
 from fedloom.task.base import Task
 
 __all__ = ["InlineGrid"]
@@ -42,9 +42,6 @@ class InlineGrid:
     def client_ids(self) -> Sequence[str]:
         return self._data.client_ids
 
-    def _state(self, client_id: str) -> DirectoryState | None:
-        return DirectoryState(client_folder(self._state_dir, client_id)) if self._state_dir is not None else None
-
     def send_and_receive(
         self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
     ) -> Exchange:
@@ -58,7 +55,8 @@ class InlineGrid:
             down = encode_message(message)
             start = time.perf_counter()
             with user_code(f"client {client_id} in {message.kind}"):
-                reply = handle_instruction(self._task, client_data, decode_message(down), self._state(client_id))
+                state = client_state(self._state_dir, client_id)
+                reply = handle_instruction(self._task, client_data, decode_message(down), state)
             seconds = time.perf_counter() - start
             up = encode_message(reply)
             replies[client_id] = Reply(decode_message(up), seconds, len(down), len(up))

@@ -43,7 +43,7 @@ from fedloom.runtime.sim.vmap_model import (
     step_function,
     unsupported_reason,
 )
-from fedloom.runtime.state import DirectoryState, client_folder
+from fedloom.runtime.state import client_state
 from fedloom.strategy.local import local_args
 from fedloom.task.batching import minibatches
 from fedloom.task.torch_task import TorchTask
@@ -149,9 +149,8 @@ class VectorizedGrid:
             client = self._data.clients[cid]
             if local_args(message) is not None:  # an algorithm's own client half: run it as inline does
                 began = time.perf_counter()
-                state = DirectoryState(client_folder(self._state_dir, cid)) if self._state_dir is not None else None
                 with user_code(f"client {cid} in {message.kind}"):
-                    reply = handle_instruction(self._task, client, message, state)
+                    reply = handle_instruction(self._task, client, message, client_state(self._state_dir, cid))
                 done[cid] = (reply, time.perf_counter() - began)
                 continue
             if kind == MessageKind.FIT:
@@ -298,16 +297,10 @@ class VectorizedGrid:
         state = {name: tensor.index_select(0, which) for name, tensor in base.items()}  # each client's own copy
         trainable = {name: state[name] for name in model.trainable}
         frozen = {name: state[name] for name in model.frozen}
-        lrs = torch.tensor([-job.lr for job in jobs], dtype=torch.float64)
-        neg_lr = {
-            name: lrs.to(device, t.dtype).reshape((count,) + (1,) * (t.ndim - 1)) for name, t in trainable.items()
-        }
-        mus = torch.tensor([job.proximal_mu for job in jobs], dtype=torch.float64)
-        proximal = bool((mus > 0).any())
+        neg_lr = _per_client([-job.lr for job in jobs], trainable)
+        proximal = any(job.proximal_mu > 0 for job in jobs)
         if proximal:  # FedProx: each step's gradient gains mu * (w - w_start)
-            mu = {
-                name: mus.to(device, t.dtype).reshape((count,) + (1,) * (t.ndim - 1)) for name, t in trainable.items()
-            }
+            mu = _per_client([job.proximal_mu for job in jobs], trainable)
             anchor = {name: t.clone() for name, t in trainable.items()}
         losses = torch.zeros((total_steps, count), dtype=torch.float64, device=device)
         self._module.train()
@@ -384,6 +377,15 @@ class VectorizedGrid:
             ).to_message()
             for k, n in enumerate(sizes)
         ]
+
+
+def _per_client(values: Sequence[float], like: Arrays) -> Arrays:
+    """One value per client, shaped to broadcast over each stacked tensor of ``like`` (``[clients, ...]``), in its
+    dtype and on its device."""
+    column = torch.tensor(values, dtype=torch.float64)
+    return {
+        name: column.to(t.device, t.dtype).reshape((len(values),) + (1,) * (t.ndim - 1)) for name, t in like.items()
+    }
 
 
 def _predictions(logits: Tensor, targets: Tensor) -> Tensor | None:

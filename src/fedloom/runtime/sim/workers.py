@@ -25,7 +25,7 @@ from fedloom.core.errors import (
 from fedloom.core.params import Params
 from fedloom.data.base import ArrayData, ClientData
 from fedloom.runtime.client import handle_instruction
-from fedloom.runtime.state import DirectoryState, client_folder
+from fedloom.runtime.state import client_state
 from fedloom.task.base import Task
 
 __all__ = [
@@ -75,8 +75,7 @@ def run_client(
     try:
         start = time.perf_counter()
         with user_code(f"client {client_id} in {kind}"):
-            state = DirectoryState(client_folder(state_root, client_id)) if state_root is not None else None
-            reply = handle_instruction(task, data, decode_message(down), state)
+            reply = handle_instruction(task, data, decode_message(down), client_state(state_root, client_id))
         seconds = time.perf_counter() - start
         up = encode_message(reply)
     except Exception as exc:
