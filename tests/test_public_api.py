@@ -39,6 +39,7 @@ EXPECTED = {
     "encode_params",
     "load_job",
     "simulate",
+    "simulate_gossip",
 }
 
 

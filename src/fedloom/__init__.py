@@ -36,6 +36,7 @@ from fedloom.core import (
     encode_message,
     encode_params,
 )
+from fedloom.gossip import simulate_gossip
 from fedloom.job import Job, load_job
 from fedloom.simulation import Run, simulate
 from fedloom.strategy import FedAvg, Strategy
@@ -81,6 +82,7 @@ __all__ = [
     "encode_params",
     "load_job",
     "simulate",
+    "simulate_gossip",
 ]
 
 

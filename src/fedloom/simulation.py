@@ -69,13 +69,7 @@ def simulate(
     raised again.
     """
     config = simulation or job.simulation
-    loaded = job.load_data(config.data_dir, num_clients=config.num_clients, seed=config.seed)
-    if isinstance(loaded, Dataset):
-        data: Federation = federate(loaded, config.num_clients, config.partition, config.seed, config.holdout)
-        made = f"partition {config.partition.scheme}"
-    else:
-        data = loaded
-        made = f"{type(loaded).__name__} {loaded.name!r}"
+    data, made = load_federation(job, config)
     announce.info(
         "fedloom: job %s, %d clients, %d rounds, %s, seed %d",
         job.name,
@@ -89,6 +83,16 @@ def simulate(
     job_file = job.source if job.source is not None and job.source.endswith(".py") else None
     with open_backend(job.task, data, config, job_file=job_file) as backend:
         return _run(job, config, data, initial, backend, Path(runs_dir), observers)
+
+
+def load_federation(job: Job, config: SimulationConfig) -> tuple[Federation, str]:
+    """The federation ``job`` runs on under ``config``, and how it was made (for the run's headline): the job's
+    dataset partitioned over ``config.num_clients`` clients, or the ready federation its data function returned."""
+    loaded = job.load_data(config.data_dir, num_clients=config.num_clients, seed=config.seed)
+    if isinstance(loaded, Dataset):
+        data = federate(loaded, config.num_clients, config.partition, config.seed, config.holdout)
+        return data, f"partition {config.partition.scheme}"
+    return loaded, f"{type(loaded).__name__} {loaded.name!r}"
 
 
 def _run(

@@ -50,7 +50,8 @@ def test_simulate_writes_the_run_directory(cli: Cli, digits_run: CliResult) -> N
     assert run_dir.parent == cli.cwd / "runs"
     assert (run_dir / "run.db").is_file()
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert checkpoints == ["round_00001.safetensors", "round_00002.safetensors"]
+    # every round's global params; the strategy's state (here FedAvg's round counter) after the last round only
+    assert checkpoints == ["round_00001.safetensors", "round_00002.safetensors", "round_00002.state.safetensors"]
     summary = _summary(run_dir)
     assert {"run_id", "config", "rounds", "final", "params_sha256"} <= summary.keys()
     assert summary["run_id"] == run_dir.name

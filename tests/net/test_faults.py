@@ -174,21 +174,26 @@ def test_a_client_killed_mid_round_does_not_stall_the_round(procs: Processes):
     assert [e["event"] for e in events if e["client_id"] == SITES[0]][-1] == "disconnected"
 
 
-def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(procs: Processes):
+@pytest.mark.parametrize(
+    "strategy", [(), ("--strategy", "fedadam", "--strategy-arg", "eta=0.05")], ids=["fedavg", "fedadam"]
+)
+def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(procs: Processes, strategy):
+    # With FedAdam the resumed server must also restore the optimizer's moments to end on the simulation's model.
     address = f"127.0.0.1:{free_port()}"
-    keys = tokens(procs, "resumed", SITES)
+    run_dir = "resumed-" + (strategy[1] if strategy else "fedavg")
+    keys = tokens(procs, run_dir, SITES)
     simulation = procs.start(
         *("simulate", "slow_digits.py", "--clients", "3", "--rounds", "5", "--seed", "5", "--backend", "inline"),
-        *("--quiet", "--out", "sim-runs"),
+        *("--quiet", "--out", f"sim-{run_dir}", *strategy),
     )
-    args = server_args(address, "resumed", 5, "--min-clients", "3", "--round-timeout", "60")
+    args = server_args(address, run_dir, 5, "--min-clients", "3", "--round-timeout", "60", *strategy)
     first = procs.start(*args)
     # Each fit takes at least 0.3 s, so the kill lands inside the run, whatever the round.
     clients = [
         procs.start(*client_args(address, site, keys[site], "--retry-for", "120"), env={"SLOW_FIT_S": "0.3"})
         for site in SITES
     ]
-    db = procs.cwd / "resumed" / "run.db"
+    db = procs.cwd / run_dir / "run.db"
     wait_until(lambda: rounds_recorded(db) >= 2, 120, "two rounds")
     procs.kill(first)
     done_before = rounds_recorded(db)
@@ -200,10 +205,10 @@ def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(
         procs.wait(handle).ok()
     assert second.sha256() == procs.wait(simulation).ok().sha256()
     store = RunStore(procs.cwd)
-    rounds = store.rounds(str(procs.cwd / "resumed"))
+    rounds = store.rounds(str(procs.cwd / run_dir))
     assert [r["round"] for r in rounds] == [1, 2, 3, 4, 5]
     assert all(r["num_ok"] == 3 for r in rounds)
-    assert store.info(str(procs.cwd / "resumed")).status == "finished"
+    assert store.info(str(procs.cwd / run_dir)).status == "finished"
     # A finished run is not run again.
     again = procs.run(*args)
     assert "has finished already; start another with a new run directory" in again.error()

@@ -58,7 +58,26 @@ def test_federated_evaluation_is_weighted_and_skips_empty_clients():
         "c": EvalResult(0.0, 0, {}),
     }
     metrics = strategy.aggregate_evaluate(1, state, results)
-    assert metrics == {"federated_loss": pytest.approx(2.5), "federated_accuracy": pytest.approx(0.75)}
+    # loss (1*1 + 3*3) / 4 = 2.5; accuracy (1*0 + 3*1) / 4 = 0.75; each client once: (0 + 1) / 2 = 0.5
+    assert metrics == {
+        "federated_loss": pytest.approx(2.5),
+        "federated_accuracy": pytest.approx(0.75),
+        "client_mean_accuracy": pytest.approx(0.5),
+    }
+
+
+def test_federated_evaluation_averages_every_metric_all_clients_report():
+    strategy = FedAvg()
+    state = strategy.init(p([0], 0))
+    results = {
+        "a": EvalResult(1.0, 1, {"accuracy": 0.5, "global_accuracy": 0.25, "only_a": 9.0}),
+        "b": EvalResult(1.0, 3, {"accuracy": 1.0, "global_accuracy": 0.5}),
+    }
+    metrics = strategy.aggregate_evaluate(1, state, results)
+    # global_accuracy (0.25 + 3 * 0.5) / 4 = 0.4375; "only_a" is not reported by b, so it is not averaged
+    assert metrics["federated_global_accuracy"] == pytest.approx(0.4375)
+    assert metrics["client_mean_accuracy"] == pytest.approx(0.75)
+    assert "federated_only_a" not in metrics
 
 
 def test_weighted_mean_rounds_integer_buffers_and_checks_shapes():

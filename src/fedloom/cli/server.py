@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from fedloom.cli.progress import format_round
-from fedloom.cli.simulate import limit_torch_threads
+from fedloom.cli.simulate import StrategyArgOption, StrategyOption, limit_torch_threads, with_strategy
 from fedloom.core.errors import ConfigError, FedloomError, user_code
 from fedloom.core.params import Params
 from fedloom.job import Job, describe, load_job
@@ -75,13 +75,16 @@ def server_command(
         float, typer.Option(help="Seconds between keepalive pings; a client silent that long after one is gone.", min=1)
     ] = 30.0,
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
+    strategy: StrategyOption = None,
+    strategy_arg: StrategyArgOption = None,
 ) -> None:
     """Serve a federation: wait for clients to dial in, run the rounds, record the run.
 
     Make a token per site first (`fedloom token create NAME --run-dir DIR`, or `fedloom invite`). TLS is on by
     default: make the certificates once with `fedloom certs init --out certs --host HOST` and serve with
     --certs certs. If the server stops (a crash, kill -9, a reboot), the same command resumes the run after
-    its last completed round; the clients reconnect by themselves.
+    its last completed round; the clients reconnect by themselves. --strategy NAME runs another built-in
+    algorithm than the job's (the sites need nothing more: every client has the client halves built in).
     """
     if insecure and (certs is not None or mutual_tls):
         raise ConfigError("--insecure runs without TLS; it cannot be combined with --certs or --mutual-tls")
@@ -96,7 +99,7 @@ def server_command(
             f"no client tokens in {run_dir}: make one per site with `fedloom token create NAME --run-dir {run_dir}` "
             "(or `fedloom invite NAME ...`)"
         )
-    loaded = load_job(job)
+    loaded = with_strategy(load_job(job), strategy, strategy_arg)
     limit_torch_threads(threads)
     identity = {
         "job": loaded.name,

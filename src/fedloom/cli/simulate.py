@@ -13,12 +13,14 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedloom.cli.gossip import check_gossip_flags, run_decentralized
 from fedloom.cli.progress import ConsoleProgress
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
 from fedloom.job import Job, load_job
 from fedloom.simulation import simulate
 from fedloom.strategy.catalog import STRATEGIES, build_strategy
+from fedloom.strategy.gossip import TOPOLOGIES, check_topology
 from fedloom.strategy.sampling import ClientSampling
 
 _PANEL_SIM = "Federation"
@@ -26,6 +28,25 @@ _PANEL_FIT = "Strategy and local training"
 _PANEL_BACKEND = "Backend"
 _PANEL_SYSTEM = "Client systems (cross-device)"
 _PANEL_ATTACK = "Attacks (robustness experiments)"
+_PANEL_GOSSIP = "Decentralized (gossip, no server)"
+
+
+StrategyOption = Annotated[
+    str | None,
+    typer.Option(
+        help=f"The algorithm, instead of the job's: {', '.join(STRATEGIES)}. It keeps the job's sampling "
+        "and local training settings.",
+        rich_help_panel=_PANEL_FIT,
+    ),
+]
+StrategyArgOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="An argument of --strategy as KEY=VALUE (repeat it), e.g. mu=0.01 or work_range=[1,20]; "
+        "values are read as JSON where they parse, else as text.",
+        rich_help_panel=_PANEL_FIT,
+    ),
+]
 
 
 def simulate_command(
@@ -56,22 +77,8 @@ def simulate_command(
         float | None,
         typer.Option(help="Probability that a selected client fails to reply.", rich_help_panel=_PANEL_SIM),
     ] = None,
-    strategy: Annotated[
-        str | None,
-        typer.Option(
-            help=f"The algorithm, instead of the job's: {', '.join(STRATEGIES)}. It keeps the job's sampling "
-            "and local training settings.",
-            rich_help_panel=_PANEL_FIT,
-        ),
-    ] = None,
-    strategy_arg: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="An argument of --strategy as KEY=VALUE (repeat it), e.g. mu=0.01 or work_range=[1,20]; "
-            "values are read as JSON where they parse, else as text.",
-            rich_help_panel=_PANEL_FIT,
-        ),
-    ] = None,
+    strategy: StrategyOption = None,
+    strategy_arg: StrategyArgOption = None,
     fraction: Annotated[
         float | None, typer.Option(help="Fraction C of clients trained per round.", rich_help_panel=_PANEL_FIT)
     ] = None,
@@ -143,16 +150,45 @@ def simulate_command(
             rich_help_panel=_PANEL_ATTACK,
         ),
     ] = None,
+    topology: Annotated[
+        str | None,
+        typer.Option(
+            help=f"Run the job decentralized instead of with its strategy: no server, every client trains its own "
+            f"model and averages it with its neighbours' on this graph each round: {', '.join(TOPOLOGIES)}. "
+            "Gossip runs are not recorded in the run store.",
+            rich_help_panel=_PANEL_GOSSIP,
+        ),
+    ] = None,
+    degree: Annotated[
+        int | None,
+        typer.Option(help="Neighbours per client of --topology regular.", rich_help_panel=_PANEL_GOSSIP),
+    ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
 ) -> None:
-    """Run a simulated federation and record it in the runs folder."""
+    """Run a simulated federation and record it in the runs folder (with --topology: decentralized, unrecorded)."""
+    if topology is not None:
+        check_gossip_flags(
+            {
+                "--strategy": strategy,
+                "--strategy-arg": strategy_arg,
+                "--attack": attack,
+                "--fraction": fraction,
+                "--min-clients": min_clients,
+                "--clients-per-round": clients_per_round,
+                "--backend": backend,
+                "--device": device,
+                "--workers": workers,
+                "--ray-address": ray_address,
+                "--memory-budget-mb": memory_budget_mb,
+            }
+        )
+        check_topology(topology, degree)
+    elif degree is not None:
+        raise ConfigError("--degree needs --topology regular")
     loaded = load_job(job)
     limit_torch_threads(threads)
-    if strategy is not None:
-        loaded = dataclasses.replace(loaded, strategy=replace_strategy(loaded.strategy, strategy, strategy_arg or []))
-    elif strategy_arg:
-        raise ConfigError("--strategy-arg needs --strategy NAME: the algorithm the arguments are for")
+    loaded = with_strategy(loaded, strategy, strategy_arg)
     configured = _apply_flags(
         loaded,
         simulation={
@@ -184,6 +220,9 @@ def simulate_command(
     console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
     sim = configured.simulation
     _announce_run(console)
+    if topology is not None:
+        run_decentralized(console, configured, topology, degree, quiet=quiet)
+        return
     observers = [] if quiet else [ConsoleProgress(console, sim.rounds, configured.name)]
     if observers:
         with observers[0]:
@@ -256,6 +295,15 @@ def _apply_flags(
             fit_flags["local_steps"] = None
         chosen = dataclasses.replace(chosen, fit=dataclasses.replace(chosen.fit, **fit_flags), **strategy_flags)
     return dataclasses.replace(job, simulation=sim, strategy=chosen)
+
+
+def with_strategy(job: Job, name: str | None, arguments: list[str] | None) -> Job:
+    """``job`` with ``--strategy NAME`` and its ``--strategy-arg`` values, where given."""
+    if name is not None:
+        return dataclasses.replace(job, strategy=replace_strategy(job.strategy, name, arguments or []))
+    if arguments:
+        raise ConfigError("--strategy-arg needs --strategy NAME: the algorithm the arguments are for")
+    return job
 
 
 def replace_strategy(current: Any, name: str, arguments: list[str]) -> Any:

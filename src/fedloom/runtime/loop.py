@@ -17,7 +17,8 @@ from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
 from fedloom.runtime.grid import Exchange, Grid, Reply
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
-from fedloom.strategy.base import FitFold, FoldingStrategy, Strategy
+from fedloom.strategy.base import FitFold, FoldingStrategy, ReshapingStrategy, Strategy
+from fedloom.strategy.snapshot import Snapshot, restore, snapshot
 
 __all__ = ["LoopResult", "Resume", "run_rounds"]
 
@@ -37,11 +38,14 @@ class LoopResult:
 @dataclass(frozen=True)
 class Resume:
     """Where a run that was cut short picks up: the rounds it completed, the global params after the last of
-    them, and the server's random state then (``RoundRecord.random_state`` of that round)."""
+    them, the server's random state then (``RoundRecord.random_state`` of that round) and the strategy's state
+    (``RoundRecord.strategy_state``; ``None`` where none was saved: the strategy then starts again from
+    ``init(params)``)."""
 
     completed_rounds: int
     params: Params
     random_state: Mapping[str, Any]
+    strategy_state: Snapshot | None = None
 
 
 def run_rounds(
@@ -60,9 +64,10 @@ def run_rounds(
 
     Each round: the strategy picks clients and instructions; the grid delivers them and gathers replies;
     every update is checked against the params its client was sent (names, shapes, dtypes, finite values:
-    the global model, plus whatever else the algorithm sends, such as SCAFFOLD's control variates) and a bad
-    one is refused, logged and recorded, never aggregated; if fewer than ``strategy.min_clients`` valid updates
-    remain, :class:`NotEnoughClientsError` ends the run; otherwise the strategy aggregates. A
+    the global model, plus whatever else the algorithm sends, such as SCAFFOLD's control variates; or the
+    layout a :class:`~fedloom.strategy.base.ReshapingStrategy` expects back) and a bad one is refused, logged
+    and recorded, never aggregated; if fewer than ``strategy.min_clients`` valid updates remain,
+    :class:`NotEnoughClientsError` ends the run; otherwise the strategy aggregates. A
     :class:`~fedloom.strategy.base.FoldingStrategy` (FedAvg) aggregates each update as it arrives, so only
     the updates in flight are held, not all of them. Then federated evaluation (if the strategy asks for
     it), central evaluation on the server (if ``evaluate_central`` is given), and every observer sees the
@@ -71,13 +76,15 @@ def run_rounds(
     the model is trained.
 
     With ``resume``, rounds ``1..resume.completed_rounds`` are taken as done: the loop starts from the saved
-    params and random state, so the remaining rounds are the ones an uninterrupted run would have run (for
-    strategies whose whole state is the global params, such as FedAvg), and the history holds only them.
+    params, random state and strategy state, so the remaining rounds are the ones an uninterrupted run would
+    have run, and the history holds only them.
     """
     fit_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, 0x5A3]).spawn(2))
     state = strategy.init(initial_params if resume is None else resume.params)
     first = 1
     if resume is not None:
+        if resume.strategy_state is not None:
+            state = restore(state, resume.strategy_state, resume.params)
         fit_rng.bit_generator.state = dict(resume.random_state["fit"])
         eval_rng.bit_generator.state = dict(resume.random_state["evaluate"])
         first = resume.completed_rounds + 1
@@ -87,7 +94,7 @@ def run_rounds(
 
         instructions = strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng)
         fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
-        fit_replies = _Gathered(server_round, "fit", _valid_update(instructions), fold)
+        fit_replies = _Gathered(server_round, "fit", _valid_update(strategy, instructions), fold)
         fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
         if len(fit_replies.accepted) < strategy.min_clients:
             asked = len(fit.replies) + len(fit.dropped) + len(fit.late)
@@ -119,6 +126,7 @@ def run_rounds(
             clients=_client_records("fit", fit, fit_replies) + _client_records("evaluate", evaluation, eval_replies),
             seconds=time.perf_counter() - started,
             random_state={"fit": fit_rng.bit_generator.state, "evaluate": eval_rng.bit_generator.state},
+            strategy_state=snapshot(state, params),
         )
         history.append(record)
         for observer in observers:
@@ -158,15 +166,17 @@ class _Gathered(Generic[R]):
         return reply
 
 
-def _valid_update(instructions: Mapping[str, Message]) -> Callable[[str, Message], FitResult]:
-    """A parser that accepts a client's fit reply only if its params match what that client was sent."""
+def _valid_update(strategy: Strategy[Any], instructions: Mapping[str, Message]) -> Callable[[str, Message], FitResult]:
+    """A parser that accepts a client's fit reply only if its params match what that client was sent (or, for
+    a :class:`ReshapingStrategy`, the layout it expects back)."""
+    layout = strategy.fit_reply_layout if isinstance(strategy, ReshapingStrategy) else (lambda m: m.params)
 
     def parse(client_id: str, message: Message) -> FitResult:
         result = FitResult.from_message(message)
         sent = instructions.get(client_id)
         if sent is None:
             raise InvalidUpdateError(f"client {client_id} was not asked to train this round")
-        check_update(sent.params, result.params)
+        check_update(layout(sent), result.params)
         return result
 
     return parse

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from fedloom.core.params import Params
+from fedloom.strategy.snapshot import Snapshot
 
 __all__ = ["ClientEvent", "ClientRecord", "ClientStatus", "RoundObserver", "RoundRecord"]
 
@@ -46,13 +47,16 @@ class RoundRecord:
     """A finished round: its global metrics (``fit_loss``, ``federated_loss``, ``federated_accuracy``,
     ``central_loss``, ``central_accuracy``, where computed), every client's record, and wall seconds.
     ``random_state`` is the server's random generators' state after the round (JSON values): what a resumed
-    run needs to draw the same clients as an uninterrupted one."""
+    run needs to draw the same clients as an uninterrupted one. ``strategy_state`` is the strategy's state after
+    the round (FedAdam's moments, SCAFFOLD's control variate...; :mod:`fedloom.strategy.snapshot`), where it
+    can be saved: what a resumed run needs to go on exactly as the uninterrupted one would have."""
 
     server_round: int
     metrics: Mapping[str, float]
     clients: tuple[ClientRecord, ...]
     seconds: float
     random_state: Mapping[str, Any] = field(default_factory=dict)
+    strategy_state: Snapshot | None = None
 
 
 @dataclass(frozen=True)

@@ -6,12 +6,14 @@ client runtime runs. ``STRATEGIES`` lists them by the names ``fedloom simulate -
 """
 
 from fedloom.strategy.aggregate import RunningMean, weighted_mean, weighted_mean_scalar
-from fedloom.strategy.base import FitFold, FoldingStrategy, Strategy
+from fedloom.strategy.base import FitFold, FoldingStrategy, ReshapingStrategy, Strategy
 from fedloom.strategy.catalog import LOCAL_ALGORITHMS, STRATEGIES
 from fedloom.strategy.fedavg import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedAvgState, FedProx, FedYogi
 from fedloom.strategy.fednova import FedNova
+from fedloom.strategy.ifca import IFCA
 from fedloom.strategy.local import Client, ClientState, LocalAlgorithm
 from fedloom.strategy.optimizers import Adagrad, Adam, ServerOptimizer, ServerSGD, Yogi
+from fedloom.strategy.personal import Ditto, FedBN, FedPer, FedRep
 from fedloom.strategy.qffl import QFedAvg
 from fedloom.strategy.robust import (
     Bulyan,
@@ -35,6 +37,7 @@ __all__ = [
     "Adam",
     "Bulyan",
     "Client",
+    "Ditto",
     "ClientSampling",
     "ClientState",
     "FedAdagrad",
@@ -42,16 +45,21 @@ __all__ = [
     "FedAvg",
     "FedAvgM",
     "FedAvgState",
+    "FedBN",
     "FedNova",
+    "FedPer",
     "FedProx",
+    "FedRep",
     "FedYogi",
     "FitFold",
     "FoldingStrategy",
+    "IFCA",
     "Krum",
     "LocalAlgorithm",
     "Mean",
     "Median",
     "QFedAvg",
+    "ReshapingStrategy",
     "RunningMean",
     "Scaffold",
     "ScaffoldState",

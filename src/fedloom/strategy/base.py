@@ -11,7 +11,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 
-__all__ = ["FitFold", "FoldingStrategy", "Strategy"]
+__all__ = ["FitFold", "FoldingStrategy", "ReshapingStrategy", "Strategy"]
 
 S = TypeVar("S")
 S_co = TypeVar("S_co", covariant=True)
@@ -72,3 +72,15 @@ class FoldingStrategy(Strategy[S], Protocol[S]):
     once): the loop then gathers the updates and calls ``aggregate_fit``."""
 
     def fold_fit(self, server_round: int, state: S) -> FitFold[S] | None: ...
+
+
+@runtime_checkable
+class ReshapingStrategy(Strategy[S], Protocol[S]):
+    """A strategy whose clients reply with other params than they were sent: FedPer's clients keep their
+    personal layers and send only the shared ones back; IFCA sends k models and gets one back.
+
+    ``fit_reply_layout(instruction)`` is what a valid reply to the fit ``instruction`` carries: its names,
+    shapes and dtypes (the values are not used). The server loop checks each reply against it, as it checks
+    other strategies' replies against the params their clients were sent."""
+
+    def fit_reply_layout(self, instruction: Message) -> Params: ...

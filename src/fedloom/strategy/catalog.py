@@ -11,7 +11,9 @@ from typing import Any
 from fedloom.core.errors import ConfigError
 from fedloom.strategy.fedavg import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 from fedloom.strategy.fednova import FedNova
-from fedloom.strategy.local import LocalAlgorithm
+from fedloom.strategy.ifca import IFCA, IFCAClient
+from fedloom.strategy.local import FINETUNE, FineTune, LocalAlgorithm
+from fedloom.strategy.personal import DITTO, PERSONAL, Ditto, DittoClient, FedBN, FedPer, FedRep, PersonalLayersClient
 from fedloom.strategy.qffl import QFedAvg, QFedAvgClient
 from fedloom.strategy.robust import Bulyan, Krum, Median, TrimmedMean
 from fedloom.strategy.scaffold import Scaffold, ScaffoldClient
@@ -22,6 +24,10 @@ __all__ = ["LOCAL_ALGORITHMS", "STRATEGIES", "build_strategy", "strategy_argumen
 LOCAL_ALGORITHMS: Mapping[str, LocalAlgorithm] = {
     "qffl": QFedAvgClient(),
     "scaffold": ScaffoldClient(),
+    PERSONAL: PersonalLayersClient(),
+    DITTO: DittoClient(),
+    FINETUNE: FineTune(),
+    "ifca": IFCAClient(),
 }
 
 
@@ -58,6 +64,11 @@ STRATEGIES: Mapping[str, Callable[..., Any]] = {
     "trimmed_mean": _robust(TrimmedMean, "beta"),
     "krum": _robust(Krum, "f", "m"),
     "bulyan": _robust(Bulyan, "f"),
+    "fedper": FedPer,
+    "fedrep": FedRep,
+    "fedbn": FedBN,
+    "ditto": Ditto,
+    "ifca": IFCA,
 }
 
 

@@ -70,8 +70,7 @@ class FedAvg(ClientSampling):
         self, server_round: int, state: FedAvgState, results: Mapping[str, FitResult]
     ) -> tuple[FedAvgState, dict[str, float]]:
         if self.aggregator is None:
-            fold = self.fold_fit(server_round, state)
-            assert fold is not None
+            fold = _FedAvgFold(self, server_round, state)
             for client_id, result in results.items():
                 fold.add(client_id, result)
             return fold.finish()

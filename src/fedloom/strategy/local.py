@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fedloom.core.config import FitConfig
-from fedloom.core.errors import DecodeError
+from fedloom.core.errors import ConfigError, DecodeError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.data.base import ClientData
 from fedloom.task.base import Task
 
-__all__ = ["Client", "ClientState", "FitOnly", "LocalAlgorithm", "local_args", "with_local"]
+__all__ = ["FINETUNE", "Client", "ClientState", "FineTune", "FitOnly", "LocalAlgorithm", "local_args", "with_local"]
 
 
 class ClientState(Protocol):
@@ -62,6 +62,34 @@ class FitOnly:
 
     def evaluate(self, client: Client, params: Params, args: Mapping[str, Any]) -> EvalResult:
         return client.task.evaluate(params, client.data.test)
+
+
+#: The local algorithm of evaluation after local fine-tuning (``ClientSampling.finetune``).
+FINETUNE = "finetune"
+
+
+class FineTune:
+    """Personalization by local fine-tuning, at evaluation: train the global model on the client's training
+    split as ``args["fit"]`` (a :class:`FitConfig` as metadata) says, and report the fine-tuned model's test
+    loss and metrics, with the global model's as ``global_loss`` and ``global_<metric>``. Nothing is kept: the
+    fine-tuned model is evaluated and dropped. Training instructions are plain training."""
+
+    def fit(self, client: Client, params: Params, config: FitConfig, args: Mapping[str, Any]) -> FitResult:
+        return client.task.fit(params, client.data.train, config)
+
+    def evaluate(self, client: Client, params: Params, args: Mapping[str, Any]) -> EvalResult:
+        try:
+            config = FitConfig.from_metadata(args.get("fit"))
+        except ConfigError as exc:
+            raise DecodeError(f"a fine-tuning instruction's 'fit': {exc}") from None
+        before = client.task.evaluate(params, client.data.test)
+        if before.num_examples == 0:
+            return before  # nothing to evaluate on
+        # a client with no training rows has nothing to fine-tune on: its personal model is the global one
+        tuned = client.task.fit(params, client.data.train, config).params if len(client.data.train) else params
+        after = client.task.evaluate(tuned, client.data.test)
+        globals_ = {"global_loss": before.loss, **{f"global_{k}": v for k, v in before.metrics.items()}}
+        return EvalResult(after.loss, after.num_examples, {**after.metrics, **globals_})
 
 
 def with_local(message: Message, name: str, **args: Any) -> Message:

@@ -15,6 +15,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, evaluate_message, fit_message
 from fedloom.strategy.aggregate import weighted_mean_scalar
+from fedloom.strategy.local import FINETUNE, with_local
 
 __all__ = ["ClientSampling", "sample_clients"]
 
@@ -48,7 +49,14 @@ class ClientSampling:
     model systems heterogeneity so (stragglers run 1 to E epochs).
     ``min_clients`` is both the fewest clients sampled and the fewest replies a round accepts. Federated
     evaluation asks a fraction ``fraction_evaluate`` of clients (0 turns it off) for their held-out loss and
-    accuracy, weighted by their held-out example counts.
+    metrics: ``federated_loss`` and ``federated_<metric>`` weight them by held-out example counts,
+    ``client_mean_accuracy`` is the plain mean of the clients' accuracies (each client counts once, as in
+    personalization papers). Each client's own numbers are in the round's client records.
+
+    ``finetune``, where given, makes evaluation personal by local fine-tuning: each evaluated client first
+    trains the global model on its own training split as ``finetune`` says, and reports the fine-tuned model's
+    loss and metrics on its test split, with the global model's beside them (``global_loss``,
+    ``global_accuracy``); the fine-tuned model is thrown away.
     """
 
     fraction: float = 1.0
@@ -57,6 +65,7 @@ class ClientSampling:
     fit: FitConfig = field(default_factory=FitConfig)
     clients_per_round: int | None = None
     work_range: tuple[int, int] | None = None
+    finetune: FitConfig | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -69,6 +78,13 @@ class ClientSampling:
             raise ConfigError(
                 f"clients_per_round must be >= min_clients={self.min_clients}, got {self.clients_per_round}"
             )
+        if isinstance(self.finetune, Mapping):  # from JSON (fedloom simulate --strategy-arg finetune={...})
+            try:
+                object.__setattr__(self, "finetune", FitConfig(**self.finetune))
+            except TypeError as exc:
+                raise ConfigError(f"finetune: {exc}") from None
+        if self.finetune is not None and not isinstance(self.finetune, FitConfig):
+            raise ConfigError(f"finetune must be a FitConfig, got {self.finetune!r}")
         if self.work_range is not None:
             steps = tuple(self.work_range)
             if len(steps) != 2 or not all(isinstance(s, int) and s >= 1 for s in steps) or steps[0] > steps[1]:
@@ -110,6 +126,8 @@ class ClientSampling:
             count = min(self.clients_per_round, max(share_of(self.fraction_evaluate, len(clients)), 1))
         selected = sample_clients(clients, self.fraction_evaluate, 1, rng, count)
         message = evaluate_message(server_round, self.params(state))
+        if self.finetune is not None:
+            message = with_local(message, FINETUNE, fit=self.finetune.to_metadata())
         return dict.fromkeys(selected, message)
 
     def aggregate_evaluate(self, server_round: int, state: Any, results: Mapping[str, EvalResult]) -> dict[str, float]:
@@ -118,6 +136,9 @@ class ClientSampling:
             return {}
         counts = [r.num_examples for r in scored]
         metrics = {"federated_loss": weighted_mean_scalar([r.loss for r in scored], counts)}
-        if all("accuracy" in r.metrics for r in scored):
-            metrics["federated_accuracy"] = weighted_mean_scalar([r.metrics["accuracy"] for r in scored], counts)
+        shared = set.intersection(*(set(r.metrics) for r in scored))
+        for name in sorted(shared):
+            metrics[f"federated_{name}"] = weighted_mean_scalar([r.metrics[name] for r in scored], counts)
+        if "accuracy" in shared:
+            metrics["client_mean_accuracy"] = float(np.mean([r.metrics["accuracy"] for r in scored]))
         return metrics

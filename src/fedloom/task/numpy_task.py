@@ -7,6 +7,7 @@ the same examples in the same order.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +72,16 @@ class LogisticRegressionTask:
         *,
         anchor: Params | None = None,
         correction: Params | None = None,
+        frozen: Collection[str] = (),
     ) -> FitResult:
         """Minibatch SGD from ``params``; ``config.proximal_mu``, ``anchor`` and ``correction`` add their terms to
-        every step's gradient (see :class:`~fedloom.task.base.Task`). Metrics: ``loss``, ``steps``."""
+        every step's gradient (see :class:`~fedloom.task.base.Task`), and ``weight`` or ``bias`` in ``frozen``
+        keeps its value. Metrics: ``loss``, ``steps``."""
+        unknown = [n for n in frozen if n not in ("weight", "bias")]
+        if unknown:
+            raise ConfigError(f"cannot freeze {unknown[:5]}: the model has only 'weight' and 'bias'")
+        rate_w = 0.0 if "weight" in frozen else config.lr
+        rate_b = 0.0 if "bias" in frozen else config.lr
         weight, bias = self._unpack(params)
         x, y = self._arrays(data)
         mu = config.proximal_mu
@@ -95,8 +103,8 @@ class LogisticRegressionTask:
             if mu:
                 grad_weight += mu * (weight - anchor_w)
                 grad_bias += mu * (bias - anchor_b)
-            weight -= config.lr * (grad_weight + shift_w)
-            bias -= config.lr * (grad_bias + shift_b)
+            weight -= rate_w * (grad_weight + shift_w)
+            bias -= rate_b * (grad_bias + shift_b)
             total_loss += loss
             steps += 1
         new = Params({"weight": weight.astype(np.float32), "bias": bias.astype(np.float32)})

@@ -9,7 +9,7 @@ same examples in the same order.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,19 +116,34 @@ class TorchTask:
         *,
         anchor: Params | None = None,
         correction: Params | None = None,
+        frozen: Collection[str] = (),
     ) -> FitResult:
         """Train a copy of ``params`` on ``data``; metrics: ``loss`` (mean batch loss over steps, without the
         proximal term), ``steps``. ``config.proximal_mu``, ``anchor`` and ``correction`` change each step's
-        gradient as :class:`~fedloom.task.base.Task` says.
+        gradient as :class:`~fedloom.task.base.Task` says; the parameters named in ``frozen`` are not trained
+        (buffers, such as batch-norm statistics, still update in training mode).
 
         Raises :class:`DataError` for empty data and :class:`ConfigError` for params (or an anchor or
-        correction) that do not fit the model.
+        correction, or a frozen name) that do not fit the model.
         """
         n = len(data)
         if n == 0:
             raise DataError("cannot fit on an empty dataset (0 examples)")
         module = self._module()
         _load(module, params)
+        with _frozen(module, frozen):
+            return self._train(module, params, data, config, anchor, correction)
+
+    def _train(
+        self,
+        module: nn.Module,
+        params: Params,
+        data: ArrayData,
+        config: FitConfig,
+        anchor: Params | None,
+        correction: Params | None,
+    ) -> FitResult:
+        n = len(data)
         x = self._features(data.x)
         y = self._targets(data.y)
         loss_fn = self._loss_fn("mean")
@@ -262,6 +277,26 @@ class TorchTask:
             optimizer.zero_grad(set_to_none=True)
 
         return step
+
+
+@contextmanager
+def _frozen(module: nn.Module, names: Collection[str]) -> Iterator[None]:
+    """``module`` with the parameters ``names`` not requiring gradients, restored afterwards."""
+    if not names:
+        yield
+        return
+    parameters = dict(module.named_parameters())
+    unknown = [n for n in names if n not in parameters and n not in module.state_dict()]
+    if unknown:
+        raise ConfigError(f"cannot freeze {unknown[:5]}: the model has no such parameter")
+    before = {n: parameters[n].requires_grad for n in names if n in parameters}  # buffers are never trained
+    try:
+        for n in before:
+            parameters[n].requires_grad_(False)
+        yield
+    finally:
+        for n, required in before.items():
+            parameters[n].requires_grad_(required)
 
 
 def _gradient_terms(

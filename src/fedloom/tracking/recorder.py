@@ -7,6 +7,8 @@ crashed (``status="failed"``). Layout of the run directory::
     <root>/<run_id>/run.db                                  rounds, metrics, client records (SQLite)
     <root>/<run_id>/checkpoints/round_00001.safetensors     global params after each round, and the
                                                             server's random state (for resuming)
+    <root>/<run_id>/checkpoints/round_00003.state.safetensors  the strategy's state after the last round
+                                                            (server optimizer moments, control variates...)
     <root>/<run_id>/summary.json                            written by finish()
 
 A deployment names its run directory itself (:meth:`RunRecorder.open`): there ``run.db`` also holds the client
@@ -37,6 +39,7 @@ from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.params import Params
 from fedloom.runtime.loop import Resume
 from fedloom.runtime.records import ClientEvent, ClientRecord, ClientStatus, RoundRecord
+from fedloom.strategy.snapshot import Snapshot
 from fedloom.tracking.schema import (
     client_events,
     client_metrics,
@@ -57,6 +60,7 @@ _FINAL_STATUSES = ("finished", "failed")
 _NAME_MAX = 64
 _ATTEMPTS = 5
 _RANDOM_STATE_KEY = "random_state"  # checkpoint metadata: the server's random state after the round (JSON)
+_HELD_KEY = "held"  # strategy state metadata: the state field that is the global model, kept in the checkpoint
 
 
 def checkpoint_path(run_dir: Path, server_round: int) -> Path:
@@ -91,6 +95,11 @@ def _check_same_config(stored: dict[str, Any], given: dict[str, Any], folder: Pa
         )
 
 
+def strategy_state_path(run_dir: Path, server_round: int) -> Path:
+    """Where the strategy's state after ``server_round`` is kept, beside that round's checkpoint."""
+    return run_dir / CHECKPOINT_DIR / f"round_{server_round:05d}.state.safetensors"
+
+
 def _resume_point(folder: Path, last: int) -> Resume:
     path = checkpoint_path(folder, last)
     params = load_params(path)
@@ -98,7 +107,12 @@ def _resume_point(folder: Path, last: int) -> Resume:
         random_state = json.loads(checkpoint_metadata(path)[_RANDOM_STATE_KEY])
     except (KeyError, json.JSONDecodeError):
         raise RunStoreError(f"checkpoint {path} holds no random state to resume from") from None
-    return Resume(last, params, random_state)
+    state_path = strategy_state_path(folder, last)
+    saved = None
+    if state_path.is_file():
+        held = checkpoint_metadata(state_path).get(_HELD_KEY) or None
+        saved = Snapshot(load_params(state_path), held)
+    return Resume(last, params, random_state, saved)
 
 
 def _counts(clients: tuple[ClientRecord, ...]) -> tuple[int, int, int]:
@@ -270,6 +284,12 @@ class RunRecorder:
                     )
                 if record.clients:
                     conn.execute(insert(client_metrics), [self._client_row(server_round, c) for c in record.clients])
+                if record.strategy_state is not None:  # first: a checkpoint never lacks its strategy state
+                    save_params(
+                        strategy_state_path(self._run_dir, server_round),
+                        record.strategy_state.arrays,
+                        {"run_id": rid, "round": str(server_round), _HELD_KEY: record.strategy_state.held or ""},
+                    )
                 save_params(
                     checkpoint_path(self._run_dir, server_round),
                     params,
@@ -283,6 +303,10 @@ class RunRecorder:
             raise RunStoreError(f"cannot record round {server_round} of run {rid}: {exc}") from None
         except OSError as exc:
             raise RunStoreError(f"cannot write the checkpoint of round {server_round} of run {rid}: {exc}") from None
+        # Only the last round's strategy state is kept (resuming needs no other); the one before goes once this
+        # round is committed, so a crash at any point leaves the last recorded round with its state.
+        if record.strategy_state is not None and self._last_round > 0:
+            strategy_state_path(self._run_dir, self._last_round).unlink(missing_ok=True)
         self._last_round = server_round
 
     def _client_row(self, server_round: int, client: ClientRecord) -> dict[str, Any]:
