@@ -41,7 +41,6 @@ __all__ = [
     "ring",
     "spectral_gap",
     "topology",
-    "uniform_mean",
 ]
 
 Adjacency = npt.NDArray[np.bool_]
@@ -251,12 +250,6 @@ def gossip_step(models: Sequence[Params], W: npt.ArrayLike) -> list[Params]:
                 total += weight * wide[j][name]
         mixed.append(cast_like(model, totals))
     return mixed
-
-
-def uniform_mean(models: Sequence[Params]) -> dict[str, npt.NDArray[np.float64]]:
-    """The unweighted average of ``models``, name by name, in float64 (what gossip converges to)."""
-    _check_models(models)
-    return {name: np.mean([f64(model[name]) for model in models], axis=0) for name in models[0]}
 
 
 def consensus_distance(models: Sequence[Params]) -> float:

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
+
 from fedloom.core.config import FitConfig
 from fedloom.core.errors import ConfigError, DecodeError
 from fedloom.core.message import Message
@@ -22,7 +24,17 @@ from fedloom.core.results import EvalResult, FitResult
 from fedloom.data.base import ClientData
 from fedloom.task.base import Task
 
-__all__ = ["FINETUNE", "Client", "ClientState", "FineTune", "FitOnly", "LocalAlgorithm", "local_args", "with_local"]
+__all__ = [
+    "FINETUNE",
+    "Client",
+    "ClientState",
+    "FineTune",
+    "FitOnly",
+    "LocalAlgorithm",
+    "load_matching",
+    "local_args",
+    "with_local",
+]
 
 
 class ClientState(Protocol):
@@ -44,6 +56,15 @@ class Client:
     task: Task
     data: ClientData
     state: ClientState
+
+
+def load_matching(state: ClientState, key: str, like: Mapping[str, np.ndarray[Any, Any]]) -> Params | None:
+    """What ``state`` holds under ``key`` if it has exactly ``like``'s names and shapes; ``None`` when nothing
+    was saved, or when it was made for another model (the client then starts over)."""
+    saved = state.load(key)
+    if saved is None or {n: a.shape for n, a in saved.items()} != {n: a.shape for n, a in like.items()}:
+        return None
+    return saved
 
 
 class LocalAlgorithm(Protocol):

@@ -27,7 +27,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.strategy.fedavg import FedAvg, FedAvgState, _FedAvgFold
-from fedloom.strategy.local import Client, ClientState, with_local
+from fedloom.strategy.local import Client, load_matching, with_local
 
 __all__ = ["Ditto", "DittoClient", "FedBN", "FedPer", "FedRep", "PersonalLayersClient", "personal_names"]
 
@@ -120,14 +120,15 @@ class FedPer(FedAvg):
         personal = set(self.personal_names(params))
         return Params({n: a for n, a in params.items() if n not in personal}, copy=False)
 
-    def _local(self, message: Message, params: Params) -> Message:
-        return with_local(message, PERSONAL, layers=self.personal_names(params), head_epochs=self.head_epochs)
+    def _local(self, plain: Mapping[str, Message], params: Params) -> dict[str, Message]:
+        """Each of ``plain``'s instructions for the personal-layers client half."""
+        layers = self.personal_names(params)
+        return {cid: with_local(m, PERSONAL, layers=layers, head_epochs=self.head_epochs) for cid, m in plain.items()}
 
     def configure_fit(
         self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator
     ) -> dict[str, Message]:
-        plain = self.fit_instructions(server_round, state.params, clients, rng)
-        return {cid: self._local(message, state.params) for cid, message in plain.items()}
+        return self._local(self.fit_instructions(server_round, state.params, clients, rng), state.params)
 
     def fit_reply_layout(self, instruction: Message) -> Params:
         return self._base(instruction.params)
@@ -135,8 +136,7 @@ class FedPer(FedAvg):
     def configure_evaluate(
         self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator
     ) -> dict[str, Message]:
-        plain = super().configure_evaluate(server_round, state, clients, rng)
-        return {cid: self._local(message, state.params) for cid, message in plain.items()}
+        return self._local(super().configure_evaluate(server_round, state, clients, rng), state.params)
 
     def aggregate_fit(
         self, server_round: int, state: FedAvgState, results: Mapping[str, FitResult]
@@ -227,15 +227,6 @@ class Ditto(FedAvg):
 # -- client halves ---------------------------------------------------------------------------------------------
 
 
-def _saved(state: ClientState, key: str, like: Params) -> Params | None:
-    """What ``state`` holds under ``key`` if it has exactly ``like``'s names and shapes (else it was made for
-    another model, and the client starts over)."""
-    saved = state.load(key)
-    if saved is None or {n: a.shape for n, a in saved.items()} != {n: a.shape for n, a in like.items()}:
-        return None
-    return saved
-
-
 class PersonalLayersClient:
     """FedPer's, FedRep's and FedBN's client half: the personal layers come from the client's disk (the
     instruction's initial ones the first time), the reply holds only the base layers."""
@@ -244,7 +235,7 @@ class PersonalLayersClient:
         layers = args.get("layers")
         if not isinstance(layers, list) or not all(isinstance(n, str) and n in params for n in layers):
             raise DecodeError(f"a personal-layers instruction must list names of the params it sends, got {layers!r}")
-        mine = _saved(client.state, _LAYERS_KEY, Params({n: params[n] for n in layers}, copy=False))
+        mine = load_matching(client.state, _LAYERS_KEY, Params({n: params[n] for n in layers}, copy=False))
         if mine is None:
             return params, layers
         return Params({n: mine.get(n, a) for n, a in params.items()}, copy=False), layers
@@ -293,7 +284,7 @@ class DittoClient:
     def fit(self, client: Client, params: Params, config: FitConfig, args: Mapping[str, Any]) -> FitResult:
         lam = _lam(args)
         global_update = client.task.fit(params, client.data.train, config)
-        personal = _saved(client.state, _DITTO_KEY, params) or params
+        personal = load_matching(client.state, _DITTO_KEY, params) or params
         tuned = client.task.fit(personal, client.data.train, replace(config, proximal_mu=lam), anchor=params)
         client.state.save(_DITTO_KEY, tuned.params)
         metrics = dict(global_update.metrics)
@@ -303,7 +294,7 @@ class DittoClient:
 
     def evaluate(self, client: Client, params: Params, args: Mapping[str, Any]) -> EvalResult:
         _lam(args)
-        personal = _saved(client.state, _DITTO_KEY, params)
+        personal = load_matching(client.state, _DITTO_KEY, params)
         return client.task.evaluate(personal if personal is not None else params, client.data.test)
 
 

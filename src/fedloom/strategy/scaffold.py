@@ -15,7 +15,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import FitResult
 from fedloom.strategy.aggregate import RunningMean, cast_like, f64, fit_loss
-from fedloom.strategy.local import Client, FitOnly, with_local
+from fedloom.strategy.local import Client, FitOnly, load_matching, with_local
 from fedloom.strategy.sampling import ClientSampling
 
 __all__ = ["Scaffold", "ScaffoldClient", "ScaffoldState"]
@@ -107,9 +107,7 @@ class ScaffoldClient(FitOnly):
         c = {n[len(PREFIX) :]: f64(a) for n, a in params.items() if n.startswith(PREFIX)}
         if any(n not in x for n in c):
             raise DecodeError("a SCAFFOLD instruction has a control variate for a parameter it does not send")
-        saved = client.state.load(_STATE_KEY)
-        if saved is not None and {n: a.shape for n, a in saved.items()} != {n: a.shape for n, a in c.items()}:
-            saved = None  # another model than the one this client's control variate was made for: start over
+        saved = load_matching(client.state, _STATE_KEY, c)  # None at first, or for another model: start over
         c_i = {n: f64(saved[n]) if saved is not None else np.zeros_like(a) for n, a in c.items()}
         correction = Params({n: c[n] - c_i[n] for n in c}, copy=False)
         result = client.task.fit(x, client.data.train, config, correction=correction)

@@ -286,7 +286,8 @@ def _frozen(module: nn.Module, names: Collection[str]) -> Iterator[None]:
         yield
         return
     parameters = dict(module.named_parameters())
-    unknown = [n for n in names if n not in parameters and n not in module.state_dict()]
+    state = module.state_dict()
+    unknown = [n for n in names if n not in parameters and n not in state]
     if unknown:
         raise ConfigError(f"cannot freeze {unknown[:5]}: the model has no such parameter")
     before = {n: parameters[n].requires_grad for n in names if n in parameters}  # buffers are never trained

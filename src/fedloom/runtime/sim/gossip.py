@@ -21,8 +21,8 @@ from fedloom.core.errors import ConfigError, InvalidUpdateError, user_code
 from fedloom.core.params import Params
 from fedloom.core.validation import check_update
 from fedloom.data.base import Federation
-from fedloom.strategy.aggregate import cast_like
-from fedloom.strategy.gossip import consensus_distance, gossip_step, mixing_matrix, spectral_gap, uniform_mean
+from fedloom.strategy.aggregate import weighted_mean
+from fedloom.strategy.gossip import consensus_distance, gossip_step, mixing_matrix, spectral_gap
 from fedloom.strategy.gossip import topology as build_topology
 from fedloom.task.base import Task
 
@@ -192,5 +192,5 @@ def _evaluate(task: Task, federation: Federation, client_ids: list[str], models:
 
 
 def _average(models: list[Params]) -> Params:
-    """The unweighted mean of the clients' models, in the models' dtypes."""
-    return cast_like(models[0], uniform_mean(models))
+    """The unweighted mean of the clients' models, in the models' dtypes (what gossip converges to)."""
+    return weighted_mean(models, [1.0] * len(models))
