@@ -4,6 +4,7 @@
     python benchmarks/algorithms.py heart [--data DIR] [--seeds 5]
     python benchmarks/algorithms.py robust [--clients 50] [--attackers 0.2] [--scale -10]
     python benchmarks/algorithms.py personal [--clients 20] [--seeds 3] [--rounds 30]
+    python benchmarks/algorithms.py async [--clients 100] [--spread 10] [--target 0.9] [--seeds 3]
 
 - ``synthetic``: FedProx's synthetic(1, 1), 30 devices, 10 per round, multinomial logistic regression,
   E = 20 local epochs over devices of very unequal sizes (so 100 to 1600 local steps), then again with
@@ -20,6 +21,11 @@
   one's accuracy on its own test split (its 20% holdout, the same two digits) with the model the strategy gives
   it: the global model, or its personalized one. (MNIST's 60,000 training images, which ``mnist_2nn`` needs,
   are not on the benchmark machine.)
+- ``async``: the ``digits`` job over 100 clients (Dirichlet 0.5) whose speeds spread 10x (log-uniform,
+  ``SystemConfig(speed_spread=10)``), 1 local epoch each. Synchronous FedAvg trains 10 clients a round and
+  waits for the slowest; FedBuff keeps 10 clients training and updates the model every 5 replies. The number
+  is the simulated time (``sim_seconds``) at which the central test accuracy first reaches the target, and
+  the client trainings spent by then.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ import numpy as np
 
 import fedloom as fl
 from fedloom.data import federate
-from fedloom.strategy import FedAdam, FedAvg, FedProx, FedYogi, Krum, Median, Scaffold, TrimmedMean
+from fedloom.strategy import FedAdam, FedAvg, FedBuff, FedProx, FedYogi, Krum, Median, Scaffold, TrimmedMean
 from fedloom.strategy.personal import Ditto, FedPer, FedRep
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -197,6 +203,58 @@ def personal(args: argparse.Namespace) -> None:
     print(table(accuracy, "mean per-client test accuracy", reference="FedAvg (global model)"))
 
 
+def asynchronous(args: argparse.Namespace) -> None:
+    job = fl.load_job("digits")
+    fit = replace(job.strategy.fit, local_epochs=1)
+    system = fl.SystemConfig(speed_spread=args.spread)
+    strategies: dict[str, tuple[Callable[[], Any], int]] = {  # the strategy, and its rounds (server updates)
+        f"FedAvg ({args.cohort} clients a round, synchronous)": (
+            lambda: FedAvg(clients_per_round=args.cohort, fraction_evaluate=0.0, fit=fit),
+            args.rounds,
+        ),
+        f"FedBuff ({args.cohort} training, update every {args.buffer})": (
+            lambda: FedBuff(concurrency=args.cohort, buffer_size=args.buffer, fraction_evaluate=0.0, fit=fit),
+            args.rounds * args.cohort // args.buffer,
+        ),
+    }
+    print(
+        f"digits: {args.clients} clients (dirichlet 0.5), client speeds log-uniform over {args.spread:g}x, {fit}; "
+        f"target central accuracy {args.target}; the same number of client trainings for both"
+    )
+    reached: dict[str, list[float]] = {name: [] for name in strategies}
+    trainings: dict[str, list[float]] = {name: [] for name in strategies}
+    for seed in range(args.seeds):
+        for name, (make, rounds) in strategies.items():
+            started = time.perf_counter()
+            simulation = replace(job.simulation, seed=seed, rounds=rounds, num_clients=args.clients, system=system)
+            with tempfile.TemporaryDirectory() as runs:
+                done = fl.simulate(replace(job, strategy=make(), simulation=simulation), runs_dir=runs)
+            hit = next((r for r in done.history if r.metrics["central_accuracy"] >= args.target), None)
+            used = 0
+            for record in done.history:
+                used += sum(1 for c in record.clients if c.phase == "fit" and c.status == "ok")
+                if record is hit:
+                    break
+            reached[name].append(hit.metrics["sim_seconds"] if hit is not None else math.inf)
+            trainings[name].append(used)
+            final = done.final_metrics
+            print(
+                f"  seed {seed} {name}: target at {reached[name][-1]:.2f} simulated s after {used} client replies; "
+                f"final accuracy {final['central_accuracy']:.4f} at {final['sim_seconds']:.2f} s "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
+    reference = next(iter(strategies))
+    ref = float(np.mean(reached[reference]))
+    print()
+    print(f"| run | simulated seconds to {args.target} (mean) | by seed | client replies by then | vs FedAvg |")
+    print("|---|---:|---|---:|---:|")
+    for name in strategies:
+        mean = float(np.mean(reached[name]))
+        by_seed = ", ".join(f"{v:.2f}" for v in reached[name])
+        print(f"| {name} | {mean:.2f} | {by_seed} | {np.mean(trainings[name]):.0f} | {mean / ref:.2f}x |")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="experiment", required=True)
@@ -219,11 +277,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--lam", type=float, default=0.1, help="Ditto's lambda")
+    p = sub.add_parser("async", help="FedBuff against synchronous FedAvg in simulated time, speeds spread 10x")
+    p.add_argument("--clients", type=int, default=100)
+    p.add_argument("--spread", type=float, default=10.0, help="fastest client speed over the slowest")
+    p.add_argument("--target", type=float, default=0.9, help="central test accuracy to reach")
+    p.add_argument("--cohort", type=int, default=10, help="clients training at once")
+    p.add_argument("--buffer", type=int, default=5, help="FedBuff's updates per server step")
+    p.add_argument("--rounds", type=int, default=60, help="FedAvg's rounds; FedBuff gets as many client trainings")
+    p.add_argument("--seeds", type=int, default=3)
     args = parser.parse_args(argv)
     started = time.perf_counter()
     print("$ python benchmarks/algorithms.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"machine: {os.cpu_count()} cores, Python {platform.python_version()}, {platform.platform()}")
-    {"synthetic": synthetic, "heart": heart, "robust": robust, "personal": personal}[args.experiment](args)
+    experiments = {"synthetic": synthetic, "heart": heart, "robust": robust, "personal": personal}
+    experiments["async"] = asynchronous
+    experiments[args.experiment](args)
     print(f"runtime: {time.perf_counter() - started:.1f} s")
     return 0
 

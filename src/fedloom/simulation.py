@@ -15,11 +15,13 @@ from fedloom.core.results import EvalResult
 from fedloom.data.base import Dataset, Federation
 from fedloom.data.federate import federate
 from fedloom.job import Job, describe
-from fedloom.runtime.grid import Grid
+from fedloom.runtime.asynchronous import run_async
+from fedloom.runtime.grid import AsyncGrid, Grid
 from fedloom.runtime.loop import CentralEvaluator, LoopResult, Resume, run_rounds
 from fedloom.runtime.records import RoundObserver, RoundRecord
 from fedloom.runtime.sim.backends import Backend, open_backend
-from fedloom.strategy.base import Strategy
+from fedloom.runtime.sim.crossdevice import SystemGrid
+from fedloom.strategy.base import AsyncStrategy, Strategy
 from fedloom.tracking import RunRecorder
 
 __all__ = ["Run", "simulate"]
@@ -121,6 +123,9 @@ def _run(
             with user_code("central evaluation on the server's test set"):
                 return job.task.evaluate(params, central)
 
+    grid = backend.grid
+    if isinstance(job.strategy, AsyncStrategy) and not isinstance(grid, AsyncGrid):
+        grid = SystemGrid(grid, data, config.system, seed=config.seed)  # the simulated clock asynchrony runs on
     recorder = RunRecorder.create(runs_dir, job.name, recorded)
     log.info(
         "run %s: %d clients, %d rounds, on the %s backend, in %s",
@@ -133,7 +138,7 @@ def _run(
     result = run_recorded(
         recorder,
         strategy=job.strategy,
-        grid=backend.grid,
+        grid=grid,
         initial_params=initial,
         rounds=config.rounds,
         seed=config.seed,
@@ -157,7 +162,8 @@ def run_recorded(
     resume: Resume | None = None,
     on_close: Callable[[BaseException | None], None] | None = None,
 ) -> LoopResult:
-    """:func:`~fedloom.runtime.loop.run_rounds` with the run recorded by ``recorder``: every round as it ends,
+    """:func:`~fedloom.runtime.loop.run_rounds` (:func:`~fedloom.runtime.asynchronous.run_async` for an
+    asynchronous strategy) with the run recorded by ``recorder``: every round as it ends,
     then the run as finished with its final params, or as failed with its error and the last good params
     (and the error raised again). Simulations and deployments record their runs through this one path;
     ``resume`` (from :meth:`RunRecorder.open`) continues a deployment's run after its last recorded round.
@@ -166,17 +172,20 @@ def run_recorded(
     records the client events that came after the last round."""
     latest = _Latest(initial_params if resume is None else resume.params)
     try:
-        result = run_rounds(
-            strategy=strategy,
-            grid=grid,
-            initial_params=initial_params,
-            rounds=rounds,
-            seed=seed,
-            evaluate_central=evaluate_central,
-            observers=[recorder, latest, *observers],
-            timeout=timeout,
-            resume=resume,
-        )
+        arguments: dict[str, Any] = {
+            "grid": grid,
+            "initial_params": initial_params,
+            "rounds": rounds,
+            "seed": seed,
+            "evaluate_central": evaluate_central,
+            "observers": [recorder, latest, *observers],
+            "timeout": timeout,
+            "resume": resume,
+        }
+        if isinstance(strategy, AsyncStrategy):
+            result = run_async(strategy=strategy, **arguments)
+        else:
+            result = run_rounds(strategy=strategy, **arguments)
     except BaseException as exc:
         try:
             if on_close is not None:

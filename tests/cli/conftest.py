@@ -167,6 +167,11 @@ def digits_runs(cli: Cli) -> dict[str, CliResult]:
                 *("--strategy", "fedadam", "--strategy-arg", "eta=0.05", "--strategy-arg", "tau=0.01"),
                 *("--lr", "0.05", "--seed", "7", "--out", "runs_fedadam"),
             ],
+            "fedbuff": [
+                *DIGITS,
+                *("--strategy", "fedbuff", "--strategy-arg", "buffer_size=2", "--strategy-arg", "concurrency=3"),
+                *("--speed-spread", "10", "--seed", "7", "--out", "runs_fedbuff"),
+            ],
             "dropout": [
                 *("simulate", "digits", "--clients", "10", "--rounds", "2", "--dropout", "0.3", "--min-clients", "1"),
                 *("--partition", "shards", "--shards", "3", "--local-epochs", "1", "--seed", "3", "--out", "runs_drop"),

@@ -116,6 +116,14 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("digits", "--strategy", "trimmed_mean", "--strategy-arg", "beta=0.7", *SMALL),
         ("beta", "0.7"),
     ),
+    "two_speed_models": (
+        ("digits", "--speed-sigma", "0.5", "--speed-spread", "10", *SMALL),
+        ("speed_sigma and speed_spread are two ways to draw client speeds",),
+    ),
+    "fedbuff_with_a_fraction": (
+        ("digits", "--strategy", "fedbuff", "--fraction", "0.5", *SMALL),
+        ("FedBuff keeps `concurrency` clients training", "do not apply"),
+    ),
     "too_few_replies": (
         ("digits", "--clients", "10", "--rounds", "2", "--dropout", "0.95", "--min-clients", "5", "--local-steps", "1"),
         ("round 1:", "clients replied", "fewer than min_clients=5"),

@@ -220,3 +220,14 @@ def test_strategy_flags_build_the_named_algorithm_and_keep_the_jobs_settings(
     assert strategy["fit"]["lr"] == 0.05  # a flag laid over the named strategy
     assert strategy["fit"]["local_epochs"] == 5  # the digits job's own setting, kept
     assert run.params_sha256() != digits_runs["happy"].ok().params_sha256()
+
+
+def test_fedbuff_runs_asynchronously_on_a_simulated_clock(cli: Cli, digits_runs: dict[str, CliResult]) -> None:
+    run = digits_runs["fedbuff"].ok()
+    summary = _summary(run.run_dir(cli.cwd))
+    assert summary["config"]["strategy"]["type"] == "FedBuff"
+    assert summary["config"]["simulation"]["system"]["speed_spread"] == 10
+    final = summary["final"]
+    assert final["sim_seconds"] > 0  # the clock the client speeds drive
+    assert 0 <= final["staleness_mean"] <= final["staleness_max"]
+    assert len(_round_lines(run)) == 2  # one line per server update

@@ -31,7 +31,7 @@ from fedloom.core.codec import encode_message
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.data.base import ArrayData, ClientData
-from fedloom.data.clientfile import save_client_data
+from fedloom.data.clientfile import load_client_data, save_client_data
 from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.client import connect_call
 from fedloom.runtime.net.frames import PROTOCOL_VERSION, Chunk, Reassembler, split_message
@@ -280,6 +280,60 @@ def test_a_stateful_algorithm_deploys_with_the_state_on_each_sites_disk(procs: P
         control = load_params(procs.cwd / f"state-{name}" / "scaffold.control.safetensors")
         assert list(control) == ["0.weight", "0.bias", "2.weight", "2.bias"]
         assert any(np.abs(a).max() > 0 for a in control.values())
+
+
+FEDBUFF_JOB = """
+import dataclasses
+import fedloom as fl
+from fedloom.strategy import FedBuff
+from fedloom.examples.digits import job as digits
+
+job = dataclasses.replace(
+    digits,
+    name="fedbuff-digits",
+    strategy=FedBuff(buffer_size=2, concurrency=3, fit=fl.FitConfig(local_epochs=1, batch_size=16, lr=0.1)),
+)
+"""
+
+
+def test_fedbuff_deploys_and_does_not_wait_for_the_slow_site(procs: Processes):
+    """FedBuff over the network, with one site holding 20 times the data of the others (so it trains 20 times
+    as long): the server updates the model every 2 replies, the fast sites send more updates than the slow
+    one, and the slow site's update arrives stale."""
+    (procs.cwd / "fedbuff_job.py").write_text(FEDBUFF_JOB)
+    procs.run("partition", "digits", "--clients", "3", "--seed", "5", "--out", "fedbuff-parts").ok()
+    slow = load_client_data(procs.cwd / "fedbuff-parts" / "client-002.npz")
+    bigger = ArrayData(np.tile(slow.train.x, (20, 1)), np.tile(slow.train.y, 20))
+    save_client_data(procs.cwd / "fedbuff-parts" / "client-002.npz", ClientData(bigger, slow.test))
+    tokens = {n: procs.run("token", "create", n, "--run-dir", "fedbuff-run").ok().stdout.strip() for n in CLIENTS}
+    address = f"127.0.0.1:{free_port()}"
+    server = procs.start(
+        *("server", "fedbuff_job.py", "--address", address, "--rounds", "8", "--seed", "5", "--min-clients", "3"),
+        *("--insecure", "--run-dir", "fedbuff-run", "--join-timeout", "60", "--round-timeout", "60"),
+    )
+    clients = [
+        procs.start(
+            *("client", "fedbuff_job.py", "--server", address, "--data", f"fedbuff-parts/{name}.npz"),
+            *("--token", tokens[name], "--insecure"),
+        )
+        for name in CLIENTS
+    ]
+    procs.wait(server).ok()
+    for handle in clients:
+        procs.wait(handle).ok()
+    store = RunStore(procs.cwd)
+    rounds = store.rounds("fedbuff-run")
+    assert [r["round"] for r in rounds] == list(range(1, 9))
+    assert max(r["staleness_max"] for r in rounds) >= 1
+    accuracy = [r["federated_accuracy"] for r in rounds if r["federated_accuracy"] is not None]  # idle sites
+    assert len(accuracy) >= 2
+    assert accuracy[-1] > accuracy[0]
+    updates = dict.fromkeys(CLIENTS, 0.0)
+    for record in store.client_metrics("fedbuff-run"):
+        if record["phase"] == "fit" and record["status"] == "ok":
+            updates[record["client_id"]] += record["metrics"]["updates"]
+    assert sum(updates.values()) == 8 * 2
+    assert updates["client-002"] < min(updates["client-000"], updates["client-001"])
 
 
 def test_user_mistakes_are_one_line_errors(procs: Processes):

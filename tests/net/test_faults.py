@@ -175,10 +175,14 @@ def test_a_client_killed_mid_round_does_not_stall_the_round(procs: Processes):
 
 
 @pytest.mark.parametrize(
-    "strategy", [(), ("--strategy", "fedadam", "--strategy-arg", "eta=0.05")], ids=["fedavg", "fedadam"]
+    "strategy",
+    [(), ("--strategy", "fedadam", "--strategy-arg", "eta=0.05"), ("--strategy", "scaffold")],
+    ids=["fedavg", "fedadam", "scaffold"],
 )
 def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(procs: Processes, strategy):
     # With FedAdam the resumed server must also restore the optimizer's moments to end on the simulation's model.
+    # With SCAFFOLD each site must also keep its control variate as of the rounds the server completed: a site
+    # that trained in the round the kill cut short trains that round again from its state before it.
     address = f"127.0.0.1:{free_port()}"
     run_dir = "resumed-" + (strategy[1] if strategy else "fedavg")
     keys = tokens(procs, run_dir, SITES)
@@ -188,13 +192,18 @@ def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(
     )
     args = server_args(address, run_dir, 5, "--min-clients", "3", "--round-timeout", "60", *strategy)
     first = procs.start(*args)
-    # Each fit takes at least 0.3 s, so the kill lands inside the run, whatever the round.
+    # Two sites fit in 0.3 s and one in 2 s, and the kill comes 1 s into round 3: after the fast sites have
+    # trained (and a SCAFFOLD site has its new control variate), before the slow one has replied.
     clients = [
-        procs.start(*client_args(address, site, keys[site], "--retry-for", "120"), env={"SLOW_FIT_S": "0.3"})
+        procs.start(
+            *client_args(address, site, keys[site], "--retry-for", "120", "--state-dir", f"{run_dir}-{site}"),
+            env={"SLOW_FIT_S": "2.0" if site == SITES[-1] else "0.3"},
+        )
         for site in SITES
     ]
     db = procs.cwd / run_dir / "run.db"
     wait_until(lambda: rounds_recorded(db) >= 2, 120, "two rounds")
+    time.sleep(1.0)
     procs.kill(first)
     done_before = rounds_recorded(db)
     assert done_before < 5

@@ -243,6 +243,46 @@ def test_the_clock_advances_by_the_slowest_reply_without_late_clients():
     assert grid.clock == 2.5
 
 
+def test_submitted_clients_come_back_in_the_order_they_finish_in_simulated_time():
+    data = toy([6, 2, 4, 50])
+    task = RecordingTask()
+    grid = SystemGrid(InlineGrid(task, data), data, SystemConfig(seconds_per_step=0.5, deadline=10.0))
+    config = FitConfig(local_epochs=1, batch_size=2, lr=0.1)  # 3, 1, 2 and 25 steps of 0.5 s
+    for client_id, message in fits(1, data.client_ids, config).items():
+        grid.submit(client_id, message)
+    came = []
+    for _ in range(4):
+        client_id, reply = grid.next_reply()
+        came.append((client_id, grid.clock, None if reply is None else reply.message.params["w"][0]))
+    # Client 3 would need 12.5 s: at the 10 s deadline the server gives up on it, and it did no work.
+    assert came == [
+        ("client-001", 0.5, 1.0),
+        ("client-002", 1.0, 2.0),
+        ("client-000", 1.5, 0.0),
+        ("client-003", 10.0, None),
+    ]
+    assert sorted(task.trained) == [0, 1, 2]
+    assert grid.history == ()  # submissions are not rounds
+    grid.submit("client-001", fits(2, ["client-001"], config)["client-001"])
+    assert grid.next_reply()[0] == "client-001"
+    assert grid.clock == 10.5
+    with pytest.raises(RuntimeError, match="no client submitted"):
+        grid.next_reply()
+
+
+def test_speed_spread_draws_speeds_log_uniformly_over_the_spread():
+    data = toy([1] * 4000)
+    grid = SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(speed_spread=10.0), seed=1)
+    speeds = np.array([grid.speed(cid) for cid in data.client_ids])
+    assert 0.1 <= speeds.min() < 0.101
+    assert 0.99 < speeds.max() <= 1.0
+    assert np.histogram(np.log10(speeds), bins=4, range=(-1, 0))[0] == pytest.approx([1000] * 4, rel=0.1)
+    with pytest.raises(ConfigError, match="give one of them"):
+        SystemConfig(speed_spread=10.0, speed_sigma=0.5)
+    with pytest.raises(ConfigError, match="speed_spread must be >= 1"):
+        SystemConfig(speed_spread=0.5)
+
+
 def test_dropped_clients_do_not_set_the_rounds_duration():
     data = toy([1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     grid = SystemGrid(

@@ -19,7 +19,7 @@ from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, Parti
 from fedloom.core.errors import ConfigError
 from fedloom.job import Job, load_job
 from fedloom.simulation import simulate
-from fedloom.strategy.catalog import STRATEGIES, build_strategy
+from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
 from fedloom.strategy.gossip import TOPOLOGIES, check_topology
 from fedloom.strategy.sampling import ClientSampling
 
@@ -131,6 +131,13 @@ def simulate_command(
         float | None,
         typer.Option(help="Spread of the log-normal client speeds (0: all equal).", rich_help_panel=_PANEL_SYSTEM),
     ] = None,
+    speed_spread: Annotated[
+        float | None,
+        typer.Option(
+            help="Client speeds drawn log-uniformly over this range, fastest over slowest (e.g. 10).",
+            rich_help_panel=_PANEL_SYSTEM,
+        ),
+    ] = None,
     seconds_per_step: Annotated[
         float | None,
         typer.Option(help="Simulated seconds of one local step at speed 1.", rich_help_panel=_PANEL_SYSTEM),
@@ -211,6 +218,7 @@ def simulate_command(
             "availability": availability,
             "availability_trace": availability_trace,
             "speed_sigma": speed_sigma,
+            "speed_spread": speed_spread,
             "seconds_per_step": seconds_per_step,
             "deadline": deadline,
         },
@@ -320,8 +328,9 @@ def replace_strategy(current: Any, name: str, arguments: list[str]) -> Any:
             value = text
         parsed[key.strip()] = tuple(value) if isinstance(value, list) else value
     kept: dict[str, Any] = {}
-    if isinstance(current, ClientSampling):
-        kept = {f.name: getattr(current, f.name) for f in dataclasses.fields(ClientSampling)}
+    if isinstance(current, ClientSampling) and name in STRATEGIES:
+        taken = strategy_arguments(name)  # FedBuff, say, has no use for the job's fraction
+        kept = {f.name: getattr(current, f.name) for f in dataclasses.fields(ClientSampling) if f.name in taken}
     return build_strategy(name, **{**kept, **parsed})
 
 

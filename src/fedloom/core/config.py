@@ -163,8 +163,10 @@ class SystemConfig:
       ``availability_trace``, an ``.npz`` file of online intervals in simulated seconds (arrays ``client``,
       ``start``, ``end``; clients are numbered in registration order) that replaces it.
     - Stragglers: each client has a fixed speed drawn from a log-normal distribution with ``speed_sigma``
-      (0: all equal); a local step takes ``seconds_per_step / speed`` simulated seconds. A client whose
-      training would end after ``deadline`` simulated seconds is late: it is left out of the round.
+      (0: all equal), or, with ``speed_spread = r``, log-uniformly between ``1/r`` and 1 (the fastest client
+      up to ``r`` times as fast as the slowest); a local step takes ``seconds_per_step / speed`` simulated
+      seconds. A client whose training would end after ``deadline`` simulated seconds is late: it is left out
+      of the round.
 
     Simulated time starts at 0 and advances by each round's duration (its deadline, or the slowest client's
     time when none is late). The defaults model none of this: every client online, equally fast, no deadline.
@@ -175,11 +177,20 @@ class SystemConfig:
     speed_sigma: float = 0.0
     seconds_per_step: float = 0.01
     deadline: float | None = None
+    speed_spread: float | None = None
 
     def __post_init__(self) -> None:
         _require_types(self, (), ("availability", "speed_sigma", "seconds_per_step"))
         _require(0.0 < self.availability <= 1.0, f"availability must be in (0, 1], got {self.availability}")
         _require(self.speed_sigma >= 0.0, f"speed_sigma must be >= 0, got {self.speed_sigma}")
+        _require(
+            self.speed_spread is None or (isinstance(self.speed_spread, int | float) and self.speed_spread >= 1.0),
+            f"speed_spread must be >= 1 (fastest over slowest), got {self.speed_spread!r}",
+        )
+        _require(
+            self.speed_spread is None or self.speed_sigma == 0.0,
+            "speed_sigma and speed_spread are two ways to draw client speeds; give one of them",
+        )
         _require(self.seconds_per_step > 0.0, f"seconds_per_step must be > 0, got {self.seconds_per_step}")
         _require(
             self.deadline is None or (isinstance(self.deadline, int | float) and self.deadline > 0),

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from fedloom.core.message import Message
 
-__all__ = ["Exchange", "Grid", "Reply", "ReplyHandler", "hand_over"]
+__all__ = ["AsyncGrid", "Clocked", "Exchange", "Grid", "Reply", "ReplyHandler", "hand_over"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,33 @@ class Grid(Protocol):
     def send_and_receive(
         self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
     ) -> Exchange: ...
+
+
+@runtime_checkable
+class AsyncGrid(Grid, Protocol):
+    """A grid that also takes work one client at a time and hands the replies back as each client finishes,
+    for asynchronous algorithms (FedBuff): the server never waits for a whole cohort.
+
+    ``submit(client_id, message)`` starts the client on ``message`` and returns at once (a simulated grid may
+    compute the reply then, and hold it back until its simulated time comes). ``next_reply()`` blocks until
+    one submitted client is done and returns its id with its reply, or with ``None`` when it dropped, was
+    late or its reply could not be read; each submission comes back exactly once. Calling it with nothing
+    submitted is a programming error. A networked grid gets this from
+    :class:`~fedloom.runtime.asynchronous.ThreadedGrid`.
+    """
+
+    def submit(self, client_id: str, message: Message) -> None: ...
+
+    def next_reply(self) -> tuple[str, Reply | None]: ...
+
+
+@runtime_checkable
+class Clocked(Protocol):
+    """A simulated grid with a clock: ``clock`` is the simulated seconds since the run started. The server
+    loops record it with each round as the metric ``sim_seconds``."""
+
+    @property
+    def clock(self) -> float: ...
 
 
 def hand_over(exchange: Exchange, on_reply: ReplyHandler | None) -> Exchange:

@@ -10,14 +10,14 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from fedloom.core.errors import DecodeError, InvalidUpdateError, NotEnoughClientsError
+from fedloom.core.errors import ConfigError, DecodeError, InvalidUpdateError, NotEnoughClientsError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
-from fedloom.runtime.grid import Exchange, Grid, Reply
+from fedloom.runtime.grid import Clocked, Exchange, Grid, Reply
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
-from fedloom.strategy.base import FitFold, FoldingStrategy, ReshapingStrategy, Strategy
+from fedloom.strategy.base import AsyncStrategy, FitFold, FoldingStrategy, ReshapingStrategy, Strategy
 from fedloom.strategy.snapshot import Snapshot, restore, snapshot
 
 __all__ = ["LoopResult", "Resume", "run_rounds"]
@@ -71,7 +71,8 @@ def run_rounds(
     :class:`~fedloom.strategy.base.FoldingStrategy` (FedAvg) aggregates each update as it arrives, so only
     the updates in flight are held, not all of them. Then federated evaluation (if the strategy asks for
     it), central evaluation on the server (if ``evaluate_central`` is given), and every observer sees the
-    round. Client sampling draws from generators seeded by ``seed``, so the same seed selects the same
+    round (with ``sim_seconds``, the simulated clock, where the grid is :class:`~fedloom.runtime.grid.Clocked`).
+    Client sampling draws from generators seeded by ``seed``, so the same seed selects the same
     clients; training and evaluation draw from separate ones, so how clients are evaluated never changes how
     the model is trained.
 
@@ -79,22 +80,19 @@ def run_rounds(
     params, random state and strategy state, so the remaining rounds are the ones an uninterrupted run would
     have run, and the history holds only them.
     """
-    fit_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, 0x5A3]).spawn(2))
-    state = strategy.init(initial_params if resume is None else resume.params)
-    first = 1
-    if resume is not None:
-        if resume.strategy_state is not None:
-            state = restore(state, resume.strategy_state, resume.params)
-        fit_rng.bit_generator.state = dict(resume.random_state["fit"])
-        eval_rng.bit_generator.state = dict(resume.random_state["evaluate"])
-        first = resume.completed_rounds + 1
+    if isinstance(strategy, AsyncStrategy):
+        raise ConfigError(
+            f"{type(strategy).__name__} is asynchronous: run it with fedloom.runtime.asynchronous.run_async"
+        )
+    fit_rng, eval_rng = server_generators(seed)
+    state, first = start_state(strategy, initial_params, resume, fit_rng, eval_rng)
     history: list[RoundRecord] = []
     for server_round in range(first, rounds + 1):
         started = time.perf_counter()
 
         instructions = strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng)
         fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
-        fit_replies = _Gathered(server_round, "fit", _valid_update(strategy, instructions), fold)
+        fit_replies = Gathered(server_round, "fit", _valid_update(strategy, instructions), fold)
         fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
         if len(fit_replies.accepted) < strategy.min_clients:
             asked = len(fit.replies) + len(fit.dropped) + len(fit.late)
@@ -109,21 +107,15 @@ def run_rounds(
             state, metrics = strategy.aggregate_fit(server_round, state, ordered)
         params = strategy.params(state)
 
-        eval_replies = _Gathered(server_round, "evaluate", lambda _client_id, message: EvalResult.from_message(message))
-        evaluation = grid.send_and_receive(
-            strategy.configure_evaluate(server_round, state, grid.client_ids(), eval_rng), timeout, eval_replies.take
+        if isinstance(grid, Clocked):
+            metrics["sim_seconds"] = grid.clock
+        evaluated = evaluate_round(
+            strategy, grid, server_round, state, grid.client_ids(), eval_rng, timeout, evaluate_central, metrics
         )
-        metrics.update(strategy.aggregate_evaluate(server_round, state, eval_replies.accepted))
-
-        if evaluate_central is not None:
-            central = evaluate_central(params)
-            metrics["central_loss"] = central.loss
-            metrics.update({f"central_{k}": v for k, v in central.metrics.items()})
-
         record = RoundRecord(
             server_round=server_round,
             metrics=metrics,
-            clients=_client_records("fit", fit, fit_replies) + _client_records("evaluate", evaluation, eval_replies),
+            clients=client_records("fit", fit, fit_replies) + evaluated,
             seconds=time.perf_counter() - started,
             random_state={"fit": fit_rng.bit_generator.state, "evaluate": eval_rng.bit_generator.state},
             strategy_state=snapshot(state, params),
@@ -134,10 +126,63 @@ def run_rounds(
     return LoopResult(strategy.params(state), tuple(history))
 
 
+def server_generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
+    """The server's two generators from ``seed``: one for training (who trains, with which seeds), one for
+    evaluation, so how clients are evaluated never changes how the model is trained."""
+    fit_rng, eval_rng = (np.random.default_rng(s) for s in np.random.SeedSequence([seed, 0x5A3]).spawn(2))
+    return fit_rng, eval_rng
+
+
+def start_state(
+    strategy: Strategy[Any],
+    initial_params: Params,
+    resume: Resume | None,
+    fit_rng: np.random.Generator,
+    eval_rng: np.random.Generator,
+) -> tuple[Any, int]:
+    """The strategy's state to start from and the first round to run: ``init(initial_params)`` and round 1, or
+    where ``resume`` left off (its params, strategy state and the generators' state, set on ``fit_rng`` and
+    ``eval_rng``)."""
+    if resume is None:
+        return strategy.init(initial_params), 1
+    state = strategy.init(resume.params)
+    if resume.strategy_state is not None:
+        state = restore(state, resume.strategy_state, resume.params)
+    fit_rng.bit_generator.state = dict(resume.random_state["fit"])
+    eval_rng.bit_generator.state = dict(resume.random_state["evaluate"])
+    return state, resume.completed_rounds + 1
+
+
+def evaluate_round(
+    strategy: Strategy[Any],
+    grid: Grid,
+    server_round: int,
+    state: Any,
+    clients: Sequence[str],
+    eval_rng: np.random.Generator,
+    timeout: float | None,
+    evaluate_central: CentralEvaluator | None,
+    metrics: dict[str, float],
+) -> tuple[ClientRecord, ...]:
+    """A round's evaluation: federated (on those of ``clients`` the strategy picks, if it asks for it) and
+    central (with ``evaluate_central``, if given). Adds the metrics to ``metrics``; returns the clients'
+    evaluation records."""
+    replies = Gathered(server_round, "evaluate", lambda _client_id, message: EvalResult.from_message(message))
+    evaluation = grid.send_and_receive(
+        strategy.configure_evaluate(server_round, state, clients, eval_rng), timeout, replies.take
+    )
+    metrics.update(strategy.aggregate_evaluate(server_round, state, replies.accepted))
+    if evaluate_central is not None:
+        central = evaluate_central(strategy.params(state))
+        metrics["central_loss"] = central.loss
+        metrics.update({f"central_{k}": v for k, v in central.metrics.items()})
+    return client_records("evaluate", evaluation, replies)
+
+
 R = TypeVar("R", FitResult, EvalResult)
 
 
-class _Gathered(Generic[R]):
+class Gathered(Generic[R]):
     """One phase's replies as the grid hands them over (:meth:`take`): each is parsed, a bad one refused and
     logged, a good fit update folded into ``fold`` (and its arrays let go) where there is one."""
 
@@ -182,7 +227,7 @@ def _valid_update(strategy: Strategy[Any], instructions: Mapping[str, Message]) 
     return parse
 
 
-def _client_records(phase: str, exchange: Exchange, gathered: _Gathered[Any]) -> tuple[ClientRecord, ...]:
+def client_records(phase: str, exchange: Exchange, gathered: Gathered[Any]) -> tuple[ClientRecord, ...]:
     results, refused = gathered.accepted, gathered.refused
     records = []
     for cid, reply in exchange.replies.items():

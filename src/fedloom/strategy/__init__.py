@@ -6,9 +6,10 @@ client runtime runs. ``STRATEGIES`` lists them by the names ``fedloom simulate -
 """
 
 from fedloom.strategy.aggregate import RunningMean, weighted_mean, weighted_mean_scalar
-from fedloom.strategy.base import FitFold, FoldingStrategy, ReshapingStrategy, Strategy
+from fedloom.strategy.base import AsyncStrategy, FitFold, FoldingStrategy, ReshapingStrategy, Strategy, UpdateBuffer
 from fedloom.strategy.catalog import LOCAL_ALGORITHMS, STRATEGIES
 from fedloom.strategy.fedavg import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedAvgState, FedProx, FedYogi
+from fedloom.strategy.fedbuff import FedBuff
 from fedloom.strategy.fednova import FedNova
 from fedloom.strategy.ifca import IFCA
 from fedloom.strategy.local import Client, ClientState, LocalAlgorithm
@@ -35,6 +36,7 @@ __all__ = [
     "STRATEGIES",
     "Adagrad",
     "Adam",
+    "AsyncStrategy",
     "Bulyan",
     "Client",
     "Ditto",
@@ -46,6 +48,7 @@ __all__ = [
     "FedAvgM",
     "FedAvgState",
     "FedBN",
+    "FedBuff",
     "FedNova",
     "FedPer",
     "FedProx",
@@ -67,6 +70,7 @@ __all__ = [
     "ServerSGD",
     "Strategy",
     "TrimmedMean",
+    "UpdateBuffer",
     "Yogi",
     "bulyan",
     "clip_to_norm",

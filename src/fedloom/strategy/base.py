@@ -11,7 +11,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 
-__all__ = ["FitFold", "FoldingStrategy", "ReshapingStrategy", "Strategy"]
+__all__ = ["AsyncStrategy", "FitFold", "FoldingStrategy", "ReshapingStrategy", "Strategy", "UpdateBuffer"]
 
 S = TypeVar("S")
 S_co = TypeVar("S_co", covariant=True)
@@ -84,3 +84,43 @@ class ReshapingStrategy(Strategy[S], Protocol[S]):
     other strategies' replies against the params their clients were sent."""
 
     def fit_reply_layout(self, instruction: Message) -> Params: ...
+
+
+class UpdateBuffer(Protocol[S_co]):
+    """An asynchronous server's buffer of updates: :meth:`add` each valid update as it arrives, with the params
+    its client trained from (``base``) and its ``staleness`` (how many server updates happened since that
+    client was sent ``base``); :meth:`finish` once the buffer is full, for the new state and its metrics."""
+
+    @property
+    def count(self) -> int: ...
+
+    def add(self, client_id: str, result: FitResult, base: Params, staleness: int) -> None: ...
+
+    def finish(self) -> tuple[S_co, dict[str, float]]: ...
+
+
+@runtime_checkable
+class AsyncStrategy(Strategy[S], Protocol[S]):
+    """A strategy for asynchronous rounds (FedBuff): the server keeps ``concurrency`` clients training at all
+    times, each on the newest model when it starts, and updates the model every ``buffer_size`` replies,
+    whatever models those clients started from. :func:`fedloom.runtime.asynchronous.run_async` drives it;
+    each server update is one round of the run's history.
+
+    - ``instruct(version, state, client_id, rng)``: what a client starting now is sent (``version`` is the
+      number of server updates so far; the instruction's round is ``version + 1``).
+    - ``buffer(server_round, state)``: an empty :class:`UpdateBuffer` for the update that makes ``server_round``.
+    - ``max_staleness``: updates staler than this are refused (``None``: none are).
+    """
+
+    @property
+    def concurrency(self) -> int: ...
+
+    @property
+    def buffer_size(self) -> int: ...
+
+    @property
+    def max_staleness(self) -> int | None: ...
+
+    def instruct(self, version: int, state: S, client_id: str, rng: np.random.Generator) -> Message: ...
+
+    def buffer(self, server_round: int, state: S) -> UpdateBuffer[S]: ...

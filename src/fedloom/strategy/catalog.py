@@ -10,6 +10,7 @@ from typing import Any
 
 from fedloom.core.errors import ConfigError
 from fedloom.strategy.fedavg import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from fedloom.strategy.fedbuff import FedBuff
 from fedloom.strategy.fednova import FedNova
 from fedloom.strategy.ifca import IFCA, IFCAClient
 from fedloom.strategy.local import FINETUNE, FineTune, LocalAlgorithm
@@ -69,7 +70,13 @@ STRATEGIES: Mapping[str, Callable[..., Any]] = {
     "fedbn": FedBN,
     "ditto": Ditto,
     "ifca": IFCA,
+    "fedbuff": FedBuff,
 }
+
+
+#: Arguments of FedAvg's round that a strategy does not take: FedBuff keeps ``concurrency`` clients training
+#: instead of sampling a share of them each round.
+NOT_TAKEN: Mapping[str, tuple[str, ...]] = {"fedbuff": ("fraction", "clients_per_round")}
 
 
 def strategy_arguments(name: str) -> list[str]:
@@ -81,7 +88,7 @@ def strategy_arguments(name: str) -> list[str]:
         if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     ]
     shared = [f.name for f in dataclasses.fields(FedAvg) if f.name not in ("aggregator", "server_optimizer")]
-    return [*own, *(n for n in shared if n not in own)]
+    return [n for n in (*own, *(n for n in shared if n not in own)) if n not in NOT_TAKEN.get(name, ())]
 
 
 def build_strategy(name: str, **arguments: Any) -> Any:

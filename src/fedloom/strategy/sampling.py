@@ -96,14 +96,20 @@ class ClientSampling:
     ) -> dict[str, Message]:
         """Sample this round's clients and tell each to train ``params``, with a seed of its own."""
         selected = sample_clients(clients, self.fraction, self.min_clients, rng, self.clients_per_round)
-        seeds = rng.integers(0, 2**31 - 1, size=len(selected))
+        configs = self.fit_configs(len(selected), rng)
+        return {cid: fit_message(server_round, params, config) for cid, config in zip(selected, configs, strict=True)}
+
+    def fit_configs(self, count: int, rng: np.random.Generator) -> list[FitConfig]:
+        """``count`` clients' local training: ``fit`` with a seed of each client's own, and its own amount of
+        work where ``work_range`` says so."""
+        seeds = rng.integers(0, 2**31 - 1, size=count)
         configs = [replace(self.fit, seed=int(seed)) for seed in seeds]
         if self.work_range is not None:
             lo, hi = self.work_range
-            work = [int(w) for w in rng.integers(lo, hi + 1, size=len(selected))]
+            work = [int(w) for w in rng.integers(lo, hi + 1, size=count)]
             unit = "local_steps" if self.fit.local_steps is not None else "local_epochs"
             configs = [replace(c, **{unit: w}) for c, w in zip(configs, work, strict=True)]
-        return {cid: fit_message(server_round, params, config) for cid, config in zip(selected, configs, strict=True)}
+        return configs
 
     def configure_fit(
         self, server_round: int, state: Any, clients: Sequence[str], rng: np.random.Generator

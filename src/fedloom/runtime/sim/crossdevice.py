@@ -7,6 +7,8 @@ clients are offline at any time and the slowest ones miss the deadline.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from fedloom.core.message import Message, MessageKind
 from fedloom.core.results import parse_instruction
 from fedloom.data.base import Federation
 from fedloom.data.lazy import ClientIds
-from fedloom.runtime.grid import Exchange, Grid, ReplyHandler, hand_over
+from fedloom.runtime.grid import Exchange, Grid, Reply, ReplyHandler, hand_over
 
 __all__ = ["AvailabilityTrace", "SystemGrid", "SystemRound", "local_steps"]
 
@@ -181,8 +183,8 @@ class SystemGrid:
       start of that round; when nobody is, the clock first skips to the next interval's start (a quiet
       stretch of the trace costs no rounds). The online clients come back as a lazy sequence in registration order. With
       neither, ``client_ids()`` is ``inner.client_ids()``.
-    - **Speed and deadline.** Client ``k`` has a fixed speed, log-normal(0, ``speed_sigma``) drawn from
-      ``seed`` and ``k`` (1.0 when ``speed_sigma`` is 0). A ``fit`` instruction takes it
+    - **Speed and deadline.** Client ``k`` has a fixed speed drawn from ``seed`` and ``k``: log-normal(0,
+      ``speed_sigma``), or log-uniform in ``[1/speed_spread, 1]``, or 1.0 with neither. A ``fit`` instruction takes it
       ``local_steps(n, config) * seconds_per_step / speed`` simulated seconds for ``n`` training examples. If
       that exceeds ``system.deadline`` the client is late: it is not asked (it does no work) and is listed in
       ``Exchange.late``. Other messages (evaluation) pass through untouched.
@@ -190,6 +192,14 @@ class SystemGrid:
       ``d_r`` is the deadline if any client was late, else the slowest replying client's time, else 0.
 
     ``clock`` is the simulated time now; ``history`` has one :class:`SystemRound` per training exchange.
+
+    It is also an :class:`~fedloom.runtime.grid.AsyncGrid` on the same clock, for asynchronous algorithms:
+    :meth:`submit` starts one client at the simulated time now (its reply is computed at once, on the model it
+    was sent), and :meth:`next_reply` returns the submitted client that finishes first in simulated time
+    (ties in the order submitted), moving the clock to that moment. A client slower than ``deadline`` comes
+    back at the deadline with no reply. Submissions are not training exchanges: they add nothing to
+    ``history``.
+
     Raises :class:`ConfigError` when the trace file cannot be used.
 
         system = SystemConfig(availability=0.3, speed_sigma=0.5, deadline=2.0)
@@ -214,6 +224,9 @@ class SystemGrid:
         # The online clients of (round, clock), kept because the loop asks for them twice a round.
         self._online: tuple[tuple[int, float], Sequence[str]] | None = None
         self._history: list[SystemRound] = []
+        # Submitted clients (asynchronous use): (finish time, submission number, client id, reply or None).
+        self._pending: list[tuple[float, int, str, Reply | None]] = []
+        self._submitted = itertools.count()
 
     @property
     def clock(self) -> float:
@@ -256,9 +269,12 @@ class SystemGrid:
 
     def speed(self, client_id: str) -> float:
         """Client ``client_id``'s fixed speed (1.0 is nominal; 0.5 takes twice as long)."""
-        if self._system.speed_sigma == 0.0:
+        spread = self._system.speed_spread
+        if self._system.speed_sigma == 0.0 and spread is None:
             return 1.0
         rng = np.random.default_rng([self._seed, _SPEED_SALT, self._number_of(client_id)])
+        if spread is not None:
+            return float(np.exp(-rng.uniform(0.0, math.log(spread))))
         return float(rng.lognormal(0.0, self._system.speed_sigma))
 
     def fit_seconds(self, client_id: str, message: Message) -> float:
@@ -296,6 +312,29 @@ class SystemGrid:
         self._clock += duration
         self._last_round = max(self._last_round, server_round)
         return hand_over(Exchange(exchange.replies, exchange.dropped, (*late, *exchange.late)), on_reply)
+
+    def submit(self, client_id: str, message: Message) -> None:
+        """Start ``client_id`` on ``message`` now, in simulated time (see the class docstring)."""
+        seconds = self.fit_seconds(client_id, message) if message.kind == MessageKind.FIT else 0.0
+        deadline = self._system.deadline
+        reply: Reply | None = None
+        if deadline is not None and seconds > deadline:
+            seconds = float(deadline)  # late: it does no work, and the server gives up on it at the deadline
+        else:
+            reply = self._inner.send_and_receive({client_id: message}).replies.get(client_id)
+        heapq.heappush(self._pending, (self._clock + seconds, next(self._submitted), client_id, reply))
+        server_round = message.metadata.get("round")
+        if isinstance(server_round, int):
+            self._last_round = max(self._last_round, server_round)
+
+    def next_reply(self) -> tuple[str, Reply | None]:
+        """The submitted client that finishes first, and its reply (``None``: late or dropped); the clock moves
+        to when it finished."""
+        if not self._pending:
+            raise RuntimeError("next_reply() with no client submitted")
+        finish, _order, client_id, reply = heapq.heappop(self._pending)
+        self._clock = max(self._clock, finish)
+        return client_id, reply
 
 
 def _numbering(ids: Sequence[str]) -> Callable[[str], int]:
