@@ -2,7 +2,7 @@
 
     python benchmarks/algorithms.py synthetic [--seeds 3] [--rounds 60] [--stragglers]
     python benchmarks/algorithms.py heart [--data DIR] [--seeds 5]
-    python benchmarks/algorithms.py robust [--clients 50] [--attackers 0.2] [--scale -10]
+    python benchmarks/algorithms.py robust [--clients 50] [--attackers 0.2] [--scale -10] [--partition iid]
     python benchmarks/algorithms.py personal [--clients 20] [--seeds 3] [--rounds 30]
     python benchmarks/algorithms.py async [--clients 100] [--spread 10] [--target 0.9] [--seeds 3]
 
@@ -14,7 +14,8 @@
 - ``heart``: UCI Heart Disease's 4 hospitals (the ``heart_disease`` job, FLamby's budget): FedAvg, FedAdam and
   FedYogi; the number is FLamby's, the unweighted mean over hospitals of each one's test accuracy.
 - ``robust``: the ``digits`` job with 50 clients, all training every round, 20% of which send their update
-  scaled by -10; FedAvg and the robust rules, with and without the attack; central test accuracy.
+  scaled by -10; FedAvg and the robust rules, with and without the attack; central test accuracy. The job's
+  Dirichlet(0.5) partition by default; ``--partition iid`` is the setting of Krum's and Yin et al.'s papers.
 - ``personal``: the ``digits`` job over 20 clients in McMahan et al.'s pathological shards (2 shards of the
   label-sorted data per client, so most clients see two digits), all training every round; the global FedAvg
   model against local fine-tuning, FedPer, FedRep and Ditto. The number is the mean over the clients of each
@@ -135,7 +136,8 @@ def heart(args: argparse.Namespace) -> None:
 def robust(args: argparse.Namespace) -> None:
     job = fl.load_job("digits")
     attack = fl.AttackConfig("scale", fraction=args.attackers, scale=args.scale)
-    base = replace(job.simulation, num_clients=args.clients)
+    partition = replace(job.simulation.partition, scheme=args.partition)
+    base = replace(job.simulation, num_clients=args.clients, partition=partition, rounds=args.rounds)
     common: dict[str, Any] = {"fraction": 1.0, "fit": job.strategy.fit}
     f = int(args.attackers * args.clients)
     strategies: dict[str, Callable[[], Any]] = {
@@ -272,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--attackers", type=float, default=0.2, help="share of clients that attack")
     p.add_argument("--scale", type=float, default=-10.0, help="the attackers send global + scale * update")
     p.add_argument("--seeds", type=int, default=1)
+    p.add_argument("--partition", default="dirichlet", help="dirichlet (0.5, the digits job's) or iid")
+    p.add_argument("--rounds", type=int, default=30)
     p = sub.add_parser("personal", help="personalization against the global model on pathological digits shards")
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--seeds", type=int, default=3)

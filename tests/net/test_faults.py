@@ -223,6 +223,42 @@ def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(
     assert "has finished already; start another with a new run directory" in again.error()
 
 
+def test_a_site_restarted_mid_run_keeps_its_scaffold_state_and_the_run_ends_on_the_simulation_model(
+    procs: Processes,
+):
+    """A SCAFFOLD site is killed (SIGKILL) just after it has replied in round 2 and started again with the same
+    --state-dir, while the server still waits for a slow site. It comes back in time for round 3, whose
+    training starts from the control variate it saved in round 2: the run ends on the simulation's model."""
+    address = f"127.0.0.1:{free_port()}"
+    keys = tokens(procs, "restarted-site", SITES)
+    scaffold = ("--strategy", "scaffold")
+    simulation = procs.start(
+        *("simulate", "slow_digits.py", "--clients", "3", "--rounds", "3", "--seed", "5", "--backend", "inline"),
+        *("--quiet", "--out", "sim-restarted-site", *scaffold),
+    )
+    server = procs.start(*server_args(address, "restarted-site", 3, "--min-clients", "3", *scaffold))
+
+    def site(name: str) -> tuple[str, ...]:
+        return client_args(address, name, keys[name], "--retry-for", "120", "--state-dir", f"restarted-{name}")
+
+    fast = {name: procs.start(*site(name), env={"SLOW_FIT_S": "0.2"}) for name in SITES[:2]}
+    slow = procs.start(*site(SITES[2]), env={"SLOW_FIT_S": "8"})
+    wait_until(lambda: rounds_recorded(procs.cwd / "restarted-site" / "run.db") >= 1, 120, "round 1")
+    time.sleep(1.5)  # round 2: the fast sites have replied; the slow one trains for 8 s
+    staged = procs.cwd / f"restarted-{SITES[0]}" / "staged" / "round_00002" / "scaffold.control.safetensors"
+    assert staged.is_file()  # its round 2 control variate, on its disk, not yet committed
+    procs.kill(fast[SITES[0]])
+    again = procs.start(*site(SITES[0]), env={"SLOW_FIT_S": "0.2"})
+    done = procs.wait(server, timeout=180).ok()
+    assert done.sha256() == procs.wait(simulation).ok().sha256()
+    assert "answered" in procs.wait(again).ok().stdout
+    for handle in (fast[SITES[1]], slow):
+        procs.wait(handle).ok()
+    rounds = RunStore(procs.cwd).rounds(str(procs.cwd / "restarted-site"))
+    assert [r["num_ok"] for r in rounds][2] >= 3  # all three sites trained in round 3
+    assert (procs.cwd / f"restarted-{SITES[0]}" / "scaffold.control.safetensors").is_file()  # committed at bye
+
+
 def test_an_interrupted_server_says_no_bye_and_its_clients_rejoin_when_it_resumes(procs: Processes):
     address = f"127.0.0.1:{free_port()}"
     keys = tokens(procs, "interrupted", SITES[:2])

@@ -36,8 +36,8 @@ def fit_round(strategy, state, server_round, task, data, states):
     return messages, replies
 
 
-def evaluate(strategy, state, task, client, client_state) -> EvalResult:
-    message = strategy.configure_evaluate(1, state, ["a"], np.random.default_rng(0))["a"]
+def evaluate(strategy, state, task, client, client_state, server_round=1) -> EvalResult:
+    message = strategy.configure_evaluate(server_round, state, ["a"], np.random.default_rng(0))["a"]
     return EvalResult.from_message(handle_instruction(task, client, message, client_state))
 
 
@@ -64,8 +64,8 @@ def test_fedper_keeps_the_head_on_each_client_and_averages_the_body(tmp_path):
     assert list(messages["a"].params) == ["body", "head"]
     assert list(replies["a"].params) == ["body"]
     np.testing.assert_allclose(replies["a"].params["body"], [1.0])
-    np.testing.assert_allclose(states["a"].load("personal.layers")["head"], [1.0])
-    np.testing.assert_allclose(states["b"].load("personal.layers")["head"], [-1.0])
+    np.testing.assert_allclose(states["a"].at_round(1, "evaluate").load("personal.layers")["head"], [1.0])
+    np.testing.assert_allclose(states["b"].at_round(1, "evaluate").load("personal.layers")["head"], [-1.0])
     state, _ = strategy.aggregate_fit(1, state, replies)
     np.testing.assert_allclose(state.params["body"], [0.0])
     np.testing.assert_allclose(state.params["head"], [0.0])  # the initial head: the server never sees another
@@ -73,10 +73,10 @@ def test_fedper_keeps_the_head_on_each_client_and_averages_the_body(tmp_path):
     # Round 2, a starts from body 0 (server) and head 1 (its disk): gradient 1 - 2 = -1, so both move by 0.5.
     _, replies = fit_round(strategy, state, 2, task, data, states)
     np.testing.assert_allclose(replies["a"].params["body"], [0.5])
-    np.testing.assert_allclose(states["a"].load("personal.layers")["head"], [1.5])
+    np.testing.assert_allclose(states["a"].at_round(2, "evaluate").load("personal.layers")["head"], [1.5])
     # a's personalized evaluation: body 0 (global) + head 1.5 (own) against 2: 1/2 * 0.5^2 = 0.125; the global
     # model (head 0) would score 1/2 * 2^2 = 2.
-    assert evaluate(strategy, state, task, data["a"], states["a"]).loss == pytest.approx(0.125)
+    assert evaluate(strategy, state, task, data["a"], states["a"], server_round=2).loss == pytest.approx(0.125)
     assert strategy.fit_reply_layout(messages["a"]) == Params({"body": np.zeros(1)})
 
 
@@ -88,7 +88,7 @@ def test_fedrep_trains_the_head_first_then_the_body(tmp_path):
     # head with the body frozen: 0 + 0.5 * 2 = 1; then the body with the head frozen: gradient 0 + 1 - 2 = -1,
     # so body = 0.5 (FedPer, training both at once, gives body 1 and head 1)
     np.testing.assert_allclose(replies["a"].params["body"], [0.5])
-    np.testing.assert_allclose(states["a"].load("personal.layers")["head"], [1.0])
+    np.testing.assert_allclose(states["a"].at_round(1, "evaluate").load("personal.layers")["head"], [1.0])
     assert replies["a"].metrics["steps"] == 2.0
 
 
@@ -103,15 +103,15 @@ def test_ditto_trains_a_personal_model_toward_the_global_one(tmp_path):
     # term is 0 there, so v = 1 too, kept.
     _, replies = fit_round(strategy, state, 1, task, {"a": client}, {"a": state_a})
     np.testing.assert_allclose(replies["a"].params["w"], [1.0])
-    np.testing.assert_allclose(state_a.load("ditto.model")["w"], [1.0])
+    np.testing.assert_allclose(state_a.at_round(1, "evaluate").load("ditto.model")["w"], [1.0])
 
     # Round 2 from w = 0.5: global 0.5 - 0.5 * (0.5 - 2) = 1.25; v = 1 - 0.5 * ((1 - 2) + 2 * (1 - 0.5)) = 1
     state = strategy.init(Params({"w": np.array([0.5])}))
     _, replies = fit_round(strategy, state, 2, task, {"a": client}, {"a": state_a})
     np.testing.assert_allclose(replies["a"].params["w"], [1.25])
-    np.testing.assert_allclose(state_a.load("ditto.model")["w"], [1.0])
+    np.testing.assert_allclose(state_a.at_round(2, "evaluate").load("ditto.model")["w"], [1.0])
     # evaluation measures v = 1, not the global 0.5: 1/2 * (1 - 2)^2 = 0.5
-    assert evaluate(strategy, state, task, client, state_a).loss == pytest.approx(0.5)
+    assert evaluate(strategy, state, task, client, state_a, server_round=2).loss == pytest.approx(0.5)
 
 
 def test_finetuning_reports_the_tuned_and_the_global_model():

@@ -35,8 +35,8 @@ def test_two_rounds_by_hand(tmp_path):
     assert list(messages["a"].params) == ["w", "scaffold.c/w"]
     np.testing.assert_allclose(replies["a"].params["w"], [1.5])
     np.testing.assert_allclose(replies["a"].params["scaffold.c/w"], [-1.5])  # c_a+ - c_a
-    np.testing.assert_allclose(states["a"].load("scaffold.control")["w"], [-1.5])
-    np.testing.assert_allclose(states["b"].load("scaffold.control")["w"], [1.5])
+    np.testing.assert_allclose(states["a"].at_round(1, "evaluate").load("scaffold.control")["w"], [-1.5])
+    np.testing.assert_allclose(states["b"].at_round(1, "evaluate").load("scaffold.control")["w"], [1.5])
     # x = 0 + 1 * mean(1.5, -1.5) = 0; c = 0 + (|S|/N = 1) * mean(-1.5, 1.5) = 0
     np.testing.assert_allclose(state.params["w"], [0.0])
     np.testing.assert_allclose(state.control["w"], [0.0])
@@ -47,7 +47,7 @@ def test_two_rounds_by_hand(tmp_path):
     np.testing.assert_allclose(replies["a"].params["w"], [0.375])
     np.testing.assert_allclose(replies["a"].params["scaffold.c/w"], [-0.375])
     np.testing.assert_allclose(replies["b"].params["w"], [-0.375])
-    np.testing.assert_allclose(states["a"].load("scaffold.control")["w"], [-1.875])
+    np.testing.assert_allclose(states["a"].at_round(2, "evaluate").load("scaffold.control")["w"], [-1.875])
     assert state.server_round == 2
 
 
@@ -85,3 +85,18 @@ def test_integer_params_get_no_control_variate(tmp_path):
     assert message.params["scaffold.c/w"].dtype == np.float32
     _, _, _, config = parse_instruction(message)
     assert config.seed >= 0
+
+
+def test_a_round_run_again_after_a_server_crash_finds_the_control_variate_of_before_it(tmp_path):
+    """The server crashes in round 2 after client a replied; it resumes from round 1's checkpoint and sends a
+    round 2 again. Client a must train it from its round 1 control variate, not from the one its first round 2
+    left behind, or the resumed run ends elsewhere than an uninterrupted one."""
+    strategy = Scaffold(fit=FIT)
+    states = {cid: DirectoryState(tmp_path / cid) for cid in ("a", "b")}
+    state = strategy.init(Params({"w": np.zeros(1)}))
+    _, _, (after_one, _) = run_round(strategy, state, 1, states)
+    _, first_try, _ = run_round(strategy, after_one, 2, states)  # the server dies before it records round 2
+    _, again, _ = run_round(strategy, after_one, 2, states)  # resumed: round 2 once more
+    for cid in ("a", "b"):
+        assert again[cid].params.sha256() == first_try[cid].params.sha256()
+    np.testing.assert_allclose(again["a"].params["scaffold.c/w"], [-0.375])  # as in test_two_rounds_by_hand

@@ -7,6 +7,7 @@ from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.core.results import parse_instruction
 from fedloom.data.base import ClientData
+from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.catalog import LOCAL_ALGORITHMS
 from fedloom.strategy.local import Client, ClientState, local_args
 from fedloom.task.base import Task
@@ -18,12 +19,13 @@ def handle_instruction(task: Task, data: ClientData, message: Message, state: Cl
     """Run a ``fit`` (on ``data.train``) or ``evaluate`` (on ``data.test``) instruction and return the reply.
 
     An instruction that names a local algorithm (SCAFFOLD, Ditto, ...; see :mod:`fedloom.strategy.local`) runs
-    it with ``state``, this client's persistent state. Raises :class:`fedloom.core.errors.DecodeError` for a
-    malformed instruction or an algorithm this client does not know, and :class:`ConfigError` when the
-    algorithm keeps state and no ``state`` was given; whatever the task raises propagates, so each runtime
-    decides how to report it.
+    it with ``state``, this client's persistent state (a :class:`~fedloom.runtime.state.DirectoryState` as of
+    this instruction's round: see :class:`~fedloom.runtime.state.RoundState`). Raises
+    :class:`fedloom.core.errors.DecodeError` for a malformed instruction or an algorithm this client does not
+    know, and :class:`ConfigError` when the algorithm keeps state and no ``state`` was given; whatever the task
+    raises propagates, so each runtime decides how to report it.
     """
-    kind, _round, params, fit_config = parse_instruction(message)
+    kind, server_round, params, fit_config = parse_instruction(message)
     local = local_args(message)
     if local is None:
         if kind == MessageKind.FIT:
@@ -35,6 +37,8 @@ def handle_instruction(task: Task, data: ClientData, message: Message, state: Cl
     if algorithm is None:
         known = ", ".join(sorted(LOCAL_ALGORITHMS))
         raise DecodeError(f"the server asks for local algorithm {name!r}, which this client does not have ({known})")
+    if isinstance(state, DirectoryState):  # what this round saves counts once the server is past it
+        state = state.at_round(server_round, kind)
     client = Client(task, data, state if state is not None else _NoState(name))
     if kind == MessageKind.FIT:
         assert fit_config is not None

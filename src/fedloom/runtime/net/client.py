@@ -47,6 +47,7 @@ from fedloom.runtime.net.frames import (
     split_message,
 )
 from fedloom.runtime.net.server import GRPC_OPTIONS, keepalive_options, parse_address
+from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.local import ClientState
 from fedloom.task.base import Task
 
@@ -147,6 +148,8 @@ def run_client(
                 answered += session.answered
                 if bye:
                     log.info("the server said bye after %d instructions", answered)
+                    if isinstance(state, DirectoryState):
+                        state.commit()  # the run is over: every round it trained in is complete
                     return answered
                 if session.welcomed:
                     backoff.succeeded()
