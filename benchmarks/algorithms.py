@@ -159,7 +159,12 @@ def robust(args: argparse.Namespace) -> None:
             for seed in range(args.seeds):
                 simulation = replace(base, seed=seed, attacks=attacks)
                 with tempfile.TemporaryDirectory() as runs:
-                    done = fl.simulate(replace(job, strategy=make(), simulation=simulation), runs_dir=runs)
+                    try:
+                        done = fl.simulate(replace(job, strategy=make(), simulation=simulation), runs_dir=runs)
+                    except fl.NotEnoughClientsError as exc:  # the model diverged: every update is non-finite
+                        print(f"  {name}, {label}: diverged ({exc})", flush=True)
+                        values.append(float("nan"))
+                        continue
                 values.append(done.final_metrics["central_accuracy"])
             accuracy[label] = float(np.mean(values))
             print(f"  {name}, {label}: central accuracy {accuracy[label]:.4f}", flush=True)

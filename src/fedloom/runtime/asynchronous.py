@@ -97,8 +97,12 @@ def run_async(
         buffer: UpdateBuffer[Any] = strategy.buffer(server_round, state)
         fit_records: dict[str, ClientRecord] = {}
         staleness: list[int] = []
+        clients = workers.client_ids()  # once a step: a deployment checks every client's token when asked
         while buffer.count < strategy.buffer_size:
-            _keep_busy(strategy, workers, version, state, running, fit_rng)
+            _keep_busy(strategy, workers, clients, version, state, running, fit_rng)
+            if not running:
+                clients = workers.client_ids()  # who is there now
+                _keep_busy(strategy, workers, clients, version, state, running, fit_rng)
             if not running:
                 raise NotEnoughClientsError(f"round {server_round}: no client is available to train")
             client_id, reply = workers.next_reply()
@@ -146,13 +150,13 @@ def run_async(
 def _keep_busy(
     strategy: AsyncStrategy[Any],
     workers: AsyncGrid,
+    clients: Sequence[str],
     version: int,
     state: Any,
     running: dict[str, _Started],
     rng: np.random.Generator,
 ) -> None:
-    """Start idle clients, each on the model after ``version`` updates, until ``strategy.concurrency`` train."""
-    clients = workers.client_ids()
+    """Start idle ``clients``, each on the model after ``version`` updates, until ``strategy.concurrency`` train."""
     while len(running) < strategy.concurrency:
         client_id = _idle_client(clients, running, rng)
         if client_id is None:
