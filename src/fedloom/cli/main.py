@@ -13,7 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import typer
 from rich.console import Console
 
-from fedloom.cli import certs, client, partition, runs, server, simulate, tokens
+from fedloom.cli import certs, client, partition, privacy, runs, server, simulate, tokens
 from fedloom.core.errors import FedloomError
 
 app = typer.Typer(
@@ -50,6 +50,7 @@ app.add_typer(runs.app, name="runs")
 app.add_typer(certs.app, name="certs")
 app.add_typer(tokens.app, name="token")
 app.command("invite")(tokens.invite_command)
+app.add_typer(privacy.app, name="privacy")
 
 _stderr = Console(stderr=True)
 

@@ -1,0 +1,129 @@
+"""Privacy accounting through dp-accounting (Google's maintained accountants), never by hand.
+
+A federated round of DP-FedAvg is one Poisson-sampled Gaussian mechanism: each client takes part with
+probability ``sample_rate`` (q), and the sum of the clipped updates gets Gaussian noise of standard deviation
+``noise_multiplier * clip`` (z C). ``R`` rounds compose ``R`` such events. Two accountants bound the result:
+
+- ``rdp``: Rényi DP (Mironov 2017; the sampled Gaussian of Mironov, Talwar, Zhang 2019), converted to
+  (epsilon, delta). Fast, and slightly loose.
+- ``pld``: privacy loss distributions (Koskela et al. 2020; Doroshenko et al. 2022), tighter, and slower
+  (about a second for 1,000 rounds).
+
+>>> round(epsilon(noise_multiplier=1.0, sample_rate=0.01, rounds=1000, delta=1e-5), 2)
+2.1
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import dp_accounting
+
+from fedloom.core.errors import ConfigError
+
+__all__ = ["ACCOUNTANTS", "Accountant", "RoundAccountant", "epsilon", "noise_multiplier"]
+
+Accountant = Literal["rdp", "pld"]
+ACCOUNTANTS: tuple[Accountant, ...] = ("rdp", "pld")
+
+
+def _check(*, sample_rate: float, rounds: int, delta: float, accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise ConfigError(f"accountant must be one of {', '.join(ACCOUNTANTS)}, got {accountant!r}")
+    if not 0.0 < sample_rate <= 1.0:
+        raise ConfigError(f"the sample rate must be in (0, 1], got {sample_rate}")
+    if not isinstance(rounds, int) or rounds < 0:
+        raise ConfigError(f"rounds must be a whole number >= 0, got {rounds!r}")
+    if not 0.0 < delta < 1.0:
+        raise ConfigError(f"delta must be in (0, 1), got {delta}")
+
+
+def _fresh(accountant: str) -> dp_accounting.PrivacyAccountant:
+    if accountant == "pld":
+        return dp_accounting.pld.PLDAccountant()
+    return dp_accounting.rdp.RdpAccountant()
+
+
+def _rounds_event(noise: float, sample_rate: float, rounds: int) -> dp_accounting.DpEvent:
+    one = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise))
+    return dp_accounting.SelfComposedDpEvent(one, rounds)
+
+
+def epsilon(
+    *, noise_multiplier: float, sample_rate: float, rounds: int, delta: float, accountant: Accountant = "rdp"
+) -> float:
+    """The epsilon at ``delta`` of ``rounds`` rounds of the Poisson-sampled Gaussian mechanism (see the module
+    docstring); ``inf`` without noise. Raises :class:`ConfigError` for values out of range."""
+    _check(sample_rate=sample_rate, rounds=rounds, delta=delta, accountant=accountant)
+    if not noise_multiplier >= 0:
+        raise ConfigError(f"the noise multiplier must be >= 0, got {noise_multiplier}")
+    if rounds == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    counter = _fresh(accountant)
+    counter.compose(_rounds_event(noise_multiplier, sample_rate, rounds))
+    return float(counter.get_epsilon(delta))
+
+
+def noise_multiplier(
+    *, target_epsilon: float, sample_rate: float, rounds: int, delta: float, accountant: Accountant = "rdp"
+) -> float:
+    """The smallest noise multiplier whose ``rounds`` rounds spend at most ``target_epsilon`` at ``delta``
+    (dp-accounting's calibration, Brent's method over the accountant). Raises :class:`ConfigError` for values
+    out of range."""
+    _check(sample_rate=sample_rate, rounds=rounds, delta=delta, accountant=accountant)
+    if not target_epsilon > 0 or not math.isfinite(target_epsilon):
+        raise ConfigError(f"the target epsilon must be a positive number, got {target_epsilon}")
+    if rounds == 0:
+        return 0.0
+    found = dp_accounting.calibrate_dp_mechanism(
+        lambda: _fresh(accountant),
+        lambda z: _rounds_event(z, sample_rate, rounds),
+        target_epsilon,
+        delta,
+        dp_accounting.ExplicitBracketInterval(1e-3, 1e3),
+        tol=1e-4,
+    )
+    return float(found)
+
+
+class RoundAccountant:
+    """The privacy a run has spent so far, round by round: :meth:`spend` composes one round's Poisson-sampled
+    Gaussian (its own ``noise_multiplier``, which may change from round to round), :meth:`epsilon` is the total
+    at ``delta``, and :meth:`epsilon_after` what it would be after one more round (a run checks it against its
+    budget before it starts the round). Each question recomposes the rounds so far with a fresh dp-accounting
+    accountant, so the answer never depends on floating state kept here."""
+
+    def __init__(self, delta: float, accountant: Accountant = "rdp") -> None:
+        _check(sample_rate=1.0, rounds=0, delta=delta, accountant=accountant)
+        self.delta = delta
+        self.accountant = accountant
+        self.rounds: list[tuple[float, float]] = []  # (noise multiplier, sample rate) of each round spent
+
+    def spend(self, noise: float, sample_rate: float) -> None:
+        _check(sample_rate=sample_rate, rounds=1, delta=self.delta, accountant=self.accountant)
+        if not noise > 0:
+            raise ConfigError(f"the noise multiplier must be > 0, got {noise}")
+        self.rounds.append((float(noise), float(sample_rate)))
+
+    def epsilon(self) -> float:
+        return self._epsilon(self.rounds)
+
+    def epsilon_after(self, noise: float, sample_rate: float) -> float:
+        return self._epsilon([*self.rounds, (noise, sample_rate)])
+
+    def _epsilon(self, rounds: list[tuple[float, float]]) -> float:
+        if not rounds:
+            return 0.0
+        counter = _fresh(self.accountant)
+        runs: list[tuple[tuple[float, float], int]] = []  # equal consecutive rounds composed as one event
+        for spent in rounds:
+            if runs and runs[-1][0] == spent:
+                runs[-1] = (spent, runs[-1][1] + 1)
+            else:
+                runs.append((spent, 1))
+        for (noise, sample_rate), count in runs:
+            counter.compose(_rounds_event(noise, sample_rate, count))
+        return float(counter.get_epsilon(self.delta))
