@@ -18,6 +18,7 @@ from fedloom.core.errors import (
     JobError,
     NotEnoughClientsError,
     RunStoreError,
+    StopRunError,
     TransportError,
 )
 from fedloom.core.message import Message, MessageKind
@@ -43,6 +44,7 @@ __all__ = [
     "Params",
     "PartitionConfig",
     "RunStoreError",
+    "StopRunError",
     "SimulationConfig",
     "SystemConfig",
     "TransportError",

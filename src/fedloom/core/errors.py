@@ -18,6 +18,7 @@ __all__ = [
     "JobError",
     "NotEnoughClientsError",
     "RunStoreError",
+    "StopRunError",
     "TransportError",
     "user_code",
 ]
@@ -53,6 +54,12 @@ class NotEnoughClientsError(FedloomError):
 
 class RunStoreError(FedloomError):
     """A run cannot be found in, or read from, the run store."""
+
+
+class StopRunError(FedloomError):
+    """Raised by a strategy's ``configure_fit`` to end a run before that round, as planned rather than as a
+    failure (a privacy budget that the next round would exceed): the server loop logs the message as a warning
+    and ends the run with the rounds done so far."""
 
 
 class TransportError(FedloomError):

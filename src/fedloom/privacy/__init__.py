@@ -2,5 +2,6 @@
 homomorphic encryption and a privacy ledger)."""
 
 from fedloom.privacy.accounting import ACCOUNTANTS, Accountant, RoundAccountant, epsilon, noise_multiplier
+from fedloom.privacy.dp import DPFedAvg, DPState
 
-__all__ = ["ACCOUNTANTS", "Accountant", "RoundAccountant", "epsilon", "noise_multiplier"]
+__all__ = ["ACCOUNTANTS", "Accountant", "DPFedAvg", "DPState", "RoundAccountant", "epsilon", "noise_multiplier"]

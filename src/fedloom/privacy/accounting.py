@@ -15,7 +15,10 @@ probability ``sample_rate`` (q), and the sum of the clipped updates gets Gaussia
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import dp_accounting
@@ -37,6 +40,19 @@ def _check(*, sample_rate: float, rounds: int, delta: float, accountant: str) ->
         raise ConfigError(f"rounds must be a whole number >= 0, got {rounds!r}")
     if not 0.0 < delta < 1.0:
         raise ConfigError(f"delta must be in (0, 1), got {delta}")
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """dp-accounting's RDP accountant logs a warning (through absl) for every Rényi order whose series does not
+    converge and leaves that order out, which is what it should do; the warnings are noise to a user."""
+    absl = logging.getLogger("absl")
+    before = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(before)
 
 
 def _fresh(accountant: str) -> dp_accounting.PrivacyAccountant:
@@ -63,8 +79,9 @@ def epsilon(
     if noise_multiplier == 0:
         return math.inf
     counter = _fresh(accountant)
-    counter.compose(_rounds_event(noise_multiplier, sample_rate, rounds))
-    return float(counter.get_epsilon(delta))
+    with _quiet():
+        counter.compose(_rounds_event(noise_multiplier, sample_rate, rounds))
+        return float(counter.get_epsilon(delta))
 
 
 def noise_multiplier(
@@ -78,14 +95,15 @@ def noise_multiplier(
         raise ConfigError(f"the target epsilon must be a positive number, got {target_epsilon}")
     if rounds == 0:
         return 0.0
-    found = dp_accounting.calibrate_dp_mechanism(
-        lambda: _fresh(accountant),
-        lambda z: _rounds_event(z, sample_rate, rounds),
-        target_epsilon,
-        delta,
-        dp_accounting.ExplicitBracketInterval(1e-3, 1e3),
-        tol=1e-4,
-    )
+    with _quiet():
+        found = dp_accounting.calibrate_dp_mechanism(
+            lambda: _fresh(accountant),
+            lambda z: _rounds_event(z, sample_rate, rounds),
+            target_epsilon,
+            delta,
+            dp_accounting.ExplicitBracketInterval(1e-3, 1e3),
+            tol=1e-4,
+        )
     return float(found)
 
 
@@ -124,6 +142,7 @@ class RoundAccountant:
                 runs[-1] = (spent, runs[-1][1] + 1)
             else:
                 runs.append((spent, 1))
-        for (noise, sample_rate), count in runs:
-            counter.compose(_rounds_event(noise, sample_rate, count))
-        return float(counter.get_epsilon(self.delta))
+        with _quiet():
+            for (noise, sample_rate), count in runs:
+                counter.compose(_rounds_event(noise, sample_rate, count))
+            return float(counter.get_epsilon(self.delta))

@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from fedloom.core.errors import ConfigError, DecodeError, InvalidUpdateError, NotEnoughClientsError
+from fedloom.core.errors import ConfigError, DecodeError, InvalidUpdateError, NotEnoughClientsError, StopRunError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
@@ -76,6 +76,10 @@ def run_rounds(
     clients; training and evaluation draw from separate ones, so how clients are evaluated never changes how
     the model is trained.
 
+    A strategy can end the run early, as planned, by raising :class:`~fedloom.core.errors.StopRunError` from
+    ``configure_fit`` (DP-FedAvg when the next round would exceed its privacy budget): the loop logs why and
+    returns the rounds done.
+
     With ``resume``, rounds ``1..resume.completed_rounds`` are taken as done: the loop starts from the saved
     params, random state and strategy state, so the remaining rounds are the ones an uninterrupted run would
     have run, and the history holds only them.
@@ -90,7 +94,11 @@ def run_rounds(
     for server_round in range(first, rounds + 1):
         started = time.perf_counter()
 
-        instructions = strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng)
+        try:
+            instructions = strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng)
+        except StopRunError as stop:
+            log.warning("the run ends before round %d: %s", server_round, stop)
+            break
         fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
         fit_replies = Gathered(server_round, "fit", _valid_update(strategy, instructions), fold)
         fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
