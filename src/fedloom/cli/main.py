@@ -13,7 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import typer
 from rich.console import Console
 
-from fedloom.cli import certs, client, partition, privacy, runs, server, simulate, tokens
+from fedloom.cli import certs, client, ledger, partition, privacy, runs, server, simulate, tokens
 from fedloom.core.errors import FedloomError
 
 app = typer.Typer(
@@ -51,6 +51,7 @@ app.add_typer(certs.app, name="certs")
 app.add_typer(tokens.app, name="token")
 app.command("invite")(tokens.invite_command)
 app.add_typer(privacy.app, name="privacy")
+app.add_typer(ledger.app, name="ledger")
 
 _stderr = Console(stderr=True)
 

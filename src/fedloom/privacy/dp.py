@@ -193,6 +193,8 @@ class DPFedAvg:
         spent = state.rounds_spent + 1
         metrics = {**fit_loss(list(results.values())), "epsilon": self.spent(spent), "dp_clip": state.clip}
         metrics["dp_clients"] = float(len(results))
+        metrics["dp_noise_multiplier"] = self.noise_multiplier
+        metrics["dp_delta"] = self.delta
         return DPState(params, server_round, opt_state, clip, spent), metrics
 
     def update_noise_multiplier(self, expected_clients: float) -> float | None:

@@ -23,6 +23,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import FitResult
 from fedloom.core.validation import check_update
+from fedloom.privacy.ledger import update_digest
 from fedloom.runtime.grid import AsyncGrid, Clocked, Exchange, Grid, Reply, ReplyHandler
 from fedloom.runtime.loop import (
     CentralEvaluator,
@@ -213,6 +214,7 @@ def _take(
         loss=result.metrics.get("loss"),
         accuracy=result.metrics.get("accuracy"),
         metrics={**result.metrics, "staleness": float(staleness)},
+        update_sha256=update_digest(result.params),
     )
     return ok, result
 
@@ -235,6 +237,7 @@ def _merged(earlier: ClientRecord | None, later: ClientRecord) -> ClientRecord:
         bytes_up=earlier.bytes_up + later.bytes_up,
         metrics={**base.metrics, "updates": used},
         detail=later.detail or earlier.detail,
+        update_sha256=",".join(d for d in (earlier.update_sha256, later.update_sha256) if d) or None,
     )
 
 

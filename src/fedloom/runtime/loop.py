@@ -15,6 +15,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
+from fedloom.privacy.ledger import update_digest
 from fedloom.runtime.grid import Clocked, Exchange, Grid, Reply
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
 from fedloom.strategy.base import AsyncStrategy, FitFold, FoldingStrategy, ReshapingStrategy, Strategy
@@ -203,6 +204,7 @@ class Gathered(Generic[R]):
         self._fold = fold
         self.accepted: dict[str, R] = {}
         self.refused: dict[str, str] = {}  # client id -> reason
+        self.digests: dict[str, str] = {}  # client id -> its fit update's SHA-256, for the privacy ledger
 
     def take(self, client_id: str, reply: Reply) -> Reply:
         try:
@@ -211,6 +213,8 @@ class Gathered(Generic[R]):
             log.warning("round %d: refused the %s reply of client %s: %s", self._round, self._phase, client_id, exc)
             self.refused[client_id] = str(exc)
             return replace(reply, message=Message(reply.message.kind))
+        if isinstance(result, FitResult):
+            self.digests[client_id] = update_digest(result.params)
         if self._fold is not None and isinstance(result, FitResult):
             self._fold.add(client_id, result)
             result = replace(result, params=Params({}))
@@ -259,6 +263,7 @@ def client_records(phase: str, exchange: Exchange, gathered: Gathered[Any]) -> t
                 loss=result.loss if isinstance(result, EvalResult) else result.metrics.get("loss"),
                 accuracy=result.metrics.get("accuracy"),
                 metrics=dict(result.metrics),
+                update_sha256=gathered.digests.get(cid),
             )
         )
     records.extend(ClientRecord(client_id=cid, phase=phase, status=ClientStatus.DROPPED) for cid in exchange.dropped)

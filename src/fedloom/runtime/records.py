@@ -26,7 +26,8 @@ class ClientRecord:
 
     ``seconds`` is the client's compute time; ``bytes_down`` is what the server sent it and ``bytes_up`` what
     it sent back, both as encoded on the wire. ``loss`` and ``accuracy`` are ``None`` where not reported.
-    ``detail`` explains a refusal.
+    ``detail`` explains a refusal. ``update_sha256`` is the digest of a fit update the server used (see
+    :func:`fedloom.privacy.ledger.update_digest`), for the run's privacy ledger.
     """
 
     client_id: str
@@ -40,6 +41,7 @@ class ClientRecord:
     bytes_up: int = 0
     metrics: Mapping[str, float] = field(default_factory=dict)
     detail: str | None = None
+    update_sha256: str | None = None
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from fedloom.core.checkpoint import checkpoint_metadata, load_params, save_params, write_atomic
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.params import Params
+from fedloom.privacy import ledger
+from fedloom.privacy.ledger import LEDGER_FILE
 from fedloom.runtime.loop import Resume
 from fedloom.runtime.records import ClientEvent, ClientRecord, ClientStatus, RoundRecord
 from fedloom.strategy.snapshot import Snapshot
@@ -60,6 +62,7 @@ _FINAL_STATUSES = ("finished", "failed")
 _NAME_MAX = 64
 _ATTEMPTS = 5
 _RANDOM_STATE_KEY = "random_state"  # checkpoint metadata: the server's random state after the round (JSON)
+LEDGER_HEAD_KEY = "ledger_head"  # checkpoint metadata: the privacy ledger's head hash after the round
 _HELD_KEY = "held"  # strategy state metadata: the state field that is the global model, kept in the checkpoint
 
 
@@ -138,6 +141,7 @@ class RunRecorder:
         self._name = name
         self._engine: Engine | None = engine
         self._last_round = 0
+        self._ledger_head: str | None = None  # the privacy ledger's last hash, read from the file at first use
 
     @classmethod
     def create(cls, root: str | Path, name: str, config: Mapping[str, Any]) -> RunRecorder:
@@ -290,6 +294,7 @@ class RunRecorder:
                         record.strategy_state.arrays,
                         {"run_id": rid, "round": str(server_round), _HELD_KEY: record.strategy_state.held or ""},
                     )
+                ledger_head = self._append_ledger(record)  # before the checkpoint that records its head
                 save_params(
                     checkpoint_path(self._run_dir, server_round),
                     params,
@@ -297,6 +302,7 @@ class RunRecorder:
                         "run_id": rid,
                         "round": str(server_round),
                         _RANDOM_STATE_KEY: json.dumps(dict(record.random_state)),
+                        LEDGER_HEAD_KEY: ledger_head,
                     },
                 )
         except SQLAlchemyError as exc:
@@ -308,6 +314,34 @@ class RunRecorder:
         if record.strategy_state is not None and self._last_round > 0:
             strategy_state_path(self._run_dir, self._last_round).unlink(missing_ok=True)
         self._last_round = server_round
+
+    def _append_ledger(self, record: RoundRecord) -> str:
+        """Append the round's used updates to the run's privacy ledger (:mod:`fedloom.privacy.ledger`) and
+        return its head hash after them."""
+        path = self._run_dir / LEDGER_FILE
+        if self._ledger_head is None:
+            self._ledger_head = ledger.head(path, self._run_id)
+        metrics = record.metrics
+        entries = [
+            {
+                "round": record.server_round,
+                "client": client.client_id,
+                "update_sha256": digest,
+                "num_examples": int(client.num_examples),
+                "clip_norm": _finite(metrics.get("dp_clip")),
+                "noise_multiplier": _finite(metrics.get("dp_noise_multiplier")),
+                "protection": "none",  # what protected it on the wire beyond TLS: secure aggregation, HE (to come)
+                "epsilon": _finite(metrics.get("epsilon")),
+                "delta": _finite(metrics.get("dp_delta")),
+            }
+            for client in record.clients
+            if client.phase == "fit" and client.status == ClientStatus.OK and client.update_sha256
+            for digest in client.update_sha256.split(",")
+        ]
+        if entries:
+            lines, self._ledger_head = ledger.chain(self._ledger_head, entries)
+            ledger.append(path, lines)
+        return self._ledger_head
 
     def _client_row(self, server_round: int, client: ClientRecord) -> dict[str, Any]:
         return {
