@@ -9,23 +9,26 @@ from scipy import stats
 
 from fedloom.privacy import shamir
 from fedloom.privacy.quantize import Quantizer
-from fedloom.privacy.secagg import SecAggClient, SecAggError, SecAggServer
+from fedloom.privacy.secagg import SecAggClient, SecAggError, SecAggServer, neighbourhoods
 
 
 def run_round(
-    updates: dict[int, np.ndarray], threshold: int, drop_after_sharing=(), drop_after_masking=()
+    updates: dict[int, np.ndarray], threshold: int, drop_after_sharing=(), drop_after_masking=(), degree=None
 ) -> tuple[np.ndarray, Quantizer, list[int]]:
     """One round over in-memory message passing; parties in ``drop_after_sharing`` never send their masked input,
-    those in ``drop_after_masking`` never answer the unmasking."""
+    those in ``drop_after_masking`` never answer the unmasking. With ``degree``: SecAgg+ neighbourhoods."""
     length = len(next(iter(updates.values())))
     quantizer = Quantizer(clip=1.0, clients=len(updates))
     clients = {p: SecAggClient(p, threshold, quantizer) for p in updates}
-    server = SecAggServer(threshold, quantizer, length)
-    roster = server.collect_keys({p: c.advertise() for p, c in clients.items()})
-    routed = server.route_shares({p: c.share_keys(roster) for p, c in clients.items()})
+    near = None if degree is None else neighbourhoods(sorted(updates), degree, np.random.default_rng(1))
+    server = SecAggServer(threshold, quantizer, length, near)
+    server.collect_keys({p: c.advertise() for p, c in clients.items()})
+    sent = {p: c.share_keys(server.roster_for(p)) for p, c in clients.items()}
+    assert all(len(box) == (degree or len(updates) - 1) for box in sent.values())  # whom each client deals with
+    routed = server.route_shares(sent)
     masked = {p: clients[p].masked_input(routed[p], updates[p]) for p in routed if p not in set(drop_after_sharing)}
     survivors = server.collect_masked(masked)
-    answers = {p: clients[p].unmask(survivors) for p in survivors if p not in set(drop_after_masking)}
+    answers = {p: clients[p].unmask(server.survivors_for(p)) for p in survivors if p not in set(drop_after_masking)}
     return server.unmask(answers), quantizer, survivors
 
 
@@ -42,6 +45,17 @@ def test_the_secure_sum_is_the_plain_sum_within_the_quantization_bound(clients, 
     assert survivors == [p for p in updates if p not in after_sharing]
     assert np.max(np.abs(total - expected)) <= quantizer.bound(len(survivors))
     assert quantizer.bound(len(survivors)) < 1e-5
+
+
+@pytest.mark.parametrize("dropped", [0.0, 0.1])
+def test_secagg_plus_sums_exactly_with_each_client_dealing_with_its_neighbours_only(dropped):
+    clients, degree = 60, 12  # each client: 12 neighbours, threshold 7 of its 13 (with itself)
+    rng = np.random.default_rng(5)
+    updates = {p: rng.uniform(-1, 1, 100) for p in range(1, clients + 1)}
+    gone = list(range(1, int(dropped * clients) + 1))
+    total, quantizer, survivors = run_round(updates, 7, drop_after_sharing=gone, degree=degree)
+    expected = sum(updates[p] for p in survivors)
+    assert np.max(np.abs(total - expected)) <= quantizer.bound(len(survivors))
 
 
 def test_too_few_parties_end_the_round_cleanly():

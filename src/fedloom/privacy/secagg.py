@@ -43,8 +43,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from fedloom.core.errors import FedloomError
 from fedloom.privacy import shamir
 from fedloom.privacy.quantize import Quantizer
+from fedloom.strategy.gossip import random_regular
 
-__all__ = ["SecAggClient", "SecAggError", "SecAggServer", "mask_vector"]
+__all__ = ["SecAggClient", "SecAggError", "SecAggServer", "mask_vector", "neighbourhoods"]
 
 _RAW = serialization.Encoding.Raw
 _SHARE_BYTES = 66  # a Shamir share's y, big-endian (below 2**521)
@@ -85,6 +86,13 @@ def _pair_mask(seed: bytes, me: int, other: int, length: int) -> npt.NDArray[np.
     """What party ``me`` adds for the pair (me, other): ``+PRG`` if me < other, else ``-PRG`` (mod 2**32)."""
     words = mask_vector(seed, length)
     return words if me < other else (np.uint32(0) - words).astype(np.uint32)
+
+
+def neighbourhoods(parties: Sequence[int], degree: int, rng: np.random.Generator) -> dict[int, frozenset[int]]:
+    """SecAgg+'s neighbourhoods: a random connected ``degree``-regular graph over ``parties``
+    (:func:`fedloom.strategy.gossip.random_regular`), as party -> its neighbours."""
+    adjacency = random_regular(len(parties), degree, rng)
+    return {p: frozenset(parties[int(j)] for j in np.flatnonzero(adjacency[i])) for i, p in enumerate(parties)}
 
 
 @dataclass
@@ -159,11 +167,18 @@ class SecAggClient:
 
 @dataclass
 class SecAggServer:
-    """The server's side: it routes and counts, and at the end unmasks the sum (never one update)."""
+    """The server's side: it routes and counts, and at the end unmasks the sum (never one update).
+
+    With ``neighbours`` (party -> the parties it deals with) this is SecAgg+ (Bell et al. 2020): each client
+    shares keys and agrees masks only within its neighbourhood, a random k-regular graph, so its work and
+    messages grow with k (of order log n), not n; ``threshold`` is then per neighbourhood (t of k + 1). The
+    server hands each client only its neighbourhood's keys (:meth:`roster_for`) and survivors
+    (:meth:`survivors_for`). Without it, every client deals with every other (Bonawitz et al.)."""
 
     threshold: int
     quantizer: Quantizer
     length: int
+    neighbours: Mapping[int, frozenset[int]] | None = None
     roster: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
     sharers: set[int] = field(default_factory=set)
     masked: dict[int, npt.NDArray[np.uint32]] = field(default_factory=dict)
@@ -172,6 +187,17 @@ class SecAggServer:
         self._enough(len(adverts), "advertised keys")
         self.roster = dict(adverts)
         return self.roster
+
+    def roster_for(self, party: int) -> dict[int, tuple[bytes, bytes]]:
+        """The public keys ``party`` gets: its neighbourhood's (everyone's, without neighbourhoods)."""
+        return {v: keys for v, keys in self.roster.items() if v == party or v in self._near(party)}
+
+    def survivors_for(self, party: int) -> list[int]:
+        """The survivors ``party`` is told of, for the unmasking: those in its neighbourhood, and itself."""
+        return [v for v in sorted(self.masked) if v == party or v in self._near(party)]
+
+    def _near(self, party: int) -> frozenset[int] | set[int]:
+        return self.roster.keys() - {party} if self.neighbours is None else self.neighbours.get(party, frozenset())
 
     def route_shares(self, sent: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
         """The ciphertexts each party gets, from the parties that sent theirs (U2)."""
@@ -204,7 +230,7 @@ class SecAggServer:
                 total = total - mask_vector(shamir.combine(shares, length=32), self.length)
                 continue
             dropped = X25519PrivateKey.from_private_bytes(shamir.combine(shares, length=32))
-            for v in survivors:  # v added the pair mask for (v, u); take it back out
+            for v in survivors & self._near(u):  # v added the pair mask for (v, u); take it back out
                 total = total - _pair_mask(_agree(dropped, self.roster[v][1]), v, u, self.length)
         return self.quantizer.decode_sum(total.astype(np.uint32), len(survivors))
 
