@@ -7,7 +7,7 @@ import math
 import pytest
 
 from fedloom.core import ConfigError
-from fedloom.privacy import RoundAccountant, epsilon, noise_multiplier
+from fedloom.privacy import epsilon, noise_multiplier
 
 # The reference point: q = 0.01, z = 1.0, 1000 steps, delta = 1e-5 is about 2.10 (RDP), 1.83 (PLD).
 REFERENCE = {"noise_multiplier": 1.0, "sample_rate": 0.01, "rounds": 1000, "delta": 1e-5}
@@ -32,24 +32,6 @@ def test_noise_multiplier_solves_for_the_budget():
     assert z == pytest.approx(1.0, abs=2e-3)
     z8 = noise_multiplier(target_epsilon=8.0, sample_rate=0.1, rounds=50, delta=1e-5)
     assert epsilon(noise_multiplier=z8, sample_rate=0.1, rounds=50, delta=1e-5) == pytest.approx(8.0, rel=1e-3)
-
-
-def test_the_round_accountant_composes_rounds_with_their_own_noise():
-    rounds = RoundAccountant(delta=1e-5)
-    assert rounds.epsilon() == 0.0
-    for _ in range(500):
-        rounds.spend(1.0, 0.01)
-    half = rounds.epsilon()
-    assert rounds.epsilon_after(1.0, 0.01) > half
-    assert len(rounds.rounds) == 500  # asking what one more round costs spends nothing
-    for _ in range(500):
-        rounds.spend(1.0, 0.01)
-    assert rounds.epsilon() == pytest.approx(epsilon(**REFERENCE), rel=1e-9)
-    mixed = RoundAccountant(delta=1e-5)
-    mixed.spend(1.0, 0.01)
-    mixed.spend(2.0, 0.01)
-    assert epsilon(**{**REFERENCE, "noise_multiplier": 2.0, "rounds": 2}) < mixed.epsilon()
-    assert mixed.epsilon() < epsilon(**{**REFERENCE, "rounds": 2})
 
 
 @pytest.mark.parametrize(

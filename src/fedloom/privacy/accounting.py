@@ -25,7 +25,7 @@ import dp_accounting
 
 from fedloom.core.errors import ConfigError
 
-__all__ = ["ACCOUNTANTS", "Accountant", "RoundAccountant", "epsilon", "noise_multiplier"]
+__all__ = ["ACCOUNTANTS", "Accountant", "epsilon", "noise_multiplier"]
 
 Accountant = Literal["rdp", "pld"]
 ACCOUNTANTS: tuple[Accountant, ...] = ("rdp", "pld")
@@ -105,44 +105,3 @@ def noise_multiplier(
             tol=1e-4,
         )
     return float(found)
-
-
-class RoundAccountant:
-    """The privacy a run has spent so far, round by round: :meth:`spend` composes one round's Poisson-sampled
-    Gaussian (its own ``noise_multiplier``, which may change from round to round), :meth:`epsilon` is the total
-    at ``delta``, and :meth:`epsilon_after` what it would be after one more round (a run checks it against its
-    budget before it starts the round). Each question recomposes the rounds so far with a fresh dp-accounting
-    accountant, so the answer never depends on floating state kept here."""
-
-    def __init__(self, delta: float, accountant: Accountant = "rdp") -> None:
-        _check(sample_rate=1.0, rounds=0, delta=delta, accountant=accountant)
-        self.delta = delta
-        self.accountant = accountant
-        self.rounds: list[tuple[float, float]] = []  # (noise multiplier, sample rate) of each round spent
-
-    def spend(self, noise: float, sample_rate: float) -> None:
-        _check(sample_rate=sample_rate, rounds=1, delta=self.delta, accountant=self.accountant)
-        if not noise > 0:
-            raise ConfigError(f"the noise multiplier must be > 0, got {noise}")
-        self.rounds.append((float(noise), float(sample_rate)))
-
-    def epsilon(self) -> float:
-        return self._epsilon(self.rounds)
-
-    def epsilon_after(self, noise: float, sample_rate: float) -> float:
-        return self._epsilon([*self.rounds, (noise, sample_rate)])
-
-    def _epsilon(self, rounds: list[tuple[float, float]]) -> float:
-        if not rounds:
-            return 0.0
-        counter = _fresh(self.accountant)
-        runs: list[tuple[tuple[float, float], int]] = []  # equal consecutive rounds composed as one event
-        for spent in rounds:
-            if runs and runs[-1][0] == spent:
-                runs[-1] = (spent, runs[-1][1] + 1)
-            else:
-                runs.append((spent, 1))
-        with _quiet():
-            for (noise, sample_rate), count in runs:
-                counter.compose(_rounds_event(noise, sample_rate, count))
-            return float(counter.get_epsilon(self.delta))

@@ -23,7 +23,7 @@ from fedloom.core.results import EvalResult, FitResult, fit_message
 from fedloom.privacy.accounting import ACCOUNTANTS, Accountant, epsilon
 from fedloom.strategy.aggregate import cast_like, f64, fit_loss
 from fedloom.strategy.fedavg import FedAvg
-from fedloom.strategy.robust import clip_to_norm
+from fedloom.strategy.robust import l2_norm
 
 __all__ = ["DPFedAvg", "DPState"]
 
@@ -172,11 +172,11 @@ class DPFedAvg:
         within = 0
         for result in results.values():
             update = Params({n: f64(result.params[n]) - f64(x[n]) for n in x}, copy=False)
-            norm = math.sqrt(sum(float(np.sum(np.square(f64(a)))) for a in update.values()))
+            norm = l2_norm(update)
             within += int(norm <= state.clip)
-            clipped = clip_to_norm(update, state.clip)
+            scale = min(1.0, state.clip / norm) if norm > 0 else 1.0  # clipped to C, as it is added in
             for name in total:
-                total[name] += f64(clipped[name])
+                total[name] += f64(update[name]) * scale
         noise = self._noise(server_round)
         expected = self.sample_rate * self.num_clients
         sigma = (self.update_noise_multiplier(expected) or self.noise_multiplier) * state.clip

@@ -124,9 +124,11 @@ def verify(path: Path, run_id: str, heads: Mapping[int, str] | None = None) -> L
             continue
         try:
             line = json.loads(text)
-            missing = [k for k in (*_FIELDS, "prev", "hash") if k not in line]
         except json.JSONDecodeError as exc:
             raise LedgerError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(line, dict):
+            raise LedgerError(f"{path}, line {number}: not a ledger record")
+        missing = [k for k in (*_FIELDS, "prev", "hash") if k not in line]
         if missing:
             raise LedgerError(f"{path}, line {number}: no {', '.join(missing)}")
         if line["prev"] != prev:

@@ -22,7 +22,6 @@ from fedloom.core.errors import DecodeError, InvalidUpdateError, NotEnoughClient
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import FitResult
-from fedloom.core.validation import check_update
 from fedloom.privacy.ledger import update_digest
 from fedloom.runtime.grid import AsyncGrid, Clocked, Exchange, Grid, Reply, ReplyHandler
 from fedloom.runtime.loop import (
@@ -32,6 +31,7 @@ from fedloom.runtime.loop import (
     evaluate_round,
     server_generators,
     start_state,
+    valid_update,
 )
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
 from fedloom.strategy.base import AsyncStrategy, UpdateBuffer
@@ -109,7 +109,7 @@ def run_async(
             client_id, reply = workers.next_reply()
             start = running.pop(client_id)
             lag = version - start.version
-            outcome, result = _take(client_id, start, reply, lag, strategy.max_staleness, server_round)
+            outcome, result = _take(strategy, client_id, start, reply, lag, server_round)
             fit_records[client_id] = _merged(fit_records.get(client_id), outcome)
             if result is None:
                 if not (outcome.detail or "").startswith(_STALE):  # a stale update is no fault of the client's
@@ -127,9 +127,7 @@ def run_async(
         metrics["staleness_max"] = float(max(staleness))
         if isinstance(workers, Clocked):
             metrics["sim_seconds"] = workers.clock
-        idle = workers.client_ids()
-        if running:
-            idle = [cid for cid in idle if cid not in running]
+        idle = [cid for cid in clients if cid not in running] if running else clients
         evaluated = evaluate_round(
             strategy, workers, server_round, state, idle, eval_rng, timeout, evaluate_central, metrics
         )
@@ -181,11 +179,11 @@ def _idle_client(clients: Sequence[str], running: Mapping[str, Any], rng: np.ran
 
 
 def _take(
+    strategy: AsyncStrategy[Any],
     client_id: str,
     start: _Started,
     reply: Reply | None,
     staleness: int,
-    max_staleness: int | None,
     server_round: int,
 ) -> tuple[ClientRecord, FitResult | None]:
     """The record of one training reply and the update to buffer (``None``: dropped, refused or too stale)."""
@@ -199,12 +197,12 @@ def _take(
         bytes_down=reply.bytes_down,
         bytes_up=reply.bytes_up,
     )
-    try:
-        result = FitResult.from_message(reply.message)
-        check_update(start.instruction.params, result.params)
+    try:  # checked as the synchronous loop checks a reply: against what this client was sent
+        result = valid_update(strategy, {client_id: start.instruction})(client_id, reply.message)
     except (DecodeError, InvalidUpdateError) as exc:
         log.warning("round %d: refused the fit reply of client %s: %s", server_round, client_id, exc)
         return _refused(record, str(exc)), None
+    max_staleness = strategy.max_staleness
     if max_staleness is not None and staleness > max_staleness:
         why = f"{_STALE} trained on a model {staleness} updates old, over max_staleness={max_staleness}"
         return _refused(record, why), None

@@ -101,7 +101,7 @@ def run_rounds(
             log.warning("the run ends before round %d: %s", server_round, stop)
             break
         fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
-        fit_replies = Gathered(server_round, "fit", _valid_update(strategy, instructions), fold)
+        fit_replies = Gathered(server_round, "fit", valid_update(strategy, instructions), fold)
         fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
         if len(fit_replies.accepted) < strategy.min_clients:
             asked = len(fit.replies) + len(fit.dropped) + len(fit.late)
@@ -223,7 +223,7 @@ class Gathered(Generic[R]):
         return reply
 
 
-def _valid_update(strategy: Strategy[Any], instructions: Mapping[str, Message]) -> Callable[[str, Message], FitResult]:
+def valid_update(strategy: Strategy[Any], instructions: Mapping[str, Message]) -> Callable[[str, Message], FitResult]:
     """A parser that accepts a client's fit reply only if its params match what that client was sent (or, for
     a :class:`ReshapingStrategy`, the layout it expects back)."""
     layout = strategy.fit_reply_layout if isinstance(strategy, ReshapingStrategy) else (lambda m: m.params)

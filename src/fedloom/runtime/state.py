@@ -52,7 +52,8 @@ class DirectoryState:
 
     def commit(self) -> None:
         """Commit every staged round: the run is over (the server said bye), so each round is complete."""
-        _commit(self, before=None)
+        for _staged_round, folder in self._staged_rounds():
+            _commit(folder, self.folder)
 
     def at_round(self, server_round: int, kind: str) -> RoundState:
         """This state as the ``kind`` instruction (fit or evaluate) of ``server_round`` sees it."""
@@ -93,10 +94,11 @@ class RoundState:
         return self._base.folder / _STAGED / f"round_{server_round:05d}"
 
     def _settle(self) -> None:
-        _commit(self._base, before=self._round)  # the server is past those rounds
         keep = self._round if self._kind == MessageKind.EVALUATE else self._round - 1
-        for staged_round, folder in self._base._staged_rounds():
-            if staged_round > keep:
+        for staged_round, folder in self._base._staged_rounds():  # oldest first, so the newest commit wins
+            if staged_round < self._round:  # the server is past it
+                _commit(folder, self._base.folder)
+            elif staged_round > keep:
                 shutil.rmtree(folder, ignore_errors=True)
 
     def load(self, key: str) -> Params | None:
@@ -111,15 +113,11 @@ class RoundState:
         save_params(path, params)
 
 
-def _commit(state: DirectoryState, before: int | None) -> None:
-    """Move the staged state of every round before ``before`` (of every round: ``None``) over the state, oldest
-    first, so the newest wins; each file moves atomically."""
-    for staged_round, folder in state._staged_rounds():
-        if before is not None and staged_round >= before:
-            continue
-        for path in sorted(folder.glob("*.safetensors")):
-            os.replace(path, state.folder / path.name)
-        shutil.rmtree(folder, ignore_errors=True)
+def _commit(staged: Path, folder: Path) -> None:
+    """Move one round's staged files over the state in ``folder`` (each atomically), then drop the round."""
+    for path in sorted(staged.glob("*.safetensors")):
+        os.replace(path, folder / path.name)
+    shutil.rmtree(staged, ignore_errors=True)
 
 
 def client_folder(root: str | os.PathLike[str], client_id: str) -> Path:

@@ -84,9 +84,6 @@ class FedBuff(FedAvg):
     def buffer(self, server_round: int, state: FedAvgState) -> _Buffer:
         return _Buffer(self, server_round, state)
 
-    def fold_fit(self, server_round: int, state: FedAvgState) -> None:
-        """FedBuff has no synchronous rounds to fold: :func:`~fedloom.runtime.asynchronous.run_async` runs it."""
-
 
 class _Buffer:
     """FedBuff's buffer: the example-and-staleness-weighted sum of the updates so far (or, for a robust
