@@ -172,6 +172,7 @@ def digits_runs(cli: Cli) -> dict[str, CliResult]:
                 *("--strategy", "fedbuff", "--strategy-arg", "buffer_size=2", "--strategy-arg", "concurrency=3"),
                 *("--speed-spread", "10", "--seed", "7", "--out", "runs_fedbuff"),
             ],
+            "secagg": [*DIGITS, "--secagg", "--seed", "7", "--out", "runs_secagg"],
             "dropout": [
                 *("simulate", "digits", "--clients", "10", "--rounds", "2", "--dropout", "0.3", "--min-clients", "1"),
                 *("--partition", "shards", "--shards", "3", "--local-epochs", "1", "--seed", "3", "--out", "runs_drop"),

@@ -222,6 +222,22 @@ def test_strategy_flags_build_the_named_algorithm_and_keep_the_jobs_settings(
     assert run.params_sha256() != digits_runs["happy"].ok().params_sha256()
 
 
+def test_secagg_sums_securely_and_lands_within_the_quantization_error_of_plain_fedavg(
+    cli: Cli, digits_runs: dict[str, CliResult]
+) -> None:
+    run_dir = digits_runs["secagg"].ok().run_dir(cli.cwd)
+    summary = _summary(run_dir)
+    assert summary["config"]["strategy"]["type"] == "SecAgg"
+    assert summary["config"]["strategy"]["strategy"]["type"] == "FedAvg"
+    plain = _summary(digits_runs["happy"].ok().run_dir(cli.cwd))
+    secure, clear = summary["final"], plain["final"]
+    assert secure["secagg_survivors"] == 5.0
+    assert secure["central_loss"] == pytest.approx(clear["central_loss"], abs=1e-4)  # the same model, to ~1e-7
+    ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+    assert {e["protection"] for e in ledger} == {"secagg"}
+    assert len(ledger) == 10  # 5 clients x 2 rounds
+
+
 def test_fedbuff_runs_asynchronously_on_a_simulated_clock(cli: Cli, digits_runs: dict[str, CliResult]) -> None:
     run = digits_runs["fedbuff"].ok()
     summary = _summary(run.run_dir(cli.cwd))

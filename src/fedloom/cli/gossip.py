@@ -17,6 +17,7 @@ from fedloom.job import Job
 _NOT_FOR_GOSSIP = (
     "--strategy",
     "--strategy-arg",
+    "--secagg",
     "--attack",
     "--fraction",
     "--min-clients",

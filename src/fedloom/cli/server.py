@@ -10,7 +10,15 @@ import typer
 from rich.console import Console
 
 from fedloom.cli.progress import format_round
-from fedloom.cli.simulate import StrategyArgOption, StrategyOption, limit_torch_threads, with_strategy
+from fedloom.cli.simulate import (
+    SecAggDegreeOption,
+    SecAggOption,
+    StrategyArgOption,
+    StrategyOption,
+    limit_torch_threads,
+    with_secagg,
+    with_strategy,
+)
 from fedloom.core.errors import ConfigError, FedloomError, user_code
 from fedloom.core.params import Params
 from fedloom.job import Job, describe, load_job
@@ -77,6 +85,8 @@ def server_command(
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
     strategy: StrategyOption = None,
     strategy_arg: StrategyArgOption = None,
+    secagg: SecAggOption = False,
+    secagg_degree: SecAggDegreeOption = None,
 ) -> None:
     """Serve a federation: wait for clients to dial in, run the rounds, record the run.
 
@@ -85,6 +95,7 @@ def server_command(
     --certs certs. If the server stops (a crash, kill -9, a reboot), the same command resumes the run after
     its last completed round; the clients reconnect by themselves. --strategy NAME runs another built-in
     algorithm than the job's (the sites need nothing more: every client has the client halves built in).
+    --secagg aggregates each round securely: the server learns only the sum of the sites' updates.
     """
     if insecure and (certs is not None or mutual_tls):
         raise ConfigError("--insecure runs without TLS; it cannot be combined with --certs or --mutual-tls")
@@ -99,7 +110,7 @@ def server_command(
             f"no client tokens in {run_dir}: make one per site with `fedloom token create NAME --run-dir {run_dir}` "
             "(or `fedloom invite NAME ...`)"
         )
-    loaded = with_strategy(load_job(job), strategy, strategy_arg)
+    loaded = with_secagg(with_strategy(load_job(job), strategy, strategy_arg), secagg, secagg_degree)
     limit_torch_threads(threads)
     identity = {
         "job": loaded.name,

@@ -18,8 +18,11 @@ from fedloom.cli.progress import ConsoleProgress
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
 from fedloom.job import Job, load_job
+from fedloom.privacy.dp import DPFedAvg
+from fedloom.privacy.secure import SecAgg
 from fedloom.simulation import simulate
 from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
+from fedloom.strategy.fedavg import FedAvg
 from fedloom.strategy.gossip import TOPOLOGIES, check_topology
 from fedloom.strategy.sampling import ClientSampling
 
@@ -47,6 +50,38 @@ StrategyArgOption = Annotated[
         rich_help_panel=_PANEL_FIT,
     ),
 ]
+
+SecAggOption = Annotated[
+    bool,
+    typer.Option(
+        "--secagg",
+        help="Secure aggregation: the server learns only the sum of each round's updates (Bonawitz et al.). "
+        "The job's strategy must be FedAvg-based, or DP-FedAvg with fixed clipping (then the clients add the noise).",
+        rich_help_panel=_PANEL_FIT,
+    ),
+]
+SecAggDegreeOption = Annotated[
+    int | None,
+    typer.Option(
+        help="With --secagg: SecAgg+, each client masks with this many random neighbours instead of every other "
+        "client of the round (about 3 log2 of the cohort is enough).",
+        min=2,
+        rich_help_panel=_PANEL_FIT,
+    ),
+]
+
+
+def with_secagg(job: Job, secagg: bool, degree: int | None) -> Job:
+    """``job`` with its strategy wrapped in :class:`~fedloom.privacy.SecAgg` for ``--secagg``."""
+    if degree is not None and not secagg:
+        raise ConfigError("--secagg-degree needs --secagg")
+    if not secagg:
+        return job
+    if not isinstance(job.strategy, (FedAvg, DPFedAvg)):
+        raise ConfigError(
+            f"--secagg sums FedAvg's updates (or DP-FedAvg's); job {job.name!r} uses {type(job.strategy).__name__}"
+        )
+    return dataclasses.replace(job, strategy=SecAgg(job.strategy, degree=degree))
 
 
 def simulate_command(
@@ -79,6 +114,8 @@ def simulate_command(
     ] = None,
     strategy: StrategyOption = None,
     strategy_arg: StrategyArgOption = None,
+    secagg: SecAggOption = False,
+    secagg_degree: SecAggDegreeOption = None,
     fraction: Annotated[
         float | None, typer.Option(help="Fraction C of clients trained per round.", rich_help_panel=_PANEL_FIT)
     ] = None,
@@ -179,6 +216,7 @@ def simulate_command(
             {
                 "--strategy": strategy,
                 "--strategy-arg": strategy_arg,
+                "--secagg": secagg or None,
                 "--attack": attack,
                 "--fraction": fraction,
                 "--min-clients": min_clients,
@@ -225,6 +263,7 @@ def simulate_command(
         strategy={"fraction": fraction, "min_clients": min_clients, "clients_per_round": clients_per_round},
         fit={"local_epochs": local_epochs, "local_steps": local_steps, "batch_size": batch_size, "lr": lr},
     )
+    configured = with_secagg(configured, secagg, secagg_degree)
     console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
     sim = configured.simulation
     _announce_run(console)

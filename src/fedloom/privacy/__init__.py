@@ -1,7 +1,43 @@
-"""fedloom.privacy: differential privacy with a maintained accountant (and, to come, secure aggregation,
-homomorphic encryption and a privacy ledger)."""
+"""fedloom.privacy: differential privacy with a maintained accountant (central DP-FedAvg, distributed DP, local
+DP-SGD), secure aggregation, homomorphic encryption and a privacy ledger.
+
+``DPSGDTask`` is imported lazily: it needs torch and Opacus, which ``import fedloom`` does not load.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 from fedloom.privacy.accounting import ACCOUNTANTS, Accountant, epsilon, noise_multiplier
 from fedloom.privacy.dp import DPFedAvg, DPState
+from fedloom.privacy.paillier import EncryptedVector, KeyPair, PaillierError, PublicKey
+from fedloom.privacy.secagg import SecAggError
+from fedloom.privacy.secure import SecAgg, SecAggSessions
 
-__all__ = ["ACCOUNTANTS", "Accountant", "DPFedAvg", "DPState", "epsilon", "noise_multiplier"]
+if TYPE_CHECKING:
+    from fedloom.privacy.dpsgd import DPSGDTask
+
+__all__ = [
+    "ACCOUNTANTS",
+    "Accountant",
+    "DPFedAvg",
+    "DPSGDTask",
+    "DPState",
+    "EncryptedVector",
+    "KeyPair",
+    "PaillierError",
+    "PublicKey",
+    "SecAgg",
+    "SecAggError",
+    "SecAggSessions",
+    "epsilon",
+    "noise_multiplier",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DPSGDTask":
+        from fedloom.privacy.dpsgd import DPSGDTask
+
+        return DPSGDTask
+    raise AttributeError(f"module 'fedloom.privacy' has no attribute {name!r}")

@@ -180,22 +180,42 @@ class DPFedAvg:
         noise = self._noise(server_round)
         expected = self.sample_rate * self.num_clients
         sigma = (self.update_noise_multiplier(expected) or self.noise_multiplier) * state.clip
-        mean = {n: (t + noise.normal(0.0, sigma, t.shape)) / expected for n, t in total.items()}
+        noised = {n: t + noise.normal(0.0, sigma, t.shape) for n, t in total.items()}
+        count = None
+        if self.target_quantile is not None:  # Andrew et al.: the noised share of updates within the clip
+            count = within + noise.normal(0.0, self._count_stddev(expected))
+        state, metrics = self.release(server_round, state, Params(noised, copy=False), len(results), count)
+        return state, {**fit_loss(list(results.values())), **metrics}
+
+    def release(
+        self, server_round: int, state: DPState, noised_sum: Params, clients: int, noised_count: float | None = None
+    ) -> tuple[DPState, dict[str, float]]:
+        """The state after round ``server_round`` from the noised sum of the clipped updates (divided here by
+        the expected number of clients ``q n``) and, with adaptive clipping, the noised count of updates within
+        the clip; ``clients`` is how many took part. Used by :meth:`aggregate_fit`, and by secure aggregation
+        with distributed noise (:class:`fedloom.privacy.SecAgg`), where the clients clip and noise and the
+        server learns only the noised sum."""
+        x = state.params
+        expected = self.sample_rate * self.num_clients
+        mean = {n: f64(noised_sum[n]) / expected for n in x}
         optimizer = self.strategy.server_optimizer
         if optimizer is None:
             params, opt_state = cast_like(x, {n: f64(x[n]) + mean[n] for n in x}), state.optimizer
         else:
             params, opt_state = optimizer.step(x, Params(mean, copy=False), state.optimizer)
         clip = state.clip
-        if self.target_quantile is not None:  # Andrew et al.: the noised share of updates within the clip
-            count = within + noise.normal(0.0, self._count_stddev(expected))
-            clip = clip * math.exp(-self.clip_lr * (count / expected - self.target_quantile))
+        if noised_count is not None:
+            clip = clip * math.exp(-self.clip_lr * (noised_count / expected - self._target_quantile()))
         spent = state.rounds_spent + 1
-        metrics = {**fit_loss(list(results.values())), "epsilon": self.spent(spent), "dp_clip": state.clip}
-        metrics["dp_clients"] = float(len(results))
+        metrics = {"epsilon": self.spent(spent), "dp_clip": state.clip, "dp_clients": float(clients)}
         metrics["dp_noise_multiplier"] = self.noise_multiplier
         metrics["dp_delta"] = self.delta
         return DPState(params, server_round, opt_state, clip, spent), metrics
+
+    def _target_quantile(self) -> float:
+        if self.target_quantile is None:
+            raise ConfigError("a noised count is for adaptive clipping, and this DPFedAvg has no target_quantile")
+        return self.target_quantile
 
     def update_noise_multiplier(self, expected_clients: float) -> float | None:
         """The update's noise multiplier: ``z`` with fixed clipping; with adaptive clipping the larger one that

@@ -223,9 +223,10 @@ class SecAggServer:
             total = total + vector
         for u in sorted(self.sharers):
             kind = "b" if u in survivors else "s"
-            shares = [a[u][1] for a in answers.values() if u in a and a[u][0] == kind]
+            shares = sorted(a[u][1] for a in answers.values() if u in a and a[u][0] == kind)
             if len(shares) < self.threshold:
                 raise SecAggError(f"only {len(shares)} shares of party {u}'s {kind}, below t={self.threshold}")
+            shares = shares[: self.threshold]  # t are enough; the same parties' for every secret, where they can be
             if kind == "b":
                 total = total - mask_vector(shamir.combine(shares, length=32), self.length)
                 continue

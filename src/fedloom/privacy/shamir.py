@@ -13,6 +13,7 @@ b'seed'
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Sequence
 
@@ -44,17 +45,26 @@ def split(secret: bytes, *, threshold: int, parties: int) -> list[Share]:
 def combine(shares: Sequence[Share], *, length: int) -> bytes:
     """The secret (``length`` bytes) that ``shares`` (at least the threshold, distinct x) were split from.
     Fewer shares than the threshold give a wrong value, not an error: nothing tells them apart."""
-    xs = [x for x, _ in shares]
+    xs = tuple(x for x, _ in shares)
     if len(set(xs)) != len(xs) or not shares:
         raise ConfigError("need at least one share, each with its own x")
-    secret = 0
-    for i, (xi, yi) in enumerate(shares):
-        numerator, denominator = 1, 1
-        for j, (xj, _) in enumerate(shares):
-            if i != j:
-                numerator = numerator * (-xj) % PRIME
-                denominator = denominator * (xi - xj) % PRIME
-        secret = (secret + yi * numerator * pow(denominator, -1, PRIME)) % PRIME
+    secret = sum(y * c for (_, y), c in zip(shares, _lagrange_at_zero(xs), strict=True)) % PRIME
     if secret >= 256**length:
         return secret.to_bytes(SECRET_BYTES + 2, "big")[-length:]  # too few shares: some value, not the secret
     return secret.to_bytes(length, "big")
+
+
+@functools.lru_cache(maxsize=64)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    """The weights ``c_i = prod_{j != i} x_j / (x_j - x_i)`` (mod P) that rebuild ``f(0)`` from ``f(x_i)``. A
+    server unmasking a round rebuilds hundreds of secrets from the same parties' shares: it works these out once
+    (the O(t^2) part), and each secret is then a weighted sum."""
+    weights = []
+    for i, xi in enumerate(xs):
+        numerator, denominator = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                numerator = numerator * xj % PRIME
+                denominator = denominator * (xj - xi) % PRIME
+        weights.append(numerator * pow(denominator, -1, PRIME) % PRIME)
+    return tuple(weights)

@@ -7,6 +7,7 @@ from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.core.results import parse_instruction
 from fedloom.data.base import ClientData
+from fedloom.privacy.secure import SECAGG_KINDS, SecAggSessions
 from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.catalog import LOCAL_ALGORITHMS
 from fedloom.strategy.local import Client, ClientState, local_args
@@ -15,8 +16,18 @@ from fedloom.task.base import Task
 __all__ = ["handle_instruction"]
 
 
-def handle_instruction(task: Task, data: ClientData, message: Message, state: ClientState | None = None) -> Message:
+def handle_instruction(
+    task: Task,
+    data: ClientData,
+    message: Message,
+    state: ClientState | None = None,
+    sessions: SecAggSessions | None = None,
+) -> Message:
     """Run a ``fit`` (on ``data.train``) or ``evaluate`` (on ``data.test``) instruction and return the reply.
+
+    A secure aggregation step (``secagg.*``) is answered by ``sessions``, the runtime's open rounds
+    (:class:`~fedloom.privacy.SecAggSessions`), which trains through this function when its step comes; a runtime
+    that gives none cannot take part (:class:`ConfigError`).
 
     An instruction that names a local algorithm (SCAFFOLD, Ditto, ...; see :mod:`fedloom.strategy.local`) runs
     it with ``state``, this client's persistent state (a :class:`~fedloom.runtime.state.DirectoryState` as of
@@ -25,6 +36,10 @@ def handle_instruction(task: Task, data: ClientData, message: Message, state: Cl
     know, and :class:`ConfigError` when the algorithm keeps state and no ``state`` was given; whatever the task
     raises propagates, so each runtime decides how to report it.
     """
+    if message.kind in SECAGG_KINDS:
+        if sessions is None:
+            raise ConfigError(f"this client runtime keeps no secure aggregation state, and was sent {message.kind}")
+        return sessions.answer(message, lambda fit: handle_instruction(task, data, fit, state))
     kind, server_round, params, fit_config = parse_instruction(message)
     local = local_args(message)
     if local is None:

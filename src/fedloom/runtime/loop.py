@@ -17,8 +17,16 @@ from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
 from fedloom.privacy.ledger import update_digest
 from fedloom.runtime.grid import Clocked, Exchange, Grid, Reply
+from fedloom.runtime.protocol import run_fit_protocol
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
-from fedloom.strategy.base import AsyncStrategy, FitFold, FoldingStrategy, ReshapingStrategy, Strategy
+from fedloom.strategy.base import (
+    AsyncStrategy,
+    FitFold,
+    FoldingStrategy,
+    ProtocolStrategy,
+    ReshapingStrategy,
+    Strategy,
+)
 from fedloom.strategy.snapshot import Snapshot, restore, snapshot
 
 __all__ = ["LoopResult", "Resume", "run_rounds"]
@@ -77,6 +85,10 @@ def run_rounds(
     clients; training and evaluation draw from separate ones, so how clients are evaluated never changes how
     the model is trained.
 
+    A :class:`~fedloom.strategy.base.ProtocolStrategy` (secure aggregation) trains differently: its
+    ``fit_protocol`` runs over the grid, several exchanges long (:func:`~fedloom.runtime.protocol.run_fit_protocol`),
+    and gives the new state; the server sees only the aggregate.
+
     A strategy can end the run early, as planned, by raising :class:`~fedloom.core.errors.StopRunError` from
     ``configure_fit`` (DP-FedAvg when the next round would exceed its privacy budget): the loop logs why and
     returns the rounds done.
@@ -100,20 +112,11 @@ def run_rounds(
         except StopRunError as stop:
             log.warning("the run ends before round %d: %s", server_round, stop)
             break
-        fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
-        fit_replies = Gathered(server_round, "fit", valid_update(strategy, instructions), fold)
-        fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
-        if len(fit_replies.accepted) < strategy.min_clients:
-            asked = len(fit.replies) + len(fit.dropped) + len(fit.late)
-            raise NotEnoughClientsError(
-                f"round {server_round}: {len(fit_replies.accepted)} of {asked} clients "
-                f"replied with a valid update, fewer than min_clients={strategy.min_clients}"
-            )
-        if fold is not None:
-            state, metrics = fold.finish()
-        else:  # in the order asked, so that the result does not depend on who answered first
-            ordered = {cid: fit_replies.accepted[cid] for cid in instructions if cid in fit_replies.accepted}
-            state, metrics = strategy.aggregate_fit(server_round, state, ordered)
+        if isinstance(strategy, ProtocolStrategy):  # secure aggregation: several exchanges, only the sum
+            protocol, fit_records = run_fit_protocol(strategy, grid, server_round, state, instructions, timeout)
+            state, metrics = protocol.state, protocol.metrics
+        else:
+            state, metrics, fit_records = fit_round(strategy, grid, server_round, state, instructions, timeout)
         params = strategy.params(state)
 
         if isinstance(grid, Clocked):
@@ -124,7 +127,7 @@ def run_rounds(
         record = RoundRecord(
             server_round=server_round,
             metrics=metrics,
-            clients=client_records("fit", fit, fit_replies) + evaluated,
+            clients=fit_records + evaluated,
             seconds=time.perf_counter() - started,
             random_state={"fit": fit_rng.bit_generator.state, "evaluate": eval_rng.bit_generator.state},
             strategy_state=snapshot(state, params),
@@ -133,6 +136,34 @@ def run_rounds(
         for observer in observers:
             observer.on_round(record, params)
     return LoopResult(strategy.params(state), tuple(history))
+
+
+def fit_round(
+    strategy: Strategy[Any],
+    grid: Grid,
+    server_round: int,
+    state: Any,
+    instructions: Mapping[str, Message],
+    timeout: float | None,
+) -> tuple[Any, dict[str, float], tuple[ClientRecord, ...]]:
+    """A round's training: send the instructions, check each update as it arrives (folding it in, for a
+    :class:`FoldingStrategy`), and aggregate. Returns the new state, the round's metrics and the fit records;
+    raises :class:`NotEnoughClientsError` when fewer than ``strategy.min_clients`` valid updates came back."""
+    fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
+    fit_replies = Gathered(server_round, "fit", valid_update(strategy, instructions), fold)
+    fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
+    if len(fit_replies.accepted) < strategy.min_clients:
+        asked = len(fit.replies) + len(fit.dropped) + len(fit.late)
+        raise NotEnoughClientsError(
+            f"round {server_round}: {len(fit_replies.accepted)} of {asked} clients "
+            f"replied with a valid update, fewer than min_clients={strategy.min_clients}"
+        )
+    if fold is not None:
+        state, metrics = fold.finish()
+    else:  # in the order asked, so that the result does not depend on who answered first
+        ordered = {cid: fit_replies.accepted[cid] for cid in instructions if cid in fit_replies.accepted}
+        state, metrics = strategy.aggregate_fit(server_round, state, ordered)
+    return state, metrics, client_records("fit", fit, fit_replies)
 
 
 def server_generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Protocol, TypeVar, runtime_checkable
+from collections.abc import Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -11,7 +12,17 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 
-__all__ = ["AsyncStrategy", "FitFold", "FoldingStrategy", "ReshapingStrategy", "Strategy", "UpdateBuffer"]
+__all__ = [
+    "AsyncStrategy",
+    "FitFold",
+    "FitProtocol",
+    "FoldingStrategy",
+    "ProtocolResult",
+    "ProtocolStrategy",
+    "ReshapingStrategy",
+    "Strategy",
+    "UpdateBuffer",
+]
 
 S = TypeVar("S")
 S_co = TypeVar("S_co", covariant=True)
@@ -124,3 +135,29 @@ class AsyncStrategy(Strategy[S], Protocol[S]):
     def instruct(self, version: int, state: S, client_id: str, rng: np.random.Generator) -> Message: ...
 
     def buffer(self, server_round: int, state: S) -> UpdateBuffer[S]: ...
+
+
+@dataclass(frozen=True)
+class ProtocolResult(Generic[S]):
+    """How a fit protocol ended: the new state, the round's metrics, and for each client whose contribution is
+    in the aggregate, the SHA-256 of what it sent (for the privacy ledger: with secure aggregation, its masked
+    input; the server never sees the update itself)."""
+
+    state: S
+    metrics: dict[str, float]
+    used: Mapping[str, str] = field(default_factory=dict)
+
+
+#: A fit protocol as a generator: it yields each step's messages (client id -> message), is sent the replies
+#: that arrived (client id -> message; a client that dropped is absent), and returns the round's result.
+FitProtocol = Generator[dict[str, Message], dict[str, Message], ProtocolResult[S]]
+
+
+@runtime_checkable
+class ProtocolStrategy(Strategy[S], Protocol[S]):
+    """A strategy whose fit phase is a protocol of several exchanges rather than one (secure aggregation:
+    :class:`fedloom.privacy.SecAgg`). The server loop asks ``configure_fit`` for the round's instructions as
+    usual, then runs ``fit_protocol(round, state, instructions)`` over its grid, step by step, instead of
+    sending the instructions and aggregating the replies; the protocol makes no network call of its own."""
+
+    def fit_protocol(self, server_round: int, state: S, instructions: Mapping[str, Message]) -> FitProtocol[S]: ...

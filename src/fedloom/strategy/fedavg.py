@@ -85,6 +85,12 @@ class FedAvg(ClientSampling):
         every update at once."""
         return None if self.aggregator is not None else _FedAvgFold(self, server_round, state)
 
+    def apply_update(self, server_round: int, state: FedAvgState, delta: Params) -> FedAvgState:
+        """The state after round ``server_round`` from the round's aggregated float64 update ``delta`` (the mean
+        of ``w_k - w``), through the server optimizer if there is one: for protocols that learn only the
+        aggregate, never the clients' models (secure aggregation)."""
+        return self._advance(server_round, state, delta=delta)
+
     def _update(self, global_params: Params, params: Params) -> Params:
         """``params - global_params`` in float64, bounded to ``clip_norm`` where that is set."""
         delta = Params({name: f64(params[name]) - f64(global_params[name]) for name in global_params}, copy=False)

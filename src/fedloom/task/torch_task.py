@@ -267,16 +267,20 @@ class TorchTask:
                             p.grad = None
 
             return sgd_step
-        if callable(self.optimizer):
-            optimizer = self.optimizer(module.parameters(), lr)
-        else:
-            optimizer = _OPTIMIZERS[self.optimizer](module.parameters(), lr=lr, **self.optimizer_kwargs)
+        optimizer = self._optimizer(module.parameters(), lr)
 
         def step() -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         return step
+
+    def _optimizer(self, parameters: Iterable[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+        """A fresh instance of the configured optimizer over ``parameters`` (also used by wrappers such as
+        :class:`~fedloom.privacy.DPSGDTask`, which wrap it in their own optimizer)."""
+        if callable(self.optimizer):
+            return self.optimizer(parameters, lr)
+        return _OPTIMIZERS[self.optimizer](parameters, lr=lr, **self.optimizer_kwargs)
 
 
 @contextmanager

@@ -322,6 +322,9 @@ class RunRecorder:
         if self._ledger_head is None:
             self._ledger_head = ledger.head(path, self._run_id)
         metrics = record.metrics
+        # What protected an update on the wire beyond TLS. Under secure aggregation the digest is of the masked
+        # input, the only form of the update that left the client, and its example count stays secret (0).
+        protection = "secagg" if "secagg_survivors" in metrics else "none"
         entries = [
             {
                 "round": record.server_round,
@@ -330,7 +333,7 @@ class RunRecorder:
                 "num_examples": int(client.num_examples),
                 "clip_norm": _finite(metrics.get("dp_clip")),
                 "noise_multiplier": _finite(metrics.get("dp_noise_multiplier")),
-                "protection": "none",  # what protected it on the wire beyond TLS: secure aggregation, HE (to come)
+                "protection": protection,
                 "epsilon": _finite(metrics.get("epsilon")),
                 "delta": _finite(metrics.get("dp_delta")),
             }

@@ -31,6 +31,7 @@ import grpc
 from fedloom.core.codec import decode_message, message_parts
 from fedloom.core.errors import DecodeError, TransportError
 from fedloom.data.base import ClientData
+from fedloom.privacy.secure import SecAggSessions
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.frames import (
@@ -176,6 +177,7 @@ class _Session:
     ) -> None:
         self._task = task
         self._state = state
+        self._sessions = SecAggSessions()  # this connection's open secure aggregation rounds, in memory only
         self._data = data
         self._channel = channel
         self._server = server
@@ -269,7 +271,7 @@ class _Session:
         instruction = decode_message(encoded)
         del encoded
         try:
-            reply = handle_instruction(self._task, self._data, instruction, self._state)
+            reply = handle_instruction(self._task, self._data, instruction, self._state, self._sessions)
         except Exception:
             # Sending nothing makes the server count this client as dropped for the round; see the module's doc.
             log.exception("the task failed on the %s instruction %d; sending no reply", instruction.kind, message_id)

@@ -316,12 +316,13 @@ class _Servicer:
         with self._hub.cond:
             replaced = self._hub.connections.get(name)
             self._hub.connections[name] = connection
+            # Recorded before the loop can see the client (and send it work), so its timeline starts here.
+            self._hub.event(name, "connected", detail=context.peer())
             self._hub.cond.notify_all()
         if replaced is not None:  # the same client again, after a connection the server had not yet seen die
             replaced.outbox.put(_refusal("this client connected again; this older connection is closed"))
             self._hub.disconnect(replaced, "replaced by a new connection")
         log.info("client %s connected from %s", name, context.peer())
-        self._hub.event(name, "connected", detail=context.peer())
         context.add_callback(lambda: self._hub.disconnect(connection))
         reader = threading.Thread(
             target=self._read, args=(connection, request_iterator), name=f"fleet-read-{name}", daemon=True

@@ -9,6 +9,7 @@ from fedloom.core.codec import decode_message, encode_message
 from fedloom.core.errors import user_code
 from fedloom.core.message import Message
 from fedloom.data.base import Federation
+from fedloom.privacy.secure import SecAggSessions
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
@@ -38,6 +39,7 @@ class InlineGrid:
         self._data = data
         self._dropout = dropout
         self._seed = seed
+        self._sessions = SecAggSessions()
 
     def client_ids(self) -> Sequence[str]:
         return self._data.client_ids
@@ -56,7 +58,7 @@ class InlineGrid:
             start = time.perf_counter()
             with user_code(f"client {client_id} in {message.kind}"):
                 state = client_state(self._state_dir, client_id)
-                reply = handle_instruction(self._task, client_data, decode_message(down), state)
+                reply = handle_instruction(self._task, client_data, decode_message(down), state, self._sessions)
             seconds = time.perf_counter() - start
             up = encode_message(reply)
             replies[client_id] = Reply(decode_message(up), seconds, len(down), len(up))

@@ -24,6 +24,7 @@ from fedloom.core.errors import (
 )
 from fedloom.core.message import Message
 from fedloom.data.base import ClientData, FederatedData, Federation
+from fedloom.privacy.secure import SecAggSessions
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
@@ -35,6 +36,7 @@ from fedloom.runtime.sim.workers import (
     error_header,
     remote_error,
     run_client,
+    stays_home,
     torch_one_thread,
 )
 from fedloom.task.base import Task
@@ -74,6 +76,7 @@ def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None, state
         return
     _send(conn, {"status": "ready"})
     cache: dict[str, ClientData] = {}
+    sessions = SecAggSessions()
     try:
         while True:
             header = json.loads(conn.recv_bytes())
@@ -83,7 +86,7 @@ def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None, state
             data = decode_client_data(conn.recv_bytes()) if header["data"] else cache[client_id]
             if header["keep"]:
                 cache[client_id] = data
-            answer, up = run_client(task, data, client_id, header["kind"], conn.recv_bytes(), state_root)
+            answer, up = run_client(task, data, client_id, header["kind"], conn.recv_bytes(), state_root, sessions)
             _send(conn, answer, up)
     except (EOFError, OSError):
         return  # the parent closed the pipe or died: nobody is left to answer
@@ -263,7 +266,7 @@ class ProcessGrid:
         dropped: list[str] = []
         for client_id, message in messages.items():
             (dropped if drops(self._seed, self._dropout, client_id, message) else work).append(client_id)
-        queues = RoundQueues(work, self.workers)
+        queues = RoundQueues(work, self.workers, steal=not stays_home(messages))
         busy: dict[int, tuple[str, str, int]] = {}  # worker -> (client, kind, bytes down)
         replies: dict[str, Reply] = {}
         try:

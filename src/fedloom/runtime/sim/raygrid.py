@@ -20,6 +20,7 @@ from fedloom.core.codec import decode_message, encode_message
 from fedloom.core.errors import ConfigError, FedloomError, JobError
 from fedloom.core.message import Message
 from fedloom.data.base import ClientData, FederatedData, Federation
+from fedloom.privacy.secure import SecAggSessions
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
@@ -30,6 +31,7 @@ from fedloom.runtime.sim.workers import (
     encode_client_data,
     remote_error,
     run_client,
+    stays_home,
     torch_one_thread,
 )
 from fedloom.task.base import Task
@@ -51,6 +53,7 @@ class _RayWorker:
         sys.path.extend(folder for folder in sys_path if folder not in sys.path)
         self._cache: dict[str, ClientData] = {}
         self._state_root = state_root
+        self._sessions = SecAggSessions()
         self._failure: Header | None = None
         try:
             self._task: Task = pickle.loads(task_blob)
@@ -76,7 +79,7 @@ class _RayWorker:
             client = decode_client_data(ray.get(data[0]))
             if keep:
                 self._cache[client_id] = client
-        return run_client(self._task, client, client_id, kind, down, self._state_root)
+        return run_client(self._task, client, client_id, kind, down, self._state_root, self._sessions)
 
 
 class RayGrid:
@@ -150,7 +153,7 @@ class RayGrid:
         dropped: list[str] = []
         for client_id, message in messages.items():
             (dropped if drops(self._seed, self._dropout, client_id, message) else work).append(client_id)
-        queues = RoundQueues(work, self.workers)
+        queues = RoundQueues(work, self.workers, steal=not stays_home(messages))
         pending: dict[Any, tuple[int, str, str, int]] = {}  # result ref -> (worker, client, kind, bytes down)
         replies: dict[str, Reply] = {}
 

@@ -31,6 +31,7 @@ from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult, parse_instruction
 from fedloom.data.base import ArrayData, Federation
+from fedloom.privacy.secure import SECAGG_KINDS, SecAggSessions
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
@@ -116,6 +117,7 @@ class VectorizedGrid:
         self._state_dir = state_dir
         self._dropout = dropout
         self._seed = seed
+        self._sessions = SecAggSessions()
         self._device = torch.device(name)
         self._budget_mb = memory_budget_mb
         self._loss = str(task.loss)
@@ -145,14 +147,15 @@ class VectorizedGrid:
             if drops(self._seed, self._dropout, cid, message):
                 dropped.append(cid)
                 continue
-            kind, _round, params, config = parse_instruction(message)
             client = self._data.clients[cid]
-            if local_args(message) is not None:  # an algorithm's own client half: run it as inline does
+            if message.kind in SECAGG_KINDS or local_args(message) is not None:  # run it as inline does
                 began = time.perf_counter()
                 with user_code(f"client {cid} in {message.kind}"):
-                    reply = handle_instruction(self._task, client, message, client_state(self._state_dir, cid))
+                    state = client_state(self._state_dir, cid)
+                    reply = handle_instruction(self._task, client, message, state, self._sessions)
                 done[cid] = (reply, time.perf_counter() - began)
                 continue
+            kind, _round, params, config = parse_instruction(message)
             if kind == MessageKind.FIT:
                 assert config is not None
                 if len(client.train) == 0:

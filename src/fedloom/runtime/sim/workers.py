@@ -24,6 +24,7 @@ from fedloom.core.errors import (
 )
 from fedloom.core.params import Params
 from fedloom.data.base import ArrayData, ClientData
+from fedloom.privacy.secure import SECAGG_KINDS, SecAggSessions
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.state import client_state
 from fedloom.task.base import Task
@@ -39,6 +40,7 @@ __all__ = [
     "home_worker",
     "remote_error",
     "run_client",
+    "stays_home",
     "torch_one_thread",
 ]
 
@@ -64,10 +66,17 @@ def decode_client_data(blob: bytes) -> ClientData:
 
 
 def run_client(
-    task: Task, data: ClientData, client_id: str, kind: str, down: bytes, state_root: str | None = None
+    task: Task,
+    data: ClientData,
+    client_id: str,
+    kind: str,
+    down: bytes,
+    state_root: str | None = None,
+    sessions: SecAggSessions | None = None,
 ) -> tuple[Header, bytes]:
     """Handle one encoded instruction in a worker, as the inline backend does in-process, with the client's
-    state in its folder under ``state_root`` (where given).
+    state in its folder under ``state_root`` (where given) and the worker's open secure aggregation rounds in
+    ``sessions``.
 
     Returns ``({"status": "ok", "seconds": s}, encoded reply)`` or, when anything raised,
     ``({"status": "error", "type": ..., "message": ..., "traceback": ...}, b"")`` for :func:`remote_error`.
@@ -75,7 +84,8 @@ def run_client(
     try:
         start = time.perf_counter()
         with user_code(f"client {client_id} in {kind}"):
-            reply = handle_instruction(task, data, decode_message(down), client_state(state_root, client_id))
+            state = client_state(state_root, client_id)
+            reply = handle_instruction(task, data, decode_message(down), state, sessions)
         seconds = time.perf_counter() - start
         up = encode_message(reply)
     except Exception as exc:
@@ -123,10 +133,12 @@ class RoundQueues:
     A worker takes the next client of its own queue; once that is empty, it takes the last client of the
     longest other queue rather than stand idle (work stealing), so a round that happens to sample many clients
     of one worker does not wait on that worker alone. A stolen client's data is sent along but not kept, so
-    the workers together hold one copy of the federation.
+    the workers together hold one copy of the federation. With ``steal=False`` every client runs at its home
+    worker: the steps of secure aggregation must reach the worker that holds the client's open round.
     """
 
-    def __init__(self, client_ids: Iterable[str], workers: int) -> None:
+    def __init__(self, client_ids: Iterable[str], workers: int, *, steal: bool = True) -> None:
+        self._steal = steal
         self._queues: list[deque[str]] = [deque() for _ in range(workers)]
         for client_id in client_ids:
             self._queues[home_worker(client_id, workers)].append(client_id)
@@ -136,8 +148,15 @@ class RoundQueues:
         own = self._queues[worker]
         if own:
             return own.popleft(), True
+        if not self._steal:
+            return None
         longest = max(self._queues, key=len)
         return (longest.pop(), False) if longest else None
+
+
+def stays_home(messages: Mapping[str, Any]) -> bool:
+    """Whether a round's clients must each run at their home worker (see :class:`RoundQueues`)."""
+    return any(getattr(message, "kind", None) in SECAGG_KINDS for message in messages.values())
 
 
 def error_header(exc: BaseException) -> Header:

@@ -1,0 +1,83 @@
+"""The thin driver that runs a strategy's fit protocol (secure aggregation) over any grid, one exchange per step."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedloom.core.errors import NotEnoughClientsError
+from fedloom.core.message import Message
+from fedloom.runtime.grid import Grid
+from fedloom.runtime.records import ClientRecord, ClientStatus
+from fedloom.strategy.base import ProtocolResult, ProtocolStrategy
+
+__all__ = ["run_fit_protocol"]
+
+
+@dataclass
+class _Tally:
+    """One client's part in a protocol so far: its compute seconds and bytes over every step, and the last step
+    it answered."""
+
+    seconds: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    answered: list[str] = field(default_factory=list)
+
+
+def run_fit_protocol(
+    strategy: ProtocolStrategy[Any],
+    grid: Grid,
+    server_round: int,
+    state: Any,
+    instructions: Mapping[str, Message],
+    timeout: float | None,
+) -> tuple[ProtocolResult[Any], tuple[ClientRecord, ...]]:
+    """Run ``strategy.fit_protocol`` for one round: each step's messages go out in one ``send_and_receive``
+    (bounded by ``timeout``), and the replies that came back are the protocol's next input. Returns the
+    protocol's result and one fit record per client asked: ``ok`` for those whose contribution is in the
+    aggregate (with the digest of what they sent), ``dropped`` for the others (``detail`` names the last step
+    they answered), each with its seconds and bytes summed over the steps.
+
+    Whatever the protocol raises (fewer than its threshold of clients left) ends the round; fewer clients used
+    than ``strategy.min_clients`` raises :class:`NotEnoughClientsError`.
+    """
+    steps = strategy.fit_protocol(server_round, state, instructions)
+    tallies = {cid: _Tally() for cid in instructions}
+    messages = next(steps)
+    while True:
+        exchange = grid.send_and_receive(messages, timeout)
+        for cid, reply in exchange.replies.items():
+            tally = tallies.setdefault(cid, _Tally())
+            tally.seconds += reply.seconds
+            tally.bytes_down += reply.bytes_down
+            tally.bytes_up += reply.bytes_up
+            tally.answered.append(messages[cid].kind)
+        try:
+            messages = steps.send({cid: reply.message for cid, reply in exchange.replies.items()})
+        except StopIteration as done:
+            result: ProtocolResult[Any] = done.value
+            break
+    if len(result.used) < strategy.min_clients:
+        raise NotEnoughClientsError(
+            f"round {server_round}: {len(result.used)} of {len(instructions)} clients' updates made it into the "
+            f"secure aggregate, fewer than min_clients={strategy.min_clients}"
+        )
+    records = []
+    for cid, tally in tallies.items():
+        used = cid in result.used
+        last = tally.answered[-1] if tally.answered else None
+        records.append(
+            ClientRecord(
+                client_id=cid,
+                phase="fit",
+                status=ClientStatus.OK if used else ClientStatus.DROPPED,
+                seconds=tally.seconds,
+                bytes_down=tally.bytes_down,
+                bytes_up=tally.bytes_up,
+                detail=None if used else f"left the protocol after {last or 'no step'}",
+                update_sha256=result.used.get(cid),
+            )
+        )
+    return result, tuple(records)
