@@ -1,6 +1,6 @@
 """Secure aggregation in a run: the digits quickstart with and without ``SecAgg``, on the same clients.
 
-    python benchmarks/secagg_runs.py [--clients 100] [--rounds 5] [--degree 20] [--dropout 0.1]
+    python benchmarks/secagg_runs.py [--clients 100] [--rounds 5] [--degree 20] [--dropout 0.05]
 
 Each configuration runs the same job (digits, an MLP of 2,410 parameters, 5 local epochs) for the same rounds
 and seed on the inline backend (one client after another in this process, every message through the wire
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--degree", type=int, default=20)
-    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--dropout", type=float, default=0.05)
     args = parser.parse_args(argv)
     print("$ python benchmarks/secagg_runs.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(f"machine: {platform.machine()}, Python {platform.python_version()}")

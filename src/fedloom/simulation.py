@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -9,12 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.core.config import SimulationConfig
-from fedloom.core.errors import FedloomError, user_code
+from fedloom.core.errors import ConfigError, FedloomError, user_code
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult
 from fedloom.data.base import Dataset, Federation
 from fedloom.data.federate import federate
 from fedloom.job import Job, describe
+from fedloom.privacy.he import PaillierAgg
+from fedloom.privacy.paillier import KeyPair
 from fedloom.runtime.asynchronous import run_async
 from fedloom.runtime.grid import AsyncGrid, Grid
 from fedloom.runtime.loop import CentralEvaluator, LoopResult, Resume, run_rounds
@@ -83,7 +86,8 @@ def simulate(
     with user_code(f"the model of job {job.name!r} (init_params)"):
         initial = job.task.init_params(config.seed)
     job_file = job.source if job.source is not None and job.source.endswith(".py") else None
-    with open_backend(job.task, data, config, job_file=job_file) as backend:
+    job, he_key = _simulated_keys(job)
+    with open_backend(job.task, data, config, job_file=job_file, he_key=he_key) as backend:
         return _run(job, config, data, initial, backend, Path(runs_dir), observers)
 
 
@@ -146,6 +150,21 @@ def _run(
         observers=observers,
     )
     return Run(recorder.run_id, recorder.run_dir, result.params, result.history, backend.name)
+
+
+def _simulated_keys(job: Job) -> tuple[Job, KeyPair | None]:
+    """For Paillier aggregation without a key, the run's key pair: its simulated clients hold it, and the
+    strategy gets its public half (what a deployment distributes out of band, a simulation makes itself)."""
+    strategy = job.strategy
+    if not isinstance(strategy, PaillierAgg):
+        return job, None
+    if strategy.public_key is not None:
+        raise ConfigError(
+            "in a simulation, leave PaillierAgg's public_key unset: the run makes a key pair for its simulated "
+            "clients (a deployment's sites get theirs with fedloom client --he-key)"
+        )
+    keys = KeyPair.generate(strategy.key_bits)
+    return dataclasses.replace(job, strategy=dataclasses.replace(strategy, public_key=keys.public)), keys
 
 
 def run_recorded(

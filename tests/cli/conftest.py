@@ -173,6 +173,7 @@ def digits_runs(cli: Cli) -> dict[str, CliResult]:
                 *("--speed-spread", "10", "--seed", "7", "--out", "runs_fedbuff"),
             ],
             "secagg": [*DIGITS, "--secagg", "--seed", "7", "--out", "runs_secagg"],
+            "paillier": [*DIGITS, "--paillier", "--seed", "7", "--out", "runs_paillier"],
             "dropout": [
                 *("simulate", "digits", "--clients", "10", "--rounds", "2", "--dropout", "0.3", "--min-clients", "1"),
                 *("--partition", "shards", "--shards", "3", "--local-epochs", "1", "--seed", "3", "--out", "runs_drop"),

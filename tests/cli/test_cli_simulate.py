@@ -238,6 +238,19 @@ def test_secagg_sums_securely_and_lands_within_the_quantization_error_of_plain_f
     assert len(ledger) == 10  # 5 clients x 2 rounds
 
 
+def test_paillier_decrypts_only_the_sum_and_lands_where_secagg_does(
+    cli: Cli, digits_runs: dict[str, CliResult]
+) -> None:
+    run = digits_runs["paillier"].ok()
+    summary = _summary(run.run_dir(cli.cwd))
+    assert summary["config"]["strategy"]["type"] == "PaillierAgg"
+    assert summary["final"]["he_clients"] == 5.0
+    # Both quantize the same updates with the same range and cohort, and both sums are exact: the same model.
+    assert run.params_sha256() == digits_runs["secagg"].ok().params_sha256()
+    ledger = [json.loads(line) for line in (run.run_dir(cli.cwd) / "ledger.jsonl").read_text().splitlines()]
+    assert {e["protection"] for e in ledger} == {"paillier"}
+
+
 def test_fedbuff_runs_asynchronously_on_a_simulated_clock(cli: Cli, digits_runs: dict[str, CliResult]) -> None:
     run = digits_runs["fedbuff"].ok()
     summary = _summary(run.run_dir(cli.cwd))

@@ -215,6 +215,36 @@ def test_secure_aggregation_over_grpc_recovers_a_site_killed_mid_protocol(procs:
     assert "intact" in procs.run("ledger", "verify", "secagg", "--runs", ".").ok().stdout
 
 
+def test_paillier_over_grpc_gives_the_simulations_model_bit_for_bit(procs: Processes):
+    """Three sites with the federation's Paillier key: the server adds ciphertexts with the public key only, one
+    site decrypts the sum. Quantization is deterministic and the sums exact, so the deployment ends on the model
+    of a simulation of the same job and seed under --paillier (whose key is another: keys do not change sums)."""
+    address = f"127.0.0.1:{free_port()}"
+    keys = tokens(procs, "paillier", SITES)
+    made = procs.run("privacy", "paillier-keys", "--out", "he-keys", "--bits", "1024").ok()
+    assert "paillier.key" in made.stdout
+    assert (procs.cwd / "he-keys" / "paillier.key").stat().st_mode & 0o077 == 0  # the sites' secret: owner only
+    simulation = procs.start(
+        *("simulate", "slow_digits.py", "--clients", "3", "--rounds", "2", "--seed", "5", "--backend", "inline"),
+        *("--quiet", "--out", "sim-paillier", "--paillier"),
+    )
+    server = procs.start(
+        *server_args(address, "paillier", 2, "--min-clients", "3", "--paillier", "he-keys/paillier.pub")
+    )
+    sites = [
+        procs.start(*client_args(address, site, keys[site], "--paillier-key", "he-keys/paillier.key")) for site in SITES
+    ]
+    done = procs.wait(server, timeout=180).ok()
+    assert done.sha256() == procs.wait(simulation).ok().sha256()
+    for handle in sites:
+        procs.wait(handle).ok()
+    rounds = RunStore(procs.cwd).rounds(str(procs.cwd / "paillier"))
+    assert [r["he_clients"] for r in rounds] == [3.0, 3.0]
+    ledger = [json.loads(line) for line in (procs.cwd / "paillier" / "ledger.jsonl").read_text().splitlines()]
+    assert {e["protection"] for e in ledger} == {"paillier"}
+    assert len(ledger) == 6
+
+
 # SCAFFOLD, whose server and sites both keep state, is the demanding case and runs by default; FedAvg and FedAdam
 # (30 s each) run with `-m slow`, to keep the default suite within its time.
 @pytest.mark.parametrize(

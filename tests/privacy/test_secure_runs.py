@@ -227,3 +227,33 @@ def test_what_secure_aggregation_cannot_wrap_is_refused(strategy, match):
 def test_bad_arguments_are_refused(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         SecAgg(FIT_ALL, **kwargs)
+
+
+def test_a_client_that_refuses_a_step_answers_refused_and_the_round_goes_on_without_it():
+    data = federation([[0.1], [0.2], [0.3], [0.4]], [1] * 4)
+    task = ShiftTask(1)
+    strategy = SecAgg(FIT_ALL)  # t = 3 of 4
+    state = strategy.init(task.init_params(0))
+    instructions = strategy.configure_fit(1, state, data.client_ids, np.random.default_rng(0))
+    sessions = {cid: SecAggSessions() for cid in data.client_ids}
+    steps = strategy.fit_protocol(1, state, instructions)
+    messages = next(steps)
+    for _ in range(3):
+        messages = steps.send(
+            {cid: handle_instruction(task, data.clients[cid], m, None, sessions[cid]) for cid, m in messages.items()}
+        )
+    # The server (misbehaving) tells c0 that only two parties survived: below t, so c0 refuses to unmask.
+    lying = Message("secagg.unmask", metadata={**messages["c0"].metadata, "survivors": [1, 2]})
+    refused = handle_instruction(task, data.clients["c0"], lying, None, sessions["c0"])
+    assert refused.kind == "secagg.refused"
+    assert "refuses to unmask" in refused.metadata["reason"]
+    assert len(sessions["c0"]) == 0  # its round is closed: asking again with the true list gets nothing
+    answers = {
+        cid: handle_instruction(task, data.clients[cid], m, None, sessions[cid])
+        for cid, m in messages.items()
+        if cid != "c0"
+    }
+    with pytest.raises(StopIteration) as done:
+        steps.send({"c0": refused, **answers})
+    w = done.value.value.state.params["w"]
+    assert w[0] == pytest.approx(0.25, abs=1e-6)  # c0's masked input is in the sum: the three others unmask it

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from fedloom.cli.privacy import read_key_pair
 from fedloom.cli.simulate import limit_torch_threads
 from fedloom.core.errors import ConfigError, DataError, TransportError
 from fedloom.data.base import ClientData, Dataset
@@ -72,6 +73,14 @@ def client_command(
             "variate, personal layers); it survives restarts and is never sent unless the algorithm sends it."
         ),
     ] = Path("fedloom-client-state"),
+    paillier_key: Annotated[
+        Path | None,
+        typer.Option(
+            help="The federation's Paillier key pair (paillier.key from `fedloom privacy paillier-keys`), for a "
+            "server run with --paillier. Keep it from the server.",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Join a federation: dial out to the server and train on local data until the server says bye.
 
@@ -92,6 +101,7 @@ def client_command(
     loaded = load_job(job)
     limit_torch_threads(threads)
     own = _own_data(loaded, data)
+    he_key = None if paillier_key is None else read_key_pair(paillier_key)
     trusted: Path | bytes | None = ca
     backoff = Backoff(retry_for, f"the server at {server}")
     while ca_fingerprint is not None and trusted is None:
@@ -109,6 +119,7 @@ def client_command(
         heartbeat=heartbeat,
         credentials=credentials,
         state=DirectoryState(state_dir),
+        he_key=he_key,
     )
     typer.echo(f"answered {answered} instructions; the server said bye")
 

@@ -18,6 +18,7 @@ _NOT_FOR_GOSSIP = (
     "--strategy",
     "--strategy-arg",
     "--secagg",
+    "--paillier",
     "--attack",
     "--fraction",
     "--min-clients",

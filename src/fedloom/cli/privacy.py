@@ -1,16 +1,23 @@
-"""``fedloom privacy``: what a DP-FedAvg configuration spends, and the noise a privacy budget needs."""
+"""``fedloom privacy``: what a DP-FedAvg configuration spends, the noise a privacy budget needs, and a
+federation's Paillier keys."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from fedloom.core.errors import ConfigError
 from fedloom.privacy.accounting import ACCOUNTANTS, epsilon, noise_multiplier
+from fedloom.privacy.paillier import KeyPair, PublicKey
+
+KEY_FILE, PUBLIC_FILE = "paillier.key", "paillier.pub"
 
 app = typer.Typer(
-    help="Differential privacy accounting (dp-accounting's RDP and PLD accountants).", no_args_is_help=True
+    help="Differential privacy accounting (dp-accounting's RDP and PLD accountants); Paillier keys.",
+    no_args_is_help=True,
 )
 
 SampleRate = Annotated[
@@ -75,3 +82,44 @@ def noise_command(
         f"noise multiplier {z:.4f} (epsilon {check:.4f} at delta {delta:g}; {chosen}, q={sample_rate:g}, "
         f"{rounds} rounds)"
     )
+
+
+@app.command("paillier-keys")
+def paillier_keys_command(
+    out: Annotated[
+        Path, typer.Option(help="Folder to write paillier.key (the sites') and paillier.pub (the server's).")
+    ],
+    bits: Annotated[int, typer.Option(help="Bits of the modulus (2048 is the usual choice).", min=1024)] = 2048,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite keys already in --out.")] = False,
+) -> None:
+    """Make a federation's Paillier key pair for --paillier: paillier.key goes to every site (fedloom client
+    --paillier-key), out of band, like its token; paillier.pub to the server (fedloom server --paillier). The
+    server can add what the sites encrypt; only a holder of paillier.key can decrypt."""
+    key_file, public_file = out / KEY_FILE, out / PUBLIC_FILE
+    if not force and (key_file.exists() or public_file.exists()):
+        raise ConfigError(f"{out} already holds Paillier keys; pass --force to replace them")
+    keys = KeyPair.generate(bits)
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(keys.to_bytes())
+    public_file.write_bytes(keys.public.to_bytes())
+    typer.echo(f"wrote {key_file} (for the sites; keep it from the server) and {public_file} (for the server)")
+    typer.echo(f"key {keys.public.fingerprint.hex()}, {keys.public.bits} bits")
+
+
+def read_key_pair(path: Path) -> KeyPair:
+    """The key pair in ``path`` (written by ``paillier-keys``), or one :class:`ConfigError` line."""
+    return KeyPair.from_bytes(_read(path, "Paillier key pair"))
+
+
+def read_public_key(path: Path) -> PublicKey:
+    """The public key in ``path`` (written by ``paillier-keys``), or one :class:`ConfigError` line."""
+    return PublicKey.from_bytes(_read(path, "Paillier public key"))
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None

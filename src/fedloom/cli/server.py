@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedloom.cli.privacy import read_public_key
 from fedloom.cli.progress import format_round
 from fedloom.cli.simulate import (
     SecAggDegreeOption,
@@ -16,7 +17,7 @@ from fedloom.cli.simulate import (
     StrategyArgOption,
     StrategyOption,
     limit_torch_threads,
-    with_secagg,
+    with_protection,
     with_strategy,
 )
 from fedloom.core.errors import ConfigError, FedloomError, user_code
@@ -87,6 +88,14 @@ def server_command(
     strategy_arg: StrategyArgOption = None,
     secagg: SecAggOption = False,
     secagg_degree: SecAggDegreeOption = None,
+    paillier: Annotated[
+        Path | None,
+        typer.Option(
+            help="Aggregate under Paillier encryption with the sites' key: its public half (paillier.pub from "
+            "`fedloom privacy paillier-keys`). The sites join with --paillier-key.",
+            dir_okay=False,
+        ),
+    ] = None,
 ) -> None:
     """Serve a federation: wait for clients to dial in, run the rounds, record the run.
 
@@ -95,7 +104,8 @@ def server_command(
     --certs certs. If the server stops (a crash, kill -9, a reboot), the same command resumes the run after
     its last completed round; the clients reconnect by themselves. --strategy NAME runs another built-in
     algorithm than the job's (the sites need nothing more: every client has the client halves built in).
-    --secagg aggregates each round securely: the server learns only the sum of the sites' updates.
+    --secagg aggregates each round securely: the server learns only the sum of the sites' updates; --paillier
+    does it with additive encryption under the sites' shared key.
     """
     if insecure and (certs is not None or mutual_tls):
         raise ConfigError("--insecure runs without TLS; it cannot be combined with --certs or --mutual-tls")
@@ -110,7 +120,10 @@ def server_command(
             f"no client tokens in {run_dir}: make one per site with `fedloom token create NAME --run-dir {run_dir}` "
             "(or `fedloom invite NAME ...`)"
         )
-    loaded = with_secagg(with_strategy(load_job(job), strategy, strategy_arg), secagg, secagg_degree)
+    public = None if paillier is None else read_public_key(paillier)
+    loaded = with_protection(
+        with_strategy(load_job(job), strategy, strategy_arg), secagg=secagg, degree=secagg_degree, paillier=public
+    )
     limit_torch_threads(threads)
     identity = {
         "job": loaded.name,

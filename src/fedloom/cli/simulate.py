@@ -19,6 +19,8 @@ from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, Parti
 from fedloom.core.errors import ConfigError
 from fedloom.job import Job, load_job
 from fedloom.privacy.dp import DPFedAvg
+from fedloom.privacy.he import PaillierAgg
+from fedloom.privacy.paillier import PublicKey
 from fedloom.privacy.secure import SecAgg
 from fedloom.simulation import simulate
 from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
@@ -71,17 +73,37 @@ SecAggDegreeOption = Annotated[
 ]
 
 
-def with_secagg(job: Job, secagg: bool, degree: int | None) -> Job:
-    """``job`` with its strategy wrapped in :class:`~fedloom.privacy.SecAgg` for ``--secagg``."""
+PaillierOption = Annotated[
+    bool,
+    typer.Option(
+        "--paillier",
+        help="Aggregate under Paillier encryption: the server adds the clients' encrypted updates and one client "
+        "decrypts only the sum. The run makes the simulated clients' key pair. FedAvg-based strategies only.",
+        rich_help_panel=_PANEL_FIT,
+    ),
+]
+
+
+def with_protection(
+    job: Job, *, secagg: bool = False, degree: int | None = None, paillier: PublicKey | bool | None = None
+) -> Job:
+    """``job`` with its strategy wrapped for ``--secagg`` (:class:`~fedloom.privacy.SecAgg`) or ``--paillier``
+    (:class:`~fedloom.privacy.PaillierAgg`; a public key in a deployment, ``True`` in a simulation)."""
     if degree is not None and not secagg:
         raise ConfigError("--secagg-degree needs --secagg")
-    if not secagg:
+    if secagg and paillier:
+        raise ConfigError("--secagg and --paillier are two ways to hide the updates; choose one")
+    if not secagg and not paillier:
         return job
-    if not isinstance(job.strategy, (FedAvg, DPFedAvg)):
-        raise ConfigError(
-            f"--secagg sums FedAvg's updates (or DP-FedAvg's); job {job.name!r} uses {type(job.strategy).__name__}"
-        )
-    return dataclasses.replace(job, strategy=SecAgg(job.strategy, degree=degree))
+    strategy = job.strategy
+    flag = "--secagg" if secagg else "--paillier"
+    if not isinstance(strategy, (FedAvg, DPFedAvg)) or (paillier and not isinstance(strategy, FedAvg)):
+        raise ConfigError(f"{flag} sums FedAvg's updates; job {job.name!r} uses {type(strategy).__name__}")
+    if secagg:
+        return dataclasses.replace(job, strategy=SecAgg(strategy, degree=degree))
+    assert isinstance(strategy, FedAvg)
+    key = paillier if isinstance(paillier, PublicKey) else None
+    return dataclasses.replace(job, strategy=PaillierAgg(strategy, public_key=key))
 
 
 def simulate_command(
@@ -116,6 +138,7 @@ def simulate_command(
     strategy_arg: StrategyArgOption = None,
     secagg: SecAggOption = False,
     secagg_degree: SecAggDegreeOption = None,
+    paillier: PaillierOption = False,
     fraction: Annotated[
         float | None, typer.Option(help="Fraction C of clients trained per round.", rich_help_panel=_PANEL_FIT)
     ] = None,
@@ -217,6 +240,7 @@ def simulate_command(
                 "--strategy": strategy,
                 "--strategy-arg": strategy_arg,
                 "--secagg": secagg or None,
+                "--paillier": paillier or None,
                 "--attack": attack,
                 "--fraction": fraction,
                 "--min-clients": min_clients,
@@ -263,7 +287,7 @@ def simulate_command(
         strategy={"fraction": fraction, "min_clients": min_clients, "clients_per_round": clients_per_round},
         fit={"local_epochs": local_epochs, "local_steps": local_steps, "batch_size": batch_size, "lr": lr},
     )
-    configured = with_secagg(configured, secagg, secagg_degree)
+    configured = with_protection(configured, secagg=secagg, degree=secagg_degree, paillier=paillier)
     console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
     sim = configured.simulation
     _announce_run(console)

@@ -10,7 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from fedloom.privacy.accounting import ACCOUNTANTS, Accountant, epsilon, noise_multiplier
 from fedloom.privacy.dp import DPFedAvg, DPState
+from fedloom.privacy.he import PaillierAgg
 from fedloom.privacy.paillier import EncryptedVector, KeyPair, PaillierError, PublicKey
+from fedloom.privacy.protocols import ClientProtocols
 from fedloom.privacy.secagg import SecAggError
 from fedloom.privacy.secure import SecAgg, SecAggSessions
 
@@ -20,11 +22,13 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCOUNTANTS",
     "Accountant",
+    "ClientProtocols",
     "DPFedAvg",
     "DPSGDTask",
     "DPState",
     "EncryptedVector",
     "KeyPair",
+    "PaillierAgg",
     "PaillierError",
     "PublicKey",
     "SecAgg",

@@ -46,19 +46,26 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedloom.core.errors import ConfigError, DecodeError, InvalidUpdateError, NotEnoughClientsError
-from fedloom.core.message import Message, MessageKind
+from fedloom.core.errors import ConfigError, DecodeError, NotEnoughClientsError
+from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
-from fedloom.core.validation import check_update
 from fedloom.privacy import shamir
 from fedloom.privacy.dp import DPFedAvg, DPState
 from fedloom.privacy.quantize import Quantizer
 from fedloom.privacy.secagg import SecAggClient, SecAggError, SecAggServer, neighbourhoods
+from fedloom.privacy.updates import (
+    Layout,
+    fit_vector,
+    layout_of,
+    mean_encoding,
+    mean_release,
+    quantizer_of,
+    unflatten,
+    vector_length,
+)
 from fedloom.strategy.base import AsyncStrategy, FitProtocol, ProtocolResult, ReshapingStrategy
 from fedloom.strategy.fedavg import FedAvg, FedAvgState
-from fedloom.strategy.local import local_args
-from fedloom.strategy.robust import clip_to_norm
 
 __all__ = ["SECAGG_KINDS", "SecAgg", "SecAggSessions"]
 
@@ -68,6 +75,7 @@ ADVERTISE, KEYS = "secagg.advertise", "secagg.keys"
 SHARE, SHARES = "secagg.share", "secagg.shares"
 MASK, MASKED = "secagg.mask", "secagg.masked"
 UNMASK, UNMASKED = "secagg.unmask", "secagg.unmasked"
+REFUSED = "secagg.refused"
 #: The instructions a client answers with :class:`SecAggSessions`.
 SECAGG_KINDS = frozenset({ADVERTISE, SHARE, MASK, UNMASK})
 
@@ -178,14 +186,13 @@ class SecAgg:
             raise NotEnoughClientsError(
                 f"round {server_round}: secure aggregation needs at least 2 clients, {len(cohort)} were chosen"
             )
-        layout = _layout(instructions)
+        layout = layout_of(instructions)
         party = {cid: p for p, cid in enumerate(cohort, start=1)}
         client = {p: cid for cid, p in party.items()}
         t, overall = self.thresholds(len(cohort))
         encoding = self._encoding(state, len(cohort), overall)
-        weighted = encoding["mode"] == "mean"
-        length = sum(int(np.prod(shape)) for shape in layout.values()) + int(weighted)
-        quantizer = _quantizer(encoding)
+        length = vector_length(layout, encoding)
+        quantizer = quantizer_of(encoding)
         server = SecAggServer(threshold=t, quantizer=quantizer, length=length)
         base = {"round": server_round, "session": secrets.token_hex(16)}
 
@@ -243,37 +250,26 @@ class SecAgg:
                 1.0 + 4.0 * self.strategy.noise_multiplier / math.sqrt(overall)
             )
             return {"mode": "dp", "range": value_range, "clients": cohort, "clip_norm": state.clip, "noise": noise}
-        return {
-            "mode": "mean",
-            "range": self.value_range or 1.0,
-            "clients": cohort,
-            "clip_norm": self.strategy.clip_norm,
-            "weight_cap": self.weight_cap,
-        }
+        return mean_encoding(self.strategy, self.value_range or 1.0, cohort, self.weight_cap)
 
     def _release(
         self,
         server_round: int,
         state: Any,
         total: npt.NDArray[np.float64],
-        layout: Mapping[str, tuple[int, ...]],
+        layout: Layout,
         survivors: int,
         quantizer: Quantizer,
     ) -> tuple[Any, dict[str, float]]:
         if isinstance(self.strategy, DPFedAvg):
-            noised = _unflatten(total, layout)
+            noised = unflatten(total, layout)
             new_state, metrics = self.strategy.release(server_round, state, noised, survivors)
             scale = self.strategy.sample_rate * self.strategy.num_clients
             return new_state, {**metrics, "secagg_bound": quantizer.bound(survivors) / scale}
-        weight = float(total[-1])
-        if not weight > 0:
-            raise NotEnoughClientsError(f"round {server_round}: the surviving clients have no training examples")
-        mean = _unflatten(total[:-1] / weight, layout)
         assert isinstance(state, FedAvgState)
         assert isinstance(self.strategy, FedAvg)
-        return self.strategy.apply_update(server_round, state, mean), {
-            "secagg_bound": quantizer.bound(survivors) / weight
-        }
+        after, weight = mean_release(self.strategy, server_round, state, total, layout)
+        return after, {"secagg_bound": quantizer.bound(survivors) / weight}
 
 
 class SecAggSessions:
@@ -291,7 +287,9 @@ class SecAggSessions:
     def answer(self, message: Message, train: Callable[[Message], Message]) -> Message:
         """The reply to one ``secagg.*`` instruction; ``train`` runs a fit instruction on this client's data
         and returns the fit reply. Raises :class:`DecodeError` for a message that does not fit the protocol
-        (a step of a round this runtime does not have open) and :class:`SecAggError` for one that breaks it."""
+        (a step of a round this runtime does not have open). A step the client refuses because it would break
+        the protocol (a roster or survivor list below the threshold, a share that does not decrypt) is answered
+        ``secagg.refused`` with the reason, and the party's round is closed: the server counts it as gone."""
         try:
             session, number = str(message.metadata["session"]), int(message.metadata["party"])
             server_round = int(message.metadata["round"])
@@ -308,7 +306,16 @@ class SecAggSessions:
         opened = self._open.get(key)
         if opened is None:
             raise DecodeError(f"no open secure aggregation round for party {number} (step {message.kind})")
-        party = opened
+        try:
+            return self._step(opened, message, train, reply)
+        except SecAggError as refusal:
+            self._open.pop(key, None)
+            log.warning("secure aggregation round %d: party %d refuses: %s", server_round, number, refusal)
+            return Message(REFUSED, metadata={**reply, "reason": str(refusal)})
+
+    def _step(
+        self, party: _Party, message: Message, train: Callable[[Message], Message], reply: dict[str, Any]
+    ) -> Message:
         if message.kind == SHARE:
             roster = _roster_in(message.metadata.get("roster"))
             return Message(SHARES, metadata={**reply, "shares": _b64map(party.client.share_keys(roster))})
@@ -317,7 +324,7 @@ class SecAggSessions:
             vector = party.encode(message, train)
             return Message(MASKED, Params({"masked": party.client.masked_input(shares, vector)}), reply)
         if message.kind == UNMASK:
-            del self._open[key]  # answered once, never again
+            del self._open[(reply["session"], reply["party"])]  # answered once, never again
             survivors = [int(v) for v in message.metadata.get("survivors", ())]
             answers = party.client.unmask(survivors)
             return Message(
@@ -341,59 +348,17 @@ class _Party:
             mode = encoding["mode"]
             if mode not in ("mean", "dp"):
                 raise ValueError(mode)
-            quantizer = _quantizer(encoding)
+            quantizer = quantizer_of(encoding)
         except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise DecodeError(f"a secure aggregation round with an encoding this client cannot use: {exc}") from None
         return _Party(SecAggClient(number, threshold, quantizer), encoding)
 
     def encode(self, message: Message, train: Callable[[Message], Message]) -> npt.NDArray[np.float64]:
         """Train on the fit instruction in ``message`` and return the flat vector to mask (module docstring)."""
-        instruction = Message(MessageKind.FIT, message.params, _mapping(message.metadata.get("instruction")))
-        if local_args(instruction) is not None:
-            raise DecodeError("secure aggregation carries a plain fit; this one names a local algorithm")
-        result = FitResult.from_message(train(instruction))
-        try:
-            check_update(message.params, result.params)
-        except InvalidUpdateError as exc:
-            raise DecodeError(f"the task's update does not fit the model it was sent: {exc}") from None
-        sent = message.params
-        update = Params({n: np.asarray(result.params[n], np.float64) - np.asarray(sent[n], np.float64) for n in sent})
-        clip = self.encoding.get("clip_norm")
-        if clip is not None:
-            update = clip_to_norm(update, float(clip))
-        flat = np.concatenate([update[n].reshape(-1) for n in update]) if len(update) else np.zeros(0)
-        if self.encoding["mode"] == "mean":  # each coordinate within the range, before weighting
-            value_range = float(self.encoding["range"])
-            flat = np.clip(flat, -value_range, value_range)
-        if self.encoding["mode"] == "dp":
-            noise = float(self.encoding["noise"])
-            return flat + np.random.default_rng(secrets.randbits(128)).normal(0.0, noise, flat.shape)
-        cap = int(self.encoding["weight_cap"])
-        weight = min(result.num_examples, cap) / cap
-        return np.concatenate([flat * weight, [weight]])
+        return fit_vector(message.params, _mapping(message.metadata.get("instruction")), self.encoding, train)
 
 
 # -- encoding on the wire (metadata is JSON: bytes travel as base64) ---------------------------------------------
-
-
-def _layout(instructions: Mapping[str, Message]) -> dict[str, tuple[int, ...]]:
-    layouts = {tuple((n, a.shape) for n, a in m.params.items()) for m in instructions.values()}
-    if len(layouts) != 1:
-        raise ConfigError("secure aggregation sums one model: every client of a round must be sent the same layout")
-    return dict(layouts.pop())
-
-
-def _unflatten(flat: npt.NDArray[np.float64], layout: Mapping[str, tuple[int, ...]]) -> Params:
-    arrays, start = {}, 0
-    for name, shape in layout.items():
-        size = int(np.prod(shape))
-        arrays[name] = flat[start : start + size].reshape(shape)
-        start += size
-    return Params(arrays, copy=False)
-
-
-def _quantizer(encoding: Mapping[str, Any]) -> Quantizer:
-    return Quantizer(clip=float(encoding["range"]), clients=int(encoding["clients"]))
 
 
 def _b64(data: bytes) -> str:

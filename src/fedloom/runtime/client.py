@@ -7,7 +7,7 @@ from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.core.results import parse_instruction
 from fedloom.data.base import ClientData
-from fedloom.privacy.secure import SECAGG_KINDS, SecAggSessions
+from fedloom.privacy.protocols import PROTOCOL_KINDS, ClientProtocols
 from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.catalog import LOCAL_ALGORITHMS
 from fedloom.strategy.local import Client, ClientState, local_args
@@ -21,13 +21,13 @@ def handle_instruction(
     data: ClientData,
     message: Message,
     state: ClientState | None = None,
-    sessions: SecAggSessions | None = None,
+    protocols: ClientProtocols | None = None,
 ) -> Message:
     """Run a ``fit`` (on ``data.train``) or ``evaluate`` (on ``data.test``) instruction and return the reply.
 
-    A secure aggregation step (``secagg.*``) is answered by ``sessions``, the runtime's open rounds
-    (:class:`~fedloom.privacy.SecAggSessions`), which trains through this function when its step comes; a runtime
-    that gives none cannot take part (:class:`ConfigError`).
+    A step of secure aggregation (``secagg.*``) or of Paillier aggregation (``he.*``) is answered by
+    ``protocols``, the runtime's :class:`~fedloom.privacy.ClientProtocols`, which trains through this function when
+    its step comes; a runtime that gives none cannot take part (:class:`ConfigError`).
 
     An instruction that names a local algorithm (SCAFFOLD, Ditto, ...; see :mod:`fedloom.strategy.local`) runs
     it with ``state``, this client's persistent state (a :class:`~fedloom.runtime.state.DirectoryState` as of
@@ -36,10 +36,10 @@ def handle_instruction(
     know, and :class:`ConfigError` when the algorithm keeps state and no ``state`` was given; whatever the task
     raises propagates, so each runtime decides how to report it.
     """
-    if message.kind in SECAGG_KINDS:
-        if sessions is None:
+    if message.kind in PROTOCOL_KINDS:
+        if protocols is None:
             raise ConfigError(f"this client runtime keeps no secure aggregation state, and was sent {message.kind}")
-        return sessions.answer(message, lambda fit: handle_instruction(task, data, fit, state))
+        return protocols.answer(message, lambda fit: handle_instruction(task, data, fit, state))
     kind, server_round, params, fit_config = parse_instruction(message)
     local = local_args(message)
     if local is None:

@@ -322,9 +322,10 @@ class RunRecorder:
         if self._ledger_head is None:
             self._ledger_head = ledger.head(path, self._run_id)
         metrics = record.metrics
-        # What protected an update on the wire beyond TLS. Under secure aggregation the digest is of the masked
-        # input, the only form of the update that left the client, and its example count stays secret (0).
-        protection = "secagg" if "secagg_survivors" in metrics else "none"
+        # What protected an update on the wire beyond TLS. Under secure aggregation (Paillier) the digest is of
+        # the masked input (the ciphertexts), the only form of the update that left the client, and its example
+        # count stays secret (0).
+        protection = "secagg" if "secagg_survivors" in metrics else "paillier" if "he_clients" in metrics else "none"
         entries = [
             {
                 "round": record.server_round,

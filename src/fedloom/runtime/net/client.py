@@ -31,7 +31,8 @@ import grpc
 from fedloom.core.codec import decode_message, message_parts
 from fedloom.core.errors import DecodeError, TransportError
 from fedloom.data.base import ClientData
-from fedloom.privacy.secure import SecAggSessions
+from fedloom.privacy.paillier import KeyPair
+from fedloom.privacy.protocols import ClientProtocols
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.frames import (
@@ -114,6 +115,7 @@ def run_client(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     credentials: grpc.ChannelCredentials | None = None,
     state: ClientState | None = None,
+    he_key: KeyPair | None = None,
 ) -> int:
     """Serve as the client that ``token`` names in the federation at ``server`` (``HOST:PORT``) until it says
     bye, and return how many instructions were answered.
@@ -124,7 +126,8 @@ def run_client(
     doubling from 0.5 s to 30 s, for ``retry_for`` seconds from the start or from when a connection was lost.
     ``heartbeat`` is the seconds between keepalive pings to the server. ``state`` is where this client keeps
     what an algorithm carries from round to round (SCAFFOLD's control variate...), across reconnects and
-    restarts: a :class:`~fedloom.runtime.state.DirectoryState` on this machine's disk. Raises
+    restarts: a :class:`~fedloom.runtime.state.DirectoryState` on this machine's disk. ``he_key`` is the
+    federation's shared Paillier key, where it aggregates under Paillier (:class:`~fedloom.privacy.PaillierAgg`). Raises
     :class:`~fedloom.core.errors.ConfigError` for a malformed address; :class:`TransportError` when the
     server stays out of reach for ``retry_for`` seconds, for a TLS mismatch (naming its likely cause), when
     the server refuses this client or ends its session; :class:`DecodeError` when it sends malformed frames.
@@ -144,7 +147,7 @@ def run_client(
             if failure is None:
                 if not tls:
                     log.warning("connected to %s without TLS: traffic is unencrypted", server)
-                session = _Session(task, data, channel, server, chunk_size, max_message_bytes, state)
+                session = _Session(task, data, channel, server, chunk_size, max_message_bytes, state, he_key)
                 bye = session.run(token)
                 answered += session.answered
                 if bye:
@@ -174,10 +177,12 @@ class _Session:
         chunk_size: int,
         max_bytes: int,
         state: ClientState | None,
+        he_key: KeyPair | None,
     ) -> None:
         self._task = task
         self._state = state
-        self._sessions = SecAggSessions()  # this connection's open secure aggregation rounds, in memory only
+        # This connection's open secure aggregation rounds (in memory only), and the Paillier key if any.
+        self._protocols = ClientProtocols(he_key)
         self._data = data
         self._channel = channel
         self._server = server
@@ -271,7 +276,7 @@ class _Session:
         instruction = decode_message(encoded)
         del encoded
         try:
-            reply = handle_instruction(self._task, self._data, instruction, self._state, self._sessions)
+            reply = handle_instruction(self._task, self._data, instruction, self._state, self._protocols)
         except Exception:
             # Sending nothing makes the server count this client as dropped for the round; see the module's doc.
             log.exception("the task failed on the %s instruction %d; sending no reply", instruction.kind, message_id)

@@ -20,6 +20,7 @@ from typing import Any, cast
 from fedloom.core.config import AttackConfig, BackendConfig, SimulationConfig
 from fedloom.core.errors import ConfigError, user_code
 from fedloom.data.base import Federation
+from fedloom.privacy.paillier import KeyPair
 from fedloom.runtime.grid import Grid
 from fedloom.runtime.sim.attacks import AttackGrid, choose_attackers, describe_attackers, poison_federation
 from fedloom.runtime.sim.inline import InlineGrid
@@ -46,7 +47,12 @@ class Backend:
 
 @contextmanager
 def open_backend(
-    task: Task, data: Federation, config: SimulationConfig, *, job_file: str | None = None
+    task: Task,
+    data: Federation,
+    config: SimulationConfig,
+    *,
+    job_file: str | None = None,
+    he_key: KeyPair | None = None,
 ) -> Iterator[Backend]:
     """Open the backend ``config.backend`` asks for (``auto``: the fastest that supports ``task``), wrapped in
     the cross-device system model when ``config.system`` models availability or stragglers; close it on exit.
@@ -55,6 +61,7 @@ def open_backend(
     an attacker's reply is what arrives, if it arrives in time).
 
     ``job_file`` is the job's source file, which worker processes import before they unpickle the task.
+    ``he_key`` is the simulated clients' shared Paillier key (for :class:`~fedloom.privacy.PaillierAgg`).
     """
     settings = config.backend
     task = _on_device(task, settings.device)
@@ -66,7 +73,7 @@ def open_backend(
     with ExitStack() as stack:
         # What clients keep between rounds (SCAFFOLD's control variates...) lives for the simulation only.
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedloom-clients-"))
-        grid = _open(name, task, data, config, job_file, probed, state_dir)
+        grid = _open(name, task, data, config, job_file, probed, state_dir, he_key)
         if hasattr(grid, "close"):
             stack.callback(grid.close)
         if attackers:
@@ -152,10 +159,11 @@ def _open(
     job_file: str | None,
     probed: Any,
     state_dir: str,
+    he_key: KeyPair | None,
 ) -> Any:
     settings = config.backend
     if name == "inline":
-        return InlineGrid(task, data, dropout=config.dropout, seed=config.seed, state_dir=state_dir)
+        return InlineGrid(task, data, dropout=config.dropout, seed=config.seed, state_dir=state_dir, he_key=he_key)
     if name == "vectorized":
         from fedloom.runtime.sim.vectorized import VectorizedGrid
 
@@ -168,6 +176,7 @@ def _open(
             memory_budget_mb=settings.memory_budget_mb,
             probed=probed,
             state_dir=state_dir,
+            he_key=he_key,
         )
     if name == "process":
         from fedloom.runtime.sim.process import ProcessGrid
@@ -180,6 +189,7 @@ def _open(
             workers=settings.workers,
             job_file=job_file,
             state_dir=state_dir,
+            he_key=he_key,
         )
     from fedloom.runtime.sim.raygrid import RayGrid
 
@@ -192,6 +202,7 @@ def _open(
         address=settings.ray_address,
         job_file=job_file,
         state_dir=state_dir,
+        he_key=he_key,
     )
 
 

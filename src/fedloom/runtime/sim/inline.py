@@ -9,7 +9,8 @@ from fedloom.core.codec import decode_message, encode_message
 from fedloom.core.errors import user_code
 from fedloom.core.message import Message
 from fedloom.data.base import Federation
-from fedloom.privacy.secure import SecAggSessions
+from fedloom.privacy.paillier import KeyPair
+from fedloom.privacy.protocols import ClientProtocols
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
@@ -29,17 +30,25 @@ class InlineGrid:
     An exception raised by the task is user code failing, not a dropout: it ends the run as a
     :class:`JobError` that names the client. What a client keeps between rounds (SCAFFOLD's control variate,
     personal layers) goes to its own folder under ``state_dir``; without one, stateful algorithms cannot run.
+    ``he_key`` is the simulated clients' shared Paillier key, for :class:`~fedloom.privacy.PaillierAgg`.
     """
 
     def __init__(
-        self, task: Task, data: Federation, *, dropout: float = 0.0, seed: int = 0, state_dir: str | None = None
+        self,
+        task: Task,
+        data: Federation,
+        *,
+        dropout: float = 0.0,
+        seed: int = 0,
+        state_dir: str | None = None,
+        he_key: KeyPair | None = None,
     ) -> None:
         self._task = task
         self._state_dir = state_dir
         self._data = data
         self._dropout = dropout
         self._seed = seed
-        self._sessions = SecAggSessions()
+        self._protocols = ClientProtocols(he_key)  # secure aggregation's open rounds; the Paillier key
 
     def client_ids(self) -> Sequence[str]:
         return self._data.client_ids
@@ -58,7 +67,7 @@ class InlineGrid:
             start = time.perf_counter()
             with user_code(f"client {client_id} in {message.kind}"):
                 state = client_state(self._state_dir, client_id)
-                reply = handle_instruction(self._task, client_data, decode_message(down), state, self._sessions)
+                reply = handle_instruction(self._task, client_data, decode_message(down), state, self._protocols)
             seconds = time.perf_counter() - start
             up = encode_message(reply)
             replies[client_id] = Reply(decode_message(up), seconds, len(down), len(up))

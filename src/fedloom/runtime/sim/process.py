@@ -24,7 +24,8 @@ from fedloom.core.errors import (
 )
 from fedloom.core.message import Message
 from fedloom.data.base import ClientData, FederatedData, Federation
-from fedloom.privacy.secure import SecAggSessions
+from fedloom.privacy.paillier import KeyPair
+from fedloom.privacy.protocols import ClientProtocols
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
@@ -52,7 +53,9 @@ def _send(conn: Connection, header: Header, *payloads: bytes) -> None:
         conn.send_bytes(payload)
 
 
-def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None, state_root: str | None) -> None:
+def _worker_main(
+    conn: Connection, task_blob: bytes, job_file: str | None, state_root: str | None, he_key: bytes | None
+) -> None:
     """A worker: load the task, then answer ``run`` requests one at a time until ``stop`` or the parent goes.
 
     Request: a JSON header ``{"op": "run", "client", "kind", "data": bool, "keep": bool}``, then the client's
@@ -76,7 +79,7 @@ def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None, state
         return
     _send(conn, {"status": "ready"})
     cache: dict[str, ClientData] = {}
-    sessions = SecAggSessions()
+    protocols = ClientProtocols(KeyPair.from_bytes(he_key) if he_key is not None else None)
     try:
         while True:
             header = json.loads(conn.recv_bytes())
@@ -86,7 +89,7 @@ def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None, state
             data = decode_client_data(conn.recv_bytes()) if header["data"] else cache[client_id]
             if header["keep"]:
                 cache[client_id] = data
-            answer, up = run_client(task, data, client_id, header["kind"], conn.recv_bytes(), state_root, sessions)
+            answer, up = run_client(task, data, client_id, header["kind"], conn.recv_bytes(), state_root, protocols)
             _send(conn, answer, up)
     except (EOFError, OSError):
         return  # the parent closed the pipe or died: nobody is left to answer
@@ -98,7 +101,9 @@ def _worker_main(conn: Connection, task_blob: bytes, job_file: str | None, state
 class _Workers:
     """The worker processes and their pipes; kept apart from the grid so that a finalizer can stop them."""
 
-    def __init__(self, count: int, task_blob: bytes, job_file: str | None, state_root: str | None) -> None:
+    def __init__(
+        self, count: int, task_blob: bytes, job_file: str | None, state_root: str | None, he_key: bytes | None
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self.processes: list[BaseProcess] = []
         self.conns: list[Connection] = []
@@ -108,7 +113,7 @@ class _Workers:
                 here, there = context.Pipe(duplex=True)
                 process = context.Process(
                     target=_worker_main,
-                    args=(there, task_blob, job_file, state_root),
+                    args=(there, task_blob, job_file, state_root, he_key),
                     name=f"fedloom-worker-{index}",
                     daemon=True,
                 )
@@ -224,6 +229,7 @@ class ProcessGrid:
         workers: int | None = None,
         job_file: str | None = None,
         state_dir: str | None = None,
+        he_key: KeyPair | None = None,
     ) -> None:
         check_workers(workers)
         self._data = data
@@ -237,7 +243,8 @@ class ProcessGrid:
                 "factory as a module-level function in the job file, not a lambda or a nested function"
             ) from None
         count = min(workers or os.cpu_count() or 1, max(1, len(data.client_ids)))
-        self._workers = _Workers(count, task_blob, job_file, state_dir)
+        key = he_key.to_bytes() if he_key is not None else None
+        self._workers = _Workers(count, task_blob, job_file, state_dir, key)
         self._finalizer = weakref.finalize(self, self._workers.shutdown)
         self._has_data: list[set[str]] = [set() for _ in range(count)]
         # An in-memory federation is shipped once and kept by the workers; a lazy one (a million clients, each

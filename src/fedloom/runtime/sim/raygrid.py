@@ -20,7 +20,8 @@ from fedloom.core.codec import decode_message, encode_message
 from fedloom.core.errors import ConfigError, FedloomError, JobError
 from fedloom.core.message import Message
 from fedloom.data.base import ClientData, FederatedData, Federation
-from fedloom.privacy.secure import SecAggSessions
+from fedloom.privacy.paillier import KeyPair
+from fedloom.privacy.protocols import ClientProtocols
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
 from fedloom.runtime.sim.workers import (
@@ -47,13 +48,13 @@ _CONNECT_SECONDS = 5.0
 class _RayWorker:
     """A Ray actor: the task, the data of the clients it has been given to keep, and the inline client code."""
 
-    def __init__(self, task_blob: bytes, sys_path: list[str], state_root: str | None) -> None:
+    def __init__(self, task_blob: bytes, sys_path: list[str], state_root: str | None, he_key: bytes | None) -> None:
         # Modules importable in the driver (a test module, a package under development) are then importable
         # here too when this actor runs on the driver's machine; elsewhere, missing folders are skipped.
         sys.path.extend(folder for folder in sys_path if folder not in sys.path)
         self._cache: dict[str, ClientData] = {}
         self._state_root = state_root
-        self._sessions = SecAggSessions()
+        self._protocols = ClientProtocols(KeyPair.from_bytes(he_key) if he_key is not None else None)
         self._failure: Header | None = None
         try:
             self._task: Task = pickle.loads(task_blob)
@@ -79,7 +80,7 @@ class _RayWorker:
             client = decode_client_data(ray.get(data[0]))
             if keep:
                 self._cache[client_id] = client
-        return run_client(self._task, client, client_id, kind, down, self._state_root, self._sessions)
+        return run_client(self._task, client, client_id, kind, down, self._state_root, self._protocols)
 
 
 class RayGrid:
@@ -116,10 +117,12 @@ class RayGrid:
         address: str | None = None,
         job_file: str | None = None,
         state_dir: str | None = None,
+        he_key: KeyPair | None = None,
     ) -> None:
         check_workers(workers)
         ray = _import_ray()
         self._state_dir = state_dir
+        self._he_key = he_key.to_bytes() if he_key is not None else None
         self._ray = ray
         self._data = data
         self._dropout = dropout
@@ -219,7 +222,9 @@ class RayGrid:
         count = min(workers or cpus or 1, max(1, len(self._data.client_ids)))
         actor_class = ray.remote(num_cpus=1, max_restarts=0)(_RayWorker)
         task_ref = ray.put(task_blob)  # stored once, however many actors load it
-        self._actors.extend(actor_class.remote(task_ref, list(sys.path), self._state_dir) for _ in range(count))
+        self._actors.extend(
+            actor_class.remote(task_ref, list(sys.path), self._state_dir, self._he_key) for _ in range(count)
+        )
         try:
             failures = ray.get([actor.ready.remote() for actor in self._actors], timeout=_START_SECONDS)
         except ray.exceptions.GetTimeoutError:

@@ -31,7 +31,8 @@ from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult, parse_instruction
 from fedloom.data.base import ArrayData, Federation
-from fedloom.privacy.secure import SECAGG_KINDS, SecAggSessions
+from fedloom.privacy.paillier import KeyPair
+from fedloom.privacy.protocols import PROTOCOL_KINDS, ClientProtocols
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
@@ -105,6 +106,7 @@ class VectorizedGrid:
         memory_budget_mb: int | None = None,
         probed: ProbedModel | None = None,
         state_dir: str | None = None,
+        he_key: KeyPair | None = None,
     ) -> None:
         name = device if device is not None else getattr(task, "device", "cpu")
         if name.startswith("cuda") and not torch.cuda.is_available():
@@ -117,7 +119,7 @@ class VectorizedGrid:
         self._state_dir = state_dir
         self._dropout = dropout
         self._seed = seed
-        self._sessions = SecAggSessions()
+        self._protocols = ClientProtocols(he_key)
         self._device = torch.device(name)
         self._budget_mb = memory_budget_mb
         self._loss = str(task.loss)
@@ -148,11 +150,11 @@ class VectorizedGrid:
                 dropped.append(cid)
                 continue
             client = self._data.clients[cid]
-            if message.kind in SECAGG_KINDS or local_args(message) is not None:  # run it as inline does
+            if message.kind in PROTOCOL_KINDS or local_args(message) is not None:  # run it as inline does
                 began = time.perf_counter()
                 with user_code(f"client {cid} in {message.kind}"):
                     state = client_state(self._state_dir, cid)
-                    reply = handle_instruction(self._task, client, message, state, self._sessions)
+                    reply = handle_instruction(self._task, client, message, state, self._protocols)
                 done[cid] = (reply, time.perf_counter() - began)
                 continue
             kind, _round, params, config = parse_instruction(message)

@@ -24,7 +24,7 @@ from fedloom.core.errors import (
 )
 from fedloom.core.params import Params
 from fedloom.data.base import ArrayData, ClientData
-from fedloom.privacy.secure import SECAGG_KINDS, SecAggSessions
+from fedloom.privacy.protocols import PROTOCOL_KINDS, ClientProtocols
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.state import client_state
 from fedloom.task.base import Task
@@ -72,11 +72,11 @@ def run_client(
     kind: str,
     down: bytes,
     state_root: str | None = None,
-    sessions: SecAggSessions | None = None,
+    protocols: ClientProtocols | None = None,
 ) -> tuple[Header, bytes]:
     """Handle one encoded instruction in a worker, as the inline backend does in-process, with the client's
-    state in its folder under ``state_root`` (where given) and the worker's open secure aggregation rounds in
-    ``sessions``.
+    state in its folder under ``state_root`` (where given) and the worker's side of the aggregation protocols in
+    ``protocols``.
 
     Returns ``({"status": "ok", "seconds": s}, encoded reply)`` or, when anything raised,
     ``({"status": "error", "type": ..., "message": ..., "traceback": ...}, b"")`` for :func:`remote_error`.
@@ -85,7 +85,7 @@ def run_client(
         start = time.perf_counter()
         with user_code(f"client {client_id} in {kind}"):
             state = client_state(state_root, client_id)
-            reply = handle_instruction(task, data, decode_message(down), state, sessions)
+            reply = handle_instruction(task, data, decode_message(down), state, protocols)
         seconds = time.perf_counter() - start
         up = encode_message(reply)
     except Exception as exc:
@@ -156,7 +156,7 @@ class RoundQueues:
 
 def stays_home(messages: Mapping[str, Any]) -> bool:
     """Whether a round's clients must each run at their home worker (see :class:`RoundQueues`)."""
-    return any(getattr(message, "kind", None) in SECAGG_KINDS for message in messages.values())
+    return any(getattr(message, "kind", None) in PROTOCOL_KINDS for message in messages.values())
 
 
 def error_header(exc: BaseException) -> Header:

@@ -1,0 +1,114 @@
+"""What the aggregation protocols (secure aggregation, Paillier) share: how a client turns its fit into one flat
+vector to protect, and how the server turns the protected sum back into the new global model.
+
+An ``encoding`` (JSON, sent with the round) says how:
+
+- ``mode``: ``"mean"`` (FedAvg's example-weighted mean) or ``"dp"`` (DP-FedAvg's noised sum, noise added by
+  each client);
+- ``range``, ``clients``: the quantizer (values clipped to ``[-range, range]``, sums of up to ``clients``);
+- ``clip_norm``: an L2 bound on the whole update, applied by the client (``None``: none);
+- ``weight_cap`` (mean): a client's weight is ``min(n_k, weight_cap) / weight_cap``;
+- ``noise`` (dp): the standard deviation of each client's share of the Gaussian noise.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from fedloom.core.errors import ConfigError, DecodeError, InvalidUpdateError, NotEnoughClientsError
+from fedloom.core.message import Message, MessageKind
+from fedloom.core.params import Params
+from fedloom.core.results import FitResult
+from fedloom.core.validation import check_update
+from fedloom.privacy.quantize import Quantizer
+from fedloom.strategy.fedavg import FedAvg, FedAvgState
+from fedloom.strategy.local import local_args
+from fedloom.strategy.robust import clip_to_norm
+
+__all__ = ["Layout", "fit_vector", "layout_of", "mean_release", "quantizer_of", "unflatten"]
+
+Layout = dict[str, tuple[int, ...]]
+
+
+def layout_of(instructions: Mapping[str, Message]) -> Layout:
+    """The names and shapes of the model every client of the round was sent (the same for all, or
+    :class:`ConfigError`): what the protected sum is the sum of."""
+    layouts = {tuple((n, a.shape) for n, a in m.params.items()) for m in instructions.values()}
+    if len(layouts) != 1:
+        raise ConfigError("a protected sum is of one model: every client of a round must be sent the same layout")
+    return dict(layouts.pop())
+
+
+def vector_length(layout: Layout, encoding: Mapping[str, Any]) -> int:
+    """How many values a client protects: the model's, plus its weight for a mean."""
+    return sum(int(np.prod(shape)) for shape in layout.values()) + int(encoding["mode"] == "mean")
+
+
+def unflatten(flat: npt.NDArray[np.float64], layout: Layout) -> Params:
+    arrays, start = {}, 0
+    for name, shape in layout.items():
+        size = int(np.prod(shape))
+        arrays[name] = flat[start : start + size].reshape(shape)
+        start += size
+    return Params(arrays, copy=False)
+
+
+def quantizer_of(encoding: Mapping[str, Any]) -> Quantizer:
+    return Quantizer(clip=float(encoding["range"]), clients=int(encoding["clients"]))
+
+
+def mean_encoding(strategy: FedAvg, value_range: float, cohort: int, weight_cap: int) -> dict[str, Any]:
+    """The encoding of FedAvg's mean for a cohort of ``cohort``."""
+    return {
+        "mode": "mean",
+        "range": value_range,
+        "clients": cohort,
+        "clip_norm": strategy.clip_norm,
+        "weight_cap": weight_cap,
+    }
+
+
+def fit_vector(
+    params: Params, instruction: Mapping[str, Any], encoding: Mapping[str, Any], train: Callable[[Message], Message]
+) -> npt.NDArray[np.float64]:
+    """A client's side: train on the fit instruction (``params`` and its ``instruction`` metadata) through
+    ``train`` and return the flat float64 vector to protect, as ``encoding`` says (the module docstring).
+    Raises :class:`DecodeError` for an instruction that names a local algorithm, or an update that does not fit
+    the model it was sent."""
+    fit = Message(MessageKind.FIT, params, instruction)
+    if local_args(fit) is not None:
+        raise DecodeError("a protected sum carries a plain fit; this one names a local algorithm")
+    result = FitResult.from_message(train(fit))
+    try:
+        check_update(params, result.params)
+    except InvalidUpdateError as exc:
+        raise DecodeError(f"the task's update does not fit the model it was sent: {exc}") from None
+    update = Params({n: np.asarray(result.params[n], np.float64) - np.asarray(params[n], np.float64) for n in params})
+    clip = encoding.get("clip_norm")
+    if clip is not None:
+        update = clip_to_norm(update, float(clip))
+    flat = np.concatenate([update[n].reshape(-1) for n in update]) if len(update) else np.zeros(0)
+    if encoding["mode"] == "dp":
+        noise = float(encoding["noise"])
+        return flat + np.random.default_rng(secrets.randbits(128)).normal(0.0, noise, flat.shape)
+    value_range = float(encoding["range"])
+    flat = np.clip(flat, -value_range, value_range)  # each coordinate within the range, before weighting
+    cap = int(encoding["weight_cap"])
+    weight = min(result.num_examples, cap) / cap
+    return np.concatenate([flat * weight, [weight]])
+
+
+def mean_release(
+    strategy: FedAvg, server_round: int, state: FedAvgState, total: npt.NDArray[np.float64], layout: Layout
+) -> tuple[FedAvgState, float]:
+    """The server's side, for a mean: the state after the round from the sum of the clients' vectors (their
+    weighted updates, then their summed weight), and that summed weight."""
+    weight = float(total[-1])
+    if not weight > 0:
+        raise NotEnoughClientsError(f"round {server_round}: the clients summed have no training examples")
+    return strategy.apply_update(server_round, state, unflatten(total[:-1] / weight, layout)), weight
