@@ -124,6 +124,16 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
         ("digits", "--strategy", "fedbuff", "--fraction", "0.5", *SMALL),
         ("FedBuff keeps `concurrency` clients training", "do not apply"),
     ),
+    "dp_flag_without_noise": (("digits", "--dp-clip", "0.2", *SMALL), ("--dp-clip needs --dp-noise Z",)),
+    "secagg_and_paillier": (("digits", "--secagg", "--paillier", *SMALL), ("choose one",)),
+    "secagg_around_fedbuff": (
+        ("digits", "--strategy", "fedbuff", "--secagg", *SMALL),
+        ("SecAgg wraps FedAvg", "FedBuff"),
+    ),
+    "dp_around_fedbuff": (
+        ("digits", "--strategy", "fedbuff", "--dp-noise", "1", *SMALL),
+        ("DPFedAvg wraps a FedAvg", "FedBuff"),
+    ),
     "too_few_replies": (
         ("digits", "--clients", "10", "--rounds", "2", "--dropout", "0.95", "--min-clients", "5", "--local-steps", "1"),
         ("round 1:", "clients replied", "fewer than min_clients=5"),

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from fedloom.privacy import epsilon
+
 if TYPE_CHECKING:
     from conftest import Cli, CliResult
 
@@ -249,6 +251,20 @@ def test_paillier_decrypts_only_the_sum_and_lands_where_secagg_does(
     assert run.params_sha256() == digits_runs["secagg"].ok().params_sha256()
     ledger = [json.loads(line) for line in (run.run_dir(cli.cwd) / "ledger.jsonl").read_text().splitlines()]
     assert {e["protection"] for e in ledger} == {"paillier"}
+
+
+def test_dp_flags_run_dp_fedavg_and_stop_before_the_target_epsilon(cli: Cli, digits_runs: dict[str, CliResult]) -> None:
+    result = digits_runs["dp"].ok()
+    assert "the run ends before round 2: round 2 would bring epsilon to 3.955" in result.stderr
+    summary = _summary(result.run_dir(cli.cwd))
+    strategy = summary["config"]["strategy"]
+    assert (strategy["type"], strategy["num_clients"], strategy["delta"]) == ("DPFedAvg", 5, 1e-5)
+    assert [r["round"] for r in summary["rounds"]] == [1]
+    expected = epsilon(noise_multiplier=1.5, sample_rate=0.8, rounds=1, delta=1e-5)
+    assert summary["final"]["epsilon"] == pytest.approx(expected)
+    assert summary["final"]["dp_clip"] == 0.2
+    spent = cli.run("privacy", "spent", str(result.run_dir(cli.cwd))).ok()
+    assert f"DP-FedAvg (user level): epsilon {expected:.4f} at delta 1e-05 after round 1" in spent.stdout
 
 
 def test_fedbuff_runs_asynchronously_on_a_simulated_clock(cli: Cli, digits_runs: dict[str, CliResult]) -> None:

@@ -226,7 +226,7 @@ def test_paillier_over_grpc_gives_the_simulations_model_bit_for_bit(procs: Proce
     assert (procs.cwd / "he-keys" / "paillier.key").stat().st_mode & 0o077 == 0  # the sites' secret: owner only
     simulation = procs.start(
         *("simulate", "slow_digits.py", "--clients", "3", "--rounds", "2", "--seed", "5", "--backend", "inline"),
-        *("--quiet", "--out", "sim-paillier", "--paillier"),
+        *("--quiet", "--out", "sim-paillier", "--paillier", "--paillier-bits", "1024"),
     )
     server = procs.start(
         *server_args(address, "paillier", 2, "--min-clients", "3", "--paillier", "he-keys/paillier.pub")

@@ -130,3 +130,12 @@ def test_a_run_stops_before_the_round_that_would_exceed_its_budget(caplog):
 def test_bad_settings_are_config_errors(arguments, message):
     with pytest.raises(ConfigError, match=message):
         DPFedAvg(**{"num_clients": 10, **arguments})
+
+
+def test_only_a_plain_fedavg_is_wrapped():
+    from fedloom.strategy import FedBuff, FedPer, FedProx
+
+    DPFedAvg(FedProx(mu=0.1), num_clients=10, delta=1e-3)  # FedProx is FedAvg with a proximal term
+    for other in (FedBuff(), FedPer()):
+        with pytest.raises(ConfigError, match=f"got {type(other).__name__}"):
+            DPFedAvg(other, num_clients=10, delta=1e-3)

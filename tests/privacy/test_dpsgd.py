@@ -4,6 +4,9 @@ accountant against dp-accounting itself, the Task contract, and a small simulate
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import dp_accounting
@@ -16,6 +19,7 @@ import fedloom as fl
 from fedloom.core import ConfigError, DataError, FitConfig, Params
 from fedloom.data import ArrayData, load_digits
 from fedloom.privacy import DPSGDTask, epsilon
+from fedloom.privacy.accounting import composed_epsilon
 from fedloom.tracking import RunStore
 
 ONE_STEP = FitConfig(local_epochs=None, local_steps=1, lr=1.0, seed=0)
@@ -198,3 +202,31 @@ def test_a_simulated_federation_records_each_clients_epsilon(tmp_path):
         )
         spent[steps] = max(c.metrics["dp_sgd_epsilon_round"] for c in fits)
     assert 0 < spent[2] < spent[8] < math.inf
+
+
+def test_fedloom_privacy_spent_composes_each_clients_fits(tmp_path):
+    job = fl.load_job("digits")
+    task = DPSGDTask(job.task, noise_multiplier=1.2, max_grad_norm=1.0)
+    simulation = replace(
+        job.simulation, num_clients=3, rounds=3, partition=fl.PartitionConfig(scheme="iid"),
+        backend=fl.BackendConfig(name="inline"),
+    )  # fmt: skip
+    strategy = replace(job.strategy, fit=FitConfig(local_epochs=None, local_steps=4, batch_size=16, lr=0.1))
+    run = fl.simulate(replace(job, task=task, strategy=strategy), simulation=simulation, runs_dir=tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-c", "from fedloom.cli.main import main; main()", "privacy", "spent", run.run_id],
+        cwd=tmp_path, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    # Every client trained in all 3 rounds, 4 steps each at the same q: 12 steps of one mechanism.
+    fits = [c for r in run.history for c in r.clients if c.phase == "fit"]
+    q = fits[0].metrics["dp_sgd_sample_rate"]
+    expected = epsilon(noise_multiplier=1.2, sample_rate=q, rounds=12, delta=1e-5)
+    lines = [line for line in done.stdout.splitlines() if "3 fits  12 steps" in line]
+    assert len(lines) == 3, done.stdout
+    for line in lines:
+        assert float(line.rsplit("epsilon ", 1)[1]) == pytest.approx(expected, abs=1e-4)
+    assert f"most spent: {expected:.4f}" in done.stdout
+    # Composing the fits one by one is composing the steps: the same number as one self-composed mechanism.
+    assert composed_epsilon([(1.2, q, 4)] * 3, delta=1e-5) == pytest.approx(expected)
+    assert composed_epsilon([(1.2, q, 4), (0.0, q, 1)], delta=1e-5) == math.inf

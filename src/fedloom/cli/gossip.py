@@ -19,6 +19,7 @@ _NOT_FOR_GOSSIP = (
     "--strategy-arg",
     "--secagg",
     "--paillier",
+    "--dp-noise",
     "--attack",
     "--fraction",
     "--min-clients",

@@ -9,9 +9,11 @@ from typing import Annotated
 
 import typer
 
+from fedloom.cli.runs import RunRef, RunsDir
 from fedloom.core.errors import ConfigError
-from fedloom.privacy.accounting import ACCOUNTANTS, epsilon, noise_multiplier
+from fedloom.privacy.accounting import ACCOUNTANTS, Accountant, composed_epsilon, epsilon, noise_multiplier
 from fedloom.privacy.paillier import KeyPair, PublicKey
+from fedloom.tracking import RunStore
 
 KEY_FILE, PUBLIC_FILE = "paillier.key", "paillier.pub"
 
@@ -30,10 +32,11 @@ AccountantOption = Annotated[
 ]
 
 
-def _accountant(name: str) -> str:
-    if name.lower() not in ACCOUNTANTS:
-        raise ConfigError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}, got {name!r}")
-    return name.lower()
+def _accountant(name: str) -> Accountant:
+    for known in ACCOUNTANTS:
+        if name.lower() == known:
+            return known
+    raise ConfigError(f"--accountant must be one of {', '.join(ACCOUNTANTS)}, got {name!r}")
 
 
 @app.command("epsilon")
@@ -52,7 +55,7 @@ def epsilon_command(
         sample_rate=sample_rate,
         rounds=rounds,
         delta=delta,
-        accountant=_accountant(accountant),  # type: ignore[arg-type]
+        accountant=_accountant(accountant),
     )
     typer.echo(
         f"epsilon {spent:.4f} at delta {delta:g} ({accountant.lower()}; z={noise_multiplier_:g}, "
@@ -75,9 +78,9 @@ def noise_command(
         sample_rate=sample_rate,
         rounds=rounds,
         delta=delta,
-        accountant=chosen,  # type: ignore[arg-type]
+        accountant=chosen,
     )
-    check = epsilon(noise_multiplier=z, sample_rate=sample_rate, rounds=rounds, delta=delta, accountant=chosen)  # type: ignore[arg-type]
+    check = epsilon(noise_multiplier=z, sample_rate=sample_rate, rounds=rounds, delta=delta, accountant=chosen)
     typer.echo(
         f"noise multiplier {z:.4f} (epsilon {check:.4f} at delta {delta:g}; {chosen}, q={sample_rate:g}, "
         f"{rounds} rounds)"
@@ -123,3 +126,42 @@ def _read(path: Path, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the {what} {path}: {exc.strerror}") from None
+
+
+@app.command("spent")
+def spent_command(
+    run: RunRef,
+    runs: RunsDir = Path("runs"),
+    accountant: AccountantOption = "rdp",
+) -> None:
+    """What RUN spent: the epsilon its DP-FedAvg recorded in the last round and, for local DP-SGD
+    (DPSGDTask), each client's epsilon over all the rounds it trained in, composed by dp-accounting from the
+    sampling rate, noise and steps each of its fits recorded."""
+    store = RunStore(runs)
+    info = store.info(run)
+    rows = store.rounds(run)
+    last = rows[-1] if rows else {}
+    if last.get("epsilon") is not None:
+        central = f"epsilon {last['epsilon']:.4f} at delta {last['dp_delta']:g} after round {last['round']}"
+        typer.echo(f"DP-FedAvg (user level): {central}")
+    fits: dict[str, list[tuple[float, float, int]]] = {}
+    deltas = set()
+    for row in store.client_metrics(run):
+        metrics = row.get("metrics") or {}
+        if row["phase"] == "fit" and row["status"] == "ok" and "dp_sgd_noise_multiplier" in metrics:
+            mechanism = (metrics["dp_sgd_noise_multiplier"], metrics["dp_sgd_sample_rate"], int(metrics["steps"]))
+            fits.setdefault(row["client_id"], []).append(mechanism)
+            deltas.add(metrics["dp_sgd_delta"])
+    if not fits:
+        if last.get("epsilon") is None:
+            typer.echo(f"run {info.run_id} recorded no differential privacy")
+        return
+    if len(deltas) != 1:
+        raise ConfigError(f"run {info.run_id}'s clients used different deltas ({sorted(deltas)}); cannot compare")
+    delta = deltas.pop()
+    name = _accountant(accountant)
+    spent = {cid: composed_epsilon(m, delta=delta, accountant=name) for cid, m in sorted(fits.items())}
+    typer.echo(f"local DP-SGD (sample level), epsilon at delta {delta:g} by {name}, per client over its fits:")
+    for cid, value in spent.items():
+        typer.echo(f"  {cid}  {len(fits[cid])} fits  {sum(m[2] for m in fits[cid])} steps  epsilon {value:.4f}")
+    typer.echo(f"most spent: {max(spent.values()):.4f} ({max(spent, key=spent.__getitem__)})")

@@ -55,3 +55,9 @@ class ConsoleProgress:
     def on_round(self, record: RoundRecord, params: Params) -> None:
         self._progress.console.print(format_round(record, self._rounds), highlight=False)
         self._progress.advance(self._task_id)
+
+
+def metric_text(value: float) -> str:
+    """A final metric for a summary line: four decimals, or three significant digits where four decimals would
+    show a small value (a quantization bound, a delta) as 0.0000."""
+    return f"{value:.3g}" if value != 0 and abs(value) < 1e-3 else f"{value:.4f}"

@@ -10,16 +10,20 @@ import typer
 from rich.console import Console
 
 from fedloom.cli.privacy import read_public_key
-from fedloom.cli.progress import format_round
-from fedloom.cli.simulate import (
+from fedloom.cli.progress import format_round, metric_text
+from fedloom.cli.protection import (
+    PANEL,
+    DPClipOption,
+    DPDeltaOption,
+    DPFlags,
+    DPNoiseOption,
+    DPQuantileOption,
+    DPTargetOption,
     SecAggDegreeOption,
     SecAggOption,
-    StrategyArgOption,
-    StrategyOption,
-    limit_torch_threads,
     with_protection,
-    with_strategy,
 )
+from fedloom.cli.simulate import StrategyArgOption, StrategyOption, limit_torch_threads, with_strategy
 from fedloom.core.errors import ConfigError, FedloomError, user_code
 from fedloom.core.params import Params
 from fedloom.job import Job, describe, load_job
@@ -88,12 +92,26 @@ def server_command(
     strategy_arg: StrategyArgOption = None,
     secagg: SecAggOption = False,
     secagg_degree: SecAggDegreeOption = None,
+    dp_noise: DPNoiseOption = None,
+    dp_clip: DPClipOption = None,
+    dp_quantile: DPQuantileOption = None,
+    dp_delta: DPDeltaOption = None,
+    dp_target_epsilon: DPTargetOption = None,
+    dp_clients: Annotated[
+        int | None,
+        typer.Option(
+            help="With --dp-noise: the number of clients n sampled from (default: the valid tokens in --run-dir).",
+            min=1,
+            rich_help_panel=PANEL,
+        ),
+    ] = None,
     paillier: Annotated[
         Path | None,
         typer.Option(
             help="Aggregate under Paillier encryption with the sites' key: its public half (paillier.pub from "
             "`fedloom privacy paillier-keys`). The sites join with --paillier-key.",
             dir_okay=False,
+            rich_help_panel=PANEL,
         ),
     ] = None,
 ) -> None:
@@ -122,7 +140,12 @@ def server_command(
         )
     public = None if paillier is None else read_public_key(paillier)
     loaded = with_protection(
-        with_strategy(load_job(job), strategy, strategy_arg), secagg=secagg, degree=secagg_degree, paillier=public
+        with_strategy(load_job(job), strategy, strategy_arg),
+        num_clients=dp_clients if dp_clients is not None else tokens.count_valid(),
+        dp=DPFlags(dp_noise, dp_clip, dp_quantile, dp_delta, dp_target_epsilon),
+        secagg=secagg,
+        degree=secagg_degree,
+        paillier=public,
     )
     limit_torch_threads(threads)
     identity = {
@@ -167,7 +190,7 @@ def server_command(
     final: dict[str, float] = {}
     for record in result.history:
         final.update(record.metrics)
-    shown = "  ".join(f"{k} {v:.4f}" for k, v in final.items())
+    shown = "  ".join(f"{k} {metric_text(v)}" for k, v in final.items())
     console.print(f"finished run [bold]{recorder.run_id}[/]: {shown}", highlight=False)
     console.print(f"params_sha256 {result.params.sha256()}\nrun directory {run_dir}")
 

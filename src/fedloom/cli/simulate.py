@@ -14,17 +14,25 @@ import typer
 from rich.console import Console
 
 from fedloom.cli.gossip import check_gossip_flags, run_decentralized
-from fedloom.cli.progress import ConsoleProgress
+from fedloom.cli.progress import ConsoleProgress, metric_text
+from fedloom.cli.protection import (
+    DPClipOption,
+    DPDeltaOption,
+    DPFlags,
+    DPNoiseOption,
+    DPQuantileOption,
+    DPTargetOption,
+    PaillierBitsOption,
+    PaillierOption,
+    SecAggDegreeOption,
+    SecAggOption,
+    with_protection,
+)
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
 from fedloom.job import Job, load_job
-from fedloom.privacy.dp import DPFedAvg
-from fedloom.privacy.he import PaillierAgg
-from fedloom.privacy.paillier import PublicKey
-from fedloom.privacy.secure import SecAgg
 from fedloom.simulation import simulate
 from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
-from fedloom.strategy.fedavg import FedAvg
 from fedloom.strategy.gossip import TOPOLOGIES, check_topology
 from fedloom.strategy.sampling import ClientSampling
 
@@ -52,58 +60,6 @@ StrategyArgOption = Annotated[
         rich_help_panel=_PANEL_FIT,
     ),
 ]
-
-SecAggOption = Annotated[
-    bool,
-    typer.Option(
-        "--secagg",
-        help="Secure aggregation: the server learns only the sum of each round's updates (Bonawitz et al.). "
-        "The job's strategy must be FedAvg-based, or DP-FedAvg with fixed clipping (then the clients add the noise).",
-        rich_help_panel=_PANEL_FIT,
-    ),
-]
-SecAggDegreeOption = Annotated[
-    int | None,
-    typer.Option(
-        help="With --secagg: SecAgg+, each client masks with this many random neighbours instead of every other "
-        "client of the round (about 3 log2 of the cohort is enough).",
-        min=2,
-        rich_help_panel=_PANEL_FIT,
-    ),
-]
-
-
-PaillierOption = Annotated[
-    bool,
-    typer.Option(
-        "--paillier",
-        help="Aggregate under Paillier encryption: the server adds the clients' encrypted updates and one client "
-        "decrypts only the sum. The run makes the simulated clients' key pair. FedAvg-based strategies only.",
-        rich_help_panel=_PANEL_FIT,
-    ),
-]
-
-
-def with_protection(
-    job: Job, *, secagg: bool = False, degree: int | None = None, paillier: PublicKey | bool | None = None
-) -> Job:
-    """``job`` with its strategy wrapped for ``--secagg`` (:class:`~fedloom.privacy.SecAgg`) or ``--paillier``
-    (:class:`~fedloom.privacy.PaillierAgg`; a public key in a deployment, ``True`` in a simulation)."""
-    if degree is not None and not secagg:
-        raise ConfigError("--secagg-degree needs --secagg")
-    if secagg and paillier:
-        raise ConfigError("--secagg and --paillier are two ways to hide the updates; choose one")
-    if not secagg and not paillier:
-        return job
-    strategy = job.strategy
-    flag = "--secagg" if secagg else "--paillier"
-    if not isinstance(strategy, (FedAvg, DPFedAvg)) or (paillier and not isinstance(strategy, FedAvg)):
-        raise ConfigError(f"{flag} sums FedAvg's updates; job {job.name!r} uses {type(strategy).__name__}")
-    if secagg:
-        return dataclasses.replace(job, strategy=SecAgg(strategy, degree=degree))
-    assert isinstance(strategy, FedAvg)
-    key = paillier if isinstance(paillier, PublicKey) else None
-    return dataclasses.replace(job, strategy=PaillierAgg(strategy, public_key=key))
 
 
 def simulate_command(
@@ -139,6 +95,12 @@ def simulate_command(
     secagg: SecAggOption = False,
     secagg_degree: SecAggDegreeOption = None,
     paillier: PaillierOption = False,
+    paillier_bits: PaillierBitsOption = 2048,
+    dp_noise: DPNoiseOption = None,
+    dp_clip: DPClipOption = None,
+    dp_quantile: DPQuantileOption = None,
+    dp_delta: DPDeltaOption = None,
+    dp_target_epsilon: DPTargetOption = None,
     fraction: Annotated[
         float | None, typer.Option(help="Fraction C of clients trained per round.", rich_help_panel=_PANEL_FIT)
     ] = None,
@@ -241,6 +203,7 @@ def simulate_command(
                 "--strategy-arg": strategy_arg,
                 "--secagg": secagg or None,
                 "--paillier": paillier or None,
+                "--dp-noise": dp_noise,
                 "--attack": attack,
                 "--fraction": fraction,
                 "--min-clients": min_clients,
@@ -287,7 +250,16 @@ def simulate_command(
         strategy={"fraction": fraction, "min_clients": min_clients, "clients_per_round": clients_per_round},
         fit={"local_epochs": local_epochs, "local_steps": local_steps, "batch_size": batch_size, "lr": lr},
     )
-    configured = with_protection(configured, secagg=secagg, degree=secagg_degree, paillier=paillier)
+    dp = DPFlags(dp_noise, dp_clip, dp_quantile, dp_delta, dp_target_epsilon)
+    configured = with_protection(
+        configured,
+        num_clients=configured.simulation.num_clients,
+        dp=dp,
+        secagg=secagg,
+        degree=secagg_degree,
+        paillier=paillier,
+        paillier_bits=paillier_bits,
+    )
     console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
     sim = configured.simulation
     _announce_run(console)
@@ -300,7 +272,7 @@ def simulate_command(
             run = simulate(configured, runs_dir=out, observers=observers)
     else:
         run = simulate(configured, runs_dir=out)
-    final = "  ".join(f"{k} {v:.4f}" for k, v in run.final_metrics.items())
+    final = "  ".join(f"{k} {metric_text(v)}" for k, v in run.final_metrics.items())
     console.print(f"finished run [bold]{run.run_id}[/]: {final}", highlight=False)
     console.print(f"params_sha256 {run.params_sha256}\nrun directory {run.run_dir}", highlight=False)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -25,7 +25,7 @@ import dp_accounting
 
 from fedloom.core.errors import ConfigError
 
-__all__ = ["ACCOUNTANTS", "Accountant", "epsilon", "noise_multiplier"]
+__all__ = ["ACCOUNTANTS", "Accountant", "composed_epsilon", "epsilon", "noise_multiplier"]
 
 Accountant = Literal["rdp", "pld"]
 ACCOUNTANTS: tuple[Accountant, ...] = ("rdp", "pld")
@@ -81,6 +81,26 @@ def epsilon(
     counter = _fresh(accountant)
     with _quiet():
         counter.compose(_rounds_event(noise_multiplier, sample_rate, rounds))
+        return float(counter.get_epsilon(delta))
+
+
+def composed_epsilon(
+    mechanisms: Iterable[tuple[float, float, int]], *, delta: float, accountant: Accountant = "rdp"
+) -> float:
+    """The epsilon at ``delta`` of a sequence of Poisson-sampled Gaussian mechanisms, each ``(noise_multiplier,
+    sample_rate, steps)``: what one client spent over the rounds it took part in, when each round's DP-SGD had
+    its own sampling rate or number of steps. ``inf`` if any has no noise. Raises :class:`ConfigError` for values
+    out of range."""
+    counter = _fresh(accountant)
+    with _quiet():
+        for noise, sample_rate, steps in mechanisms:
+            _check(sample_rate=sample_rate, rounds=steps, delta=delta, accountant=accountant)
+            if not noise >= 0:
+                raise ConfigError(f"the noise multiplier must be >= 0, got {noise}")
+            if noise == 0 and steps:
+                return math.inf
+            if steps:
+                counter.compose(_rounds_event(noise, sample_rate, steps))
         return float(counter.get_epsilon(delta))
 
 

@@ -85,8 +85,10 @@ class DPFedAvg:
     noise_seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.strategy, FedAvg):
-            raise ConfigError(f"DPFedAvg wraps a FedAvg, got {type(self.strategy).__name__}")
+        if type(self.strategy) is not FedAvg:  # FedProx, FedAdam... are FedAvgs; FedBuff, FedPer, Ditto are more
+            raise ConfigError(
+                f"DPFedAvg wraps a FedAvg (FedProx, FedAdam... included), got {type(self.strategy).__name__}"
+            )
         if self.strategy.aggregator is not None or self.strategy.clip_norm is not None:
             raise ConfigError("DPFedAvg clips and averages itself: give its strategy no aggregator and no clip_norm")
         if self.strategy.clients_per_round is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,10 +27,17 @@ import numpy as np
 from fedloom.core.errors import ConfigError, DecodeError, NotEnoughClientsError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
-from fedloom.core.results import EvalResult, FitResult
 from fedloom.privacy import paillier
 from fedloom.privacy.paillier import EncryptedVector, KeyPair, PaillierError, PublicKey
-from fedloom.privacy.updates import fit_vector, layout_of, mean_encoding, mean_release, quantizer_of, vector_length
+from fedloom.privacy.updates import (
+    ProtocolWrapper,
+    fit_vector,
+    layout_of,
+    mean_encoding,
+    mean_release,
+    quantizer_of,
+    vector_length,
+)
 from fedloom.strategy.base import AsyncStrategy, FitProtocol, ProtocolResult, ReshapingStrategy
 from fedloom.strategy.fedavg import FedAvg, FedAvgState
 
@@ -46,7 +53,7 @@ _KEY_HOLDERS_TRIED = 3
 
 
 @dataclass(frozen=True)
-class PaillierAgg:
+class PaillierAgg(ProtocolWrapper):
     """Paillier aggregation (see the module docstring) around ``strategy``, a
     :class:`~fedloom.strategy.FedAvg` (any server optimizer and ``clip_norm``, applied by each client; no robust
     aggregator, which needs each update).
@@ -80,36 +87,6 @@ class PaillierAgg:
             raise ConfigError(f"value_range must be > 0, got {self.value_range}")
         if isinstance(self.weight_cap, bool) or not isinstance(self.weight_cap, int) or self.weight_cap < 1:
             raise ConfigError(f"weight_cap must be a whole number >= 1, got {self.weight_cap!r}")
-
-    @property
-    def min_clients(self) -> int:
-        return max(2, self.strategy.min_clients)
-
-    def init(self, params: Params) -> FedAvgState:
-        return self.strategy.init(params)
-
-    def params(self, state: FedAvgState) -> Params:
-        return self.strategy.params(state)
-
-    def configure_fit(
-        self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator
-    ) -> dict[str, Message]:
-        return self.strategy.configure_fit(server_round, state, clients, rng)
-
-    def aggregate_fit(
-        self, server_round: int, state: FedAvgState, results: Mapping[str, FitResult]
-    ) -> tuple[FedAvgState, dict[str, float]]:
-        raise ConfigError("PaillierAgg's training is a protocol (fit_protocol): run it with fedloom.runtime.run_rounds")
-
-    def configure_evaluate(
-        self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator
-    ) -> dict[str, Message]:
-        return self.strategy.configure_evaluate(server_round, state, clients, rng)
-
-    def aggregate_evaluate(
-        self, server_round: int, state: FedAvgState, results: Mapping[str, EvalResult]
-    ) -> dict[str, float]:
-        return self.strategy.aggregate_evaluate(server_round, state, results)
 
     def fit_protocol(
         self, server_round: int, state: FedAvgState, instructions: Mapping[str, Message]

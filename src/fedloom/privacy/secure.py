@@ -39,7 +39,7 @@ import hashlib
 import logging
 import math
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,13 +49,13 @@ import numpy.typing as npt
 from fedloom.core.errors import ConfigError, DecodeError, NotEnoughClientsError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
-from fedloom.core.results import EvalResult, FitResult
 from fedloom.privacy import shamir
 from fedloom.privacy.dp import DPFedAvg, DPState
 from fedloom.privacy.quantize import Quantizer
 from fedloom.privacy.secagg import SecAggClient, SecAggError, SecAggServer, neighbourhoods
 from fedloom.privacy.updates import (
     Layout,
+    ProtocolWrapper,
     fit_vector,
     layout_of,
     mean_encoding,
@@ -81,7 +81,7 @@ SECAGG_KINDS = frozenset({ADVERTISE, SHARE, MASK, UNMASK})
 
 
 @dataclass(frozen=True)
-class SecAgg:
+class SecAgg(ProtocolWrapper):
     """Secure aggregation (Bonawitz et al. 2017; SecAgg+ of Bell et al. 2020 with ``degree``) around
     ``strategy``: a :class:`~fedloom.strategy.FedAvg` (any server optimizer; no robust aggregator, which needs
     the individual updates) or a :class:`~fedloom.privacy.DPFedAvg` with fixed clipping (distributed DP). See the
@@ -126,36 +126,6 @@ class SecAgg:
             raise ConfigError(f"value_range must be > 0, got {self.value_range}")
         if isinstance(self.weight_cap, bool) or not isinstance(self.weight_cap, int) or self.weight_cap < 1:
             raise ConfigError(f"weight_cap must be a whole number >= 1, got {self.weight_cap!r}")
-
-    # -- the Strategy contract: everything but the fit's aggregation is the wrapped strategy's ---------------
-
-    @property
-    def min_clients(self) -> int:
-        return max(2, self.strategy.min_clients)
-
-    def init(self, params: Params) -> Any:
-        return self.strategy.init(params)
-
-    def params(self, state: Any) -> Params:
-        return self.strategy.params(state)
-
-    def configure_fit(
-        self, server_round: int, state: Any, clients: Sequence[str], rng: np.random.Generator
-    ) -> dict[str, Message]:
-        return self.strategy.configure_fit(server_round, state, clients, rng)
-
-    def aggregate_fit(
-        self, server_round: int, state: Any, results: Mapping[str, FitResult]
-    ) -> tuple[Any, dict[str, float]]:
-        raise ConfigError("SecAgg's training is a protocol (fit_protocol): run it with fedloom.runtime.run_rounds")
-
-    def configure_evaluate(
-        self, server_round: int, state: Any, clients: Sequence[str], rng: np.random.Generator
-    ) -> dict[str, Message]:
-        return self.strategy.configure_evaluate(server_round, state, clients, rng)
-
-    def aggregate_evaluate(self, server_round: int, state: Any, results: Mapping[str, EvalResult]) -> dict[str, float]:
-        return self.strategy.aggregate_evaluate(server_round, state, results)
 
     # -- the protocol ------------------------------------------------------------------------------------------
 

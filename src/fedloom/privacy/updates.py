@@ -14,7 +14,7 @@ An ``encoding`` (JSON, sent with the round) says how:
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -23,14 +23,14 @@ import numpy.typing as npt
 from fedloom.core.errors import ConfigError, DecodeError, InvalidUpdateError, NotEnoughClientsError
 from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
-from fedloom.core.results import FitResult
+from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
 from fedloom.privacy.quantize import Quantizer
 from fedloom.strategy.fedavg import FedAvg, FedAvgState
 from fedloom.strategy.local import local_args
 from fedloom.strategy.robust import clip_to_norm
 
-__all__ = ["Layout", "fit_vector", "layout_of", "mean_release", "quantizer_of", "unflatten"]
+__all__ = ["Layout", "ProtocolWrapper", "fit_vector", "layout_of", "mean_release", "quantizer_of", "unflatten"]
 
 Layout = dict[str, tuple[int, ...]]
 
@@ -112,3 +112,45 @@ def mean_release(
     if not weight > 0:
         raise NotEnoughClientsError(f"round {server_round}: the clients summed have no training examples")
     return strategy.apply_update(server_round, state, unflatten(total[:-1] / weight, layout)), weight
+
+
+class ProtocolWrapper:
+    """The :class:`~fedloom.strategy.base.Strategy` contract of a wrapper whose round's training is a protocol
+    (:class:`~fedloom.privacy.SecAgg`, :class:`~fedloom.privacy.PaillierAgg`): everything but the fit's
+    aggregation is the wrapped ``strategy``'s, and a round needs at least two clients (a sum of one is the
+    update)."""
+
+    strategy: Any
+
+    @property
+    def min_clients(self) -> int:
+        return max(2, int(self.strategy.min_clients))
+
+    def init(self, params: Params) -> Any:
+        return self.strategy.init(params)
+
+    def params(self, state: Any) -> Params:
+        params: Params = self.strategy.params(state)
+        return params
+
+    def configure_fit(
+        self, server_round: int, state: Any, clients: Sequence[str], rng: np.random.Generator
+    ) -> dict[str, Message]:
+        instructions: dict[str, Message] = self.strategy.configure_fit(server_round, state, clients, rng)
+        return instructions
+
+    def aggregate_fit(
+        self, server_round: int, state: Any, results: Mapping[str, FitResult]
+    ) -> tuple[Any, dict[str, float]]:
+        name = type(self).__name__
+        raise ConfigError(f"{name}'s training is a protocol (fit_protocol): run it with fedloom.runtime.run_rounds")
+
+    def configure_evaluate(
+        self, server_round: int, state: Any, clients: Sequence[str], rng: np.random.Generator
+    ) -> dict[str, Message]:
+        instructions: dict[str, Message] = self.strategy.configure_evaluate(server_round, state, clients, rng)
+        return instructions
+
+    def aggregate_evaluate(self, server_round: int, state: Any, results: Mapping[str, EvalResult]) -> dict[str, float]:
+        metrics: dict[str, float] = self.strategy.aggregate_evaluate(server_round, state, results)
+        return metrics
