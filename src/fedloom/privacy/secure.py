@@ -208,7 +208,9 @@ class SecAgg(ProtocolWrapper):
         }
         total = server.unmask(_read(replies, UNMASKED, party, _answers))
         state, metrics = self._release(server_round, state, total, layout, len(survivors), quantizer)
-        metrics.update(secagg_clients=float(len(cohort)), secagg_survivors=float(len(survivors)), secagg_threshold=t)
+        metrics.update(
+            secagg_clients=float(len(cohort)), secagg_survivors=float(len(survivors)), secagg_threshold=float(t)
+        )
         return ProtocolResult(state, metrics, used)
 
     def _encoding(self, state: Any, cohort: int, overall: int) -> dict[str, Any]:
