@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -107,3 +108,33 @@ def test_version(cli: Cli) -> None:
     import fedloom
 
     assert cli.run("--version").ok().stdout.strip() == f"fedloom {fedloom.__version__}"
+
+
+def test_compare_diffs_the_configs_and_lines_up_the_curves(cli: Cli, digits_runs: dict[str, CliResult]) -> None:
+    plain, secure = (digits_runs[name].ok().run_dir(cli.cwd) for name in ("happy", "secagg"))
+    done = cli.run("runs", "compare", str(plain), str(secure), "--metric", "central_accuracy").ok()
+    lines = done.stdout.splitlines()
+    assert lines[0].split() == ["A", plain.name]
+    assert lines[1].split() == ["B", secure.name]
+    assert ["strategy.type", "FedAvg", "SecAgg"] in [line.split() for line in lines]
+    assert ["strategy.strategy.type", "(absent)", "FedAvg"] in [line.split() for line in lines]
+    found = re.search(r"config: (\d+) settings the same, (\d+) differ", done.stdout)
+    assert found is not None
+    assert int(found.group(1)) > 10
+    rows = [line.split() for line in lines[lines.index("central_accuracy") :] if re.match(r"\s+\d+\s", line)]
+    expected = [
+        [
+            json.loads((run / "summary.json").read_text())["rounds"][r]["metrics"]["central_accuracy"]
+            for run in (plain, secure)
+        ]
+        for r in (0, 1)
+    ]
+    assert [[float(v) for v in row[1:]] for row in rows] == [pytest.approx(e, abs=5e-5) for e in expected]
+    assert [row[0] for row in rows] == ["1", "2"]
+
+
+def test_compare_needs_two_runs_and_shared_metrics(cli: Cli, digits_runs: dict[str, CliResult]) -> None:
+    plain = str(digits_runs["happy"].ok().run_dir(cli.cwd))
+    assert cli.run("runs", "compare", plain).error() == "compare needs two runs or more"
+    error = cli.run("runs", "compare", plain, plain, "--metric", "nope").error()
+    assert error.startswith("not recorded by every run: nope; shared metrics: central_accuracy, central_loss")

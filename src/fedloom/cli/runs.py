@@ -1,4 +1,4 @@
-"""``fedloom runs``: list, show and export recorded runs."""
+"""``fedloom runs``: list, show, compare and export recorded runs."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from fedloom.core.errors import ConfigError
 from fedloom.tracking import RunStore
+from fedloom.tracking.compare import config_diff, metric_table, shared_metrics
 from fedloom.tracking.store import ROUND_COLUMNS
 
-app = typer.Typer(help="List, show and export recorded runs.", no_args_is_help=True)
+app = typer.Typer(help="List, show, compare and export recorded runs.", no_args_is_help=True)
 
 RunsDir = Annotated[Path, typer.Option("--runs", help="Runs folder.")]
 RunRef = Annotated[str, typer.Argument(help="Run id, unique prefix, or run directory.")]
@@ -66,6 +68,45 @@ def show_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
     metric_names = sorted({k for row in rows for k in row} - set(ROUND_COLUMNS))
     columns = (*ROUND_COLUMNS, *metric_names)
     console.print(_table(columns, [tuple(_fmt(row.get(c)) for c in columns) for row in rows]))
+
+
+@app.command("compare")
+def compare_command(
+    run: Annotated[list[str], typer.Argument(help="Two or more runs: ids, unique prefixes, or run directories.")],
+    runs: RunsDir = Path("runs"),
+    metric: Annotated[
+        list[str] | None,
+        typer.Option(help="A metric to show round by round (repeat it); default: every metric all the runs share."),
+    ] = None,
+    rows: Annotated[int, typer.Option(help="Most rounds shown per metric (evenly spaced, last included).", min=2)] = 20,
+) -> None:
+    """Compare runs: the settings on which their configs differ, then each metric round by round, one column per
+    run (runs are lettered A, B, ... in the order given)."""
+    if len(run) < 2:
+        raise ConfigError("compare needs two runs or more")
+    store = RunStore(runs)
+    paths = [store.resolve(ref) for ref in run]
+    configs = [store.config(str(path)) for path in paths]
+    rounds = [store.rounds(str(path)) for path in paths]
+    labels = [chr(ord("A") + i) if i < 26 else f"R{i + 1}" for i in range(len(paths))]
+    console = Console(soft_wrap=True)
+    for label, path in zip(labels, paths, strict=True):
+        console.print(f"{label}  {path.name}", highlight=False)
+    differ, same = config_diff(configs)
+    console.print(f"\nconfig: {same} settings the same, {len(differ)} differ", highlight=False)
+    if differ:
+        console.print(_table(("setting", *labels), [(name, *(_fmt(v) for v in values)) for name, values in differ]))
+    available = shared_metrics(rounds, ROUND_COLUMNS)
+    chosen = metric or available
+    unknown = [m for m in chosen if m not in available]
+    if unknown:
+        raise ConfigError(
+            f"not recorded by every run: {', '.join(unknown)}; shared metrics: {', '.join(available) or 'none'}"
+        )
+    for name in chosen:
+        table = metric_table(rounds, name, rows)
+        console.print(f"\n{name}", highlight=False)
+        console.print(_table(("round", *labels), [(str(r), *(_fmt(v) for v in values)) for r, values in table]))
 
 
 @app.command("events")
