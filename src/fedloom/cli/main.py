@@ -13,7 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import typer
 from rich.console import Console
 
-from fedloom.cli import certs, client, ledger, partition, privacy, runs, server, simulate, tokens
+from fedloom.cli import certs, client, ledger, partition, privacy, report, runs, server, simulate, tokens
 from fedloom.core.errors import FedloomError
 
 app = typer.Typer(
@@ -52,6 +52,7 @@ app.add_typer(tokens.app, name="token")
 app.command("invite")(tokens.invite_command)
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(ledger.app, name="ledger")
+app.command("report")(report.report_command)
 
 _stderr = Console(stderr=True)
 
