@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -15,18 +14,13 @@ from rich.table import Table
 from fedloom.core.errors import ConfigError
 from fedloom.tracking import RunStore
 from fedloom.tracking.compare import config_diff, metric_table, shared_metrics
+from fedloom.tracking.report import number
 from fedloom.tracking.store import ROUND_COLUMNS
 
 app = typer.Typer(help="List, show, compare and export recorded runs.", no_args_is_help=True)
 
 RunsDir = Annotated[Path, typer.Option("--runs", help="Runs folder.")]
 RunRef = Annotated[str, typer.Argument(help="Run id, unique prefix, or run directory.")]
-
-
-def _fmt(value: object) -> str:
-    if isinstance(value, float):
-        return "-" if math.isnan(value) else f"{value:.4f}"
-    return "-" if value is None else str(value)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
@@ -51,7 +45,7 @@ def list_command(runs: RunsDir = Path("runs")) -> None:
     # width; the id starts with the creation time, so a separate column for it would only cost width.
     header = ("run", "name", "status", "rounds", "central_accuracy")
     rows = [
-        (info.run_id, info.name, info.status, str(info.rounds), _fmt(info.final_metrics.get("central_accuracy")))
+        (info.run_id, info.name, info.status, str(info.rounds), number(info.final_metrics.get("central_accuracy")))
         for info in infos
     ]
     console.print(_table(header, rows))
@@ -67,7 +61,7 @@ def show_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
     console.print(f"run [bold]{path.name}[/] in {path}", highlight=False)
     metric_names = sorted({k for row in rows for k in row} - set(ROUND_COLUMNS))
     columns = (*ROUND_COLUMNS, *metric_names)
-    console.print(_table(columns, [tuple(_fmt(row.get(c)) for c in columns) for row in rows]))
+    console.print(_table(columns, [tuple(number(row.get(c)) for c in columns) for row in rows]))
 
 
 @app.command("compare")
@@ -95,7 +89,7 @@ def compare_command(
     differ, same = config_diff(configs)
     console.print(f"\nconfig: {same} settings the same, {len(differ)} differ", highlight=False)
     if differ:
-        console.print(_table(("setting", *labels), [(name, *(_fmt(v) for v in values)) for name, values in differ]))
+        console.print(_table(("setting", *labels), [(name, *(number(v) for v in values)) for name, values in differ]))
     available = shared_metrics(rounds, ROUND_COLUMNS)
     chosen = metric or available
     unknown = [m for m in chosen if m not in available]
@@ -106,7 +100,7 @@ def compare_command(
     for name in chosen:
         table = metric_table(rounds, name, rows)
         console.print(f"\n{name}", highlight=False)
-        console.print(_table(("round", *labels), [(str(r), *(_fmt(v) for v in values)) for r, values in table]))
+        console.print(_table(("round", *labels), [(str(r), *(number(v) for v in values)) for r, values in table]))
 
 
 @app.command("events")
@@ -122,7 +116,7 @@ def events_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
     rows = [
         (
             f"{e['at']:%H:%M:%S.%f}"[:-3],
-            _fmt(e["round"]),
+            number(e["round"]),
             e["client_id"],
             e["event"],
             str(e["bytes"]) if e["bytes"] else "",

@@ -31,6 +31,7 @@ from fedloom.privacy import paillier
 from fedloom.privacy.paillier import EncryptedVector, KeyPair, PaillierError, PublicKey
 from fedloom.privacy.updates import (
     ProtocolWrapper,
+    check_summable,
     fit_vector,
     layout_of,
     mean_encoding,
@@ -38,7 +39,7 @@ from fedloom.privacy.updates import (
     quantizer_of,
     vector_length,
 )
-from fedloom.strategy.base import AsyncStrategy, FitProtocol, ProtocolResult, ReshapingStrategy
+from fedloom.strategy.base import FitProtocol, ProtocolResult
 from fedloom.strategy.fedavg import FedAvg, FedAvgState
 
 __all__ = ["HE_KINDS", "PaillierAgg", "answer_he"]
@@ -74,19 +75,17 @@ class PaillierAgg(ProtocolWrapper):
     weight_cap: int = 1000
 
     def __post_init__(self) -> None:
-        inner = self.strategy
-        if not isinstance(inner, FedAvg) or isinstance(inner, (AsyncStrategy, ReshapingStrategy)):
-            raise ConfigError(f"PaillierAgg wraps FedAvg, whose aggregate is a sum; got {type(inner).__name__}")
-        if inner.aggregator is not None:
-            raise ConfigError("a robust aggregator needs every update; under Paillier the server adds ciphertexts")
+        check_summable(
+            self.strategy,
+            wrapper="PaillierAgg",
+            wraps="FedAvg",
+            value_range=self.value_range,
+            weight_cap=self.weight_cap,
+        )
         if self.public_key is not None and not isinstance(self.public_key, PublicKey):
             raise ConfigError(f"public_key must be a fedloom.privacy.PublicKey, got {type(self.public_key).__name__}")
         if isinstance(self.key_bits, bool) or self.key_bits < paillier.MIN_KEY_BITS or self.key_bits % 2:
             raise ConfigError(f"key_bits must be an even number >= {paillier.MIN_KEY_BITS}, got {self.key_bits!r}")
-        if not self.value_range > 0:
-            raise ConfigError(f"value_range must be > 0, got {self.value_range}")
-        if isinstance(self.weight_cap, bool) or not isinstance(self.weight_cap, int) or self.weight_cap < 1:
-            raise ConfigError(f"weight_cap must be a whole number >= 1, got {self.weight_cap!r}")
 
     def fit_protocol(
         self, server_round: int, state: FedAvgState, instructions: Mapping[str, Message]
@@ -108,6 +107,7 @@ class PaillierAgg(ProtocolWrapper):
             for cid, m in instructions.items()
         }
         vectors: dict[str, EncryptedVector] = {}
+        used: dict[str, str] = {}  # client -> SHA-256 of the ciphertexts it sent, for the ledger
         for cid, reply in replies.items():
             try:
                 if cid not in instructions or reply.kind != ENCRYPTED or list(reply.params) != ["ciphertexts"]:
@@ -116,6 +116,7 @@ class PaillierAgg(ProtocolWrapper):
                 if vector.count != 1 or vector.length != length:
                     raise PaillierError(f"an encrypted update of {vector.count} x {vector.length}, not 1 x {length}")
                 vectors[cid] = vector
+                used[cid] = hashlib.sha256(reply.params["ciphertexts"].tobytes()).hexdigest()
             except PaillierError as exc:
                 log.warning("round %d: ignored client %s's encrypted update: %s", server_round, cid, exc)
         if len(vectors) < self.min_clients:
@@ -137,7 +138,6 @@ class PaillierAgg(ProtocolWrapper):
             raise NotEnoughClientsError(f"round {server_round}: no client decrypted the sum")
         after, weight = mean_release(self.strategy, server_round, state, summed.astype(np.float64), layout)
         metrics = {"he_clients": float(len(vectors)), "he_bound": quantizer.bound(len(vectors)) / weight}
-        used = {cid: hashlib.sha256(v.to_array().tobytes()).hexdigest() for cid, v in vectors.items()}
         return ProtocolResult(after, metrics, used)
 
 

@@ -56,6 +56,7 @@ from fedloom.privacy.secagg import SecAggClient, SecAggError, SecAggServer, neig
 from fedloom.privacy.updates import (
     Layout,
     ProtocolWrapper,
+    check_summable,
     fit_vector,
     layout_of,
     mean_encoding,
@@ -64,7 +65,7 @@ from fedloom.privacy.updates import (
     unflatten,
     vector_length,
 )
-from fedloom.strategy.base import AsyncStrategy, FitProtocol, ProtocolResult, ReshapingStrategy
+from fedloom.strategy.base import FitProtocol, ProtocolResult
 from fedloom.strategy.fedavg import FedAvg, FedAvgState
 
 __all__ = ["SECAGG_KINDS", "SecAgg", "SecAggSessions"]
@@ -107,12 +108,13 @@ class SecAgg(ProtocolWrapper):
 
     def __post_init__(self) -> None:
         inner = self.strategy.strategy if isinstance(self.strategy, DPFedAvg) else self.strategy
-        if not isinstance(inner, FedAvg) or isinstance(inner, (AsyncStrategy, ReshapingStrategy)):
-            raise ConfigError(
-                f"SecAgg wraps FedAvg (or DPFedAvg around one), whose aggregate is a sum; got {type(inner).__name__}"
-            )
-        if inner.aggregator is not None:
-            raise ConfigError("a robust aggregator needs every update; under SecAgg the server sees only their sum")
+        check_summable(
+            inner,
+            wrapper="SecAgg",
+            wraps="FedAvg (or DPFedAvg around one)",
+            value_range=self.value_range,
+            weight_cap=self.weight_cap,
+        )
         if isinstance(self.strategy, DPFedAvg) and self.strategy.target_quantile is not None:
             raise ConfigError(
                 "adaptive clipping needs the count of clipped updates, which secure aggregation does not release: "
@@ -122,10 +124,6 @@ class SecAgg(ProtocolWrapper):
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.degree is not None and (isinstance(self.degree, bool) or self.degree < 2):
             raise ConfigError(f"degree must be a whole number >= 2 (or None for every client), got {self.degree!r}")
-        if self.value_range is not None and not self.value_range > 0:
-            raise ConfigError(f"value_range must be > 0, got {self.value_range}")
-        if isinstance(self.weight_cap, bool) or not isinstance(self.weight_cap, int) or self.weight_cap < 1:
-            raise ConfigError(f"weight_cap must be a whole number >= 1, got {self.weight_cap!r}")
 
     # -- the protocol ------------------------------------------------------------------------------------------
 

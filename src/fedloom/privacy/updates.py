@@ -26,13 +26,37 @@ from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
 from fedloom.privacy.quantize import Quantizer
+from fedloom.strategy.base import AsyncStrategy, ReshapingStrategy
 from fedloom.strategy.fedavg import FedAvg, FedAvgState
 from fedloom.strategy.local import local_args
 from fedloom.strategy.robust import clip_to_norm
 
-__all__ = ["Layout", "ProtocolWrapper", "fit_vector", "layout_of", "mean_release", "quantizer_of", "unflatten"]
+__all__ = [
+    "Layout",
+    "ProtocolWrapper",
+    "check_summable",
+    "fit_vector",
+    "layout_of",
+    "mean_release",
+    "quantizer_of",
+    "unflatten",
+]
 
 Layout = dict[str, tuple[int, ...]]
+
+
+def check_summable(inner: Any, *, wrapper: str, wraps: str, value_range: float | None, weight_cap: int) -> None:
+    """Raise :class:`ConfigError` unless ``wrapper`` (SecAgg, PaillierAgg) can protect ``inner``'s updates: a
+    FedAvg whose aggregate is a sum (not asynchronous, not reshaping, no robust aggregator), and an encoding with
+    ``value_range > 0`` (or ``None``, the default) and a whole ``weight_cap >= 1``."""
+    if not isinstance(inner, FedAvg) or isinstance(inner, (AsyncStrategy, ReshapingStrategy)):
+        raise ConfigError(f"{wrapper} wraps {wraps}, whose aggregate is a sum; got {type(inner).__name__}")
+    if inner.aggregator is not None:
+        raise ConfigError(f"a robust aggregator needs every update; under {wrapper} the server sees only their sum")
+    if value_range is not None and not value_range > 0:
+        raise ConfigError(f"value_range must be > 0, got {value_range}")
+    if isinstance(weight_cap, bool) or not isinstance(weight_cap, int) or weight_cap < 1:
+        raise ConfigError(f"weight_cap must be a whole number >= 1, got {weight_cap!r}")
 
 
 def layout_of(instructions: Mapping[str, Message]) -> Layout:

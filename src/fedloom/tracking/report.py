@@ -17,7 +17,7 @@ from typing import Any
 from fedloom.tracking.compare import shared_metrics
 from fedloom.tracking.store import ROUND_COLUMNS, RunStore
 
-__all__ = ["render_report"]
+__all__ = ["number", "render_report"]
 
 _CHART_W, _CHART_H, _PAD = 480, 200, 40
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
@@ -32,7 +32,8 @@ pre { background: #f6f6f6; padding: 1em; overflow-x: auto; } .muted { color: #77
 
 
 def number(value: Any) -> str:
-    """A value as ``fedloom runs show`` prints it: floats with four decimals, ``-`` for none."""
+    """A value as the run tables print it (``fedloom runs show``, ``compare``, and this report): floats with four
+    decimals, ``-`` for none or NaN."""
     if isinstance(value, float):
         return "-" if math.isnan(value) else f"{value:.4f}"
     return "-" if value is None else str(value)

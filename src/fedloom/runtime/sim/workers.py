@@ -22,6 +22,7 @@ from fedloom.core.errors import (
     JobError,
     user_code,
 )
+from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.data.base import ArrayData, ClientData
 from fedloom.privacy.protocols import PROTOCOL_KINDS, ClientProtocols
@@ -154,9 +155,9 @@ class RoundQueues:
         return (longest.pop(), False) if longest else None
 
 
-def stays_home(messages: Mapping[str, Any]) -> bool:
+def stays_home(messages: Mapping[str, Message]) -> bool:
     """Whether a round's clients must each run at their home worker (see :class:`RoundQueues`)."""
-    return any(getattr(message, "kind", None) in PROTOCOL_KINDS for message in messages.values())
+    return any(message.kind in PROTOCOL_KINDS for message in messages.values())
 
 
 def error_header(exc: BaseException) -> Header:
