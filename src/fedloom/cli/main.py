@@ -13,7 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import typer
 from rich.console import Console
 
-from fedloom.cli import certs, client, ledger, partition, privacy, report, runs, server, simulate, tokens
+from fedloom.cli import certs, client, ledger, partition, privacy, report, runs, server, simulate, tokens, ui
 from fedloom.core.errors import FedloomError
 
 app = typer.Typer(
@@ -53,6 +53,7 @@ app.command("invite")(tokens.invite_command)
 app.add_typer(privacy.app, name="privacy")
 app.add_typer(ledger.app, name="ledger")
 app.command("report")(report.report_command)
+app.command("ui")(ui.ui_command)
 
 _stderr = Console(stderr=True)
 

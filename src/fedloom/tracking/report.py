@@ -16,6 +16,7 @@ from typing import Any
 
 from fedloom.tracking.compare import shared_metrics
 from fedloom.tracking.store import ROUND_COLUMNS, RunStore
+from fedloom.tracking.views import SYSTEM_METRICS, profile
 
 __all__ = ["number", "render_report"]
 
@@ -61,7 +62,7 @@ def render_report(store: RunStore, ref: str) -> str:
         "<h2>Clients</h2>",
         _clients(clients),
         "<h2>System profile</h2>",
-        _profile(clients),
+        _profile(profile(store, ref)),
         "<h2>Privacy</h2>",
         _privacy(rounds, config),
         "<h2>Config</h2>",
@@ -155,25 +156,26 @@ def _clients(clients: Sequence[Mapping[str, Any]]) -> str:
     return _table(("client", *columns, "last evaluated accuracy"), rows)
 
 
-def _profile(clients: Sequence[Mapping[str, Any]]) -> str:
-    """Per client: mean seconds per fit and per evaluation, and the bytes sent and received in all."""
-    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for row in clients:
-        mine = sums[row["client_id"]]
-        if row["status"] != "ok":
-            continue
-        mine[f"{row['phase']} s"] += row["seconds"] or 0.0
-        mine[f"{row['phase']} n"] += 1
-        mine["down"] += row["bytes_down"] or 0
-        mine["up"] += row["bytes_up"] or 0
-    rows = []
-    for cid, mine in sorted(sums.items()):
-        fit = mine["fit s"] / mine["fit n"] if mine["fit n"] else None
-        evaluate = mine["evaluate s"] / mine["evaluate n"] if mine["evaluate n"] else None
-        rows.append([cid, number(fit), number(evaluate), f"{int(mine['down']):,}", f"{int(mine['up']):,}"])
+def _profile(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Per client (rows of :func:`fedloom.tracking.views.profile`): mean seconds per fit and per evaluation, the
+    bytes received and sent in all, and the system metrics the clients reported."""
     if not rows:
         return '<p class="muted">No client records.</p>'
-    return _table(("client", "mean fit s", "mean evaluate s", "bytes down", "bytes up"), rows)
+    system = [name.removeprefix("sys_") for name, _ in SYSTEM_METRICS]
+    shown = [name for name in system if any(row[name] is not None for row in rows)]
+    header = ("client", "mean fit s", "mean evaluate s", "bytes down", "bytes up", *shown)
+    cells = [
+        [
+            row["client_id"],
+            number(row["fit_seconds"]),
+            number(row["evaluate_seconds"]),
+            f"{row['bytes_down']:,}",
+            f"{row['bytes_up']:,}",
+            *(number(row[name]) for name in shown),
+        ]
+        for row in rows
+    ]
+    return _table(header, cells)
 
 
 def _privacy(rounds: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> str:

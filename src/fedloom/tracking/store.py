@@ -16,7 +16,8 @@ import enum
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path, PurePath
@@ -152,6 +153,21 @@ def final_metrics(round_list: list[dict[str, Any]]) -> dict[str, float | None]:
     return dict(sorted(merged.items()))
 
 
+def read_config(conn: Connection, run_id: str) -> dict[str, Any]:
+    """The config ``run_id`` was created with. Raises :class:`RunStoreError` if it is not a JSON object."""
+    return _parse_config(conn.execute(select(runs.c.config_json).where(runs.c.run_id == run_id)).scalar_one(), run_id)
+
+
+def _parse_config(text: str, run_id: str) -> dict[str, Any]:
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RunStoreError(f"run {run_id} has a corrupt config: {exc}") from None
+    if not isinstance(config, dict):
+        raise RunStoreError(f"run {run_id} has a corrupt config: a JSON {type(config).__name__}, not an object")
+    return config
+
+
 def _read_run_row(conn: Connection, run_dir: Path) -> Any:
     rows = list(conn.execute(select(runs)))
     if not rows:
@@ -198,13 +214,9 @@ def _load(run_dir: Path, *, details: bool) -> _Run:
             round_list = read_rounds(conn, row.run_id)
             clients = _read_clients(conn, row.run_id) if details else []
             events = _read_events(conn, row.run_id) if details else []
-            config_json = row.config_json if details else "{}"
+            config = _parse_config(row.config_json, row.run_id) if details else {}
     except SQLAlchemyError as exc:
         raise RunStoreError(f"cannot read the run database in {run_dir}: {exc}") from None
-    try:
-        config = json.loads(config_json)
-    except json.JSONDecodeError as exc:
-        raise RunStoreError(f"run {row.run_id} has a corrupt config: {exc}") from None
     return _Run(_info_from(row, round_list, run_dir), round_list, clients, config, events)
 
 
@@ -281,9 +293,22 @@ class RunStore:
         dropped), bytes, detail. Empty for a simulation."""
         return _load(self.resolve(ref), details=True).events
 
+    @contextmanager
+    def connect(self, ref: str) -> Iterator[tuple[Connection, str]]:
+        """A read connection to the database of the run ``ref`` names, with that run's id, for queries the
+        methods above do not cover (:mod:`fedloom.tracking.views` aggregates in SQL through it). Database errors
+        inside become :class:`RunStoreError`."""
+        run_dir = self.resolve(ref)
+        try:
+            with open_engine(run_dir / DB_NAME) as engine, engine.connect() as conn:
+                yield conn, _read_run_row(conn, run_dir).run_id
+        except SQLAlchemyError as exc:
+            raise RunStoreError(f"cannot read the run database in {run_dir}: {exc}") from None
+
     def config(self, ref: str) -> dict[str, Any]:
         """The configuration the run was created with (as stored: JSON values, non-finite floats as None)."""
-        return _load(self.resolve(ref), details=True).config
+        with self.connect(ref) as (conn, run_id):
+            return read_config(conn, run_id)
 
     def export(self, ref: str, fmt: str) -> str:
         """The run as text. ``csv``: the rounds table (see :meth:`rounds`) with a header row, empty cells

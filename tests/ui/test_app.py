@@ -1,0 +1,95 @@
+"""The dashboard's JSON API and its access rules, through FastAPI's test client (requests go through the whole
+ASGI app: middleware, routes and error handlers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from federation_runs import PARAMS, record_run, round_record
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient
+
+from fedloom.ui import create_app
+from fedloom.ui.app import COOKIE
+
+LOCAL = "http://127.0.0.1"
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Path:
+    record_run(tmp_path, "alpha", rounds=3, clients=4)
+    record_run(tmp_path, "beta", rounds=2, clients=4, config={"simulation": {"num_clients": 4, "seed": 3}})
+    return tmp_path
+
+
+def test_api_answers_every_view(runs: Path) -> None:
+    client = TestClient(create_app(runs), base_url=LOCAL)
+    listed = client.get("/api/runs").json()
+    assert sorted(r["name"] for r in listed) == ["alpha", "beta"]
+    alpha = next(r["ref"] for r in listed if r["name"] == "alpha")
+    beta = next(r["ref"] for r in listed if r["name"] == "beta")
+    assert [r["round"] for r in client.get(f"/api/runs/{alpha}").json()["rounds"]] == [1, 2, 3]
+    assert len(client.get(f"/api/runs/{alpha}/clients").json()["clients"]) == 4
+    assert client.get(f"/api/runs/{alpha}/heatmap", params={"metric": "loss"}).json()["metric"] == "loss"
+    assert len(client.get(f"/api/runs/{alpha}/profile").json()) == 4
+    assert len(client.get(f"/api/runs/{alpha}/clients/client-000").json()["records"]) == 6
+    compared = client.get("/api/compare", params=[("run", alpha), ("run", beta)]).json()
+    assert "simulation.seed" in {d["name"] for d in compared["differ"]}
+    page = client.get("/")
+    assert page.status_code == 200
+    assert '<script src="/static/app.js">' in page.text
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_bad_requests_get_4xx_with_a_message(runs: Path) -> None:
+    client = TestClient(create_app(runs), base_url=LOCAL)
+    missing = client.get("/api/runs/nothing-like-it")
+    assert missing.status_code == 404
+    assert "no run matches 'nothing-like-it'" in missing.json()["detail"]
+    ref = client.get("/api/runs").json()[0]["ref"]
+    bad_metric = client.get(f"/api/runs/{ref}/heatmap", params={"metric": "bogus"})
+    assert bad_metric.status_code == 400
+    assert "unknown heat map metric" in bad_metric.json()["detail"]
+    assert client.get(f"/api/runs/{ref}/clients/nobody").status_code == 404
+    assert client.get("/api/compare", params={"run": ref}).status_code == 400
+
+
+def test_a_run_in_progress_is_read_again_after_each_round(tmp_path: Path) -> None:
+    recorder = record_run(tmp_path, "live", rounds=1, clients=3, finish=False)
+    client = TestClient(create_app(tmp_path), base_url=LOCAL)
+    ref = client.get("/api/runs").json()[0]["ref"]
+    first = client.get(f"/api/runs/{ref}").json()
+    assert (first["run"]["status"], first["run"]["rounds"]) == ("running", 1)
+    recorder.on_round(round_record(2, 3), PARAMS)
+    assert client.get(f"/api/runs/{ref}").json()["run"]["rounds"] == 2
+    assert client.get(f"/api/runs/{ref}/clients").json()["rounds"] == [1, 2]
+    recorder.finish(PARAMS)
+    assert client.get(f"/api/runs/{ref}").json()["run"]["status"] == "finished"
+
+
+def test_loopback_dashboard_refuses_other_host_names(runs: Path) -> None:
+    # A page on another site that resolves its own name to 127.0.0.1 (DNS rebinding) sends that name as Host.
+    client = TestClient(create_app(runs), base_url="http://attacker.example")
+    assert client.get("/api/runs").status_code == 400
+    assert TestClient(create_app(runs), base_url="http://localhost:8765").get("/api/runs").status_code == 200
+
+
+def test_token_is_required_on_every_request(runs: Path) -> None:
+    token = "s3cret-token"
+    app = create_app(runs, token=token, loopback_only=False)
+    client = TestClient(app, base_url="http://10.1.2.3:8765", follow_redirects=False)
+    refused = client.get("/api/runs")
+    assert refused.status_code == 401
+    assert "needs its token" in refused.json()["detail"]
+    assert client.get("/", params={"token": "wrong"}).status_code == 401
+    assert client.get("/api/runs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/api/runs", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+    # Opening the printed address sets the cookie and drops the token from the address.
+    opened = client.get("/", params={"token": token})
+    assert opened.status_code == 303
+    assert opened.headers["location"] == "http://10.1.2.3:8765/"
+    assert f"{COOKIE}={token}" in opened.headers["set-cookie"]
+    assert "httponly" in opened.headers["set-cookie"].lower()
+    assert client.get("/api/runs").status_code == 200  # the client kept the cookie
