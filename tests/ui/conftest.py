@@ -5,15 +5,10 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-# Where the browser tests leave their screenshots (one PNG per main view); the CI log names the folder.
-SCREENSHOTS = Path(
-    os.environ.get("FEDLOOM_SCREENSHOTS", Path(__file__).resolve().parents[2] / "artifacts" / "screenshots")
-)
 CHROMIUM_ENV = "FEDLOOM_CHROMIUM"
 # As the machine's notes advise for a closed network: no background connections, no sandbox (tests run as root).
 CHROMIUM_ARGS = (

@@ -13,6 +13,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+# Where the browser tests leave their screenshots (one PNG per main view); the CI log names the folder.
+SCREENSHOTS = Path(
+    os.environ.get("FEDLOOM_SCREENSHOTS", Path(__file__).resolve().parents[2] / "artifacts" / "screenshots")
+)
 START_TIMEOUT_S = 60
 ADDRESS = re.compile(r"at (http://127\.0\.0\.1:\d+/)(\?token=\S+)?")
 COMMAND = [sys.executable, "-c", "from fedloom.cli.main import main; main()"]

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SCREENSHOTS
-from dashboard_server import COMMAND, dashboard
+from dashboard_server import COMMAND, SCREENSHOTS, dashboard
 from federation_runs import PARAMS, record_run, round_record
 
 from fedloom.tracking import RunStore
@@ -128,8 +127,9 @@ def test_click_into_a_client(page: Any, address: str, runs: Path) -> None:
 
 def test_compare_two_runs(page: Any, address: str, runs: Path) -> None:
     _open(page, address, "runs")
-    for box in page.locator("input.pick").all():
-        box.check()
+    assert page.locator("input.pick").count() == 2
+    for name in ("seed1", "seed2"):  # the compare page shows runs in the order they were ticked
+        page.locator(f"input.pick[value='{_ref(runs, name)}']").check()
     page.click("#compare")
     page.wait_for_selector("body[data-ready='compare']", timeout=READY_MS)
     lines = page.eval_on_selector_all("svg.chart", "cs => cs.map(c => c.querySelectorAll('polyline').length)")

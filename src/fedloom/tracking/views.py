@@ -94,20 +94,23 @@ def overview(store: RunStore, info: RunInfo) -> dict[str, Any]:
     with store.connect(str(info.path)) as (conn, run_id):
         round_list = read_rounds(conn, run_id)
         config = read_config(conn, run_id)
-        count = conn.execute(
-            select(func.count(distinct(client_metrics.c.client_id))).where(client_metrics.c.run_id == run_id)
-        ).scalar_one()
-    spent = [item["metrics"]["epsilon"] for item in round_list if _finite(item["metrics"].get("epsilon"))]
-    return _object(
-        {
-            **info.to_dict(),
-            "ref": info.path.name,  # what names the run in its store (a deployment's folder may differ from its id)
-            "strategy": _strategy(config),
-            "clients": int(count),
-            "best": best_metric(round_list),
-            "epsilon": spent[-1] if spent else None,
-        }
-    )
+        count = _client_count(conn, run_id)
+    return _object(_overview(info, round_list, config, count))
+
+
+def _overview(
+    info: RunInfo, round_rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], count: int
+) -> dict[str, Any]:
+    """:func:`overview` from what was read: rows flat or with a ``metrics`` dict (see :func:`best_metric`)."""
+    spent = [value for row in round_rows if _finite(value := _metric(row, "epsilon"))]
+    return {
+        **info.to_dict(),
+        "ref": info.path.name,  # what names the run in its store (a deployment's folder may differ from its id)
+        "strategy": _strategy(config),
+        "clients": count,
+        "best": best_metric(round_rows),
+        "epsilon": spent[-1] if spent else None,
+    }
 
 
 def run_detail(store: RunStore, ref: str) -> dict[str, Any]:
@@ -115,6 +118,9 @@ def run_detail(store: RunStore, ref: str) -> dict[str, Any]:
     privacy bookkeeping apart), its config, and its privacy (epsilon per round, delta, what protected updates)."""
     info = store.info(ref)
     table = store.rounds(ref)
+    with store.connect(ref) as (conn, run_id):
+        config = read_config(conn, run_id)
+        count = _client_count(conn, run_id)
     recorded = shared_metrics([table], ROUND_COLUMNS)
     epsilon = [[row["round"], row["epsilon"]] for row in table if _finite(row.get("epsilon"))]
     delta = next((row["dp_delta"] for row in reversed(table) if _finite(row.get("dp_delta"))), None)
@@ -124,10 +130,10 @@ def run_detail(store: RunStore, ref: str) -> dict[str, Any]:
     )
     return _object(
         {
-            "run": overview(store, info),
+            "run": _overview(info, table, config, count),
             "rounds": table,
             "metrics": [m for m in recorded if m != "epsilon" and not m.startswith(_PRIVACY_PREFIXES)],
-            "config": store.config(ref),
+            "config": config,
             "privacy": {"epsilon": epsilon, "delta": delta, "protection": protection},
         }
     )
@@ -301,6 +307,11 @@ def _round_numbers(conn: Connection, run_id: str) -> list[int]:
     return list(
         conn.execute(select(rounds.c.round).where(rounds.c.run_id == run_id).order_by(rounds.c.round)).scalars()
     )
+
+
+def _client_count(conn: Connection, run_id: str) -> int:
+    query = select(func.count(distinct(client_metrics.c.client_id))).where(client_metrics.c.run_id == run_id)
+    return int(conn.execute(query).scalar_one())
 
 
 def _client_ids(conn: Connection, run_id: str) -> list[str]:
