@@ -32,6 +32,7 @@ EXPECTED = {
     "Task",
     "TorchTask",
     "__version__",
+    "context",
     "data",
     "decode_message",
     "decode_params",

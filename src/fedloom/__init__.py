@@ -38,6 +38,7 @@ from fedloom.core import (
 )
 from fedloom.gossip import simulate_gossip
 from fedloom.job import Job, load_job
+from fedloom.runtime.telemetry import context
 from fedloom.simulation import Run, simulate
 from fedloom.strategy import FedAvg, Strategy
 from fedloom.task import LogisticRegressionTask, Task
@@ -75,6 +76,7 @@ __all__ = [
     "Task",
     "TorchTask",
     "__version__",
+    "context",
     "data",
     "decode_message",
     "decode_params",

@@ -25,7 +25,7 @@ from fedloom.runtime.records import RoundObserver, RoundRecord
 from fedloom.runtime.sim.backends import Backend, open_backend
 from fedloom.runtime.sim.crossdevice import SystemGrid
 from fedloom.strategy.base import AsyncStrategy, Strategy
-from fedloom.tracking import RunRecorder
+from fedloom.tracking import Exporter, RunRecorder
 
 __all__ = ["Run", "simulate"]
 
@@ -62,6 +62,7 @@ def simulate(
     simulation: SimulationConfig | None = None,
     runs_dir: str | Path = "runs",
     observers: Sequence[RoundObserver] = (),
+    exporters: Sequence[Exporter] = (),
 ) -> Run:
     """Run ``job`` as a simulated federation and record it under ``runs_dir/<run-id>/``.
 
@@ -71,7 +72,8 @@ def simulate(
     ready federation (a lazy million-client population) runs on it as it is; otherwise the dataset is
     partitioned over ``num_clients`` clients. The run directory holds the SQLite run database, a checkpoint
     per round and ``summary.json``; a run that fails is recorded as failed, with its error, and the error is
-    raised again.
+    raised again. ``exporters`` (:class:`~fedloom.tracking.MlflowExporter`,
+    :class:`~fedloom.tracking.TensorBoardExporter`) mirror the run elsewhere as it is recorded.
     """
     config = simulation or job.simulation
     data, made = load_federation(job, config)
@@ -88,7 +90,7 @@ def simulate(
     job_file = job.source if job.source is not None and job.source.endswith(".py") else None
     job, he_key = _simulated_keys(job)
     with open_backend(job.task, data, config, job_file=job_file, he_key=he_key) as backend:
-        return _run(job, config, data, initial, backend, Path(runs_dir), observers)
+        return _run(job, config, data, initial, backend, Path(runs_dir), observers, exporters)
 
 
 def load_federation(job: Job, config: SimulationConfig) -> tuple[Federation, str]:
@@ -109,6 +111,7 @@ def _run(
     backend: Backend,
     runs_dir: Path,
     observers: Sequence[RoundObserver],
+    exporters: Sequence[Exporter],
 ) -> Run:
     recorded: dict[str, Any] = {
         "job": job.name,
@@ -130,7 +133,7 @@ def _run(
     grid = backend.grid
     if isinstance(job.strategy, AsyncStrategy) and not isinstance(grid, AsyncGrid):
         grid = SystemGrid(grid, data, config.system, seed=config.seed)  # the simulated clock asynchrony runs on
-    recorder = RunRecorder.create(runs_dir, job.name, recorded)
+    recorder = RunRecorder.create(runs_dir, job.name, recorded, exporters)
     log.info(
         "run %s: %d clients, %d rounds, on the %s backend, in %s",
         recorder.run_id,

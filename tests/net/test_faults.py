@@ -1,5 +1,5 @@
-"""Faults in a real deployment on 127.0.0.1: a client killed mid-round, the server killed and resumed, a bad or
-revoked token, a NaN update, and a hundred clients held through three rounds.
+"""Faults in a real deployment on 127.0.0.1: a client killed mid-round, a client whose task fails, the server
+killed and resumed, a bad or revoked token, a NaN update, and a hundred clients held through three rounds.
 
 Processes run as in ``test_deployment.py`` (hermetic environment, output to files, bounded waits, killed in
 teardown). ``slow_digits.py`` is the digits job with a task that sleeps ``SLOW_FIT_S`` seconds before each
@@ -20,12 +20,14 @@ from test_deployment import Done, Processes, free_port, wait_until
 
 from fedloom.data.base import ArrayData, ClientData
 from fedloom.data.clientfile import load_client_data, save_client_data
-from fedloom.tracking import RunStore
+from fedloom.tracking import RunStore, views
 from fedloom.tracking.tokens import TokenStore
 
 SLOW_JOB = '''\
-"""The digits job, with a task that first sleeps SLOW_FIT_S seconds (from the environment) in each fit."""
+"""The digits job, with a task that first sleeps SLOW_FIT_S seconds (from the environment) in each fit, then
+fails if the round is FAIL_ROUND, else logs a line."""
 
+import logging
 import os
 import time
 
@@ -42,6 +44,9 @@ class SlowTask:
 
     def fit(self, *args, **kwargs):
         time.sleep(float(os.environ.get("SLOW_FIT_S", "0")))
+        if os.environ.get("FAIL_ROUND") == str(fl.context.server_round):
+            raise ValueError(f"bad batch in round {fl.context.server_round}")
+        logging.getLogger("slow_digits").info("training in round %d", fl.context.server_round)
         return self.inner.fit(*args, **kwargs)
 
 
@@ -172,6 +177,45 @@ def test_a_client_killed_mid_round_does_not_stall_the_round(procs: Processes):
     assert (None, "disconnected") in mine
     # The timeline goes on past the last round: the others leave when the server says bye.
     assert [e["event"] for e in events if e["client_id"] == SITES[0]][-1] == "disconnected"
+
+
+def test_a_failing_task_is_reported_at_once_with_its_traceback_and_the_sites_telemetry_is_kept(procs: Processes):
+    address = f"127.0.0.1:{free_port()}"
+    keys = tokens(procs, "failing", SITES)
+    server = procs.start(*server_args(address, "failing", 2, "--min-clients", "3", "--round-timeout", "60"))
+    healthy = procs.start(*client_args(address, SITES[0], keys[SITES[0]]))
+    failing = procs.start(*client_args(address, SITES[1], keys[SITES[1]]), env={"FAIL_ROUND": "1"})
+    quiet = procs.start(*client_args(address, SITES[2], keys[SITES[2]], "--no-send-logs"))
+    procs.wait(server).ok()
+    for handle in (healthy, quiet):
+        procs.wait(handle).ok()
+    told = procs.wait(failing)
+    assert told.returncode == 0, told
+    assert "ValueError: bad batch in round 1" in told.stderr  # the site's own console shows it too
+
+    store = RunStore(procs.cwd)
+    run = str(procs.cwd / "failing")
+    fits = {(r["round"], r["client_id"]): r for r in store.client_metrics(run) if r["phase"] == "fit"}
+    failed = fits[(1, SITES[1])]
+    assert (failed["status"], failed["detail"]) == ("dropped", "its task failed: ValueError: bad batch in round 1")
+    assert store.rounds(run)[0]["seconds"] < 30  # the round did not wait for the failed site's deadline (60 s)
+    assert fits[(2, SITES[1])]["status"] == "ok"  # the site stayed on for the next round
+    for record in fits.values():
+        if record["status"] == "ok":
+            assert record["metrics"]["sys_download_seconds"] >= 0, record
+            assert record["metrics"]["sys_upload_seconds"] >= 0, record
+            assert record["metrics"]["sys_peak_rss_mb"] > 10, record
+
+    lines = views.logs_view(store, run, limit=5000)["lines"]
+    said = {(x["round"], x["client_id"], x["level"]): x["message"] for x in lines}
+    assert said[(1, SITES[0], "INFO")] == "training in round 1"
+    assert said[(2, SITES[1], "INFO")] == "training in round 2"
+    traceback = said[(1, SITES[1], "ERROR")]
+    assert traceback.startswith("the task failed on the fit instruction")
+    assert "Traceback (most recent call last):" in traceback
+    assert traceback.endswith("ValueError: bad batch in round 1")
+    assert not [x for x in lines if x["client_id"] == SITES[2]]  # --no-send-logs
+    assert fits[(1, SITES[2])]["metrics"]["sys_cpu_seconds"] >= 0  # its measurements still came
 
 
 def test_secure_aggregation_over_grpc_recovers_a_site_killed_mid_protocol(procs: Processes):

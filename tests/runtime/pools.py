@@ -87,8 +87,26 @@ def fedavg(task: Task, grid: Grid) -> LoopResult:
 
 
 def client_rows(result: LoopResult) -> list[tuple[object, ...]]:
+    """What must agree between backends in each client record (bytes up: see :func:`bytes_up_agree`)."""
     return [
-        (r.server_round, c.client_id, c.phase, c.status, c.num_examples, c.bytes_down, c.bytes_up, c.loss, c.accuracy)
+        (
+            r.server_round,
+            c.client_id,
+            c.phase,
+            c.status,
+            c.num_examples,
+            c.bytes_down,
+            c.loss,
+            c.accuracy,
+            sorted(k for k in c.metrics if k.startswith("sys_")),
+        )
         for r in result.history
         for c in r.clients
     ]
+
+
+def bytes_up_agree(a: LoopResult, b: LoopResult) -> bool:
+    """Whether every reply was the same size in two runs but for its telemetry, whose measurements (seconds,
+    memory) differ from run to run in their digits: within 64 bytes."""
+    sizes = [[c.bytes_up for r in result.history for c in r.clients] for result in (a, b)]
+    return len(sizes[0]) == len(sizes[1]) and all(abs(x - y) < 64 for x, y in zip(*sizes, strict=True))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from pools import JOB_FILE, TASK, FailingTask, client_rows, digits_federation, fedavg
+from pools import JOB_FILE, TASK, FailingTask, bytes_up_agree, client_rows, digits_federation, fedavg
 from torch import nn
 
 from fedloom.core import ConfigError, FitConfig, JobError, Message
@@ -49,6 +49,7 @@ def test_fedavg_over_processes_is_bit_identical_to_inline(data: FederatedData, o
 
     assert pooled.params.sha256() == inline.params.sha256()
     assert client_rows(pooled) == client_rows(inline)
+    assert bytes_up_agree(pooled, inline)
     statuses = [c.status for r in pooled.history for c in r.clients]
     assert ClientStatus.DROPPED in statuses  # the dropout rule was exercised, and agreed
     assert all(c.seconds > 0 for r in pooled.history for c in r.clients if c.status == ClientStatus.OK)

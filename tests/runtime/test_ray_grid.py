@@ -15,7 +15,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from pools import JOB_FILE, TASK, FailingTask, client_rows, digits_federation, fedavg
+from pools import JOB_FILE, TASK, FailingTask, bytes_up_agree, client_rows, digits_federation, fedavg
 
 from fedloom.core import ConfigError, FitConfig, JobError, Message
 from fedloom.core.results import fit_message
@@ -81,6 +81,7 @@ def data() -> FederatedData:
 def assert_same_run(got: LoopResult, want: LoopResult) -> None:
     assert got.params.sha256() == want.params.sha256()
     assert client_rows(got) == client_rows(want)
+    assert bytes_up_agree(got, want)
     assert ClientStatus.DROPPED in [c.status for r in got.history for c in r.clients]
     assert all(c.seconds > 0 for r in got.history for c in r.clients if c.status == ClientStatus.OK)
 

@@ -116,7 +116,8 @@ def compare_runs(
                 assert mine.loss == pytest.approx(theirs.loss, rel=tolerance, abs=1e-7)
             assert mine.accuracy == pytest.approx(theirs.accuracy, abs=accuracy_tolerance)
             assert mine.metrics.get("steps") == theirs.metrics.get("steps")
-            assert abs(mine.bytes_up - theirs.bytes_up) <= 4  # the loss's JSON digits may differ in length
+            # the JSON digits of the loss and of the telemetry's measurements may differ in length
+            assert abs(mine.bytes_up - theirs.bytes_up) < 64
         assert got_round.metrics == pytest.approx(want_round.metrics, rel=tolerance)
     return got, want
 

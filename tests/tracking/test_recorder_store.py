@@ -78,7 +78,16 @@ def strict_json(text: str) -> Any:
 
 
 def test_exported_names() -> None:
-    assert sorted(fedloom.tracking.__all__) == ["RunInfo", "RunRecorder", "RunStore", "load_params", "save_params"]
+    assert sorted(fedloom.tracking.__all__) == [
+        "Exporter",
+        "MlflowExporter",
+        "RunInfo",
+        "RunRecorder",
+        "RunStore",
+        "TensorBoardExporter",
+        "load_params",
+        "save_params",
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- recorder

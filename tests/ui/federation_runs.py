@@ -5,13 +5,14 @@ one refused update."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fedloom.core.params import Params
-from fedloom.runtime.records import ClientRecord, RoundRecord
+from fedloom.runtime.records import ClientRecord, LogLine, RoundRecord
 from fedloom.tracking.recorder import RunRecorder
 
 # The hand-made federation: what went wrong where.
@@ -35,6 +36,20 @@ def rss_of(index: int, server_round: int) -> float:
     return 100.0 + 10 * index + server_round
 
 
+def lines_of(client: str, server_round: int) -> tuple[LogLine, ...]:
+    """What a client logged with its fit: a line when it trained, a warning in round 1, an error when refused."""
+    at = datetime(2026, 1, 1, 12, server_round, tzinfo=timezone.utc)
+    status = fit_status(client, server_round)
+    lines = [LogLine(at, "INFO", "job.train", f"{client} trained in round {server_round}")] if status == "ok" else []
+    if server_round == 1:
+        lines.append(LogLine(at, "WARNING", "job.data", f"{client}: 3 rows without a label skipped"))
+    if status == "refused":
+        lines.append(
+            LogLine(at, "ERROR", "job.train", "Traceback (most recent call last):\nValueError: exploding_100%_grad")
+        )
+    return tuple(lines)
+
+
 def round_record(server_round: int, clients: int, *, epsilon: bool = False) -> RoundRecord:
     """Round ``server_round`` of the hand-made federation of ``clients`` clients (see the module's constants)."""
     records = []
@@ -54,6 +69,7 @@ def round_record(server_round: int, clients: int, *, epsilon: bool = False) -> R
                 bytes_up=500 if ok else 0,
                 metrics={"sys_peak_rss_mb": rss_of(i, server_round), "sys_cpu_seconds": 0.5} if ok else {},
                 detail="update norm too large" if status == "refused" else None,
+                logs=lines_of(cid, server_round) if status != "dropped" else (),
             )
         )
         records.append(

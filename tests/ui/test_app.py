@@ -35,6 +35,9 @@ def test_api_answers_every_view(runs: Path) -> None:
     assert client.get(f"/api/runs/{alpha}/heatmap", params={"metric": "loss"}).json()["metric"] == "loss"
     assert len(client.get(f"/api/runs/{alpha}/profile").json()) == 4
     assert len(client.get(f"/api/runs/{alpha}/clients/client-000").json()["records"]) == 6
+    logs = client.get(f"/api/runs/{alpha}/logs", params={"q": "ROUND 2", "client": "client-003", "round": 2}).json()
+    assert [line["message"] for line in logs["lines"]] == ["client-003 trained in round 2"]
+    assert logs["matched"] == 1
     compared = client.get("/api/compare", params=[("run", alpha), ("run", beta)]).json()
     assert "simulation.seed" in {d["name"] for d in compared["differ"]}
     page = client.get("/")
@@ -54,6 +57,13 @@ def test_bad_requests_get_4xx_with_a_message(runs: Path) -> None:
     assert "unknown heat map metric" in bad_metric.json()["detail"]
     assert client.get(f"/api/runs/{ref}/clients/nobody").status_code == 404
     assert client.get("/api/compare", params={"run": ref}).status_code == 400
+    bad_level = client.get(f"/api/runs/{ref}/logs", params={"level": "LOUD"})
+    assert bad_level.status_code == 400
+    assert "unknown log level 'LOUD'" in bad_level.json()["detail"]
+    assert client.get(f"/api/runs/{ref}/logs", params={"limit": 0}).status_code == 400
+    bad_round = client.get(f"/api/runs/{ref}/logs", params={"round": "second"})
+    assert bad_round.status_code == 422
+    assert "round" in str(bad_round.json()["detail"])
 
 
 def test_a_run_in_progress_is_read_again_after_each_round(tmp_path: Path) -> None:

@@ -19,17 +19,49 @@ from fedloom.tracking import RunStore
 pytest.importorskip("fastapi")
 
 ROUNDS = 3
-SIMULATED = {"seed1": ["--seed", "1"], "seed2": ["--seed", "2", "--lr", "0.05"]}
+CLIENTS = 20
+# seed2 runs a job whose clients log: a line with each fit, a warning with each evaluation of round 1.
+SIMULATED = {"seed1": ["digits", "--seed", "1"], "seed2": ["talking_digits.py", "--seed", "2", "--lr", "0.05"]}
+TALKING_JOB = """\
+import logging
+
+import fedloom as fl
+from fedloom.examples.digits import job as digits
+
+log = logging.getLogger("talking_digits")
+
+
+class Talking:
+    def __getattr__(self, name):
+        return getattr(digits.task, name)
+
+    def fit(self, params, data, config, **kwargs):
+        result = digits.task.fit(params, data, config, **kwargs)
+        log.info("trained on %d examples in round %d", result.num_examples, fl.context.server_round)
+        fl.context.log_metric("examples_seen", result.num_examples * config.local_epochs)
+        return result
+
+    def evaluate(self, params, data):
+        if fl.context.server_round == 1:
+            log.warning("round 1: evaluating a model trained for one round")
+        return digits.task.evaluate(params, data)
+
+
+job = fl.Job(name="digits", task=Talking(), data=digits.data, strategy=digits.strategy, simulation=digits.simulation)
+"""
 READY_MS = 15_000
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Two finished digits simulations (20 clients, 3 rounds; they differ in seed and learning rate)."""
+    """Two finished digits simulations (20 clients, 3 rounds; they differ in seed and learning rate, and the
+    clients of the second log lines)."""
     root = tmp_path_factory.mktemp("ui-runs")
+    (root / "talking_digits.py").write_text(TALKING_JOB)
     processes = [
         subprocess.Popen(
-            [*COMMAND, "simulate", "digits", "--rounds", str(ROUNDS), "--clients", "20", "--out", str(root), *args],
+            [*COMMAND, "simulate", *args, "--rounds", str(ROUNDS), "--clients", str(CLIENTS), "--out", str(root)],
+            cwd=root,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -83,7 +115,7 @@ def _points(page: Any) -> dict[str, tuple[int, int]]:
 def _ref(runs: Path, name: str) -> str:
     """The run simulated with ``SIMULATED[name]`` (both are named digits; their seeds tell them apart)."""
     store = RunStore(runs)
-    seed = int(SIMULATED[name][1])
+    seed = int(SIMULATED[name][2])
     return next(i.path.name for i in store.list_runs() if store.config(i.run_id)["simulation"]["seed"] == seed)
 
 
@@ -123,6 +155,47 @@ def test_click_into_a_client(page: Any, address: str, runs: Path) -> None:
     page.mouse.click(box["x"] + box["width"] - 3, box["y"] + box["height"] * 7.5 / 20)
     page.wait_for_selector("body[data-ready='client']", timeout=READY_MS)
     assert page.url.endswith("/client/client-007")
+
+
+def _log_rows(page: Any, query: str) -> list[list[str]]:
+    """The log table's rows (round, client, level, message) once the section shows ``query`` (text|level|client)."""
+    page.wait_for_selector(f"#logs-section[data-query='{query}']", timeout=READY_MS)
+    return page.eval_on_selector_all(
+        "#logs tbody tr", "rows => rows.map(r => [1, 2, 4, 6].map(i => r.cells[i].innerText))"
+    )
+
+
+def test_search_the_lines_clients_logged(page: Any, address: str, runs: Path) -> None:
+    ref = _ref(runs, "seed2")
+    _open(page, f"{address}#/run/{ref}", "run")
+    everything = _log_rows(page, "||")
+    assert len(everything) == CLIENTS * ROUNDS + CLIENTS  # a line per fit, a warning per evaluation in round 1
+    assert page.locator("#log-count").inner_text() == f"{CLIENTS * ROUNDS + CLIENTS} lines"
+    page.fill("#log-search", "Round 2")
+    found = _log_rows(page, "Round 2||")
+    assert len(found) == CLIENTS
+    assert all(row[0] == "2" and row[2] == "INFO" and row[3].endswith("examples in round 2") for row in found)
+    page.select_option("#log-level", "WARNING")
+    assert _log_rows(page, "Round 2|WARNING|") == []
+    assert page.locator("#log-count").inner_text() == "no lines"
+    page.fill("#log-search", "")
+    warnings = _log_rows(page, "|WARNING|")
+    assert sorted(row[1] for row in warnings) == [f"client-{i:03d}" for i in range(CLIENTS)]
+    page.select_option("#log-client", "client-004")
+    assert _log_rows(page, "|WARNING|client-004") == [
+        ["1", "client-004", "WARNING", "round 1: evaluating a model trained for one round"]
+    ]
+    page.locator("#logs-section").scroll_into_view_if_needed()
+    _shot(page, "logs")
+    # The client's page keeps the level chosen and shows that client's lines, and charts what it logged.
+    page.click("#logs a.client:text-is('client-004')")
+    page.wait_for_selector("body[data-ready='client']", timeout=READY_MS)
+    assert len(_log_rows(page, "|WARNING|client-004")) == 1
+    page.select_option("#log-level", "")
+    rows = _log_rows(page, "||client-004")
+    assert [row[0] for row in rows] == ["1", "1", "2", "3"]  # round 1: its warning and its fit line
+    assert _points(page)["fit examples_seen"] == (ROUNDS, ROUNDS)
+    assert _points(page)["fit sys_peak_rss_mb"] == (ROUNDS, ROUNDS)
 
 
 def test_compare_two_runs(page: Any, address: str, runs: Path) -> None:

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
-from federation_runs import DROPPED, LATE, REFUSED, accuracy_of, fit_status, record_run, rss_of
+from federation_runs import DROPPED, LATE, REFUSED, accuracy_of, fit_status, lines_of, record_run, rss_of
 
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.tracking import RunStore, views
@@ -92,6 +93,76 @@ def test_profile_aggregates_in_the_database(store: RunStore) -> None:
         assert row["peak_rss_mb"] == pytest.approx(max(rss_of(i, r) for r in ok_rounds))
         assert row["cpu_seconds"] == pytest.approx(0.5)
         assert row["gpu_util"] is None
+
+
+def _all_lines() -> list[tuple[int, str, str]]:
+    """Every line the first run's clients sent, as (round, client, text), in the order recorded."""
+    return [
+        (r, f"client-{i:03d}", line.message)
+        for r in range(1, ROUNDS + 1)
+        for i in range(CLIENTS)
+        if fit_status(f"client-{i:03d}", r) != "dropped"
+        for line in lines_of(f"client-{i:03d}", r)
+    ]
+
+
+def test_logs_are_kept_per_client_in_the_order_they_came(store: RunStore) -> None:
+    found = views.logs_view(store, _ref(store, "first"), limit=5000)
+    expected = _all_lines()
+    assert found["matched"] == len(expected) == 4 * 5 - 3 + 5 + 1  # trained, round 1's warnings, one refusal
+    assert [(x["round"], x["client_id"], x["message"]) for x in found["lines"]] == expected
+    assert [x["seq"] for x in found["lines"]] == list(range(1, len(expected) + 1))
+    assert found["clients"] == [f"client-{i:03d}" for i in range(CLIENTS)]
+    first = found["lines"][0]
+    assert (first["phase"], first["level"], first["logger"], first["at"]) == (
+        "fit",
+        "INFO",
+        "job.train",
+        "2026-01-01T12:01:00+00:00",
+    )
+
+
+def test_logs_are_searched_by_text_client_level_and_round(store: RunStore) -> None:
+    ref = _ref(store, "first")
+    lines = _all_lines()
+
+    def search(**filters):
+        found = views.logs_view(store, ref, **filters)
+        return found["matched"], [(x["round"], x["client_id"], x["message"]) for x in found["lines"]]
+
+    assert search(text="ROUND 3") == (
+        len([x for x in lines if "round 3" in x[2]]),
+        [x for x in lines if "round 3" in x[2]],
+    )
+    assert search(text="job.DATA")[0] == CLIENTS  # the logger's name matches too
+    assert search(text="100%_") == (1, [(REFUSED[1], REFUSED[0], lines_of(*REFUSED)[-1].message)])  # no wildcards
+    assert (search(text="_grad")[0], search(text="%")[0]) == (1, 1)
+    assert search(client="client-002") == (
+        len([x for x in lines if x[1] == "client-002"]),
+        [x for x in lines if x[1] == "client-002"],
+    )
+    assert search(level="warning")[0] == CLIENTS + 1  # warnings and the error
+    assert search(level="ERROR")[0] == 1
+    assert search(server_round=2, text="trained")[0] == CLIENTS - 1  # client-001 dropped in round 2
+    matched, last = search(limit=3)
+    assert (matched, last) == (len(lines), lines[-3:])
+    assert search(text="nothing like this") == (0, [])
+
+
+def test_logs_refuse_an_unknown_level_and_a_silly_limit(store: RunStore) -> None:
+    ref = _ref(store, "first")
+    with pytest.raises(ConfigError, match="unknown log level 'LOUD'; choose one of INFO, WARNING, ERROR, CRITICAL"):
+        views.logs_view(store, ref, level="LOUD")
+    for limit in (0, 5001):
+        with pytest.raises(ConfigError, match="between 1 and 5000"):
+            views.logs_view(store, ref, limit=limit)
+
+
+def test_a_run_recorded_before_clients_sent_logs_has_none(tmp_path: Path) -> None:
+    recorder = record_run(tmp_path, "old", rounds=1, clients=2)
+    with sqlite3.connect(recorder.run_dir / "run.db") as conn:
+        conn.execute("DROP TABLE client_logs")
+    assert views.logs_view(RunStore(tmp_path), recorder.run_id) == {"lines": [], "matched": 0, "clients": []}
 
 
 def test_client_detail_and_its_errors(store: RunStore) -> None:

@@ -81,6 +81,14 @@ def client_command(
             dir_okay=False,
         ),
     ] = None,
+    send_logs: Annotated[
+        bool,
+        typer.Option(
+            help="Send the lines this client logs while it trains or evaluates (INFO and up, tracebacks included) "
+            "to the server, which keeps them with the run; --no-send-logs keeps them here. System metrics go "
+            "either way."
+        ),
+    ] = True,
 ) -> None:
     """Join a federation: dial out to the server and train on local data until the server says bye.
 
@@ -120,6 +128,7 @@ def client_command(
         credentials=credentials,
         state=DirectoryState(state_dir),
         he_key=he_key,
+        send_logs=send_logs,
     )
     typer.echo(f"answered {answered} instructions; the server said bye")
 

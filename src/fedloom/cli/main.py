@@ -58,10 +58,19 @@ app.command("ui")(ui.ui_command)
 _stderr = Console(stderr=True)
 
 
+def configure_logging() -> None:
+    """The console shows warnings and errors, and what ``fedloom.data`` says about downloads. Records go through
+    at ``INFO`` all the same, so that a client's telemetry (:mod:`fedloom.runtime.telemetry`) collects the
+    lines a job logs at ``INFO`` for the server."""
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    console.addFilter(lambda record: record.levelno >= logging.WARNING or record.name.startswith("fedloom.data"))
+    logging.basicConfig(level=logging.INFO, handlers=[console])
+
+
 def main() -> None:
     """Entry point: runs the app; a fedloom error ends with one line on stderr and exit code 2."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("fedloom.data").setLevel(logging.INFO)  # downloads say what they fetch and where
+    configure_logging()
     try:
         app()
     except FedloomError as exc:

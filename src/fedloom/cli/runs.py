@@ -1,4 +1,4 @@
-"""``fedloom runs``: list, show, compare and export recorded runs."""
+"""``fedloom runs``: list, show, compare, export recorded runs, and read their clients' events and logs."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedloom.core.errors import ConfigError
-from fedloom.tracking import RunStore
+from fedloom.tracking import RunStore, views
 from fedloom.tracking.compare import config_diff, metric_table, shared_metrics
 from fedloom.tracking.report import number
 from fedloom.tracking.store import ROUND_COLUMNS
@@ -125,6 +125,30 @@ def events_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
         for e in events
     ]
     console.print(_table(header, rows))
+
+
+@app.command("logs")
+def logs_command(
+    run: RunRef,
+    runs: RunsDir = Path("runs"),
+    grep: Annotated[str | None, typer.Option(help="Only lines whose text or logger holds this (any case).")] = None,
+    client: Annotated[str | None, typer.Option(help="Only this client's lines.")] = None,
+    level: Annotated[str | None, typer.Option(help="Only lines at this level or above (INFO ... CRITICAL).")] = None,
+    round_: Annotated[int | None, typer.Option("--round", help="Only lines of this round.")] = None,
+    last: Annotated[int, typer.Option(help="Show the last this many matching lines.", min=1, max=5000)] = 200,
+) -> None:
+    """Show the lines clients logged while they trained and evaluated (sent with their replies)."""
+    store = RunStore(runs)
+    found = views.logs_view(store, run, text=grep, client=client, level=level, server_round=round_, limit=last)
+    console = Console(soft_wrap=True, highlight=False)
+    for line in found["lines"]:
+        head = f"{line['at'][11:23]} round {line['round']} {line['client_id']} {line['phase']} {line['level']} "
+        console.print(f"{head}{line['logger']}: {line['message']}", markup=False)
+    shown = len(found["lines"])
+    if found["matched"] > shown:
+        console.print(f"({found['matched']} lines match; the last {shown} are shown: --last to see more)")
+    elif not shown:
+        console.print(f"no lines match in run {store.resolve(run).name}")
 
 
 @app.command("export")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedloom.cli.exporting import MlflowUri, TensorBoardDir, exporters
 from fedloom.cli.privacy import read_public_key
 from fedloom.cli.progress import format_round, metric_text
 from fedloom.cli.protection import (
@@ -114,6 +115,8 @@ def server_command(
             rich_help_panel=PANEL,
         ),
     ] = None,
+    mlflow_uri: MlflowUri = None,
+    tensorboard: TensorBoardDir = None,
 ) -> None:
     """Serve a federation: wait for clients to dial in, run the rounds, record the run.
 
@@ -167,7 +170,7 @@ def server_command(
         heartbeat=heartbeat,
     )
     try:
-        recorder, resume = RunRecorder.open(run_dir, loaded.name, identity)
+        recorder, resume = RunRecorder.open(run_dir, loaded.name, identity, exporters(mlflow_uri, tensorboard))
     except BaseException:
         server.stop(0)
         raise

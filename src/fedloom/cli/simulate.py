@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedloom.cli.exporting import MlflowUri, TensorBoardDir, exporters
 from fedloom.cli.gossip import check_gossip_flags, run_decentralized
 from fedloom.cli.progress import ConsoleProgress, metric_text
 from fedloom.cli.protection import (
@@ -194,6 +195,8 @@ def simulate_command(
     ] = None,
     threads: Annotated[int, typer.Option(help="CPU threads torch may use.", min=1)] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
+    mlflow_uri: MlflowUri = None,
+    tensorboard: TensorBoardDir = None,
 ) -> None:
     """Run a simulated federation and record it in the runs folder (with --topology: decentralized, unrecorded)."""
     if topology is not None:
@@ -266,12 +269,13 @@ def simulate_command(
     if topology is not None:
         run_decentralized(console, configured, topology, degree, quiet=quiet)
         return
+    mirrors = exporters(mlflow_uri, tensorboard)
     observers = [] if quiet else [ConsoleProgress(console, sim.rounds, configured.name)]
     if observers:
         with observers[0]:
-            run = simulate(configured, runs_dir=out, observers=observers)
+            run = simulate(configured, runs_dir=out, observers=observers, exporters=mirrors)
     else:
-        run = simulate(configured, runs_dir=out)
+        run = simulate(configured, runs_dir=out, exporters=mirrors)
     final = "  ".join(f"{k} {metric_text(v)}" for k, v in run.final_metrics.items())
     console.print(f"finished run [bold]{run.run_id}[/]: {final}", highlight=False)
     console.print(f"params_sha256 {run.params_sha256}\nrun directory {run.run_dir}", highlight=False)

@@ -20,6 +20,7 @@ class MessageKind:
     FIT_RESULT = "fit.result"
     EVALUATE = "evaluate"
     EVALUATE_RESULT = "evaluate.result"
+    FAILURE = "failure"  # a deployed client's task raised; metadata ``error`` says what (the client stays on)
 
 
 def _check_json(value: Any, where: str) -> None:

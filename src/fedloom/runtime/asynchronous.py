@@ -23,6 +23,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import FitResult
 from fedloom.privacy.ledger import update_digest
+from fedloom.runtime import telemetry
 from fedloom.runtime.grid import AsyncGrid, Clocked, Exchange, Grid, Reply, ReplyHandler
 from fedloom.runtime.loop import (
     CentralEvaluator,
@@ -189,6 +190,7 @@ def _take(
     """The record of one training reply and the update to buffer (``None``: dropped, refused or too stale)."""
     if reply is None:
         return ClientRecord(client_id=client_id, phase="fit", status=ClientStatus.DROPPED), None
+    sent = telemetry.read(reply.message, client_id)
     record = ClientRecord(
         client_id=client_id,
         phase="fit",
@@ -196,7 +198,13 @@ def _take(
         seconds=reply.seconds,
         bytes_down=reply.bytes_down,
         bytes_up=reply.bytes_up,
+        metrics=telemetry.record_metrics({}, sent, reply.upload_seconds),
+        logs=sent.logs,
     )
+    failure = telemetry.failure(reply.message)
+    if failure is not None:
+        log.warning("round %d: the fit of client %s failed: %s", server_round, client_id, failure)
+        return replace(record, status=ClientStatus.DROPPED, detail=f"its task failed: {failure}"), None
     try:  # checked as the synchronous loop checks a reply: against what this client was sent
         result = valid_update(strategy, {client_id: start.instruction})(client_id, reply.message)
     except (DecodeError, InvalidUpdateError) as exc:
@@ -211,7 +219,7 @@ def _take(
         num_examples=result.num_examples,
         loss=result.metrics.get("loss"),
         accuracy=result.metrics.get("accuracy"),
-        metrics={**result.metrics, "staleness": float(staleness)},
+        metrics={**telemetry.record_metrics(result.metrics, sent, reply.upload_seconds), "staleness": float(staleness)},
         update_sha256=update_digest(result.params),
     )
     return ok, result
@@ -236,6 +244,7 @@ def _merged(earlier: ClientRecord | None, later: ClientRecord) -> ClientRecord:
         metrics={**base.metrics, "updates": used},
         detail=later.detail or earlier.detail,
         update_sha256=",".join(d for d in (earlier.update_sha256, later.update_sha256) if d) or None,
+        logs=earlier.logs + later.logs,
     )
 
 

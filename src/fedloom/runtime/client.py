@@ -8,6 +8,7 @@ from fedloom.core.params import Params
 from fedloom.core.results import parse_instruction
 from fedloom.data.base import ClientData
 from fedloom.privacy.protocols import PROTOCOL_KINDS, ClientProtocols
+from fedloom.runtime import telemetry
 from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.catalog import LOCAL_ALGORITHMS
 from fedloom.strategy.local import Client, ClientState, local_args
@@ -35,7 +36,24 @@ def handle_instruction(
     :class:`fedloom.core.errors.DecodeError` for a malformed instruction or an algorithm this client does not
     know, and :class:`ConfigError` when the algorithm keeps state and no ``state`` was given; whatever the task
     raises propagates, so each runtime decides how to report it.
+
+    The reply carries the client's telemetry for this instruction (system metrics, ``fedloom.context`` metrics,
+    log lines: :mod:`fedloom.runtime.telemetry`), unless the caller measures it itself around this call.
     """
+    if telemetry.active():  # a protocol step that trains, or a runtime that measures the instruction itself
+        return _answer(task, data, message, state, protocols)
+    with telemetry.measure(message) as capture:
+        reply = _answer(task, data, message, state, protocols)
+    return capture.attach(reply)
+
+
+def _answer(
+    task: Task,
+    data: ClientData,
+    message: Message,
+    state: ClientState | None,
+    protocols: ClientProtocols | None,
+) -> Message:
     if message.kind in PROTOCOL_KINDS:
         if protocols is None:
             raise ConfigError(f"this client runtime keeps no secure aggregation state, and was sent {message.kind}")

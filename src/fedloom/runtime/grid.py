@@ -13,12 +13,14 @@ __all__ = ["AsyncGrid", "Clocked", "Exchange", "Grid", "Reply", "ReplyHandler", 
 
 @dataclass(frozen=True)
 class Reply:
-    """A client's answer, with what it cost: the client's compute seconds and the bytes each way."""
+    """A client's answer, with what it cost: the client's compute seconds and the bytes each way, and where the
+    transport measured it, the seconds the reply took to arrive once it started (``upload_seconds``)."""
 
     message: Message
     seconds: float = 0.0
     bytes_down: int = 0
     bytes_up: int = 0
+    upload_seconds: float | None = None
 
 
 @dataclass(frozen=True)

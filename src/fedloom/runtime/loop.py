@@ -16,6 +16,7 @@ from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
 from fedloom.privacy.ledger import update_digest
+from fedloom.runtime import telemetry
 from fedloom.runtime.grid import Clocked, Exchange, Grid, Reply
 from fedloom.runtime.protocol import run_fit_protocol
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
@@ -223,8 +224,9 @@ R = TypeVar("R", FitResult, EvalResult)
 
 
 class Gathered(Generic[R]):
-    """One phase's replies as the grid hands them over (:meth:`take`): each is parsed, a bad one refused and
-    logged, a good fit update folded into ``fold`` (and its arrays let go) where there is one."""
+    """One phase's replies as the grid hands them over (:meth:`take`): each one's telemetry kept, a failure
+    (the client's task raised) noted, the rest parsed, a bad one refused and logged, a good fit update folded into
+    ``fold`` (and its arrays let go) where there is one."""
 
     def __init__(
         self, server_round: int, phase: str, parse: Callable[[str, Message], R], fold: FitFold[Any] | None = None
@@ -236,8 +238,16 @@ class Gathered(Generic[R]):
         self.accepted: dict[str, R] = {}
         self.refused: dict[str, str] = {}  # client id -> reason
         self.digests: dict[str, str] = {}  # client id -> its fit update's SHA-256, for the privacy ledger
+        self.failed: dict[str, str] = {}  # client id -> the error its task raised
+        self.telemetry: dict[str, telemetry.Telemetry] = {}
 
     def take(self, client_id: str, reply: Reply) -> Reply:
+        self.telemetry[client_id] = telemetry.read(reply.message, client_id)
+        failure = telemetry.failure(reply.message)
+        if failure is not None:
+            log.warning("round %d: the %s of client %s failed: %s", self._round, self._phase, client_id, failure)
+            self.failed[client_id] = failure
+            return replace(reply, message=Message(reply.message.kind))
         try:
             result = self._parse(client_id, reply.message)
         except (DecodeError, InvalidUpdateError) as exc:
@@ -270,20 +280,30 @@ def valid_update(strategy: Strategy[Any], instructions: Mapping[str, Message]) -
     return parse
 
 
+def _status(client_id: str, failed: Mapping[str, str], refused: Mapping[str, str]) -> str:
+    """A reply's record status: a failed task is a drop (no update came), a refused update a refusal."""
+    if client_id in failed:
+        return ClientStatus.DROPPED
+    return ClientStatus.REFUSED if client_id in refused else ClientStatus.OK
+
+
 def client_records(phase: str, exchange: Exchange, gathered: Gathered[Any]) -> tuple[ClientRecord, ...]:
-    results, refused = gathered.accepted, gathered.refused
+    results, refused, failed = gathered.accepted, gathered.refused, gathered.failed
     records = []
     for cid, reply in exchange.replies.items():
+        sent = gathered.telemetry.get(cid, telemetry.Telemetry())
         replied = ClientRecord(
             client_id=cid,
             phase=phase,
-            status=ClientStatus.REFUSED if cid in refused else ClientStatus.OK,
+            status=_status(cid, failed, refused),
             seconds=reply.seconds,
             bytes_down=reply.bytes_down,
             bytes_up=reply.bytes_up,
-            detail=refused.get(cid),
+            metrics=telemetry.record_metrics({}, sent, reply.upload_seconds),
+            detail=f"its task failed: {failed[cid]}" if cid in failed else refused.get(cid),
+            logs=sent.logs,
         )
-        if cid in refused:
+        if cid in refused or cid in failed:
             records.append(replied)
             continue
         result = results[cid]
@@ -293,7 +313,7 @@ def client_records(phase: str, exchange: Exchange, gathered: Gathered[Any]) -> t
                 num_examples=result.num_examples,
                 loss=result.loss if isinstance(result, EvalResult) else result.metrics.get("loss"),
                 accuracy=result.metrics.get("accuracy"),
-                metrics=dict(result.metrics),
+                metrics=telemetry.record_metrics(result.metrics, sent, reply.upload_seconds),
                 update_sha256=gathered.digests.get(cid),
             )
         )

@@ -8,8 +8,10 @@ from typing import Any
 
 from fedloom.core.errors import NotEnoughClientsError
 from fedloom.core.message import Message
+from fedloom.runtime import telemetry
 from fedloom.runtime.grid import Grid
 from fedloom.runtime.records import ClientRecord, ClientStatus
+from fedloom.runtime.telemetry import Telemetry
 from fedloom.strategy.base import ProtocolResult, ProtocolStrategy
 
 __all__ = ["run_fit_protocol"]
@@ -24,6 +26,9 @@ class _Tally:
     bytes_down: int = 0
     bytes_up: int = 0
     answered: list[str] = field(default_factory=list)
+    telemetry: Telemetry = field(default_factory=Telemetry)
+    upload_seconds: float | None = None
+    failed: str | None = None  # the error its task raised, which ends its part
 
 
 def run_fit_protocol(
@@ -38,7 +43,8 @@ def run_fit_protocol(
     (bounded by ``timeout``), and the replies that came back are the protocol's next input. Returns the
     protocol's result and one fit record per client asked: ``ok`` for those whose contribution is in the
     aggregate (with the digest of what they sent), ``dropped`` for the others (``detail`` names the last step
-    they answered), each with its seconds and bytes summed over the steps.
+    they answered, or the error its task raised), each with its seconds and bytes summed over the steps, and its
+    telemetry over the steps (:mod:`fedloom.runtime.telemetry`).
 
     Whatever the protocol raises (fewer than its threshold of clients left) ends the round; fewer clients used
     than ``strategy.min_clients`` raises :class:`NotEnoughClientsError`.
@@ -48,14 +54,21 @@ def run_fit_protocol(
     messages = next(steps)
     while True:
         exchange = grid.send_and_receive(messages, timeout)
+        answers = {}
         for cid, reply in exchange.replies.items():
             tally = tallies.setdefault(cid, _Tally())
             tally.seconds += reply.seconds
             tally.bytes_down += reply.bytes_down
             tally.bytes_up += reply.bytes_up
-            tally.answered.append(messages[cid].kind)
+            tally.telemetry += telemetry.read(reply.message, cid)
+            if reply.upload_seconds is not None:
+                tally.upload_seconds = (tally.upload_seconds or 0.0) + reply.upload_seconds
+            tally.failed = telemetry.failure(reply.message)
+            if tally.failed is None:  # a client whose task failed has left the protocol
+                tally.answered.append(messages[cid].kind)
+                answers[cid] = reply.message
         try:
-            messages = steps.send({cid: reply.message for cid, reply in exchange.replies.items()})
+            messages = steps.send(answers)
         except StopIteration as done:
             result: ProtocolResult[Any] = done.value
             break
@@ -68,6 +81,7 @@ def run_fit_protocol(
     for cid, tally in tallies.items():
         used = cid in result.used
         last = tally.answered[-1] if tally.answered else None
+        left = f"its task failed: {tally.failed}" if tally.failed else f"left the protocol after {last or 'no step'}"
         records.append(
             ClientRecord(
                 client_id=cid,
@@ -76,8 +90,10 @@ def run_fit_protocol(
                 seconds=tally.seconds,
                 bytes_down=tally.bytes_down,
                 bytes_up=tally.bytes_up,
-                detail=None if used else f"left the protocol after {last or 'no step'}",
+                metrics=telemetry.record_metrics({}, tally.telemetry, tally.upload_seconds),
+                detail=None if used else left,
                 update_sha256=result.used.get(cid),
+                logs=tally.telemetry.logs,
             )
         )
     return result, tuple(records)

@@ -10,14 +10,25 @@ from typing import Any, Protocol
 from fedloom.core.params import Params
 from fedloom.strategy.snapshot import Snapshot
 
-__all__ = ["ClientEvent", "ClientRecord", "ClientStatus", "RoundObserver", "RoundRecord"]
+__all__ = ["ClientEvent", "ClientRecord", "ClientStatus", "LogLine", "RoundObserver", "RoundRecord"]
 
 
 class ClientStatus:
     OK = "ok"
-    DROPPED = "dropped"  # did not reply
+    DROPPED = "dropped"  # did not reply, or its task failed (``ClientRecord.detail`` says how)
     LATE = "late"  # would have replied after the round's deadline; its work was not used
     REFUSED = "refused"  # replied with something the server would not use (``ClientRecord.detail`` says why)
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """A log record a client sent with a reply (see :mod:`fedloom.runtime.telemetry`): when it was logged (UTC, by
+    the client's clock), its level name, the logger's name and the formatted message (a traceback included)."""
+
+    at: datetime
+    level: str
+    logger: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -26,8 +37,10 @@ class ClientRecord:
 
     ``seconds`` is the client's compute time; ``bytes_down`` is what the server sent it and ``bytes_up`` what
     it sent back, both as encoded on the wire. ``loss`` and ``accuracy`` are ``None`` where not reported.
-    ``detail`` explains a refusal. ``update_sha256`` is the digest of a fit update the server used (see
-    :func:`fedloom.privacy.ledger.update_digest`), for the run's privacy ledger.
+    ``detail`` explains a refusal (or a failure). ``update_sha256`` is the digest of a fit update the server used
+    (see :func:`fedloom.privacy.ledger.update_digest`), for the run's privacy ledger. ``metrics`` holds what the
+    task reported and what the client measured about itself (``sys_*``) or logged with
+    ``fedloom.context.log_metric``; ``logs`` are the log lines it sent with its reply.
     """
 
     client_id: str
@@ -42,6 +55,7 @@ class ClientRecord:
     metrics: Mapping[str, float] = field(default_factory=dict)
     detail: str | None = None
     update_sha256: str | None = None
+    logs: tuple[LogLine, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -23,15 +23,17 @@ the same command resumes the run after its last recorded round.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedloom.core.checkpoint import checkpoint_metadata, load_params, save_params, write_atomic
@@ -42,8 +44,10 @@ from fedloom.privacy.ledger import LEDGER_FILE
 from fedloom.runtime.loop import Resume
 from fedloom.runtime.records import ClientEvent, ClientRecord, ClientStatus, RoundRecord
 from fedloom.strategy.snapshot import Snapshot
+from fedloom.tracking.exporters import Exporter
 from fedloom.tracking.schema import (
     client_events,
+    client_logs,
     client_metrics,
     metadata,
     round_metrics,
@@ -54,6 +58,8 @@ from fedloom.tracking.schema import (
 from fedloom.tracking.store import DB_NAME, ROUND_COLUMNS, dumps_json, final_metrics, read_rounds, utc
 
 __all__ = ["CHECKPOINT_DIR", "SUMMARY_NAME", "RunRecorder", "checkpoint_path"]
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 SUMMARY_NAME = "summary.json"
@@ -140,12 +146,17 @@ class RunRecorder:
         self._run_id = run_id
         self._name = name
         self._engine: Engine | None = engine
+        self._exporters: list[Exporter] = []
         self._last_round = 0
         self._ledger_head: str | None = None  # the privacy ledger's last hash, read from the file at first use
 
     @classmethod
-    def create(cls, root: str | Path, name: str, config: Mapping[str, Any]) -> RunRecorder:
-        """Start a new run under ``root`` (created if missing) and record it as ``running``.
+    def create(
+        cls, root: str | Path, name: str, config: Mapping[str, Any], exporters: Sequence[Exporter] = ()
+    ) -> RunRecorder:
+        """Start a new run under ``root`` (created if missing) and record it as ``running``; ``exporters``
+        (:mod:`fedloom.tracking.exporters`) mirror it elsewhere. If one cannot start, its error is raised and
+        the fresh run directory removed.
 
         The run id is ``<UTC yyyymmdd-HHMMSS>-<name>-<4 hex>``, with ``name`` reduced to ``[a-z0-9_-]``.
         ``config`` must be JSON-like (dataclasses, paths, enums and NumPy values are converted; non-finite
@@ -164,7 +175,14 @@ class RunRecorder:
             break
         else:
             raise RunStoreError(f"could not create a fresh run directory under {root_dir}")
-        return cls._start(run_dir, run_id, name, config_json)
+        recorder = cls._start(run_dir, run_id, name, config_json)
+        try:
+            recorder._start_exporters(exporters, config_json)
+        except BaseException:
+            recorder.close()
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing was recorded in it
+            raise
+        return recorder
 
     @classmethod
     def _start(cls, run_dir: Path, run_id: str, name: str, config_json: str) -> RunRecorder:
@@ -189,9 +207,12 @@ class RunRecorder:
         return cls(run_dir, run_id, name, engine)
 
     @classmethod
-    def open(cls, run_dir: str | Path, name: str, config: Mapping[str, Any]) -> tuple[RunRecorder, Resume | None]:
+    def open(
+        cls, run_dir: str | Path, name: str, config: Mapping[str, Any], exporters: Sequence[Exporter] = ()
+    ) -> tuple[RunRecorder, Resume | None]:
         """Record into the run directory ``run_dir`` itself (a deployment's ``--run-dir``): start its run if it
-        has none yet, or resume the one it has, and say where to resume from.
+        has none yet, or resume the one it has, and say where to resume from. ``exporters`` mirror the run
+        elsewhere (a resumed run goes on where it is mirrored); one that cannot start raises its error.
 
         Resuming needs the same ``config`` as the run was started with (else :class:`ConfigError`, naming what
         differs) and a run that has not finished (else :class:`RunStoreError`). It returns a
@@ -215,7 +236,19 @@ class RunRecorder:
         finally:
             engine.dispose()
         if row is None:
-            return cls._start(folder, _new_run_id(name), name, config_json), None
+            recorder = cls._start(folder, _new_run_id(name), name, config_json)
+            resume = None
+        else:
+            recorder, resume = cls._resume(folder, row, last, config_json)
+        try:
+            recorder._start_exporters(exporters, config_json)
+        except BaseException:
+            recorder.close()
+            raise
+        return recorder, resume
+
+    @classmethod
+    def _resume(cls, folder: Path, row: Any, last: int | None, config_json: str) -> tuple[RunRecorder, Resume | None]:
         if row.status == "finished":
             raise RunStoreError(
                 f"run {row.run_id} in {folder} has finished already; start another with a new run directory"
@@ -235,6 +268,24 @@ class RunRecorder:
             recorder.close()
             raise RunStoreError(f"cannot resume run {row.run_id} in {folder}: {exc}") from None
         return recorder, resume
+
+    def _start_exporters(self, exporters: Sequence[Exporter], config_json: str) -> None:
+        config = json.loads(config_json)
+        for exporter in exporters:
+            exporter.start(self._run_id, self._name, config)
+            self._exporters.append(exporter)
+
+    def _export(self, what: str, call: Callable[[Exporter], None]) -> None:
+        """``call`` each exporter; one that fails is logged and left out from then on (the run store has it all)."""
+        for exporter in list(self._exporters):
+            try:
+                call(exporter)
+            except Exception as exc:  # an exporter's failure must not end the run
+                log.warning(
+                    "run %s: %s failed on %s (%s: %s); the run goes on without it",
+                    self._run_id, type(exporter).__name__, what, type(exc).__name__, exc,
+                )  # fmt: skip
+                self._exporters.remove(exporter)
 
     @property
     def run_id(self) -> str:
@@ -288,6 +339,9 @@ class RunRecorder:
                     )
                 if record.clients:
                     conn.execute(insert(client_metrics), [self._client_row(server_round, c) for c in record.clients])
+                lines = self._log_rows(conn, server_round, record.clients)
+                if lines:
+                    conn.execute(insert(client_logs), lines)
                 if record.strategy_state is not None:  # first: a checkpoint never lacks its strategy state
                     save_params(
                         strategy_state_path(self._run_dir, server_round),
@@ -314,6 +368,7 @@ class RunRecorder:
         if record.strategy_state is not None and self._last_round > 0:
             strategy_state_path(self._run_dir, self._last_round).unlink(missing_ok=True)
         self._last_round = server_round
+        self._export(f"round {server_round}", lambda exporter: exporter.on_round(record))
 
     def _append_ledger(self, record: RoundRecord) -> str:
         """Append the round's used updates to the run's privacy ledger (:mod:`fedloom.privacy.ledger`) and
@@ -363,6 +418,33 @@ class RunRecorder:
             "extra_json": dumps_json(dict(client.metrics)),
             "detail": client.detail,
         }
+
+    def _log_rows(self, conn: Connection, server_round: int, clients: Sequence[ClientRecord]) -> list[dict[str, Any]]:
+        """The rows of the lines ``clients`` sent in ``server_round``, numbered on from the run's last line."""
+        if not any(c.logs for c in clients):
+            return []
+        rid = self._run_id
+        seq = conn.execute(
+            select(func.coalesce(func.max(client_logs.c.seq), 0)).where(client_logs.c.run_id == rid)
+        ).scalar_one()
+        rows = []
+        for client in clients:
+            for line in client.logs:
+                seq += 1
+                rows.append(
+                    {
+                        "run_id": rid,
+                        "seq": seq,
+                        "round": server_round,
+                        "client_id": client.client_id,
+                        "phase": client.phase,
+                        "at": line.at,
+                        "level": line.level,
+                        "logger": line.logger,
+                        "message": line.message,
+                    }
+                )
+        return rows
 
     def on_events(self, events: Sequence[ClientEvent]) -> None:
         """Append ``events`` to the run's client timeline (``client_events``), after those already there."""
@@ -435,6 +517,7 @@ class RunRecorder:
         except OSError as exc:
             raise RunStoreError(f"cannot write the summary of run {rid}: {exc}") from None
         finally:
+            self._export("finishing the run", lambda exporter: exporter.finish(status))
             self.close()
 
     def close(self) -> None:

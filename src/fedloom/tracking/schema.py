@@ -32,6 +32,7 @@ from sqlalchemy.engine import URL
 __all__ = [
     "RUN_STATUSES",
     "client_events",
+    "client_logs",
     "client_metrics",
     "credentials",
     "metadata",
@@ -118,6 +119,23 @@ client_events = Table(
     Column("bytes", Integer, nullable=False),
     Column("detail", Text, nullable=True),
     ForeignKeyConstraint(["run_id"], ["runs.run_id"], name="fk_client_events_run"),
+)
+
+# The lines clients logged while they answered instructions (see fedloom.runtime.telemetry), in the order they
+# arrived; ``at`` is by the client's clock.
+client_logs = Table(
+    "client_logs",
+    metadata,
+    Column("run_id", String(_RUN_ID), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("round", Integer, nullable=False),
+    Column("client_id", String(_NAME), nullable=False),
+    Column("phase", String(_SHORT), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("level", String(_SHORT), nullable=False),
+    Column("logger", String(_NAME), nullable=False),
+    Column("message", Text, nullable=False),
+    ForeignKeyConstraint(["run_id", "round"], ["rounds.run_id", "rounds.round"], name="fk_client_logs_round"),
 )
 
 # A deployment's client tokens. Only a SHA-256 of each token is kept: tokens are 256 random bits, so a fast hash

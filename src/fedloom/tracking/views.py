@@ -19,11 +19,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.tracking.compare import config_diff, shared_metrics
-from fedloom.tracking.schema import client_events, client_metrics, rounds
-from fedloom.tracking.store import ROUND_COLUMNS, RunInfo, RunStore, jsonable, read_config, read_rounds
+from fedloom.tracking.schema import client_events, client_logs, client_metrics, rounds
+from fedloom.tracking.store import ROUND_COLUMNS, RunInfo, RunStore, jsonable, read_config, read_rounds, utc
 
 __all__ = [
     "HEATMAP_METRICS",
+    "LOG_LEVELS",
     "PARTICIPATION",
     "SYSTEM_METRICS",
     "best_metric",
@@ -31,6 +32,7 @@ __all__ = [
     "clients_view",
     "compare_view",
     "heatmap",
+    "logs_view",
     "overview",
     "profile",
     "run_detail",
@@ -56,6 +58,7 @@ HEATMAP_METRICS = {
 #: System metrics a client reports with each fit (names in its record's metrics), and how the profile sums each
 #: up over the run's rounds.
 SYSTEM_METRICS = (
+    ("sys_compute_seconds", "mean"),
     ("sys_peak_rss_mb", "max"),
     ("sys_cpu_seconds", "mean"),
     ("sys_gpu_util", "mean"),
@@ -63,6 +66,10 @@ SYSTEM_METRICS = (
     ("sys_download_seconds", "mean"),
     ("sys_upload_seconds", "mean"),
 )
+
+#: The levels of the lines clients send (:mod:`fedloom.runtime.telemetry`), lowest first.
+LOG_LEVELS = ("INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_LOG_LINES = 5000
 
 # The metrics that say how well a run did, in the order the run list looks for one, and which way is better.
 _BEST = (
@@ -153,7 +160,8 @@ def clients_view(store: RunStore, ref: str) -> dict[str, Any]:
     column = {r: i for i, r in enumerate(round_numbers)}
     letters = {cid: ["."] * len(round_numbers) for cid in clients}
     for server_round, cid, status in fits:
-        letters[cid][column[server_round]] = PARTICIPATION.get(status, ("?", "?"))[1]
+        if server_round in column and cid in letters:  # else recorded after the rounds were read (a live run)
+            letters[cid][column[server_round]] = PARTICIPATION.get(status, ("?", "?"))[1]
     rows = []
     for cid in clients:
         text = "".join(letters[cid])
@@ -181,7 +189,8 @@ def heatmap(store: RunStore, ref: str, metric: str) -> dict[str, Any]:
     row_of = {cid: i for i, cid in enumerate(clients)}
     values: list[list[float | None]] = [[None] * len(round_numbers) for _ in clients]
     for server_round, cid, value in cells:
-        if math.isfinite(value):
+        # A live run may record a round between the reads: its cells wait for the next answer.
+        if math.isfinite(value) and server_round in column_of and cid in row_of:
             values[row_of[cid]][column_of[server_round]] = value
     return {"metric": metric, "rounds": round_numbers, "clients": clients, "values": values}
 
@@ -258,6 +267,52 @@ def client_detail(store: RunStore, ref: str, client_id: str) -> dict[str, Any]:
         out.append(item)
     timeline = [{k: v for k, v in row._mapping.items() if k != "run_id"} for row in events]
     return _object({"client_id": client_id, "records": out, "events": timeline})
+
+
+def logs_view(
+    store: RunStore,
+    ref: str,
+    *,
+    text: str | None = None,
+    client: str | None = None,
+    level: str | None = None,
+    server_round: int | None = None,
+    limit: int = 200,
+) -> dict[str, Any]:
+    """The lines clients logged in the run that match every filter given: ``text`` in the message or the
+    logger's name (any case), from ``client``, at ``level`` or above, in ``server_round``. Returns the last
+    ``limit`` matches in the order they arrived (``lines``: seq, round, client_id, phase, at, level, logger,
+    message), how many matched in all (``matched``) and every client that logged anything (``clients``).
+    Raises :class:`ConfigError` for an unknown level or a limit outside 1 to 5,000."""
+    if level is not None and level.upper() not in LOG_LEVELS:
+        raise ConfigError(f"unknown log level {level!r}; choose one of {', '.join(LOG_LEVELS)}")
+    if not 1 <= limit <= MAX_LOG_LINES:
+        raise ConfigError(f"the number of lines must be between 1 and {MAX_LOG_LINES}, got {limit}")
+    c = client_logs.c
+    with store.connect(ref) as (conn, run_id):
+        if not inspect(conn).has_table(client_logs.name):  # a run recorded before clients sent their logs
+            return {"lines": [], "matched": 0, "clients": []}
+        where = [c.run_id == run_id]
+        if text:
+            needle = text.lower()
+            where.append(
+                func.lower(c.message).contains(needle, autoescape=True)
+                | func.lower(c.logger).contains(needle, autoescape=True)
+            )
+        if client is not None:
+            where.append(c.client_id == client)
+        if level is not None:
+            where.append(c.level.in_(LOG_LEVELS[LOG_LEVELS.index(level.upper()) :]))
+        if server_round is not None:
+            where.append(c.round == server_round)
+        matched = conn.execute(select(func.count()).select_from(client_logs).where(*where)).scalar_one()
+        query = select(client_logs).where(*where).order_by(c.seq.desc()).limit(limit)
+        lines = [{k: v for k, v in row._mapping.items() if k != "run_id"} for row in conn.execute(query)]
+        clients = conn.execute(select(c.client_id).where(c.run_id == run_id).distinct()).scalars()
+        logged = sorted(clients)
+    for line in lines:
+        line["at"] = utc(line["at"])
+    return _object({"lines": lines[::-1], "matched": int(matched), "clients": logged})
 
 
 def compare_view(store: RunStore, refs: Sequence[str]) -> dict[str, Any]:

@@ -204,6 +204,18 @@ def create_app(runs_dir: str | Path, *, token: str | None = None, loopback_only:
     def client(run: str, client_id: str) -> Response:
         return Response(_json(views.client_detail(store, run, client_id)), media_type="application/json")
 
+    @app.get("/api/runs/{run}/logs")
+    def logs(
+        run: str,
+        q: str | None = None,
+        client: str | None = None,
+        level: str | None = None,
+        round: int | None = None,
+        limit: int = 200,
+    ) -> Response:
+        found = views.logs_view(store, run, text=q, client=client, level=level, server_round=round, limit=limit)
+        return Response(_json(found), media_type="application/json")
+
     @app.get("/api/compare")
     def compare(run: list[str] = Query(default=[])) -> Response:  # noqa: B008 (FastAPI's way to declare a list)
         return cached(("compare", *run), run, lambda: views.compare_view(store, run))

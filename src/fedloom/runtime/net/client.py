@@ -7,13 +7,17 @@ server grants the offer (the server reads a few replies at a time), and drops it
 reply is too large, or its round is over). The same code as in simulation computes the reply; only the
 transport differs.
 
-If the task raises, the agent logs the error with its traceback and sends nothing for that instruction: the
-server counts the client as dropped for that round (after the round's deadline) and the agent stays
-connected for the next instruction. When the connection is lost (the server restarts, the network fails,
-a heartbeat goes unanswered) the agent reconnects, with pauses doubling from 0.5 s up to 30 s, and rejoins at
-the server's next instruction; a reply it was computing when the connection went is lost with it. What
-cannot get better by trying again ends the agent with a :class:`~fedloom.core.errors.TransportError`: a
-refused token, a TLS mismatch, a server that shuts down.
+If the task raises, the agent logs the error with its traceback and answers with a failure: the server
+records the client as dropped for that round, with the error, and the agent stays connected for the next
+instruction. Every reply carries the client's telemetry (:mod:`fedloom.runtime.telemetry`): its system
+metrics, the seconds the instruction took to arrive, and, unless ``send_logs`` is off, the lines it logged
+while answering (the failure's traceback included).
+
+When the connection is lost (the server restarts, the network fails, a heartbeat goes unanswered) the agent
+reconnects, with pauses doubling from 0.5 s up to 30 s, and rejoins at the server's next instruction; a reply
+it was computing when the connection went is lost with it. What cannot get better by trying again ends the
+agent with a :class:`~fedloom.core.errors.TransportError`: a refused token, a TLS mismatch, a server that
+shuts down.
 
 gRPC reaches the server through the proxy in ``https_proxy``/``http_proxy`` (or ``grpc_proxy``) where one is
 set, unless the server's host is listed in ``no_proxy``.
@@ -33,6 +37,7 @@ from fedloom.core.errors import DecodeError, TransportError
 from fedloom.data.base import ClientData
 from fedloom.privacy.paillier import KeyPair
 from fedloom.privacy.protocols import ClientProtocols
+from fedloom.runtime import telemetry
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.frames import (
@@ -116,6 +121,7 @@ def run_client(
     credentials: grpc.ChannelCredentials | None = None,
     state: ClientState | None = None,
     he_key: KeyPair | None = None,
+    send_logs: bool = True,
 ) -> int:
     """Serve as the client that ``token`` names in the federation at ``server`` (``HOST:PORT``) until it says
     bye, and return how many instructions were answered.
@@ -127,7 +133,8 @@ def run_client(
     ``heartbeat`` is the seconds between keepalive pings to the server. ``state`` is where this client keeps
     what an algorithm carries from round to round (SCAFFOLD's control variate...), across reconnects and
     restarts: a :class:`~fedloom.runtime.state.DirectoryState` on this machine's disk. ``he_key`` is the
-    federation's shared Paillier key, where it aggregates under Paillier (:class:`~fedloom.privacy.PaillierAgg`). Raises
+    federation's shared Paillier key, where it aggregates under Paillier (:class:`~fedloom.privacy.PaillierAgg`).
+    ``send_logs=False`` keeps this client's log lines off the wire (its metrics still go). Raises
     :class:`~fedloom.core.errors.ConfigError` for a malformed address; :class:`TransportError` when the
     server stays out of reach for ``retry_for`` seconds, for a TLS mismatch (naming its likely cause), when
     the server refuses this client or ends its session; :class:`DecodeError` when it sends malformed frames.
@@ -147,7 +154,7 @@ def run_client(
             if failure is None:
                 if not tls:
                     log.warning("connected to %s without TLS: traffic is unencrypted", server)
-                session = _Session(task, data, channel, server, chunk_size, max_message_bytes, state, he_key)
+                session = _Session(task, data, channel, server, chunk_size, max_message_bytes, state, he_key, send_logs)
                 bye = session.run(token)
                 answered += session.answered
                 if bye:
@@ -178,8 +185,10 @@ class _Session:
         max_bytes: int,
         state: ClientState | None,
         he_key: KeyPair | None,
+        send_logs: bool,
     ) -> None:
         self._task = task
+        self._send_logs = send_logs
         self._state = state
         # This connection's open secure aggregation rounds (in memory only), and the Paillier key if any.
         self._protocols = ClientProtocols(he_key)
@@ -234,13 +243,16 @@ class _Session:
         name = greeting.welcome.client_name
         log.info("joined the federation at %s as client %s", server, name)
         reassembler = Reassembler(self._max)
+        receiving_since = 0.0  # when the first chunk of the instruction being received came
         for frame in frames:
             if isinstance(frame, Malformed):
                 raise DecodeError(f"the server at {server} sent {frame.reason}")
             if isinstance(frame, Chunk):
+                if frame.index == 0:
+                    receiving_since = time.perf_counter()
                 box = [reassembler.feed(frame)]  # _answer takes the message out: nothing here keeps its buffer
                 if box[0] is not None:
-                    self._answer(box, outbox)
+                    self._answer(box, outbox, time.perf_counter() - receiving_since)
                 continue
             kind = _kind(frame)
             if kind == "grant":
@@ -265,23 +277,24 @@ class _Session:
         self.lost = "the server closed the stream without saying bye"
         return False
 
-    def _answer(self, box: list[tuple[int, memoryview] | None], outbox: _Outbox) -> None:
-        """Run the instruction in ``box`` (its message id and bytes, taken out) and offer the reply; it is sent
-        when the server grants it. The instruction's arrays are views of the received buffer, which goes once the
-        task lets them go."""
+    def _answer(self, box: list[tuple[int, memoryview] | None], outbox: _Outbox, received_seconds: float) -> None:
+        """Run the instruction in ``box`` (its message id and bytes, taken out) and offer the reply, with this
+        client's telemetry; it is sent when the server grants it. The instruction's arrays are views of the
+        received buffer, which goes once the task lets them go. ``received_seconds`` is how long it took to come."""
         done = box.pop()
         assert done is not None
         message_id, encoded = done
         del done
         instruction = decode_message(encoded)
         del encoded
-        try:
-            reply = handle_instruction(self._task, self._data, instruction, self._state, self._protocols)
-        except Exception:
-            # Sending nothing makes the server count this client as dropped for the round; see the module's doc.
-            log.exception("the task failed on the %s instruction %d; sending no reply", instruction.kind, message_id)
-            return
-        parts = message_parts(reply)
+        with telemetry.measure(instruction, received_seconds=received_seconds, send_logs=self._send_logs) as capture:
+            try:
+                reply = handle_instruction(self._task, self._data, instruction, self._state, self._protocols)
+            except Exception as exc:
+                # The server records this client as dropped for the round, with the error; see the module's doc.
+                log.exception("the task failed on the %s instruction %d", instruction.kind, message_id)
+                reply = telemetry.failure_message(exc)
+        parts = message_parts(capture.attach(reply))
         self._offered[message_id] = parts
         size = sum(memoryview(part).nbytes for part in parts)
         outbox.put(fleet_pb2.ClientFrame(offer=fleet_pb2.Offer(message_id=message_id, size=size)))

@@ -206,11 +206,12 @@ class _Hub:
         with self.cond:
             return self._awaited(connection, message_id) is not None
 
-    def deliver(self, connection: _Connection, box: list[tuple[int, memoryview] | None]) -> None:
+    def deliver(self, connection: _Connection, box: list[tuple[int, memoryview] | None], started: float) -> None:
         """Decode a whole reply (its message id and bytes, the one item in ``box``, taken out so that nothing
         else holds the bytes) and hand it over (folding it into the round's aggregate, for FedAvg) at once, in
         this stream's thread, so its bytes go before other replies come in: the decoded arrays are views of the
-        buffer, which goes when the handler lets the reply's params go."""
+        buffer, which goes when the handler lets the reply's params go. ``started`` is when its first chunk came
+        (``time.perf_counter``), for its upload seconds."""
         done = box.pop()
         assert done is not None
         message_id, data = done
@@ -225,7 +226,7 @@ class _Hub:
         arrived = time.perf_counter()
         size = len(data)
         try:
-            reply = Reply(decode_message(data), arrived - awaited.sent_at, awaited.bytes_down, size)
+            reply = Reply(decode_message(data), arrived - awaited.sent_at, awaited.bytes_down, size, arrived - started)
             del data
             if awaited.on_reply is not None:
                 with self.handing_over:
@@ -382,6 +383,7 @@ class _Servicer:
         hub = self._hub
         reassembler = Reassembler(self._max, self._hub.buffers)
         granted: tuple[int, int] | None = None  # the reply being received: its message id and offered size
+        started = 0.0  # when its first chunk came
         try:
             for frame in frames:
                 if isinstance(frame, Malformed):
@@ -393,11 +395,13 @@ class _Servicer:
                         raise DecodeError(
                             f"message {frame.message_id} is {frame.total_size} bytes, not the {granted[1]} it offered"
                         )
+                    if frame.index == 0:
+                        started = time.perf_counter()
                     box = [reassembler.feed(frame)]  # deliver takes the message out: nothing here keeps it
                     if box[0] is not None:
                         granted = None
                         try:
-                            hub.deliver(connection, box)
+                            hub.deliver(connection, box, started)
                         finally:
                             hub.uploads.release()
                     continue

@@ -35,10 +35,10 @@ from fedloom.runtime.sim.workers import (
     decode_client_data,
     encode_client_data,
     error_header,
+    prepare_worker,
     remote_error,
     run_client,
     stays_home,
-    torch_one_thread,
 )
 from fedloom.task.base import Task
 
@@ -73,7 +73,7 @@ def _worker_main(
         except Exception as exc:
             hint = "" if job_file is not None else "; if the task comes from a job file, pass job_file=job.source"
             raise ConfigError(f"a worker process cannot load the task ({type(exc).__name__}: {exc}){hint}") from exc
-        torch_one_thread()
+        prepare_worker()
     except Exception as exc:
         _send(conn, error_header(exc))
         return

@@ -30,10 +30,10 @@ from fedloom.runtime.sim.workers import (
     check_workers,
     decode_client_data,
     encode_client_data,
+    prepare_worker,
     remote_error,
     run_client,
     stays_home,
-    torch_one_thread,
 )
 from fedloom.task.base import Task
 
@@ -64,7 +64,7 @@ class _RayWorker:
                 "message": f"a Ray worker cannot load the task ({type(exc).__name__}: {exc})",
                 "traceback": traceback.format_exc(),
             }
-        torch_one_thread()
+        prepare_worker()
 
     def ready(self) -> Header | None:
         """``None`` once the task is loaded, else why it could not be (for :func:`remote_error`)."""

@@ -33,6 +33,7 @@ from fedloom.core.results import EvalResult, FitResult, parse_instruction
 from fedloom.data.base import ArrayData, Federation
 from fedloom.privacy.paillier import KeyPair
 from fedloom.privacy.protocols import PROTOCOL_KINDS, ClientProtocols
+from fedloom.runtime import telemetry
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
 from fedloom.runtime.sim.common import drops
@@ -142,6 +143,7 @@ class VectorizedGrid:
         self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
     ) -> Exchange:
         dropped: list[str] = []
+        server_round = 0
         fits: list[_Job] = []
         evaluations: list[_Job] = []
         done: dict[str, tuple[Message, float]] = {}
@@ -157,7 +159,7 @@ class VectorizedGrid:
                     reply = handle_instruction(self._task, client, message, state, self._protocols)
                 done[cid] = (reply, time.perf_counter() - began)
                 continue
-            kind, _round, params, config = parse_instruction(message)
+            kind, server_round, params, config = parse_instruction(message)
             if kind == MessageKind.FIT:
                 assert config is not None
                 if len(client.train) == 0:
@@ -166,8 +168,8 @@ class VectorizedGrid:
                 fits.append(_Job(cid, params, client.train, config.lr, batches, config.proximal_mu))
             else:
                 evaluations.append(_Job(cid, params, client.test))
-        done.update(self._run("fit", fits, self._fit_chunk))
-        done.update(self._run("evaluate", evaluations, self._evaluate_chunk))
+        done.update(self._run("fit", fits, self._fit_chunk, server_round))
+        done.update(self._run("evaluate", evaluations, self._evaluate_chunk, server_round))
         replies = {
             cid: Reply(done[cid][0], done[cid][1], encoded_size(message), encoded_size(done[cid][0]))
             for cid, message in messages.items()
@@ -178,7 +180,7 @@ class VectorizedGrid:
     # -- chunks ----------------------------------------------------------------------------------------------
 
     def _run(
-        self, phase: str, jobs: list[_Job], run_chunk: Callable[[list[_Job]], list[Message]]
+        self, phase: str, jobs: list[_Job], run_chunk: Callable[[list[_Job]], list[Message]], server_round: int
     ) -> dict[str, tuple[Message, float]]:
         """Run ``jobs`` chunk by chunk, most work first: each client's reply and its share of the chunk's time."""
         empty = [job for job in jobs if len(job.data) == 0]  # evaluation only: fits on no data were refused
@@ -194,10 +196,16 @@ class VectorizedGrid:
         )  # fmt: skip
         for chunk in chunks:
             began = time.perf_counter()
-            with user_code(f"clients {chunk[0].client_id}..{chunk[-1].client_id} in {phase} (vectorized)"):
+            with (
+                user_code(f"clients {chunk[0].client_id}..{chunk[-1].client_id} in {phase} (vectorized)"),
+                telemetry.measure((phase, server_round), send_logs=False) as measured,
+            ):
                 results = run_chunk(chunk)
             seconds = (time.perf_counter() - began) / len(chunk)
-            done.update({job.client_id: (reply, seconds) for job, reply in zip(chunk, results, strict=True)})
+            share = measured.share(len(chunk))  # the chunk's seconds split evenly, its peak memory as it was
+            done.update(
+                {job.client_id: (share.attach(reply), seconds) for job, reply in zip(chunk, results, strict=True)}
+            )
         return done
 
     def _budget_bytes(self) -> float:

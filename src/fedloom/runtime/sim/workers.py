@@ -3,6 +3,7 @@ and from a worker, and how a round's clients are spread over workers."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import traceback
@@ -42,7 +43,7 @@ __all__ = [
     "remote_error",
     "run_client",
     "stays_home",
-    "torch_one_thread",
+    "prepare_worker",
 ]
 
 Header = dict[str, Any]
@@ -164,9 +165,14 @@ def error_header(exc: BaseException) -> Header:
     return {"status": "error", "type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}
 
 
-def torch_one_thread() -> None:
-    """Give torch (if the task uses it) one thread in this worker: each worker is one core, and more threads
-    would only compete with the other workers (on a busy machine, many times slower)."""
+def prepare_worker() -> None:
+    """Set up a worker process: its loggers make records from ``INFO`` up, as in the ``fedloom`` command, for the
+    clients' telemetry (:mod:`fedloom.runtime.telemetry`; Python's last resort still prints only warnings); and
+    torch (if the task uses it) gets one thread: each worker is one core, and more threads would only compete
+    with the other workers (on a busy machine, many times slower)."""
+    root = logging.getLogger()
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)

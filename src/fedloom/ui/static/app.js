@@ -7,13 +7,15 @@ const COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b
 const STATUS_COLOURS = { t: "#2ca02c", d: "#d62728", l: "#ff7f0e", r: "#9467bd", ".": "#f0f0f0" };
 const HEATMAP_METRICS = { accuracy: "evaluate accuracy", loss: "evaluate loss", fit_loss: "fit loss", fit_seconds: "fit seconds" };
 const SYSTEM_COLUMNS = [
-  ["peak_rss_mb", "peak RSS MB"], ["cpu_seconds", "CPU s"], ["gpu_util", "GPU util %"], ["gpu_peak_mb", "GPU peak MB"],
+  ["compute_seconds", "client compute s"], ["peak_rss_mb", "peak RSS MB"], ["cpu_seconds", "CPU s"], ["gpu_util", "GPU util %"], ["gpu_peak_mb", "GPU peak MB"],
   ["download_seconds", "download s"], ["upload_seconds", "upload s"],
 ];
 const LIVE_MS = 2000;
 const MARKED_POINTS = 300; // a series with at most this many points marks each one (with its value on hover)
 const SHOWN_ROUNDS = 100; // the rounds table shows the last ones until asked for all
 const LIST_MS = 5000;
+const LOG_LEVELS = ["INFO", "WARNING", "ERROR", "CRITICAL"];
+const SEARCH_MS = 250; // the logs are searched this long after the last keystroke
 
 const view = document.getElementById("view");
 const crumbs = document.getElementById("crumbs");
@@ -258,6 +260,7 @@ async function runView(runId) {
     document.getElementById("metric").onchange = async (event) => {
       drawHeatmap(runId, await api(`${base}/heatmap?metric=${encodeURIComponent(event.target.value)}`));
     };
+    await watchLogs(runId, null);
     window.scrollTo(0, scroll);
     shown = state;
     document.body.dataset.rounds = detail.run.rounds;
@@ -300,6 +303,7 @@ function runPage(detail) {
     `<h2>Participation</h2><div class="legend" id="participation"></div><div class="scroll"><canvas id="timeline"></canvas></div>` +
     `<h2>System profile</h2><div id="profile-section"><p class="muted">loading…</p></div>` +
     `<h2>Privacy</h2>${privacy(detail.privacy)}` +
+    `<h2>Client logs</h2>${logsSection(true)}` +
     `<h2>Rounds</h2>${hidden ? `<p class="muted">The last ${SHOWN_ROUNDS} of ${detail.rounds.length} rounds. <button id="all-rounds">Show all</button></p>` : ""}` +
     `<div class="scroll tall" id="rounds-table">${roundsTable(detail, hidden)}</div>` +
     `<h2>Config</h2><pre id="config">${esc(JSON.stringify(detail.config, null, 2))}</pre>`;
@@ -355,8 +359,7 @@ function profileTable(runId, prof, clients) {
   const header = ["client", "trained", "dropped", "late", "refused", "mean fit s", "mean evaluate s", "bytes down", "bytes up", ...system.map(([, label]) => label)];
   const rows = prof.map((row) => {
     const c = counts[row.client_id] || {};
-    const link = `<a class="client" href="#/run/${encodeURIComponent(runId)}/client/${encodeURIComponent(row.client_id)}">${esc(row.client_id)}</a>`;
-    return [link, int(c.trained), int(c.dropped), int(c.late), int(c.refused), num(row.fit_seconds), num(row.evaluate_seconds),
+    return [clientLink(runId, row.client_id), int(c.trained), int(c.dropped), int(c.late), int(c.refused), num(row.fit_seconds), num(row.evaluate_seconds),
       int(row.bytes_down), int(row.bytes_up), ...system.map(([key]) => num(row[key]))];
   });
   return rows.length ? `<div class="scroll tall">${table(header, rows, 'id="profile"')}</div>` : '<p class="muted">No client records.</p>';
@@ -374,14 +377,72 @@ function privacy(p) {
   return parts.join("") || '<p class="muted">No differential privacy, secure aggregation or encryption was recorded.</p>';
 }
 
+// ------------------------------------------------------------------------------------------------ client logs
+
+// The search over what clients logged (the lines they sent with their replies). The filter outlives a live
+// run's redraws; the section says in data-query what its table shows, for the browser tests.
+const logFilter = { run: "", q: "", level: "", client: "" };
+
+function logsSection(withClients) {
+  const levels = LOG_LEVELS.map((l) => `<option value="${l}" ${logFilter.level === l ? "selected" : ""}>${l} and up</option>`).join("");
+  const clients = withClients ? `<label>client <select id="log-client"><option value="">all</option></select></label>` : "";
+  return `<div id="logs-section"><div class="toolbar"><input id="log-search" type="search" placeholder="search the lines" value="${esc(logFilter.q)}" aria-label="search the client logs">` +
+    `<label>level <select id="log-level"><option value="">all</option>${levels}</select></label>${clients}<span id="log-count" class="muted">loading…</span></div>` +
+    `<div class="scroll tall" id="log-lines"></div></div>`;
+}
+
+async function watchLogs(runId, clientId) {
+  const mine = generation;
+  if (logFilter.run !== runId) Object.assign(logFilter, { run: runId, q: "", level: "", client: "" });
+  const search = document.getElementById("log-search");
+  const level = document.getElementById("log-level");
+  const client = document.getElementById("log-client");
+  search.value = logFilter.q;
+  level.value = logFilter.level;
+  const show = async () => {
+    const who = clientId ?? logFilter.client;
+    const query = new URLSearchParams({ limit: "200" });
+    if (logFilter.q) query.set("q", logFilter.q);
+    if (logFilter.level) query.set("level", logFilter.level);
+    if (who) query.set("client", who);
+    const found = await api(`/api/runs/${encodeURIComponent(runId)}/logs?${query}`);
+    if (mine !== generation) return;
+    if (client && client.options.length === 1) {
+      client.innerHTML += found.clients.map((c) => `<option value="${esc(c)}" ${c === logFilter.client ? "selected" : ""}>${esc(c)}</option>`).join("");
+    }
+    const rows = found.lines.map((line) => [
+      esc(line.at.slice(11, 23)), esc(line.round), clientLink(runId, line.client_id), esc(line.phase),
+      `<span class="level-${esc(line.level)}">${esc(line.level)}</span>`, esc(line.logger), `<span class="line">${esc(line.message)}</span>`,
+    ]);
+    const shown = found.matched > found.lines.length ? `; the last ${found.lines.length} shown` : "";
+    const lines = `${int(found.matched)} line${found.matched === 1 ? "" : "s"}`;
+    document.getElementById("log-count").textContent = found.matched ? `${lines}${shown}` : "no lines";
+    document.getElementById("log-lines").innerHTML = rows.length ? table(["at (UTC)", "round", "client", "phase", "level", "logger", "message"], rows, 'id="logs"') : "";
+    document.getElementById("logs-section").dataset.query = `${logFilter.q}|${logFilter.level}|${who}`;
+  };
+  let pending = null;
+  const later = () => { clearTimeout(pending); pending = setTimeout(show, SEARCH_MS); };
+  search.oninput = () => { logFilter.q = search.value.trim(); later(); };
+  level.onchange = () => { logFilter.level = level.value; show(); };
+  if (client) client.onchange = () => { logFilter.client = client.value; show(); };
+  await show();
+}
+
+function clientLink(runId, clientId) {
+  return `<a class="client" href="#/run/${encodeURIComponent(runId)}/client/${encodeURIComponent(clientId)}">${esc(clientId)}</a>`;
+}
+
 // ------------------------------------------------------------------------------------------------ one client
 
 async function clientView(runId, clientId) {
   setCrumbs([["runs", "#/"], [runId, `#/run/${encodeURIComponent(runId)}`], [clientId, null]]);
   const detail = await api(`/api/runs/${encodeURIComponent(runId)}/clients/${encodeURIComponent(clientId)}`);
   const series = (phase, key) => detail.records.filter((r) => r.phase === phase && r[key] !== null).map((r) => [r.round, r[key]]);
+  const own = (phase, name) => detail.records.filter((r) => r.phase === phase && typeof r.metrics[name] === "number").map((r) => [r.round, r.metrics[name]]);
+  const reported = ["fit", "evaluate"].flatMap((phase) => [...new Set(detail.records.filter((r) => r.phase === phase).flatMap((r) => Object.keys(r.metrics)))]
+    .filter((name) => !["loss", "accuracy"].includes(name)).sort().map((name) => [`${phase} ${name}`, own(phase, name)]));
   const charts = [["evaluate", "accuracy"], ["evaluate", "loss"], ["fit", "loss"], ["fit", "seconds"]]
-    .map(([phase, key]) => [`${phase} ${key}`, series(phase, key)])
+    .map(([phase, key]) => [`${phase} ${key}`, series(phase, key)]).concat(reported)
     .filter(([, points]) => points.length)
     .map(([label, points]) => figure(label, lineChart([{ label, colour: COLOURS[0], points }], { metric: label })));
   const hidden = Math.max(0, detail.records.length - 2 * SHOWN_ROUNDS);
@@ -394,7 +455,9 @@ async function clientView(runId, clientId) {
   view.innerHTML = `<h1>Client ${esc(clientId)}</h1><p class="muted">in run ${runLink(runId)}</p>` +
     `<div class="charts">${charts.join("")}</div>` +
     `<h2>Records</h2>${hidden ? `<p class="muted">The last ${detail.records.length - hidden} of ${detail.records.length} records.</p>` : ""}<div class="scroll tall">${table(["round", "phase", "status", "examples", "loss", "accuracy", "seconds", "bytes down", "bytes up", "metrics"], rows, 'id="records"')}</div>` +
-    (events.length ? `<h2>Events</h2>${table(["#", "at (UTC)", "round", "event", "bytes", "detail"], events, 'id="events"')}` : "");
+    (events.length ? `<h2>Events</h2>${table(["#", "at (UTC)", "round", "event", "bytes", "detail"], events, 'id="events"')}` : "") +
+    `<h2>Logs</h2>${logsSection(false)}`;
+  await watchLogs(runId, clientId);
   timings.complete = performance.now();
   ready("client");
 }
