@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,3 +44,74 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------- PostgreSQL
+
+
+def _postgres_bin() -> Path | None:
+    """Where Debian's PostgreSQL server programs are (initdb, pg_ctl), if installed."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    return versions[-1].parent if versions else None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server of this test session, started from Debian's packages (``scripts/system-deps.sh``
+    installs them) in a fresh cluster on 127.0.0.1 and a free port, and stopped at the end: the URL of its
+    superuser, without a database. Skips where PostgreSQL is not installed, except under CI, where it fails."""
+    binaries = _postgres_bin()
+    if binaries is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed; scripts/system-deps.sh installs it (apt: postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt install postgresql)")
+    pytest.importorskip("psycopg")
+    as_postgres: list[str] = []
+    data = Path(tempfile.mkdtemp(prefix="fedloom-pg-"))
+    if os.geteuid() == 0:  # initdb refuses to run as root: the cluster belongs to Debian's postgres user
+        user = pwd.getpwnam("postgres")
+        os.chown(data, user.pw_uid, user.pw_gid)
+        as_postgres = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def run(*args: str) -> None:
+        subprocess.run([*as_postgres, *args], check=True, capture_output=True, timeout=120)
+
+    run(str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync")
+    options = f"-p {port} -k {data} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off"
+    run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(data / "server.log"), "-o", options, "-w", "start")
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}"
+    finally:
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop")
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """Each run store backend in turn, for contract tests: ``None`` (a SQLite file per run) or the URL of a fresh
+    PostgreSQL database on the session's server."""
+    if request.param == "sqlite":
+        yield None
+        return
+    from sqlalchemy import create_engine
+
+    from fedloom.tracking.schema import release_engines
+
+    server = request.getfixturevalue("postgres")
+    name = f"fedloom_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(f"{server}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        yield f"{server}/{name}"
+        release_engines()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()

@@ -63,6 +63,7 @@ def simulate(
     runs_dir: str | Path = "runs",
     observers: Sequence[RoundObserver] = (),
     exporters: Sequence[Exporter] = (),
+    db_url: str | None = None,
 ) -> Run:
     """Run ``job`` as a simulated federation and record it under ``runs_dir/<run-id>/``.
 
@@ -73,7 +74,9 @@ def simulate(
     partitioned over ``num_clients`` clients. The run directory holds the SQLite run database, a checkpoint
     per round and ``summary.json``; a run that fails is recorded as failed, with its error, and the error is
     raised again. ``exporters`` (:class:`~fedloom.tracking.MlflowExporter`,
-    :class:`~fedloom.tracking.TensorBoardExporter`) mirror the run elsewhere as it is recorded.
+    :class:`~fedloom.tracking.TensorBoardExporter`) mirror the run elsewhere as it is recorded. ``db_url``
+    records the run's rows in a database that many runs share (PostgreSQL: see :class:`~fedloom.tracking.RunStore`)
+    instead of the run directory's own SQLite file.
     """
     config = simulation or job.simulation
     data, made = load_federation(job, config)
@@ -90,7 +93,7 @@ def simulate(
     job_file = job.source if job.source is not None and job.source.endswith(".py") else None
     job, he_key = _simulated_keys(job)
     with open_backend(job.task, data, config, job_file=job_file, he_key=he_key) as backend:
-        return _run(job, config, data, initial, backend, Path(runs_dir), observers, exporters)
+        return _run(job, config, data, initial, backend, Path(runs_dir), observers, exporters, db_url)
 
 
 def load_federation(job: Job, config: SimulationConfig) -> tuple[Federation, str]:
@@ -112,6 +115,7 @@ def _run(
     runs_dir: Path,
     observers: Sequence[RoundObserver],
     exporters: Sequence[Exporter],
+    db_url: str | None,
 ) -> Run:
     recorded: dict[str, Any] = {
         "job": job.name,
@@ -133,7 +137,7 @@ def _run(
     grid = backend.grid
     if isinstance(job.strategy, AsyncStrategy) and not isinstance(grid, AsyncGrid):
         grid = SystemGrid(grid, data, config.system, seed=config.seed)  # the simulated clock asynchrony runs on
-    recorder = RunRecorder.create(runs_dir, job.name, recorded, exporters)
+    recorder = RunRecorder.create(runs_dir, job.name, recorded, exporters, url=db_url)
     log.info(
         "run %s: %d clients, %d rounds, on the %s backend, in %s",
         recorder.run_id,

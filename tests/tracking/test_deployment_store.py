@@ -45,16 +45,16 @@ def _round(n: int) -> tuple[RoundRecord, Params]:
     return RoundRecord(n, {"fit_loss": 1.0 / n}, (), 0.1, state), Params({"w": np.full(3, float(n), np.float32)})
 
 
-def test_a_run_directory_resumes_after_its_last_recorded_round(tmp_path):
+def test_a_run_directory_resumes_after_its_last_recorded_round(tmp_path, db_url):
     run_dir = tmp_path / "deployment"
     TokenStore(run_dir).create("site")  # tokens come first, in the same database
-    recorder, resume = RunRecorder.open(run_dir, "digits", CONFIG)
+    recorder, resume = RunRecorder.open(run_dir, "digits", CONFIG, url=db_url)
     assert resume is None
     for n in (1, 2):
         recorder.on_round(*_round(n))
     recorder.close()  # the server dies: no finish
 
-    again, resume = RunRecorder.open(run_dir, "digits", CONFIG)
+    again, resume = RunRecorder.open(run_dir, "digits", CONFIG, url=db_url)
     assert again.run_id == recorder.run_id
     assert resume is not None
     assert resume.completed_rounds == 2
@@ -64,27 +64,27 @@ def test_a_run_directory_resumes_after_its_last_recorded_round(tmp_path):
         again.on_round(*_round(2))  # a round is never recorded twice
     again.on_round(*_round(3))
     again.finish(_round(3)[1])
-    info = RunStore(tmp_path).info(str(run_dir))
+    info = RunStore(tmp_path, db_url).info(str(run_dir))
     assert (info.status, info.rounds) == ("finished", 3)
     with pytest.raises(RunStoreError, match="has finished already"):
-        RunRecorder.open(run_dir, "digits", CONFIG)
+        RunRecorder.open(run_dir, "digits", CONFIG, url=db_url)
 
 
-def test_resuming_with_other_settings_is_refused_naming_them(tmp_path):
-    recorder, _ = RunRecorder.open(tmp_path / "run", "digits", CONFIG)
+def test_resuming_with_other_settings_is_refused_naming_them(tmp_path, db_url):
+    recorder, _ = RunRecorder.open(tmp_path / "run", "digits", CONFIG, url=db_url)
     recorder.close()
     with pytest.raises(ConfigError, match=r"other settings \(rounds: 5 there, 6 now\)"):
-        RunRecorder.open(tmp_path / "run", "digits", {**CONFIG, "rounds": 6})
+        RunRecorder.open(tmp_path / "run", "digits", {**CONFIG, "rounds": 6}, url=db_url)
 
 
-def test_client_events_are_kept_in_order_across_calls(tmp_path):
-    recorder, _ = RunRecorder.open(tmp_path / "run", "digits", CONFIG)
+def test_client_events_are_kept_in_order_across_calls(tmp_path, db_url):
+    recorder, _ = RunRecorder.open(tmp_path / "run", "digits", CONFIG, url=db_url)
     at = datetime(2026, 11, 21, 12, 0, tzinfo=timezone.utc)
     recorder.on_events([ClientEvent(at, "a", "connected", detail="ipv4:127.0.0.1:5000")])
     recorder.on_round(*_round(1))
     recorder.on_events([ClientEvent(at, "a", "training", 1, 1234), ClientEvent(at, "a", "dropped", 1, detail="gone")])
     recorder.close()
-    events = RunStore(tmp_path).client_events(str(tmp_path / "run"))
+    events = RunStore(tmp_path, db_url).client_events(str(tmp_path / "run"))
     assert [(e["seq"], e["round"], e["event"], e["bytes"]) for e in events] == [
         (1, None, "connected", 0),
         (2, 1, "training", 1234),

@@ -1,4 +1,7 @@
-"""RunRecorder writes a run directory; RunStore reads it back (list, resolve, rounds, clients, export)."""
+"""RunRecorder writes a run directory; RunStore reads it back (list, resolve, rounds, clients, export).
+
+The same contract holds for both run store backends: each test taking ``db_url`` runs once with a SQLite file per
+run and once with a fresh PostgreSQL database shared by the test's runs (``db_url`` in ``tests/conftest.py``)."""
 
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 import fedloom.tracking
 from fedloom.core.config import SimulationConfig
@@ -21,7 +26,7 @@ from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.params import Params
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundRecord
 from fedloom.tracking import RunInfo, RunRecorder, RunStore, load_params
-from fedloom.tracking.schema import client_metrics, open_engine, round_metrics, rounds, runs
+from fedloom.tracking.schema import client_metrics, open_engine, round_metrics, rounds, runs, shared_engine
 
 # Golden metrics: federated_accuracy is missing in round 3 and central_loss only appears in round 2, so the
 # merged "final" metrics take values from different rounds.
@@ -63,11 +68,22 @@ def record_at(server_round: int) -> RoundRecord:
     return RoundRecord(server_round, METRICS[server_round], tuple(clients), SECONDS[server_round])
 
 
-def record_run(root: Path, name: str = "digits", num_rounds: int = 3) -> RunRecorder:
-    recorder = RunRecorder.create(root, name, CONFIG)
+def record_run(root: Path, name: str = "digits", num_rounds: int = 3, url: str | None = None) -> RunRecorder:
+    recorder = RunRecorder.create(root, name, CONFIG, url=url)
     for server_round in range(1, num_rounds + 1):
         recorder.on_round(record_at(server_round), params_at(server_round))
     return recorder
+
+
+@contextmanager
+def database(recorder: RunRecorder, url: str | None) -> Iterator[Connection]:
+    """A connection to the database ``recorder`` wrote to: its run's SQLite file, or the shared one."""
+    if url is not None:
+        with shared_engine(url).connect() as conn:
+            yield conn
+        return
+    with open_engine(recorder.run_dir / "run.db") as engine, engine.connect() as conn:
+        yield conn
 
 
 def strict_json(text: str) -> Any:
@@ -93,13 +109,13 @@ def test_exported_names() -> None:
 # ---------------------------------------------------------------------------------------------- recorder
 
 
-def test_create_makes_run_dir_and_running_row(tmp_path: Path) -> None:
-    recorder = RunRecorder.create(tmp_path / "runs", "My Model: v2 (test)!", CONFIG)
+def test_create_makes_run_dir_and_running_row(tmp_path: Path, db_url: str | None) -> None:
+    recorder = RunRecorder.create(tmp_path / "runs", "My Model: v2 (test)!", CONFIG, url=db_url)
     try:
         assert re.fullmatch(r"\d{8}-\d{6}-my-model-v2-test-[0-9a-f]{4}", recorder.run_id)
         assert recorder.run_dir == tmp_path / "runs" / recorder.run_id
-        assert (recorder.run_dir / "run.db").is_file()
-        with open_engine(recorder.run_dir / "run.db") as engine, engine.connect() as conn:
+        assert (recorder.run_dir / "run.db").is_file() == (db_url is None)  # else the rows are in the shared one
+        with database(recorder, db_url) as conn:
             row = conn.execute(select(runs)).one()
         assert row.run_id == recorder.run_id
         assert row.status == "running"
@@ -109,10 +125,10 @@ def test_create_makes_run_dir_and_running_row(tmp_path: Path) -> None:
         recorder.close()
 
 
-def test_rounds_clients_and_checkpoints_are_recorded(tmp_path: Path) -> None:
-    recorder = record_run(tmp_path)
+def test_rounds_clients_and_checkpoints_are_recorded(tmp_path: Path, db_url: str | None) -> None:
+    recorder = record_run(tmp_path, url=db_url)
     recorder.close()
-    with open_engine(recorder.run_dir / "run.db") as engine, engine.connect() as conn:
+    with database(recorder, db_url) as conn:
         round_rows = conn.execute(select(rounds).order_by(rounds.c.round)).all()
         metric_rows = conn.execute(select(round_metrics)).all()
         num_clients = conn.execute(select(func.count()).select_from(client_metrics)).scalar_one()
@@ -135,8 +151,8 @@ def test_rounds_clients_and_checkpoints_are_recorded(tmp_path: Path) -> None:
         assert load_params(recorder.run_dir / "checkpoints" / f"round_0000{n}.safetensors") == params_at(n)
 
 
-def test_finish_writes_summary(tmp_path: Path) -> None:
-    recorder = record_run(tmp_path)
+def test_finish_writes_summary(tmp_path: Path, db_url: str | None) -> None:
+    recorder = record_run(tmp_path, url=db_url)
     final_params = params_at(3)
     recorder.finish(final_params)
 
@@ -160,7 +176,7 @@ def test_finish_writes_summary(tmp_path: Path) -> None:
     }
     assert [p.name for p in recorder.run_dir.iterdir() if p.name.endswith(".tmp")] == []
 
-    with open_engine(recorder.run_dir / "run.db") as engine, engine.connect() as conn:
+    with database(recorder, db_url) as conn:
         row = conn.execute(select(runs)).one()
     assert (row.status, row.params_sha256) == ("finished", final_params.sha256())
     assert row.finished_at is not None
@@ -169,8 +185,8 @@ def test_finish_writes_summary(tmp_path: Path) -> None:
         recorder.on_round(record_at(3), params_at(3))
 
 
-def test_failed_run_records_status_and_error(tmp_path: Path) -> None:
-    recorder = record_run(tmp_path, num_rounds=2)
+def test_failed_run_records_status_and_error(tmp_path: Path, db_url: str | None) -> None:
+    recorder = record_run(tmp_path, num_rounds=2, url=db_url)
     recorder.finish(params_at(2), status="failed", error="ValueError: loss exploded")
 
     summary = strict_json((recorder.run_dir / "summary.json").read_text())
@@ -179,12 +195,12 @@ def test_failed_run_records_status_and_error(tmp_path: Path) -> None:
     assert summary["params_sha256"] == params_at(2).sha256()
     assert summary["final"] == {"central_loss": 1.25, "federated_accuracy": 0.625, "fit_loss": 1.5}
 
-    (info,) = RunStore(tmp_path).list_runs()
+    (info,) = RunStore(tmp_path, db_url).list_runs()
     assert (info.status, info.error, info.rounds) == ("failed", "ValueError: loss exploded", 2)
 
 
-def test_non_finite_values_are_null(tmp_path: Path) -> None:
-    recorder = RunRecorder.create(tmp_path, "nan", {"clip": math.inf})
+def test_non_finite_values_are_null(tmp_path: Path, db_url: str | None) -> None:
+    recorder = RunRecorder.create(tmp_path, "nan", {"clip": math.inf}, url=db_url)
     record = RoundRecord(
         1,
         {"fit_loss": math.nan, "federated_accuracy": 0.5},
@@ -197,15 +213,15 @@ def test_non_finite_values_are_null(tmp_path: Path) -> None:
     summary = strict_json((recorder.run_dir / "summary.json").read_text())
     assert summary["config"] == {"clip": None}
     assert summary["final"] == {"federated_accuracy": 0.5, "fit_loss": None}
-    store = RunStore(tmp_path)
+    store = RunStore(tmp_path, db_url)
     (client,) = store.client_metrics(recorder.run_id)
     assert client["loss"] is None
     assert client["metrics"] == {"grad_norm": None}
     strict_json(store.export(recorder.run_id, "json"))
 
 
-def test_rejects_bad_status_and_out_of_order_rounds(tmp_path: Path) -> None:
-    recorder = record_run(tmp_path, num_rounds=2)
+def test_rejects_bad_status_and_out_of_order_rounds(tmp_path: Path, db_url: str | None) -> None:
+    recorder = record_run(tmp_path, num_rounds=2, url=db_url)
     with pytest.raises(RunStoreError, match="round 2 arrived after round 2"):
         recorder.on_round(record_at(2), params_at(2))
     with pytest.raises(ConfigError, match="finishes as one of"):
@@ -213,8 +229,10 @@ def test_rejects_bad_status_and_out_of_order_rounds(tmp_path: Path) -> None:
     recorder.finish(params_at(2))
 
 
-def test_failed_checkpoint_write_leaves_round_out_of_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder = record_run(tmp_path, num_rounds=1)
+def test_failed_checkpoint_write_leaves_round_out_of_db(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, db_url: str | None
+) -> None:
+    recorder = record_run(tmp_path, num_rounds=1, url=db_url)
 
     def crash(src: object, dst: object) -> None:
         raise OSError("disk full")
@@ -225,35 +243,37 @@ def test_failed_checkpoint_write_leaves_round_out_of_db(tmp_path: Path, monkeypa
     monkeypatch.undo()
     recorder.close()
 
-    with open_engine(recorder.run_dir / "run.db") as engine, engine.connect() as conn:
+    with database(recorder, db_url) as conn:
         assert conn.execute(select(rounds.c.round)).scalars().all() == [1]
         assert conn.execute(select(func.max(client_metrics.c.round))).scalar_one() == 1
     assert [p.name for p in (recorder.run_dir / "checkpoints").iterdir()] == ["round_00001.safetensors"]
 
 
-def test_config_dataclasses_are_stored_as_json(tmp_path: Path) -> None:
-    recorder = RunRecorder.create(tmp_path, "cfg", {"sim": SimulationConfig(num_clients=4), "out": tmp_path})
+def test_config_dataclasses_are_stored_as_json(tmp_path: Path, db_url: str | None) -> None:
+    recorder = RunRecorder.create(
+        tmp_path, "cfg", {"sim": SimulationConfig(num_clients=4), "out": tmp_path}, url=db_url
+    )
     recorder.finish(Params({}))
-    config = RunStore(tmp_path).config(recorder.run_id)
+    config = RunStore(tmp_path, db_url).config(recorder.run_id)
     assert config["sim"]["num_clients"] == 4
     assert config["sim"]["partition"]["scheme"] == "iid"
     assert config["out"] == str(tmp_path)
     with pytest.raises(ConfigError, match="cannot store"):
-        RunRecorder.create(tmp_path, "bad", {"thing": object()})
+        RunRecorder.create(tmp_path, "bad", {"thing": object()}, url=db_url)
 
 
 # ---------------------------------------------------------------------------------------------- store
 
 
-def test_list_runs_newest_first_and_skips_other_folders(tmp_path: Path) -> None:
-    first = record_run(tmp_path, "alpha")
+def test_list_runs_newest_first_and_skips_other_folders(tmp_path: Path, db_url: str | None) -> None:
+    first = record_run(tmp_path, "alpha", url=db_url)
     first.finish(params_at(3))
-    second = record_run(tmp_path, "beta", num_rounds=1)
+    second = record_run(tmp_path, "beta", num_rounds=1, url=db_url)
     second.close()  # still running
     (tmp_path / "not-a-run").mkdir()
     (tmp_path / "notes.txt").write_text("hello")
 
-    infos = RunStore(tmp_path).list_runs()
+    infos = RunStore(tmp_path, db_url).list_runs()
     assert [info.run_id for info in infos] == [second.run_id, first.run_id]
     newest, oldest = infos
     assert isinstance(oldest, RunInfo)
@@ -272,12 +292,12 @@ def test_missing_root(tmp_path: Path) -> None:
         store.resolve("anything")
 
 
-def test_resolve_exact_prefix_path_ambiguous_unknown(tmp_path: Path) -> None:
-    alpha = record_run(tmp_path, "alpha", num_rounds=1)
-    beta = record_run(tmp_path, "beta", num_rounds=1)
+def test_resolve_exact_prefix_path_ambiguous_unknown(tmp_path: Path, db_url: str | None) -> None:
+    alpha = record_run(tmp_path, "alpha", num_rounds=1, url=db_url)
+    beta = record_run(tmp_path, "beta", num_rounds=1, url=db_url)
     alpha.close()
     beta.close()
-    store = RunStore(tmp_path)
+    store = RunStore(tmp_path, db_url)
 
     assert store.resolve(alpha.run_id) == alpha.run_dir
     assert store.resolve(alpha.run_id[: alpha.run_id.index("alpha") + 3]) == alpha.run_dir
@@ -297,10 +317,10 @@ def test_resolve_exact_prefix_path_ambiguous_unknown(tmp_path: Path) -> None:
         store.resolve("")
 
 
-def test_rounds_table_and_client_metrics(tmp_path: Path) -> None:
-    recorder = record_run(tmp_path)
+def test_rounds_table_and_client_metrics(tmp_path: Path, db_url: str | None) -> None:
+    recorder = record_run(tmp_path, url=db_url)
     recorder.finish(params_at(3))
-    store = RunStore(tmp_path)
+    store = RunStore(tmp_path, db_url)
 
     table = store.rounds(recorder.run_id)
     assert list(table[0]) == [
@@ -343,11 +363,11 @@ def test_rounds_table_and_client_metrics(tmp_path: Path) -> None:
     assert store.config(recorder.run_id) == CONFIG
 
 
-def test_export_csv_parses_back(tmp_path: Path) -> None:
-    recorder = record_run(tmp_path)
+def test_export_csv_parses_back(tmp_path: Path, db_url: str | None) -> None:
+    recorder = record_run(tmp_path, url=db_url)
     recorder.finish(params_at(3))
 
-    text = RunStore(tmp_path).export(recorder.run_id, "csv")
+    text = RunStore(tmp_path, db_url).export(recorder.run_id, "csv")
     rows = list(csv.DictReader(io.StringIO(text)))
     assert list(rows[0]) == [
         "round",
@@ -368,10 +388,10 @@ def test_export_csv_parses_back(tmp_path: Path) -> None:
             assert (float(row[name]) if row[name] else None) == expected, (n, name)
 
 
-def test_export_json(tmp_path: Path) -> None:
-    recorder = record_run(tmp_path)
+def test_export_json(tmp_path: Path, db_url: str | None) -> None:
+    recorder = record_run(tmp_path, url=db_url)
     recorder.finish(params_at(3))
-    store = RunStore(tmp_path)
+    store = RunStore(tmp_path, db_url)
 
     document = strict_json(store.export(recorder.run_id, "json"))
     assert set(document) == {"run", "config", "rounds", "clients", "events"}
@@ -385,8 +405,8 @@ def test_export_json(tmp_path: Path) -> None:
     assert document["clients"] == store.client_metrics(recorder.run_id)
 
 
-def test_export_unknown_format(tmp_path: Path) -> None:
-    recorder = record_run(tmp_path, num_rounds=1)
+def test_export_unknown_format(tmp_path: Path, db_url: str | None) -> None:
+    recorder = record_run(tmp_path, num_rounds=1, url=db_url)
     recorder.close()
     with pytest.raises(ConfigError, match="unknown export format 'xml'"):
-        RunStore(tmp_path).export(recorder.run_id, "xml")
+        RunStore(tmp_path, db_url).export(recorder.run_id, "xml")

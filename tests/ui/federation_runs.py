@@ -103,11 +103,12 @@ def record_run(
     config: Mapping[str, Any] | None = None,
     finish: bool = True,
     epsilon: bool = False,
+    url: str | None = None,
 ) -> RunRecorder:
-    """A run of the hand-made federation under ``root``; ``finish=False`` leaves it running (the recorder is
-    returned to record more rounds)."""
+    """A run of the hand-made federation under ``root`` (its rows in the shared database at ``url``, if given);
+    ``finish=False`` leaves it running (the recorder is returned to record more rounds)."""
     base = {"strategy": {"type": "FedAvg", "fraction": 1.0}, "simulation": {"num_clients": clients, "seed": 0}}
-    recorder = RunRecorder.create(root, name, {**base, **(config or {})})
+    recorder = RunRecorder.create(root, name, {**base, **(config or {})}, url=url)
     for r in range(1, rounds + 1):
         recorder.on_round(round_record(r, clients, epsilon=epsilon), PARAMS)
     if finish:

@@ -66,9 +66,9 @@ def test_bad_requests_get_4xx_with_a_message(runs: Path) -> None:
     assert "round" in str(bad_round.json()["detail"])
 
 
-def test_a_run_in_progress_is_read_again_after_each_round(tmp_path: Path) -> None:
-    recorder = record_run(tmp_path, "live", rounds=1, clients=3, finish=False)
-    client = TestClient(create_app(tmp_path), base_url=LOCAL)
+def test_a_run_in_progress_is_read_again_after_each_round(tmp_path: Path, db_url: str | None) -> None:
+    recorder = record_run(tmp_path, "live", rounds=1, clients=3, finish=False, url=db_url)
+    client = TestClient(create_app(tmp_path, db_url=db_url), base_url=LOCAL)
     ref = client.get("/api/runs").json()[0]["ref"]
     first = client.get(f"/api/runs/{ref}").json()
     assert (first["run"]["status"], first["run"]["rounds"]) == ("running", 1)

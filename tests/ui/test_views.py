@@ -14,12 +14,14 @@ from fedloom.tracking import RunStore, views
 ROUNDS, CLIENTS = 4, 5
 
 
-@pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> RunStore:
-    root = tmp_path_factory.mktemp("runs")
-    record_run(root, "first", rounds=ROUNDS, clients=CLIENTS)
-    record_run(root, "second", rounds=2, clients=3, config={"simulation": {"num_clients": 3, "seed": 9}}, epsilon=True)
-    return RunStore(root)
+@pytest.fixture
+def store(tmp_path: Path, db_url: str | None) -> RunStore:
+    """Two runs of the hand-made federation, in each run store backend in turn: the views aggregate in SQL (JSON
+    fields included), which SQLite and PostgreSQL spell differently."""
+    second = {"simulation": {"num_clients": 3, "seed": 9}}
+    record_run(tmp_path, "first", rounds=ROUNDS, clients=CLIENTS, url=db_url)
+    record_run(tmp_path, "second", rounds=2, clients=3, config=second, epsilon=True, url=db_url)
+    return RunStore(tmp_path, db_url)
 
 
 def _ref(store: RunStore, name: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from fedloom.cli.runs import RunRef, RunsDir
+from fedloom.cli.runs import DbUrl, RunRef, RunsDir
 from fedloom.core.checkpoint import checkpoint_metadata
 from fedloom.privacy.ledger import LEDGER_FILE, verify
 from fedloom.tracking import RunStore
@@ -16,10 +16,10 @@ app = typer.Typer(help="The privacy ledger: what left each client each round, ha
 
 
 @app.command("verify")
-def verify_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
+def verify_command(run: RunRef, runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
     """Check that RUN's privacy ledger is intact: no record edited, removed, added or cut off since it was
     written (each record chains to the one before, and each round's checkpoint holds the ledger's head then)."""
-    store = RunStore(runs)
+    store = RunStore(runs, db)
     run_dir = store.resolve(run)
     info = store.info(run)
     heads = {}

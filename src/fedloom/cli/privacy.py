@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from fedloom.cli.runs import RunRef, RunsDir
+from fedloom.cli.runs import DbUrl, RunRef, RunsDir
 from fedloom.core.errors import ConfigError
 from fedloom.privacy.accounting import ACCOUNTANTS, Accountant, composed_epsilon, epsilon, noise_multiplier
 from fedloom.privacy.paillier import KeyPair, PublicKey
@@ -132,12 +132,13 @@ def _read(path: Path, what: str) -> bytes:
 def spent_command(
     run: RunRef,
     runs: RunsDir = Path("runs"),
+    db: DbUrl = None,
     accountant: AccountantOption = "rdp",
 ) -> None:
     """What RUN spent: the epsilon its DP-FedAvg recorded in the last round and, for local DP-SGD
     (DPSGDTask), each client's epsilon over all the rounds it trained in, composed by dp-accounting from the
     sampling rate, noise and steps each of its fits recorded."""
-    store = RunStore(runs)
+    store = RunStore(runs, db)
     info = store.info(run)
     rows = store.rounds(run)
     last = rows[-1] if rows else {}

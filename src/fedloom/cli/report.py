@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from fedloom.cli.runs import RunRef, RunsDir
+from fedloom.cli.runs import DbUrl, RunRef, RunsDir
 from fedloom.core.errors import ConfigError
 from fedloom.tracking import RunStore
 from fedloom.tracking.report import render_report
@@ -17,10 +17,11 @@ def report_command(
     run: RunRef,
     out: Annotated[Path, typer.Option("--out", "-o", help="The HTML file to write.")] = Path("report.html"),
     runs: RunsDir = Path("runs"),
+    db: DbUrl = None,
 ) -> None:
     """Write RUN as one HTML file to share: summary, curves, the rounds table, per-client tables, the system
     profile, privacy, and the config. Everything is inline, so it opens offline."""
-    text = render_report(RunStore(runs), run)
+    text = render_report(RunStore(runs, db), run)
     try:
         out.write_text(text, encoding="utf-8")
     except OSError as exc:

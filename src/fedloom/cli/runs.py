@@ -20,6 +20,15 @@ from fedloom.tracking.store import ROUND_COLUMNS
 app = typer.Typer(help="List, show, compare and export recorded runs.", no_args_is_help=True)
 
 RunsDir = Annotated[Path, typer.Option("--runs", help="Runs folder.")]
+DbUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        envvar="FEDLOOM_DB",
+        help="A run database that many runs share (postgresql+psycopg://user@host/db); the runs folder then holds "
+        "only their checkpoints. Default: a SQLite file in each run's folder.",
+    ),
+]
 RunRef = Annotated[str, typer.Argument(help="Run id, unique prefix, or run directory.")]
 
 
@@ -34,9 +43,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
 
 
 @app.command("list")
-def list_command(runs: RunsDir = Path("runs")) -> None:
+def list_command(runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
     """List the runs in a runs folder, newest first."""
-    infos = RunStore(runs).list_runs()
+    infos = RunStore(runs, db).list_runs()
     console = Console(soft_wrap=True)
     if not infos:
         console.print(f"no runs in {runs}")
@@ -52,9 +61,9 @@ def list_command(runs: RunsDir = Path("runs")) -> None:
 
 
 @app.command("show")
-def show_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
+def show_command(run: RunRef, runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
     """Show a run: where it is, and a table of its rounds."""
-    store = RunStore(runs)
+    store = RunStore(runs, db)
     rows = store.rounds(run)
     path = store.resolve(run)
     console = Console(soft_wrap=True)
@@ -68,6 +77,7 @@ def show_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
 def compare_command(
     run: Annotated[list[str], typer.Argument(help="Two or more runs: ids, unique prefixes, or run directories.")],
     runs: RunsDir = Path("runs"),
+    db: DbUrl = None,
     metric: Annotated[
         list[str] | None,
         typer.Option(help="A metric to show round by round (repeat it); default: every metric all the runs share."),
@@ -78,7 +88,7 @@ def compare_command(
     run (runs are lettered A, B, ... in the order given)."""
     if len(run) < 2:
         raise ConfigError("compare needs two runs or more")
-    store = RunStore(runs)
+    store = RunStore(runs, db)
     paths = [store.resolve(ref) for ref in run]
     configs = [store.config(str(path)) for path in paths]
     rounds = [store.rounds(str(path)) for path in paths]
@@ -104,9 +114,9 @@ def compare_command(
 
 
 @app.command("events")
-def events_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
+def events_command(run: RunRef, runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
     """Show a deployment's client timeline: connections, instructions, replies, refusals, drops."""
-    store = RunStore(runs)
+    store = RunStore(runs, db)
     events = store.client_events(run)
     console = Console(soft_wrap=True)
     if not events:
@@ -131,6 +141,7 @@ def events_command(run: RunRef, runs: RunsDir = Path("runs")) -> None:
 def logs_command(
     run: RunRef,
     runs: RunsDir = Path("runs"),
+    db: DbUrl = None,
     grep: Annotated[str | None, typer.Option(help="Only lines whose text or logger holds this (any case).")] = None,
     client: Annotated[str | None, typer.Option(help="Only this client's lines.")] = None,
     level: Annotated[str | None, typer.Option(help="Only lines at this level or above (INFO ... CRITICAL).")] = None,
@@ -138,7 +149,7 @@ def logs_command(
     last: Annotated[int, typer.Option(help="Show the last this many matching lines.", min=1, max=5000)] = 200,
 ) -> None:
     """Show the lines clients logged while they trained and evaluated (sent with their replies)."""
-    store = RunStore(runs)
+    store = RunStore(runs, db)
     found = views.logs_view(store, run, text=grep, client=client, level=level, server_round=round_, limit=last)
     console = Console(soft_wrap=True, highlight=False)
     for line in found["lines"]:
@@ -157,9 +168,10 @@ def export_command(
     fmt: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
     runs: RunsDir = Path("runs"),
+    db: DbUrl = None,
 ) -> None:
     """Export a run's rounds (csv) or everything recorded about it (json)."""
-    text = RunStore(runs).export(run, fmt)
+    text = RunStore(runs, db).export(run, fmt)
     if output is None:
         typer.echo(text, nl=False)
     else:

@@ -24,6 +24,7 @@ from fedloom.cli.protection import (
     SecAggOption,
     with_protection,
 )
+from fedloom.cli.runs import DbUrl
 from fedloom.cli.simulate import StrategyArgOption, StrategyOption, limit_torch_threads, with_strategy
 from fedloom.core.errors import ConfigError, FedloomError, user_code
 from fedloom.core.params import Params
@@ -117,6 +118,7 @@ def server_command(
     ] = None,
     mlflow_uri: MlflowUri = None,
     tensorboard: TensorBoardDir = None,
+    db: DbUrl = None,
 ) -> None:
     """Serve a federation: wait for clients to dial in, run the rounds, record the run.
 
@@ -170,7 +172,7 @@ def server_command(
         heartbeat=heartbeat,
     )
     try:
-        recorder, resume = RunRecorder.open(run_dir, loaded.name, identity, exporters(mlflow_uri, tensorboard))
+        recorder, resume = RunRecorder.open(run_dir, loaded.name, identity, exporters(mlflow_uri, tensorboard), url=db)
     except BaseException:
         server.stop(0)
         raise

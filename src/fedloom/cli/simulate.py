@@ -29,6 +29,7 @@ from fedloom.cli.protection import (
     SecAggOption,
     with_protection,
 )
+from fedloom.cli.runs import DbUrl
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
 from fedloom.job import Job, load_job
@@ -197,6 +198,7 @@ def simulate_command(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the final summary.")] = False,
     mlflow_uri: MlflowUri = None,
     tensorboard: TensorBoardDir = None,
+    db: DbUrl = None,
 ) -> None:
     """Run a simulated federation and record it in the runs folder (with --topology: decentralized, unrecorded)."""
     if topology is not None:
@@ -273,9 +275,9 @@ def simulate_command(
     observers = [] if quiet else [ConsoleProgress(console, sim.rounds, configured.name)]
     if observers:
         with observers[0]:
-            run = simulate(configured, runs_dir=out, observers=observers, exporters=mirrors)
+            run = simulate(configured, runs_dir=out, observers=observers, exporters=mirrors, db_url=db)
     else:
-        run = simulate(configured, runs_dir=out, exporters=mirrors)
+        run = simulate(configured, runs_dir=out, exporters=mirrors, db_url=db)
     final = "  ".join(f"{k} {metric_text(v)}" for k, v in run.final_metrics.items())
     console.print(f"finished run [bold]{run.run_id}[/]: {final}", highlight=False)
     console.print(f"params_sha256 {run.params_sha256}\nrun directory {run.run_dir}", highlight=False)

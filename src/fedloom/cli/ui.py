@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from fedloom.cli.runs import RunsDir
+from fedloom.cli.runs import DbUrl, RunsDir
 from fedloom.core.errors import ConfigError
 
 TOKEN_ENV = "FEDLOOM_UI_TOKEN"
@@ -20,6 +20,7 @@ TOKEN_ENV = "FEDLOOM_UI_TOKEN"
 
 def ui_command(
     runs: RunsDir = Path("runs"),
+    db: DbUrl = None,
     port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).", min=0, max=65535)] = 8765,
     host: Annotated[
         str, typer.Option("--host", help="Address to bind. Anything but a loopback address requires a token.")
@@ -55,7 +56,7 @@ def ui_command(
     typer.echo(f"fedloom dashboard for {runs.resolve()} at {address}")
     if not runs.is_dir():
         typer.echo(f"({runs} does not exist yet: runs appear once it does)")
-    app = create_app(runs, token=token, loopback_only=loopback)
+    app = create_app(runs, token=token, loopback_only=loopback, db_url=db)
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     server.run(sockets=[listener])

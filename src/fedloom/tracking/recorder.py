@@ -33,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedloom.core.checkpoint import checkpoint_metadata, load_params, save_params, write_atomic
@@ -53,9 +53,11 @@ from fedloom.tracking.schema import (
     round_metrics,
     rounds,
     runs,
+    shared_engine,
+    shown_url,
     sqlite_engine,
 )
-from fedloom.tracking.store import DB_NAME, ROUND_COLUMNS, dumps_json, final_metrics, read_rounds, utc
+from fedloom.tracking.store import DB_NAME, ROUND_COLUMNS, RUN_ID_FILE, dumps_json, final_metrics, read_rounds, utc
 
 __all__ = ["CHECKPOINT_DIR", "SUMMARY_NAME", "RunRecorder", "checkpoint_path"]
 
@@ -140,23 +142,31 @@ class RunRecorder:
     :class:`RunStoreError` when the database cannot be written.
     """
 
-    def __init__(self, run_dir: Path, run_id: str, name: str, engine: Engine) -> None:
-        """Use :meth:`create`; this wraps an already initialised run directory."""
+    def __init__(self, run_dir: Path, run_id: str, name: str, engine: Engine, *, shared: bool = False) -> None:
+        """Use :meth:`create`; this wraps an already initialised run directory. ``shared``: ``engine`` is a
+        database that many runs share (:func:`~fedloom.tracking.schema.shared_engine`), not this run's own."""
         self._run_dir = run_dir
         self._run_id = run_id
         self._name = name
         self._engine: Engine | None = engine
+        self._shared = shared
         self._exporters: list[Exporter] = []
         self._last_round = 0
         self._ledger_head: str | None = None  # the privacy ledger's last hash, read from the file at first use
 
     @classmethod
     def create(
-        cls, root: str | Path, name: str, config: Mapping[str, Any], exporters: Sequence[Exporter] = ()
+        cls,
+        root: str | Path,
+        name: str,
+        config: Mapping[str, Any],
+        exporters: Sequence[Exporter] = (),
+        url: str | None = None,
     ) -> RunRecorder:
         """Start a new run under ``root`` (created if missing) and record it as ``running``; ``exporters``
         (:mod:`fedloom.tracking.exporters`) mirror it elsewhere. If one cannot start, its error is raised and
-        the fresh run directory removed.
+        the fresh run directory removed. With ``url`` the run's rows go to that shared database (see
+        :class:`~fedloom.tracking.RunStore`), and its run directory holds its checkpoints and summary.
 
         The run id is ``<UTC yyyymmdd-HHMMSS>-<name>-<4 hex>``, with ``name`` reduced to ``[a-z0-9_-]``.
         ``config`` must be JSON-like (dataclasses, paths, enums and NumPy values are converted; non-finite
@@ -175,22 +185,28 @@ class RunRecorder:
             break
         else:
             raise RunStoreError(f"could not create a fresh run directory under {root_dir}")
-        recorder = cls._start(run_dir, run_id, name, config_json)
+        try:
+            recorder = cls._start(run_dir, run_id, name, config_json, url)
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         try:
             recorder._start_exporters(exporters, config_json)
         except BaseException:
-            recorder.close()
+            recorder._forget()
             shutil.rmtree(run_dir, ignore_errors=True)  # nothing was recorded in it
             raise
         return recorder
 
     @classmethod
-    def _start(cls, run_dir: Path, run_id: str, name: str, config_json: str) -> RunRecorder:
-        """Record a new run ``run_id`` in ``run_dir`` (which exists; its database may hold tokens already)."""
+    def _start(cls, run_dir: Path, run_id: str, name: str, config_json: str, url: str | None) -> RunRecorder:
+        """Record a new run ``run_id`` in ``run_dir`` (which exists; its database may hold tokens already), or
+        in the shared database at ``url``."""
         (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
-        engine = sqlite_engine(run_dir / DB_NAME)
+        engine = shared_engine(url) if url is not None else sqlite_engine(run_dir / DB_NAME)
         try:
-            metadata.create_all(engine)
+            if url is None:
+                metadata.create_all(engine)
             with engine.begin() as conn:
                 conn.execute(
                     insert(runs).values(
@@ -202,17 +218,26 @@ class RunRecorder:
                     )
                 )
         except SQLAlchemyError as exc:
-            engine.dispose()
-            raise RunStoreError(f"cannot create the run database in {run_dir}: {exc}") from None
-        return cls(run_dir, run_id, name, engine)
+            if url is None:
+                engine.dispose()
+            where = f"at {shown_url(url)}" if url is not None else f"in {run_dir}"
+            raise RunStoreError(f"cannot create run {run_id} in the run database {where}: {exc}") from None
+        return cls(run_dir, run_id, name, engine, shared=url is not None)
 
     @classmethod
     def open(
-        cls, run_dir: str | Path, name: str, config: Mapping[str, Any], exporters: Sequence[Exporter] = ()
+        cls,
+        run_dir: str | Path,
+        name: str,
+        config: Mapping[str, Any],
+        exporters: Sequence[Exporter] = (),
+        url: str | None = None,
     ) -> tuple[RunRecorder, Resume | None]:
         """Record into the run directory ``run_dir`` itself (a deployment's ``--run-dir``): start its run if it
         has none yet, or resume the one it has, and say where to resume from. ``exporters`` mirror the run
-        elsewhere (a resumed run goes on where it is mirrored); one that cannot start raises its error.
+        elsewhere (a resumed run goes on where it is mirrored); one that cannot start raises its error. With
+        ``url`` the run's rows live in that shared database, and ``run_dir`` names its run in the file ``run_id``
+        (the client tokens stay in the folder's own ``run.db``).
 
         Resuming needs the same ``config`` as the run was started with (else :class:`ConfigError`, naming what
         differs) and a run that has not finished (else :class:`RunStoreError`). It returns a
@@ -225,21 +250,32 @@ class RunRecorder:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RunStoreError(f"cannot create the run directory {folder}: {exc.strerror or exc}") from None
-        engine = sqlite_engine(folder / DB_NAME)
+        marker = folder / RUN_ID_FILE
+        named = marker.read_text().strip() if url is not None and marker.is_file() else None
+        engine = shared_engine(url) if url is not None else sqlite_engine(folder / DB_NAME)
         try:
-            metadata.create_all(engine)
+            if url is None:
+                metadata.create_all(engine)
             with engine.begin() as conn:
-                row = conn.execute(runs.select()).first()
-                last = None if row is None else conn.execute(select(func.max(rounds.c.round))).scalar()
+                query = runs.select() if url is None else runs.select().where(runs.c.run_id == named)
+                row = conn.execute(query).first() if url is None or named else None
+                last = None
+                if row is not None:
+                    last = conn.execute(select(func.max(rounds.c.round)).where(rounds.c.run_id == row.run_id)).scalar()
         except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot open the run database in {folder}: {exc}") from None
+            raise RunStoreError(f"cannot open the run database of {folder}: {exc}") from None
         finally:
-            engine.dispose()
+            if url is None:
+                engine.dispose()
+        if named and row is None:
+            raise RunStoreError(f"{folder} names run {named}, which the run database at {shown_url(str(url))} lacks")
         if row is None:
-            recorder = cls._start(folder, _new_run_id(name), name, config_json)
+            recorder = cls._start(folder, _new_run_id(name), name, config_json, url)
+            if url is not None:
+                write_atomic(marker, recorder.run_id.encode())
             resume = None
         else:
-            recorder, resume = cls._resume(folder, row, last, config_json)
+            recorder, resume = cls._resume(folder, row, last, config_json, url)
         try:
             recorder._start_exporters(exporters, config_json)
         except BaseException:
@@ -248,14 +284,17 @@ class RunRecorder:
         return recorder, resume
 
     @classmethod
-    def _resume(cls, folder: Path, row: Any, last: int | None, config_json: str) -> tuple[RunRecorder, Resume | None]:
+    def _resume(
+        cls, folder: Path, row: Any, last: int | None, config_json: str, url: str | None
+    ) -> tuple[RunRecorder, Resume | None]:
         if row.status == "finished":
             raise RunStoreError(
                 f"run {row.run_id} in {folder} has finished already; start another with a new run directory"
             )
         _check_same_config(json.loads(row.config_json), json.loads(config_json), folder)
         resume = None if not last else _resume_point(folder, int(last))
-        recorder = cls(folder, row.run_id, row.name, sqlite_engine(folder / DB_NAME))
+        engine = shared_engine(url) if url is not None else sqlite_engine(folder / DB_NAME)
+        recorder = cls(folder, row.run_id, row.name, engine, shared=url is not None)
         recorder._last_round = int(last or 0)
         try:
             with recorder._live_engine().begin() as conn:
@@ -523,5 +562,16 @@ class RunRecorder:
     def close(self) -> None:
         """Release the database connections without finishing the run (it stays ``running``)."""
         if self._engine is not None:
-            self._engine.dispose()
+            if not self._shared:  # a shared database's connections serve other runs of this process
+                self._engine.dispose()
             self._engine = None
+
+    def _forget(self) -> None:
+        """Remove this run's row (it recorded nothing yet) and close: an exporter could not start."""
+        if self._shared and self._engine is not None:
+            try:
+                with self._engine.begin() as conn:
+                    conn.execute(delete(runs).where(runs.c.run_id == self._run_id))
+            except SQLAlchemyError as exc:
+                log.warning("run %s stays in the run database, as running: %s", self._run_id, exc)
+        self.close()

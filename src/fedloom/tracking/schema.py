@@ -1,12 +1,14 @@
 """The run store's tables, in SQLAlchemy Core, and how to open a run's database.
 
 The schema uses only portable types (strings with a length, integers, doubles, text, timezone-aware
-timestamps) so the same tables can live in SQLite (one ``run.db`` per run directory) or in PostgreSQL.
+timestamps) so the same tables live in SQLite (one ``run.db`` per run directory, the default) or in one database
+that many runs share, at a URL (:func:`shared_engine`; PostgreSQL for a shared server).
 Non-finite metric values are stored as NULL: SQLite cannot hold NaN, and JSON cannot either.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +29,10 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+from fedloom.core.errors import RunStoreError
 
 __all__ = [
     "RUN_STATUSES",
@@ -38,8 +43,11 @@ __all__ = [
     "metadata",
     "open_engine",
     "round_metrics",
+    "release_engines",
     "rounds",
     "runs",
+    "shared_engine",
+    "shown_url",
     "sqlite_engine",
 ]
 
@@ -157,6 +165,59 @@ def _enable_foreign_keys(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA foreign_keys=ON")
     finally:
         cursor.close()
+
+
+_shared: dict[str, Engine] = {}
+_shared_lock = threading.Lock()
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be printed: without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "the database URL given"
+
+
+def shared_engine(url: str) -> Engine:
+    """The engine of the run database that several runs share at ``url`` (a SQLAlchemy URL such as
+    ``postgresql+psycopg://user@host/fedloom``, or ``sqlite:///runs.db``), made once per process with its tables
+    created. Raises :class:`RunStoreError` with a one-line reason when the URL is malformed, its driver is not
+    installed, or the database cannot be reached."""
+    with _shared_lock:
+        engine = _shared.get(url)
+        if engine is not None:
+            return engine
+        shown = shown_url(url)
+        try:
+            parsed = make_url(url)
+            engine = create_engine(parsed, pool_pre_ping=True)
+        except (ArgumentError, ValueError) as exc:
+            raise RunStoreError(
+                f"the run database URL is malformed ({exc}); give one such as postgresql+psycopg://user@host/db"
+            ) from None
+        except (ImportError, NoSuchModuleError) as exc:
+            hint = " (pip install 'fedloom[postgres]')" if parsed.get_backend_name() == "postgresql" else ""
+            raise RunStoreError(f"no database driver for {shown}{hint}: {exc}") from None
+        if engine.dialect.name == "sqlite":
+            event.listen(engine, "connect", _enable_foreign_keys)
+        try:
+            metadata.create_all(engine)
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            cause = getattr(exc, "orig", None)  # the driver's own error says it best
+            reason = str(cause if cause is not None else exc).strip().splitlines()
+            raise RunStoreError(f"cannot open the run database at {shown}: {reason[0] if reason else exc}") from None
+        _shared[url] = engine
+        return engine
+
+
+def release_engines() -> None:
+    """Close the connections of every shared run database this process opened (they open again when asked)."""
+    with _shared_lock:
+        for engine in _shared.values():
+            engine.dispose()
+        _shared.clear()
 
 
 def sqlite_engine(db_path: Path) -> Engine:

@@ -24,15 +24,25 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import numpy as np
-from sqlalchemy import Connection, inspect, select
+from sqlalchemy import Connection, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedloom.core.errors import ConfigError, RunStoreError
-from fedloom.tracking.schema import client_events, client_metrics, open_engine, round_metrics, rounds, runs
+from fedloom.tracking.schema import (
+    client_events,
+    client_metrics,
+    open_engine,
+    round_metrics,
+    rounds,
+    runs,
+    shared_engine,
+    shown_url,
+)
 
 __all__ = ["DB_NAME", "ROUND_COLUMNS", "RunInfo", "RunStore"]
 
 DB_NAME = "run.db"
+RUN_ID_FILE = "run_id"  # a deployment's run directory, its rows in a shared database: which run it is
 #: The fixed columns of a round, in table order; metric columns follow, sorted by name.
 ROUND_COLUMNS = ("round", "seconds", "num_selected", "num_ok", "num_dropped")
 EXPORT_FORMATS = ("csv", "json")
@@ -168,7 +178,21 @@ def _parse_config(text: str, run_id: str) -> dict[str, Any]:
     return config
 
 
-def _read_run_row(conn: Connection, run_dir: Path) -> Any:
+def shared_run_id(run_dir: Path) -> str:
+    """The id of the run whose checkpoints are in ``run_dir``, where its rows are in a shared database: the
+    folder's name, or for a deployment's run directory (named by its operator) what its ``run_id`` file says."""
+    marker = run_dir / RUN_ID_FILE
+    return marker.read_text().strip() if marker.is_file() else run_dir.name
+
+
+def _read_run_row(conn: Connection, run_dir: Path, shared: bool = False) -> Any:
+    """The run of ``run_dir``: in a database that many runs share, the one :func:`shared_run_id` names."""
+    if shared:
+        run_id = shared_run_id(run_dir)
+        row = conn.execute(select(runs).where(runs.c.run_id == run_id)).first()
+        if row is None:
+            raise RunStoreError(f"the run database holds no run {run_id!r}")
+        return row
     rows = list(conn.execute(select(runs)))
     if not rows:
         raise RunStoreError(f"run directory {run_dir} has an empty run database")
@@ -206,17 +230,12 @@ class _Run:
     events: list[dict[str, Any]]
 
 
-def _load(run_dir: Path, *, details: bool) -> _Run:
-    """Read a run directory's database; ``details`` also reads its client records and config."""
-    try:
-        with open_engine(run_dir / DB_NAME) as engine, engine.connect() as conn:
-            row = _read_run_row(conn, run_dir)
-            round_list = read_rounds(conn, row.run_id)
-            clients = _read_clients(conn, row.run_id) if details else []
-            events = _read_events(conn, row.run_id) if details else []
-            config = _parse_config(row.config_json, row.run_id) if details else {}
-    except SQLAlchemyError as exc:
-        raise RunStoreError(f"cannot read the run database in {run_dir}: {exc}") from None
+def _load(conn: Connection, row: Any, run_dir: Path, *, details: bool) -> _Run:
+    """A run's rows (``row`` is its ``runs`` row); ``details`` also reads its client records and config."""
+    round_list = read_rounds(conn, row.run_id)
+    clients = _read_clients(conn, row.run_id) if details else []
+    events = _read_events(conn, row.run_id) if details else []
+    config = _parse_config(row.config_json, row.run_id) if details else {}
     return _Run(_info_from(row, round_list, run_dir), round_list, clients, config, events)
 
 
@@ -224,19 +243,68 @@ def _load(run_dir: Path, *, details: bool) -> _Run:
 
 
 class RunStore:
-    """Read access to the runs under ``root`` (a folder of run directories; it need not exist yet)."""
+    """Read access to the runs under ``root`` (a folder of run directories; it need not exist yet).
 
-    def __init__(self, root: str | Path) -> None:
+    With ``url`` (a SQLAlchemy database URL: ``postgresql+psycopg://user@host/fedloom`` for a shared server) the
+    runs' rows live in that one database, which many runs (and machines) share, and ``root`` holds what is not
+    rows: each run's checkpoints and summary in ``root/<run_id>/``. Without it, each run directory holds its own
+    SQLite ``run.db``.
+    """
+
+    def __init__(self, root: str | Path, url: str | None = None) -> None:
         self._root = Path(root)
+        self._url = url
 
     @property
     def root(self) -> Path:
         return self._root
 
+    @property
+    def url(self) -> str | None:
+        """The shared run database's URL, or ``None`` for a SQLite file per run."""
+        return self._url
+
     def _run_dirs(self) -> list[Path]:
+        if self._url is not None:
+            with self._shared() as conn:
+                return sorted(self._root / run_id for run_id in conn.execute(select(runs.c.run_id)).scalars())
         if not self._root.is_dir():
             return []
         return sorted(p for p in self._root.iterdir() if p.is_dir() and (p / DB_NAME).is_file())
+
+    @contextmanager
+    def _shared(self) -> Iterator[Connection]:
+        assert self._url is not None
+        try:
+            with shared_engine(self._url).connect() as conn:
+                yield conn
+        except SQLAlchemyError as exc:
+            raise RunStoreError(f"cannot read the run database at {shown_url(self._url)}: {exc}") from None
+
+    @contextmanager
+    def _open(self, run_dir: Path) -> Iterator[tuple[Connection, Any]]:
+        """A connection to the database of ``run_dir``'s run, and that run's row."""
+        if self._url is not None:
+            with self._shared() as conn:
+                yield conn, _read_run_row(conn, run_dir, shared=True)
+            return
+        try:
+            with open_engine(run_dir / DB_NAME) as engine, engine.connect() as conn:
+                yield conn, _read_run_row(conn, run_dir)
+        except SQLAlchemyError as exc:
+            raise RunStoreError(f"cannot read the run database in {run_dir}: {exc}") from None
+
+    def _load(self, run_dir: Path, *, details: bool) -> _Run:
+        with self._open(run_dir) as (conn, row):
+            return _load(conn, row, run_dir, details=details)
+
+    def _is_run(self, path: Path) -> bool:
+        if self._url is None:
+            return (path / DB_NAME).is_file()
+        return path.is_dir() and shared_run_id(path) in {run_dir.name for run_dir in self._run_dirs()}
+
+    def _where(self) -> str:
+        return f"the run database at {shown_url(self._url)}" if self._url is not None else str(self._root)
 
     def list_runs(self) -> list[RunInfo]:
         """Every readable run under the root, newest first. Folders without ``run.db`` are skipped, and so
@@ -244,7 +312,7 @@ class RunStore:
         infos: list[RunInfo] = []
         for run_dir in self._run_dirs():
             try:
-                infos.append(_load(run_dir, details=False).info)
+                infos.append(self._load(run_dir, details=False).info)
             except RunStoreError:
                 continue
         return sorted(infos, key=lambda info: (info.created_at, info.run_id), reverse=True)
@@ -259,7 +327,7 @@ class RunStore:
             if run_dir.name == ref:
                 return run_dir
         as_path = Path(ref).expanduser()
-        if (as_path / DB_NAME).is_file():
+        if self._is_run(as_path):
             return as_path
         matches = [run_dir for run_dir in candidates if run_dir.name.startswith(ref)]
         if len(matches) == 1:
@@ -268,42 +336,60 @@ class RunStore:
             raise RunStoreError(
                 f"run reference {ref!r} is ambiguous; it matches {_listing(matches)}. Give more of the run id"
             )
-        if not self._root.is_dir():
+        if self._url is None and not self._root.is_dir():
             raise RunStoreError(f"no run matches {ref!r}: the run store {self._root} does not exist")
         known = f"known runs: {_listing(candidates)}" if candidates else "it holds no runs"
-        raise RunStoreError(f"no run matches {ref!r} in {self._root}; {known}")
+        raise RunStoreError(f"no run matches {ref!r} in {self._where()}; {known}")
+
+    def signature(self, run_dir: Path) -> tuple[Any, ...]:
+        """Something cheap to read that changes whenever the run in ``run_dir`` records anything (a round, a
+        client event, its end), for caches of what was computed from it: its SQLite files' sizes and times, or
+        in a shared database its status, end, last round and last event."""
+        if self._url is None:
+            out: list[int] = []
+            for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-journal"):
+                try:
+                    stat = (run_dir / name).stat()
+                except FileNotFoundError:
+                    out += [-1, -1]
+                else:
+                    out += [stat.st_size, stat.st_mtime_ns]
+            return tuple(out)
+        run_id = shared_run_id(run_dir)
+        last_round = select(func.max(rounds.c.round)).where(rounds.c.run_id == run_id).scalar_subquery()
+        last_event = select(func.max(client_events.c.seq)).where(client_events.c.run_id == run_id).scalar_subquery()
+        query = select(runs.c.status, runs.c.finished_at, last_round, last_event).where(runs.c.run_id == run_id)
+        with self._shared() as conn:
+            row = conn.execute(query).first()
+        return tuple(row) if row is not None else ()
 
     def info(self, ref: str) -> RunInfo:
         """The :class:`RunInfo` of the run that ``ref`` names (see :meth:`resolve`)."""
-        return _load(self.resolve(ref), details=False).info
+        return self._load(self.resolve(ref), details=False).info
 
     def rounds(self, ref: str) -> list[dict[str, Any]]:
         """One flat dict per round: the :data:`ROUND_COLUMNS`, then every metric of the run, sorted by
         name (``None`` where a round did not record that metric or its value was not finite)."""
-        return _flatten(_load(self.resolve(ref), details=False).rounds)
+        return _flatten(self._load(self.resolve(ref), details=False).rounds)
 
     def client_metrics(self, ref: str) -> list[dict[str, Any]]:
         """One dict per client and phase of each round, ordered by round, phase and client id: round,
         client_id, phase, status, num_examples, loss, accuracy, seconds, bytes_down, bytes_up, metrics."""
-        return _load(self.resolve(ref), details=True).clients
+        return self._load(self.resolve(ref), details=True).clients
 
     def client_events(self, ref: str) -> list[dict[str, Any]]:
         """A deployment's client timeline, in the order things happened: seq, at (UTC), round (``None`` outside
         rounds), client_id, event (connected, disconnected, refused, training, evaluating, reported, late,
         dropped), bytes, detail. Empty for a simulation."""
-        return _load(self.resolve(ref), details=True).events
+        return self._load(self.resolve(ref), details=True).events
 
     @contextmanager
     def connect(self, ref: str) -> Iterator[tuple[Connection, str]]:
         """A read connection to the database of the run ``ref`` names, with that run's id, for queries the
         methods above do not cover (:mod:`fedloom.tracking.views` aggregates in SQL through it). Database errors
         inside become :class:`RunStoreError`."""
-        run_dir = self.resolve(ref)
-        try:
-            with open_engine(run_dir / DB_NAME) as engine, engine.connect() as conn:
-                yield conn, _read_run_row(conn, run_dir).run_id
-        except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot read the run database in {run_dir}: {exc}") from None
+        with self._open(self.resolve(ref)) as (conn, row):
+            yield conn, row.run_id
 
     def config(self, ref: str) -> dict[str, Any]:
         """The configuration the run was created with (as stored: JSON values, non-finite floats as None)."""
@@ -317,7 +403,7 @@ class RunStore:
         also holds ``events``, a deployment's client timeline (see :meth:`client_events`)."""
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-        run = _load(self.resolve(ref), details=True)
+        run = self._load(self.resolve(ref), details=True)
         round_list = run.rounds
         table = _flatten(round_list)
         if fmt == "json":

@@ -42,7 +42,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.tracking import views
-from fedloom.tracking.store import DB_NAME, RunStore
+from fedloom.tracking.store import RunStore
 
 __all__ = ["COOKIE", "LOOPBACK_HOSTS", "create_app"]
 
@@ -52,12 +52,13 @@ _CACHED_ANSWERS = 256
 
 
 class _Cache:
-    """Answers keyed by what was asked, each kept with the signature (size and modification time) of the files of
-    the run it was computed from; an answer is reused while that signature holds."""
+    """Answers keyed by what was asked, each kept with the signature (:meth:`RunStore.signature`) of the runs it
+    was computed from; an answer is reused while that signature holds."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, store: RunStore, size: int) -> None:
+        self._store = store
         self._size = size
-        self._items: OrderedDict[tuple[Any, ...], tuple[tuple[int, ...], Any]] = OrderedDict()
+        self._items: OrderedDict[tuple[Any, ...], tuple[tuple[Any, ...], Any]] = OrderedDict()
         self._lock = threading.Lock()
         self._computing: dict[tuple[Any, ...], threading.Lock] = {}
 
@@ -66,7 +67,7 @@ class _Cache:
             computing = self._computing.setdefault(key, threading.Lock())
         # One computation per key at a time: a request for what the warmer is computing waits for its answer.
         with computing:
-            signature = tuple(n for run_dir in run_dirs for n in _signature(run_dir))
+            signature = tuple(n for run_dir in run_dirs for n in self._store.signature(run_dir))
             with self._lock:
                 hit = self._items.get(key)
                 if hit is not None and hit[0] == signature:
@@ -89,23 +90,14 @@ def _json_of(compute: Callable[..., Any], *args: Any) -> bytes:
     return _json(compute(*args))
 
 
-def _signature(run_dir: Path) -> tuple[int, ...]:
-    out: list[int] = []
-    for name in (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-journal"):
-        try:
-            stat = (run_dir / name).stat()
-        except FileNotFoundError:
-            out += [-1, -1]
-        else:
-            out += [stat.st_size, stat.st_mtime_ns]
-    return tuple(out)
-
-
-def create_app(runs_dir: str | Path, *, token: str | None = None, loopback_only: bool = True) -> FastAPI:
-    """The dashboard over the runs in ``runs_dir``. ``token``: required on every request when given.
-    ``loopback_only``: answer only requests addressed to a loopback host name (set it when binding to one)."""
-    store = RunStore(runs_dir)
-    cache = _Cache(_CACHED_ANSWERS)
+def create_app(
+    runs_dir: str | Path, *, token: str | None = None, loopback_only: bool = True, db_url: str | None = None
+) -> FastAPI:
+    """The dashboard over the runs in ``runs_dir`` (their rows in the shared database at ``db_url`` if given: see
+    :class:`~fedloom.tracking.RunStore`). ``token``: required on every request when given. ``loopback_only``:
+    answer only requests addressed to a loopback host name (set it when binding to one)."""
+    store = RunStore(runs_dir, db_url)
+    cache = _Cache(store, _CACHED_ANSWERS)
     static = files("fedloom.ui").joinpath("static")
     app = FastAPI(title="fedloom", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
     if loopback_only:
