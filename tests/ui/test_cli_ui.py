@@ -13,7 +13,7 @@ import pytest
 from dashboard_server import COMMAND, dashboard
 from federation_runs import record_run
 
-from fedloom.cli.ui import _is_loopback
+from fedloom.cli.ui import is_loopback
 
 pytest.importorskip("fastapi")
 
@@ -56,4 +56,4 @@ def test_a_taken_port_is_one_error_line(tmp_path: Path) -> None:
     ],
 )
 def test_which_addresses_need_a_token(host: str, loopback: bool) -> None:
-    assert _is_loopback(host) is loopback
+    assert is_loopback(host) is loopback

@@ -13,7 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import typer
 from rich.console import Console
 
-from fedloom.cli import certs, client, ledger, partition, privacy, report, runs, server, simulate, tokens, ui
+from fedloom.cli import certs, client, ledger, partition, privacy, report, runs, serve, server, simulate, tokens, ui
 from fedloom.core.errors import FedloomError
 
 app = typer.Typer(
@@ -54,6 +54,8 @@ app.add_typer(privacy.app, name="privacy")
 app.add_typer(ledger.app, name="ledger")
 app.command("report")(report.report_command)
 app.command("ui")(ui.ui_command)
+app.command("serve")(serve.serve_command)
+app.command("export")(serve.export_command)
 
 _stderr = Console(stderr=True)
 

@@ -17,14 +17,16 @@ from fedloom.core.errors import ConfigError
 
 TOKEN_ENV = "FEDLOOM_UI_TOKEN"
 
+# The listening options of the commands that serve HTTP (ui, serve); each sets its own default port.
+Port = Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).", min=0, max=65535)]
+Host = Annotated[str, typer.Option("--host", help="Address to bind. Anything but a loopback address requires a token.")]
+
 
 def ui_command(
     runs: RunsDir = Path("runs"),
     db: DbUrl = None,
-    port: Annotated[int, typer.Option("--port", help="Port to listen on (0: any free port).", min=0, max=65535)] = 8765,
-    host: Annotated[
-        str, typer.Option("--host", help="Address to bind. Anything but a loopback address requires a token.")
-    ] = "127.0.0.1",
+    port: Port = 8765,
+    host: Host = "127.0.0.1",
     token: Annotated[
         str | None,
         typer.Option(
@@ -46,10 +48,10 @@ def ui_command(
         raise ConfigError(
             f"the dashboard needs the ui extra ({exc.name} is missing): pip install 'fedloom[ui]'"
         ) from None
-    loopback = _is_loopback(host)
+    loopback = is_loopback(host)
     if not loopback and token is None:
         token = secrets.token_urlsafe(24)
-    listener = _bind(host, port)
+    listener = bind_listener(host, port)
     bound_port = listener.getsockname()[1]
     shown_host = f"[{host}]" if ":" in host else host
     address = f"http://{shown_host}:{bound_port}/" + (f"?token={token}" if token else "")
@@ -62,7 +64,7 @@ def ui_command(
     server.run(sockets=[listener])
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -71,12 +73,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind_listener(host: str, port: int, what: str = "the dashboard") -> socket.socket:
     """A listening socket on ``host``:``port``, bound here so a taken port is one clear error line."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise ConfigError(f"cannot bind the dashboard to {host!r}: {exc.strerror}") from None
+        raise ConfigError(f"cannot bind {what} to {host!r}: {exc.strerror}") from None
     family, kind, proto, _, address = infos[0]
     listener = socket.socket(family, kind, proto)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -88,7 +90,7 @@ def _bind(host: str, port: int) -> socket.socket:
             raise ConfigError(
                 f"port {port} on {host} is in use; give another with --port (0 picks a free one)"
             ) from None
-        raise ConfigError(f"cannot bind the dashboard to {host}:{port}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot bind {what} to {host}:{port}: {exc.strerror or exc}") from None
     listener.listen(128)
     os.set_inheritable(listener.fileno(), True)
     return listener

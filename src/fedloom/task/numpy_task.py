@@ -121,6 +121,17 @@ class LogisticRegressionTask:
         accuracy = float(np.mean(np.argmax(logits, axis=1) == y))
         return EvalResult(loss, len(y), {"accuracy": accuracy})
 
+    def predict(self, params: Params, x: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+        """Class probabilities (softmax) for the examples in ``x``: what ``fedloom serve`` answers with."""
+        weight, bias = self._unpack(params)
+        features = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+        if features.shape[1] != self.num_features:
+            raise DataError(f"expected {self.num_features} features per example, got x of shape {np.shape(x)}")
+        logits = features @ weight.T + bias
+        shifted: _F64 = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities: _F64 = shifted / shifted.sum(axis=1, keepdims=True)
+        return probabilities
+
     def _unpack(self, params: Params, *, partial: bool = False) -> tuple[_F64, _F64]:
         """``weight`` and ``bias`` as float64 copies; ``partial``: a missing one is zeros (a correction)."""
         expected = {"weight": (self.num_classes, self.num_features), "bias": (self.num_classes,)}

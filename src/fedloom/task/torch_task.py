@@ -196,6 +196,30 @@ class TorchTask:
         metrics = {"accuracy": correct / n} if has_accuracy else {}
         return EvalResult(total_loss / n, n, metrics)
 
+    def predict(self, params: Params, x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
+        """The model's outputs for the examples in ``x`` under ``params``, in eval mode: class probabilities for
+        ``cross_entropy`` (softmax), the probability of class 1 for ``bce`` (sigmoid), the raw outputs for a
+        callable loss. What ``fedloom serve`` answers with."""
+        module = self.module_with(params)
+        features = self._features(x)
+        parts = []
+        with self._seeded(0), torch.no_grad():
+            for start in range(0, len(features), self.eval_batch_size):
+                outputs = module(features[start : start + self.eval_batch_size])
+                if self.loss == "cross_entropy":
+                    outputs = torch.softmax(outputs, dim=1)
+                elif self.loss == "bce":
+                    outputs = torch.sigmoid(outputs.reshape(len(outputs)))
+                parts.append(outputs.float().cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+
+    def module_with(self, params: Params) -> nn.Module:
+        """This thread's model with ``params`` loaded, in eval mode (for prediction and export). Raises
+        :class:`ConfigError` for params that do not fit it."""
+        module = self._module()
+        _load(module, params)
+        return module.eval()
+
     # -- helpers -------------------------------------------------------------------------------------------
 
     @contextmanager

@@ -1,0 +1,212 @@
+"""``fedloom serve`` and ``fedloom export`` on a real digits run: predictions over HTTP from a real server process
+checked against the model evaluated directly, clear 4xx answers, and exported files read back by onnxruntime,
+TorchScript and safetensors."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fedloom as fl
+from fedloom.core.errors import ConfigError, JobError, RunStoreError
+from fedloom.serving import ServedModel
+from fedloom.serving.export import export
+from fedloom.tracking import RunStore, load_params
+from fedloom.tracking.recorder import checkpoint_path
+
+pytest.importorskip("fastapi")
+
+REQUESTS = 1000
+SERVING = re.compile(r"^serving run (\S+) after round (\d+) \(input \[64\]\) at http://127\.0\.0\.1:(\d+)/predict$")
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, fl.Run]:
+    root = tmp_path_factory.mktemp("served")
+    job = fl.load_job("digits")
+    simulation = replace(job.simulation, num_clients=10, rounds=2, backend=fl.BackendConfig("inline"))
+    return root, fl.simulate(job, simulation=simulation, runs_dir=root)
+
+
+@pytest.fixture(scope="module")
+def test_set() -> tuple[np.ndarray, np.ndarray]:
+    data = fl.load_job("digits").load_data(None)
+    return data.test.x.astype(np.float32), data.test.y
+
+
+def test_the_served_model_is_the_runs_checkpoint(run) -> None:
+    root, done = run
+    model = ServedModel.load(RunStore(root), done.run_id)
+    assert (model.server_round, model.input_shape) == (2, (64,))
+    assert model.params == done.params
+    earlier = ServedModel.load(RunStore(root), done.run_id, server_round=1)
+    assert earlier.params == load_params(checkpoint_path(root / done.run_id, 1))
+    with pytest.raises(RunStoreError, match="recorded rounds 1 to 2; there is no round 3"):
+        ServedModel.load(RunStore(root), done.run_id, server_round=3)
+    with pytest.raises(ConfigError, match="the checkpoint does not fit the model of job 'heart_disease'"):
+        ServedModel.load(RunStore(root), done.run_id, job="heart_disease", input_shape=(64,))
+
+
+def test_a_run_of_a_job_file_needs_the_file(tmp_path: Path) -> None:
+    (tmp_path / "linear.py").write_text(LINEAR_JOB)
+    done = fl.simulate(fl.load_job(str(tmp_path / "linear.py")), runs_dir=tmp_path)
+    with pytest.raises(JobError, match="job 'linear', which is not a built-in example: give the job file with --job"):
+        ServedModel.load(RunStore(tmp_path), done.run_id)
+
+
+class Server:
+    """``fedloom serve`` in a process of its own, on a free port, with a token."""
+
+    def __init__(self, root: Path, run_id: str, token: str) -> None:
+        command = [sys.executable, "-c", "from fedloom.cli.main import main; main()"]
+        self.process = subprocess.Popen(
+            [*command, "serve", run_id, "--runs", str(root), "--port", "0", "--token", token],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        line = self.process.stdout.readline().strip() if self.process.stdout else ""
+        found = SERVING.match(line)
+        assert found, (line, self.process.stderr.read() if self.process.stderr else "")
+        self.port = int(found.group(3))
+        self.token = token
+        self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+
+    def post(self, body: bytes, *, content_type: str = "application/json", token: str | None = None) -> tuple[int, Any]:
+        headers = {"Content-Type": content_type, "Authorization": f"Bearer {token or self.token}"}
+        self.connection.request("POST", "/predict", body=body, headers=headers)
+        answer = self.connection.getresponse()
+        return answer.status, json.loads(answer.read())
+
+    def predict(self, instances: list[Any]) -> tuple[int, Any]:
+        return self.post(json.dumps({"instances": instances}).encode())
+
+    def close(self) -> None:
+        self.connection.close()
+        self.process.terminate()
+        self.process.communicate(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(run) -> Iterator[Server]:
+    root, done = run
+    running = Server(root, done.run_id, "s3cret")
+    yield running
+    running.close()
+
+
+def test_a_thousand_requests_get_the_models_own_outputs(server: Server, run, test_set) -> None:
+    _, done = run
+    picks = np.arange(REQUESTS) % len(test_set[0])  # the 360 test examples, over and over
+    x, y = test_set[0][picks], test_set[1][picks]
+    task = fl.load_job("digits").task
+    expected = task.predict(done.params, x)
+    outputs, predictions = [], []
+    for example in x:
+        status, answer = server.predict([example.tolist()])
+        assert status == 200, answer
+        assert (answer["run_id"], answer["round"]) == (done.run_id, 2)
+        outputs.append(answer["outputs"][0])
+        predictions.append(answer["predictions"][0])
+    assert len(outputs) == REQUESTS
+    np.testing.assert_allclose(np.array(outputs), expected, rtol=1e-5, atol=1e-6)
+    assert predictions == np.argmax(expected, axis=1).tolist()
+    evaluated = task.evaluate(done.params, fl.data.ArrayData(x, y))
+    assert np.mean(np.array(predictions) == y) == pytest.approx(evaluated.metrics["accuracy"])
+    status, batch = server.predict(x[:500].tolist())  # one request, many instances
+    assert status == 200
+    assert batch["predictions"] == predictions[:500]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "says"),
+    [
+        (b"not json", "application/json", 400, "the body is not JSON"),
+        (b'{"inputs": [[0]]}', "application/json", 400, 'a JSON object {"instances": [example, ...]}'),
+        (b'{"instances": []}', "application/json", 400, "instances is empty"),
+        (b'{"instances": [[1, 2, 3]]}', "application/json", 400, "instances of shape [3], but the model takes [64]"),
+        (
+            json.dumps({"instances": [["a"] * 64]}).encode(),
+            "application/json",
+            400,
+            "must be numbers in the shape [64]",
+        ),
+        (json.dumps({"instances": [[0] * 64, [0] * 63]}).encode(), "application/json", 400, "must be numbers"),
+        (b'{"instances": [[' + b",".join([b"1e999"] * 64) + b"]]}", "application/json", 400, "NaN or infinite"),
+        (json.dumps({"instances": [[0] * 64] * 1025}).encode(), "application/json", 413, "send at most 1024"),
+        (b"instances=1", "application/x-www-form-urlencoded", 415, "as application/json"),
+    ],
+)
+def test_bad_requests_get_a_4xx_that_says_why(server: Server, body, content_type, status, says) -> None:
+    got, answer = server.post(body, content_type=content_type)
+    assert got == status, answer
+    assert says in answer["detail"]
+
+
+def test_requests_without_the_token_are_refused(server: Server) -> None:
+    status, answer = server.post(b'{"instances": [[0]]}', token="wrong")
+    assert status == 401
+    assert "Authorization: Bearer" in answer["detail"]
+
+
+def test_onnx_torchscript_and_safetensors_exports_give_the_same_model(run, test_set, tmp_path: Path) -> None:
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    import torch
+
+    root, done = run
+    model = ServedModel.load(RunStore(root), done.run_id)
+    x = test_set[0][:200]
+    logits = model.job.task.module_with(done.params)(torch.from_numpy(x)).detach().numpy()
+
+    onnx = export(model, "onnx", tmp_path / "model.onnx")
+    assert onnx.max_difference is not None
+    assert onnx.max_difference < 1e-5
+    session = onnxruntime.InferenceSession(str(onnx.path), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"input": x})[0], logits, rtol=1e-5, atol=1e-5)
+
+    scripted = export(model, "torchscript", tmp_path / "model.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch deprecates TorchScript itself
+        loaded = torch.jit.load(str(scripted.path))
+    np.testing.assert_allclose(loaded(torch.from_numpy(x)).detach().numpy(), logits, rtol=1e-6, atol=1e-6)
+
+    tensors = export(model, "safetensors", tmp_path / "model.safetensors")
+    assert load_params(tensors.path) == done.params
+
+
+def test_a_task_without_torch_exports_only_its_params(tmp_path: Path) -> None:
+    (tmp_path / "linear.py").write_text(LINEAR_JOB)
+    job = fl.load_job(str(tmp_path / "linear.py"))
+    done = fl.simulate(job, runs_dir=tmp_path / "runs")
+    model = ServedModel.load(RunStore(tmp_path / "runs"), done.run_id, job=str(tmp_path / "linear.py"))
+    assert model.input_shape == (64,)
+    probabilities = model.predict(np.zeros((2, 64), np.float32))["outputs"]
+    assert np.allclose(np.sum(probabilities, axis=1), 1.0)
+    with pytest.raises(ConfigError, match="onnx export needs a TorchTask; job 'linear' has a LogisticRegressionTask"):
+        export(model, "onnx", tmp_path / "m.onnx")
+    assert load_params(export(model, "safetensors", tmp_path / "m.safetensors").path) == done.params
+
+
+LINEAR_JOB = """
+import fedloom as fl
+from fedloom.data import load_digits
+
+job = fl.Job(
+    name="linear",
+    task=fl.LogisticRegressionTask(num_features=64, num_classes=10),
+    data=load_digits,
+    simulation=fl.SimulationConfig(num_clients=3, rounds=1),
+)
+"""
