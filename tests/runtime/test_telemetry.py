@@ -253,3 +253,37 @@ def test_a_failure_reply_names_the_error():
     reply = telemetry.failure_message(ValueError("bad batch"))
     assert telemetry.failure(reply) == "ValueError: bad batch"
     assert telemetry.failure(FIT) is None
+
+
+class FakeCuda:
+    """What telemetry reads of torch.cuda, for a machine without a GPU: a device the task has initialized."""
+
+    def __init__(self) -> None:
+        self.resets = 0
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def reset_peak_memory_stats(self) -> None:
+        self.resets += 1
+
+    def max_memory_allocated(self) -> int:
+        return 48 * 2**20
+
+    def utilization(self) -> int:
+        return 87
+
+
+def test_a_task_on_a_cuda_device_reports_its_peak_memory_and_utilization(monkeypatch):
+    cuda = FakeCuda()
+    monkeypatch.setitem(sys.modules, "torch", type("FakeTorch", (), {"cuda": cuda}))
+    _, sent = answer()
+    assert cuda.resets == 1  # the peak is this instruction's
+    assert (sent.metrics["sys_gpu_peak_mb"], sent.metrics["sys_gpu_util"]) == (48.0, 87.0)
+
+
+def test_a_process_without_torch_reports_no_gpu(monkeypatch):
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    _, sent = answer()
+    assert "sys_gpu_peak_mb" not in sent.metrics
+    assert "sys_gpu_util" not in sent.metrics
