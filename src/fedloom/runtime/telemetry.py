@@ -161,6 +161,8 @@ def _install() -> None:
     that instruction too. A factory rather than a handler: a handler on the root logger would be one more place
     records go, and Python's last-resort printing of warnings in a program that set up no logging would stop."""
     global _installed
+    if _installed:  # every instruction asks; only the first takes the lock
+        return
     with _install_lock:
         if _installed:
             return

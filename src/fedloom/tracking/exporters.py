@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Protocol
 
 from fedloom.core.errors import ConfigError
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundRecord
+from fedloom.tracking.store import finite_number
 
 __all__ = ["Exporter", "MlflowExporter", "TensorBoardExporter", "client_values"]
 
@@ -64,11 +64,7 @@ def client_values(record: ClientRecord) -> dict[str, float]:
         "bytes_up": record.bytes_up,
         **record.metrics,
     }
-    return {f"{phase}_{name}": float(v) for name, v in values.items() if _finite(v)}
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return {f"{phase}_{name}": float(v) for name, v in values.items() if finite_number(v)}
 
 
 def _flatten(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -99,6 +95,7 @@ class MlflowExporter:
         self._parent: str | None = None
         self._children: dict[str, str] = {}
         self._run_id = ""
+        self._experiment_id = ""
 
     def start(self, run_id: str, name: str, config: Mapping[str, Any]) -> None:
         try:
@@ -119,6 +116,7 @@ class MlflowExporter:
         except Exception as exc:  # MLflow raises its own errors, and those of the HTTP client under it
             raise ConfigError(f"cannot use the MLflow tracking store at {self.uri}: {_reason(exc)}") from None
         self._client = client
+        self._experiment_id = experiment_id
         for run in runs:  # a resumed deployment: its parent run and its clients' runs are there already
             client_id = run.data.tags.get(_CLIENT_TAG)
             if client_id is None:
@@ -143,7 +141,7 @@ class MlflowExporter:
         step = record.server_round
         now = int(time.time() * 1000)
         assert self._parent is not None
-        values = {k: float(v) for k, v in record.metrics.items() if _finite(v)}
+        values = {k: float(v) for k, v in record.metrics.items() if finite_number(v)}
         values["round_seconds"] = float(record.seconds)
         self._log(self._parent, [Metric(k, v, now, step) for k, v in values.items()])
         if not self.clients:
@@ -167,9 +165,8 @@ class MlflowExporter:
     def _child(self, client_id: str) -> str:
         run_id = self._children.get(client_id)
         if run_id is None:
-            parent = self._client.get_run(self._parent)
             tags = {"mlflow.parentRunId": self._parent, _RUN_TAG: self._run_id, _CLIENT_TAG: client_id}
-            run_id = self._client.create_run(parent.info.experiment_id, run_name=client_id, tags=tags).info.run_id
+            run_id = self._client.create_run(self._experiment_id, run_name=client_id, tags=tags).info.run_id
             self._children[client_id] = run_id
         return run_id
 
@@ -218,7 +215,7 @@ class TensorBoardExporter:
     def on_round(self, record: RoundRecord) -> None:
         writer, step = self._writer, record.server_round
         for name, value in record.metrics.items():
-            if _finite(value):
+            if finite_number(value):
                 writer.add_scalar(f"global/{name}", float(value), step)
         writer.add_scalar("global/round_seconds", float(record.seconds), step)
         for client_record in record.clients:

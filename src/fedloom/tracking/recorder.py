@@ -126,6 +126,12 @@ def _resume_point(folder: Path, last: int) -> Resume:
     return Resume(last, params, random_state, saved)
 
 
+def _engine(run_dir: Path, url: str | None) -> Engine:
+    """Where a run's rows go: the shared database at ``url`` (not to be disposed), else ``run_dir``'s own SQLite file
+    (the caller disposes it)."""
+    return shared_engine(url) if url is not None else sqlite_engine(run_dir / DB_NAME)
+
+
 def _counts(clients: tuple[ClientRecord, ...]) -> tuple[int, int, int]:
     """(selected, ok, dropped) for a round: over its ``fit`` records, or all its records if it had none."""
     chosen = [c for c in clients if c.phase == _FIT_PHASE] or list(clients)
@@ -203,7 +209,7 @@ class RunRecorder:
         """Record a new run ``run_id`` in ``run_dir`` (which exists; its database may hold tokens already), or
         in the shared database at ``url``."""
         (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
-        engine = shared_engine(url) if url is not None else sqlite_engine(run_dir / DB_NAME)
+        engine = _engine(run_dir, url)
         try:
             if url is None:
                 metadata.create_all(engine)
@@ -252,7 +258,7 @@ class RunRecorder:
             raise RunStoreError(f"cannot create the run directory {folder}: {exc.strerror or exc}") from None
         marker = folder / RUN_ID_FILE
         named = marker.read_text().strip() if url is not None and marker.is_file() else None
-        engine = shared_engine(url) if url is not None else sqlite_engine(folder / DB_NAME)
+        engine = _engine(folder, url)
         try:
             if url is None:
                 metadata.create_all(engine)
@@ -293,7 +299,7 @@ class RunRecorder:
             )
         _check_same_config(json.loads(row.config_json), json.loads(config_json), folder)
         resume = None if not last else _resume_point(folder, int(last))
-        engine = shared_engine(url) if url is not None else sqlite_engine(folder / DB_NAME)
+        engine = _engine(folder, url)
         recorder = cls(folder, row.run_id, row.name, engine, shared=url is not None)
         recorder._last_round = int(last or 0)
         try:

@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fedloom.tracking.compare import shared_metrics
-from fedloom.tracking.store import ROUND_COLUMNS, RunStore
+from fedloom.tracking.store import ROUND_COLUMNS, RunStore, finite_number
 from fedloom.tracking.views import SYSTEM_METRICS, profile
 
 __all__ = ["number", "render_report"]
@@ -93,7 +93,7 @@ def _charts(rounds: Sequence[Mapping[str, Any]], names: Sequence[str]) -> str:
         return '<p class="muted">No metrics were recorded.</p>'
     figures = []
     for name in names:
-        points = [(float(r["round"]), float(r[name])) for r in rounds if _finite(r.get(name))]
+        points = [(float(r["round"]), float(r[name])) for r in rounds if finite_number(r.get(name))]
         if points:
             figures.append(f"<figure><figcaption>{_e(name)}</figcaption>{line_chart({name: points})}</figure>")
     return f'<div class="charts">{"".join(figures)}</div>'
@@ -179,11 +179,13 @@ def _profile(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _privacy(rounds: Sequence[Mapping[str, Any]], config: Mapping[str, Any]) -> str:
-    spent = [(float(r["round"]), float(r["epsilon"])) for r in rounds if _finite(r.get("epsilon"))]
-    protections = [name for name in ("secagg_survivors", "he_clients") if any(_finite(r.get(name)) for r in rounds)]
+    spent = [(float(r["round"]), float(r["epsilon"])) for r in rounds if finite_number(r.get("epsilon"))]
+    protections = [
+        name for name in ("secagg_survivors", "he_clients") if any(finite_number(r.get(name)) for r in rounds)
+    ]
     lines = []
     if spent:
-        delta = next((r.get("dp_delta") for r in reversed(rounds) if _finite(r.get("dp_delta"))), None)
+        delta = next((r.get("dp_delta") for r in reversed(rounds) if finite_number(r.get("dp_delta"))), None)
         lines.append(f"<p>Epsilon spent after the last round: {number(spent[-1][1])} at delta {_g(delta)}.</p>")
         lines.append(f"<figure><figcaption>epsilon</figcaption>{line_chart({'epsilon': spent})}</figure>")
     if "secagg_survivors" in protections:
@@ -199,10 +201,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{_e(cell)}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _g(value: Any) -> str:

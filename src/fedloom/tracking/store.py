@@ -39,7 +39,7 @@ from fedloom.tracking.schema import (
     shown_url,
 )
 
-__all__ = ["DB_NAME", "ROUND_COLUMNS", "RunInfo", "RunStore"]
+__all__ = ["DB_NAME", "ROUND_COLUMNS", "RunInfo", "RunStore", "finite_number"]
 
 DB_NAME = "run.db"
 RUN_ID_FILE = "run_id"  # a deployment's run directory, its rows in a shared database: which run it is
@@ -118,6 +118,11 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     raise ConfigError(f"cannot store a {type(value).__name__} as JSON: {value!r}")
+
+
+def finite_number(value: Any) -> bool:
+    """Whether ``value`` is a finite int or float (not a bool, not ``None``): a metric worth drawing or exporting."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def dumps_json(value: Any, *, indent: int | None = None) -> str:
@@ -298,10 +303,11 @@ class RunStore:
         with self._open(run_dir) as (conn, row):
             return _load(conn, row, run_dir, details=details)
 
-    def _is_run(self, path: Path) -> bool:
+    def _is_run(self, path: Path, run_dirs: list[Path]) -> bool:
+        """Whether ``path`` is the folder of a run (one of ``run_dirs``, the listing, in a shared database)."""
         if self._url is None:
             return (path / DB_NAME).is_file()
-        return path.is_dir() and shared_run_id(path) in {run_dir.name for run_dir in self._run_dirs()}
+        return path.is_dir() and shared_run_id(path) in {run_dir.name for run_dir in run_dirs}
 
     def _where(self) -> str:
         return f"the run database at {shown_url(self._url)}" if self._url is not None else str(self._root)
@@ -327,7 +333,7 @@ class RunStore:
             if run_dir.name == ref:
                 return run_dir
         as_path = Path(ref).expanduser()
-        if self._is_run(as_path):
+        if self._is_run(as_path, candidates):
             return as_path
         matches = [run_dir for run_dir in candidates if run_dir.name.startswith(ref)]
         if len(matches) == 1:

@@ -20,7 +20,16 @@ from sqlalchemy.dialects.postgresql import JSONB
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.tracking.compare import config_diff, shared_metrics
 from fedloom.tracking.schema import client_events, client_logs, client_metrics, rounds
-from fedloom.tracking.store import ROUND_COLUMNS, RunInfo, RunStore, jsonable, read_config, read_rounds, utc
+from fedloom.tracking.store import (
+    ROUND_COLUMNS,
+    RunInfo,
+    RunStore,
+    finite_number,
+    jsonable,
+    read_config,
+    read_rounds,
+    utc,
+)
 
 __all__ = [
     "HEATMAP_METRICS",
@@ -88,7 +97,7 @@ def best_metric(round_rows: Sequence[Mapping[str, Any]]) -> dict[str, Any] | Non
     the round that reached it; ``None`` if it recorded none. ``round_rows`` are flat rows as
     :meth:`RunStore.rounds` gives them, or rows with a ``metrics`` dict as :func:`read_rounds` gives them."""
     for name, pick in _BEST:
-        points = [(row["round"], value) for row in round_rows if _finite(value := _metric(row, name))]
+        points = [(row["round"], value) for row in round_rows if finite_number(value := _metric(row, name))]
         if points:
             best_round, value = pick(points, key=lambda point: point[1])
             return {"name": name, "value": value, "round": best_round}
@@ -109,7 +118,7 @@ def _overview(
     info: RunInfo, round_rows: Sequence[Mapping[str, Any]], config: Mapping[str, Any], count: int
 ) -> dict[str, Any]:
     """:func:`overview` from what was read: rows flat or with a ``metrics`` dict (see :func:`best_metric`)."""
-    spent = [value for row in round_rows if _finite(value := _metric(row, "epsilon"))]
+    spent = [value for row in round_rows if finite_number(value := _metric(row, "epsilon"))]
     return {
         **info.to_dict(),
         "ref": info.path.name,  # what names the run in its store (a deployment's folder may differ from its id)
@@ -129,8 +138,8 @@ def run_detail(store: RunStore, ref: str) -> dict[str, Any]:
         config = read_config(conn, run_id)
         count = _client_count(conn, run_id)
     recorded = shared_metrics([table], ROUND_COLUMNS)
-    epsilon = [[row["round"], row["epsilon"]] for row in table if _finite(row.get("epsilon"))]
-    delta = next((row["dp_delta"] for row in reversed(table) if _finite(row.get("dp_delta"))), None)
+    epsilon = [[row["round"], row["epsilon"]] for row in table if finite_number(row.get("epsilon"))]
+    delta = next((row["dp_delta"] for row in reversed(table) if finite_number(row.get("dp_delta"))), None)
     protection = next(
         (label for name, label in (("secagg_survivors", "secagg"), ("he_clients", "paillier")) if name in recorded),
         None,
@@ -325,7 +334,7 @@ def compare_view(store: RunStore, refs: Sequence[str]) -> dict[str, Any]:
     differ, same = config_diff([store.config(ref) for ref in refs])
     metrics = shared_metrics(tables, ROUND_COLUMNS)
     series = {
-        metric: [[[row["round"], row[metric]] for row in table if _finite(row.get(metric))] for table in tables]
+        metric: [[[row["round"], row[metric]] for row in table if finite_number(row.get(metric))] for table in tables]
         for metric in metrics
     }
     return _object(
@@ -377,7 +386,3 @@ def _client_ids(conn: Connection, run_id: str) -> list[str]:
 def _metric(row: Mapping[str, Any], name: str) -> Any:
     nested = row.get("metrics")
     return nested.get(name) if isinstance(nested, Mapping) else row.get(name)
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
