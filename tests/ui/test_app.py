@@ -3,6 +3,7 @@ ASGI app: middleware, routes and error handlers)."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -68,15 +69,23 @@ def test_bad_requests_get_4xx_with_a_message(runs: Path) -> None:
 
 def test_a_run_in_progress_is_read_again_after_each_round(tmp_path: Path, db_url: str | None) -> None:
     recorder = record_run(tmp_path, "live", rounds=1, clients=3, finish=False, url=db_url)
-    client = TestClient(create_app(tmp_path, db_url=db_url), base_url=LOCAL)
-    ref = client.get("/api/runs").json()[0]["ref"]
-    first = client.get(f"/api/runs/{ref}").json()
-    assert (first["run"]["status"], first["run"]["rounds"]) == ("running", 1)
-    recorder.on_round(round_record(2, 3), PARAMS)
-    assert client.get(f"/api/runs/{ref}").json()["run"]["rounds"] == 2
-    assert client.get(f"/api/runs/{ref}/clients").json()["rounds"] == [1, 2]
-    recorder.finish(PARAMS)
-    assert client.get(f"/api/runs/{ref}").json()["run"]["status"] == "finished"
+    # As a context manager the client runs the app's lifespan: the warm-up computes the run's page beside these
+    # requests, and is stopped when the app shuts down.
+    with TestClient(create_app(tmp_path, db_url=db_url), base_url=LOCAL) as client:
+        assert _warmers() == 1
+        ref = client.get("/api/runs").json()[0]["ref"]
+        first = client.get(f"/api/runs/{ref}").json()
+        assert (first["run"]["status"], first["run"]["rounds"]) == ("running", 1)
+        recorder.on_round(round_record(2, 3), PARAMS)
+        assert client.get(f"/api/runs/{ref}").json()["run"]["rounds"] == 2
+        assert client.get(f"/api/runs/{ref}/clients").json()["rounds"] == [1, 2]
+        recorder.finish(PARAMS)
+        assert client.get(f"/api/runs/{ref}").json()["run"]["status"] == "finished"
+    assert _warmers() == 0
+
+
+def _warmers() -> int:
+    return sum(thread.name == "fedloom-ui-warm" and thread.is_alive() for thread in threading.enumerate())
 
 
 def test_loopback_dashboard_refuses_other_host_names(runs: Path) -> None:

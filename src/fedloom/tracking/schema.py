@@ -212,12 +212,17 @@ def shared_engine(url: str) -> Engine:
         return engine
 
 
-def release_engines() -> None:
-    """Close the connections of every shared run database this process opened (they open again when asked)."""
+def release_engines() -> int:
+    """Close the connections of every shared run database this process opened (they open again when asked).
+    Returns how many were in use at that moment: SQLAlchemy leaves those open to whoever holds them, so a caller
+    about to drop the database or stop its server stops that user first."""
     with _shared_lock:
+        in_use = 0
         for engine in _shared.values():
+            in_use += max(0, getattr(engine.pool, "checkedout", lambda: 0)())
             engine.dispose()
         _shared.clear()
+        return in_use
 
 
 def sqlite_engine(db_path: Path) -> Engine:

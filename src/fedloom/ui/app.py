@@ -24,12 +24,14 @@ sets that cookie and redirects to the same address without it.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import queue
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from importlib.resources import files
 from pathlib import Path
@@ -49,6 +51,7 @@ __all__ = ["COOKIE", "LOOPBACK_HOSTS", "create_app"]
 COOKIE = "fedloom_token"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 _CACHED_ANSWERS = 256
+_WARM_STOP_SECONDS = 30.0  # one page view of a long run takes about a second; a stuck query must not hang shutdown
 
 
 class _Cache:
@@ -90,16 +93,94 @@ def _json_of(compute: Callable[..., Any], *args: Any) -> bytes:
     return _json(compute(*args))
 
 
+class _Warmer:
+    """What a run's page asks for first, computed ahead in one background thread for every listed run, so that
+    opening a long run (1,000 rounds x 100 clients take about a second to aggregate) finds it ready.
+
+    It gives way to requests: it computes nothing while one is being answered (:meth:`answering`), so a page asked
+    for while it works does not share the processor with runs nobody opened. It lives as long as the app serves
+    (:meth:`lifespan`) and is stopped, and waited for, when the server shuts down, so that none of its queries is
+    left running on a database connection the process is about to close."""
+
+    def __init__(self, store: RunStore, cache: _Cache) -> None:
+        self._store = store
+        self._cache = cache
+        self._views: tuple[tuple[tuple[str, ...], Callable[[RunStore, str], Any]], ...] = (
+            (("run",), views.run_detail),
+            (("clients",), views.clients_view),
+            (("heatmap", "accuracy"), partial(_heatmap_of, metric="accuracy")),
+            (("profile",), views.profile),
+        )
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._busy = 0
+        self._quiet = threading.Condition()
+        self._stopping = threading.Event()
+
+    def put(self, ref: str) -> None:
+        """Compute ``ref``'s page ahead (again: answers still valid are cache hits)."""
+        self._queue.put(ref)
+
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Hold the warm-up back while a request is answered."""
+        with self._quiet:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._quiet:
+                self._busy -= 1
+                self._quiet.notify_all()
+
+    @asynccontextmanager
+    async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        thread = threading.Thread(target=self._run, name="fedloom-ui-warm", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            self._stopping.set()
+            self._queue.put(None)
+            with self._quiet:
+                self._quiet.notify_all()
+            await asyncio.to_thread(thread.join, _WARM_STOP_SECONDS)
+
+    def _run(self) -> None:
+        for info in self._store.list_runs():
+            self.put(info.path.name)
+        while (ref := self._queue.get()) is not None:
+            for kind, compute in self._views:
+                with self._quiet:
+                    self._quiet.wait_for(lambda: self._busy == 0 or self._stopping.is_set())
+                if self._stopping.is_set():
+                    return
+                key = (kind[0], ref, *kind[1:])
+                try:
+                    self._cache.get(key, [self._store.resolve(ref)], partial(_json_of, compute, self._store, ref))
+                except (RunStoreError, ConfigError):
+                    break  # the run went away or cannot be read; its page will say so when asked
+
+
+def _heatmap_of(store: RunStore, ref: str, *, metric: str) -> Any:
+    return views.heatmap(store, ref, metric)
+
+
 def create_app(
     runs_dir: str | Path, *, token: str | None = None, loopback_only: bool = True, db_url: str | None = None
 ) -> FastAPI:
     """The dashboard over the runs in ``runs_dir`` (their rows in the shared database at ``db_url`` if given: see
     :class:`~fedloom.tracking.RunStore`). ``token``: required on every request when given. ``loopback_only``:
-    answer only requests addressed to a loopback host name (set it when binding to one)."""
+    answer only requests addressed to a loopback host name (set it when binding to one).
+
+    Pages are computed ahead while the app's lifespan runs (uvicorn runs it; FastAPI's ``TestClient`` when used as
+    a context manager), and that work stops with it."""
     store = RunStore(runs_dir, db_url)
     cache = _Cache(store, _CACHED_ANSWERS)
+    warmer = _Warmer(store, cache)
     static = files("fedloom.ui").joinpath("static")
-    app = FastAPI(title="fedloom", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json")
+    app = FastAPI(
+        title="fedloom", docs_url=None, redoc_url=None, openapi_url="/api/openapi.json", lifespan=warmer.lifespan
+    )
     if loopback_only:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_HOSTS))
     if token is not None:
@@ -119,47 +200,10 @@ def create_app(
         body = cache.get(key, [store.resolve(ref) for ref in refs], lambda: _json(compute()))
         return Response(body, media_type="application/json")
 
-    # What a run's page asks for first, computed ahead in one background thread for every listed run, so that
-    # opening a long run (1,000 rounds x 100 clients take about a second to aggregate) finds it ready.
-    page_views: tuple[tuple[str, Callable[[str], Any]], ...] = (
-        ("run", lambda ref: views.run_detail(store, ref)),
-        ("clients", lambda ref: views.clients_view(store, ref)),
-        ("heatmap", lambda ref: views.heatmap(store, ref, "accuracy")),
-        ("profile", lambda ref: views.profile(store, ref)),
-    )
-    warm_queue: queue.SimpleQueue[str] = queue.SimpleQueue()
-
-    # The warm-up gives way to requests: it computes nothing while one is being answered, so a page asked for
-    # while it works does not share the processor with runs nobody opened.
-    answering = [0]
-    quiet = threading.Condition()
-
-    def warm() -> None:
-        for info in store.list_runs():
-            warm_queue.put(info.path.name)
-        while True:
-            ref = warm_queue.get()
-            for kind, compute in page_views:
-                with quiet:
-                    quiet.wait_for(lambda: answering[0] == 0)
-                key = (kind, ref, "accuracy") if kind == "heatmap" else (kind, ref)
-                try:
-                    cache.get(key, [store.resolve(ref)], partial(_json_of, compute, ref))
-                except (RunStoreError, ConfigError):
-                    break  # the run went away or cannot be read; its page will say so when asked
-
-    threading.Thread(target=warm, name="fedloom-ui-warm", daemon=True).start()
-
     @app.middleware("http")
     async def count_answers(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        with quiet:
-            answering[0] += 1
-        try:
+        with warmer.answering():
             return await call_next(request)
-        finally:
-            with quiet:
-                answering[0] -= 1
-                quiet.notify_all()
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
@@ -173,7 +217,7 @@ def create_app(
             for info in infos
         ]
         for info in infos:
-            warm_queue.put(info.path.name)
+            warmer.put(info.path.name)
         return Response(b"[" + b",".join(parts) + b"]", media_type="application/json")
 
     @app.get("/api/runs/{run}")
