@@ -56,6 +56,7 @@ from fedloom.tracking.schema import (
     shared_engine,
     shown_url,
     sqlite_engine,
+    transaction,
 )
 from fedloom.tracking.store import DB_NAME, ROUND_COLUMNS, RUN_ID_FILE, dumps_json, final_metrics, read_rounds, utc
 
@@ -213,7 +214,7 @@ class RunRecorder:
         try:
             if url is None:
                 metadata.create_all(engine)
-            with engine.begin() as conn:
+            with transaction(engine) as conn:
                 conn.execute(
                     insert(runs).values(
                         run_id=run_id,
@@ -262,7 +263,7 @@ class RunRecorder:
         try:
             if url is None:
                 metadata.create_all(engine)
-            with engine.begin() as conn:
+            with transaction(engine) as conn:
                 query = runs.select() if url is None else runs.select().where(runs.c.run_id == named)
                 row = conn.execute(query).first() if url is None or named else None
                 last = None
@@ -303,7 +304,7 @@ class RunRecorder:
         recorder = cls(folder, row.run_id, row.name, engine, shared=url is not None)
         recorder._last_round = int(last or 0)
         try:
-            with recorder._live_engine().begin() as conn:
+            with transaction(recorder._live_engine()) as conn:
                 conn.execute(
                     update(runs)
                     .where(runs.c.run_id == row.run_id)
@@ -363,7 +364,7 @@ class RunRecorder:
         selected, ok, dropped = _counts(record.clients)
         rid = self._run_id
         try:
-            with engine.begin() as conn:
+            with transaction(engine) as conn:
                 conn.execute(
                     insert(rounds).values(
                         run_id=rid,
@@ -498,7 +499,7 @@ class RunRecorder:
         engine = self._live_engine()
         rid = self._run_id
         try:
-            with engine.begin() as conn:
+            with transaction(engine) as conn:
                 seq = conn.execute(
                     select(func.coalesce(func.max(client_events.c.seq), 0)).where(client_events.c.run_id == rid)
                 ).scalar_one()
@@ -535,7 +536,7 @@ class RunRecorder:
         sha256 = params.sha256()
         rid = self._run_id
         try:
-            with engine.begin() as conn:
+            with transaction(engine) as conn:
                 conn.execute(
                     update(runs)
                     .where(runs.c.run_id == rid)
@@ -576,7 +577,7 @@ class RunRecorder:
         """Remove this run's row (it recorded nothing yet) and close: an exporter could not start."""
         if self._shared and self._engine is not None:
             try:
-                with self._engine.begin() as conn:
+                with transaction(self._engine) as conn:
                     conn.execute(delete(runs).where(runs.c.run_id == self._run_id))
             except SQLAlchemyError as exc:
                 log.warning("run %s stays in the run database, as running: %s", self._run_id, exc)

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     CheckConstraint,
     Column,
+    Connection,
     DateTime,
     Double,
     Engine,
@@ -33,12 +34,14 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 
 from fedloom.core.errors import RunStoreError
+from fedloom.core.interrupts import interrupts_held
 
 __all__ = [
     "RUN_STATUSES",
     "client_events",
     "client_logs",
     "client_metrics",
+    "connection",
     "credentials",
     "metadata",
     "open_engine",
@@ -46,6 +49,7 @@ __all__ = [
     "release_engines",
     "rounds",
     "runs",
+    "transaction",
     "shared_engine",
     "shown_url",
     "sqlite_engine",
@@ -230,6 +234,22 @@ def sqlite_engine(db_path: Path) -> Engine:
     engine = create_engine(URL.create("sqlite", database=str(db_path)))
     event.listen(engine, "connect", _enable_foreign_keys)
     return engine
+
+
+@contextmanager
+def transaction(engine: Engine) -> Iterator[Connection]:
+    """``engine.begin()``, with Ctrl-C held back until the transaction has committed or rolled back and its
+    connection is back in the pool (:func:`~fedloom.core.interrupts.interrupts_held`): an interrupt never leaves a
+    run's database locked by a transaction it cut short."""
+    with interrupts_held(), engine.begin() as conn:
+        yield conn
+
+
+@contextmanager
+def connection(engine: Engine) -> Iterator[Connection]:
+    """``engine.connect()``, with Ctrl-C held back until the connection is back in the pool."""
+    with interrupts_held(), engine.connect() as conn:
+        yield conn
 
 
 @contextmanager

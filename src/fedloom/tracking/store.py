@@ -31,6 +31,7 @@ from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.tracking.schema import (
     client_events,
     client_metrics,
+    connection,
     open_engine,
     round_metrics,
     rounds,
@@ -281,7 +282,7 @@ class RunStore:
     def _shared(self) -> Iterator[Connection]:
         assert self._url is not None
         try:
-            with shared_engine(self._url).connect() as conn:
+            with connection(shared_engine(self._url)) as conn:
                 yield conn
         except SQLAlchemyError as exc:
             raise RunStoreError(f"cannot read the run database at {shown_url(self._url)}: {exc}") from None
@@ -294,7 +295,7 @@ class RunStore:
                 yield conn, _read_run_row(conn, run_dir, shared=True)
             return
         try:
-            with open_engine(run_dir / DB_NAME) as engine, engine.connect() as conn:
+            with open_engine(run_dir / DB_NAME) as engine, connection(engine) as conn:
                 yield conn, _read_run_row(conn, run_dir)
         except SQLAlchemyError as exc:
             raise RunStoreError(f"cannot read the run database in {run_dir}: {exc}") from None

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.validation import check_client_name
-from fedloom.tracking.schema import credentials, metadata, sqlite_engine
+from fedloom.tracking.schema import connection, credentials, metadata, sqlite_engine, transaction
 from fedloom.tracking.store import DB_NAME, utc
 
 __all__ = ["TOKEN_PREFIX", "TokenInfo", "TokenStore"]
@@ -83,7 +83,7 @@ class TokenStore:
         check_client_name(client_name)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         try:
-            with self._db().begin() as conn:
+            with transaction(self._db()) as conn:
                 valid = conn.execute(
                     select(credentials.c.token_sha256).where(
                         credentials.c.client_name == client_name, credentials.c.revoked_at.is_(None)
@@ -108,7 +108,7 @@ class TokenStore:
         if self._absent():
             raise ConfigError(f"client {client_name!r} has no valid token in {self._run_dir} (it holds no tokens)")
         try:
-            with self._db().begin() as conn:
+            with transaction(self._db()) as conn:
                 done = conn.execute(
                     update(credentials)
                     .where(credentials.c.client_name == client_name, credentials.c.revoked_at.is_(None))
@@ -124,7 +124,7 @@ class TokenStore:
         if self._absent():
             return []
         try:
-            with self._db().connect() as conn:
+            with connection(self._db()) as conn:
                 rows = conn.execute(select(credentials).order_by(credentials.c.created_at)).all()
         except SQLAlchemyError as exc:
             raise RunStoreError(f"cannot read the tokens in {self._run_dir}: {exc}") from None
@@ -140,7 +140,7 @@ class TokenStore:
             return None
         digest = _digest(token)
         try:
-            with self._db().connect() as conn:
+            with connection(self._db()) as conn:
                 # Looked up by the token's hash, so the lookup's timing says nothing about the token itself.
                 name = conn.execute(
                     select(credentials.c.client_name).where(
