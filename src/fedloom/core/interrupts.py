@@ -27,10 +27,10 @@ def interrupts_held() -> Iterator[None]:
     Does nothing outside the main thread (signals reach only it), nor where ``SIGINT`` is not Python's default
     handler: in a block already holding them, or where the application installed its own.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield
         return
     received: list[int] = []

@@ -32,6 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.pool import QueuePool
 
 from fedloom.core.errors import RunStoreError
 from fedloom.core.interrupts import interrupts_held
@@ -223,7 +224,7 @@ def release_engines() -> int:
     with _shared_lock:
         in_use = 0
         for engine in _shared.values():
-            in_use += max(0, getattr(engine.pool, "checkedout", lambda: 0)())
+            in_use += engine.pool.checkedout() if isinstance(engine.pool, QueuePool) else 0
             engine.dispose()
         _shared.clear()
         return in_use

@@ -105,11 +105,11 @@ class _Warmer:
     def __init__(self, store: RunStore, cache: _Cache) -> None:
         self._store = store
         self._cache = cache
-        self._views: tuple[tuple[tuple[str, ...], Callable[[RunStore, str], Any]], ...] = (
-            (("run",), views.run_detail),
-            (("clients",), views.clients_view),
-            (("heatmap", "accuracy"), partial(_heatmap_of, metric="accuracy")),
-            (("profile",), views.profile),
+        self._views: tuple[tuple[str, Callable[[str], Any]], ...] = (
+            ("run", lambda ref: views.run_detail(store, ref)),
+            ("clients", lambda ref: views.clients_view(store, ref)),
+            ("heatmap", lambda ref: views.heatmap(store, ref, "accuracy")),
+            ("profile", lambda ref: views.profile(store, ref)),
         )
         self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._busy = 0
@@ -154,15 +154,11 @@ class _Warmer:
                     self._quiet.wait_for(lambda: self._busy == 0 or self._stopping.is_set())
                 if self._stopping.is_set():
                     return
-                key = (kind[0], ref, *kind[1:])
+                key = (kind, ref, "accuracy") if kind == "heatmap" else (kind, ref)
                 try:
-                    self._cache.get(key, [self._store.resolve(ref)], partial(_json_of, compute, self._store, ref))
+                    self._cache.get(key, [self._store.resolve(ref)], partial(_json_of, compute, ref))
                 except (RunStoreError, ConfigError):
                     break  # the run went away or cannot be read; its page will say so when asked
-
-
-def _heatmap_of(store: RunStore, ref: str, *, metric: str) -> Any:
-    return views.heatmap(store, ref, metric)
 
 
 def create_app(
