@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 import fedloom as fl
+from fedloom.app.simulation import load_federation
 from fedloom.core import PartitionConfig
 from fedloom.data.base import Federation
-from fedloom.simulation import load_federation
 
 
 def client_accuracy(job: fl.Job, data: Federation, params: fl.Params) -> float:

@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import numpy as np
 from fedloom.examples.digits import job
 
+from fedloom.app.simulation import load_federation
 from fedloom.privacy import SecAgg
 from fedloom.runtime import InlineGrid, run_rounds
-from fedloom.simulation import load_federation
 
 
 def main(argv: Sequence[str] | None = None) -> int:

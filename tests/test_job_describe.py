@@ -1,7 +1,7 @@
 """``describe``: the JSON description of a job's parts that a run records and a resumed deployment compares."""
 
+from fedloom.app.job import describe
 from fedloom.core import FitConfig
-from fedloom.job import describe
 
 
 class Wrapper:

@@ -22,7 +22,7 @@ def test_every_source_package_is_listed():
 
 
 def test_builtin_examples_are_the_repository_examples():
-    from fedloom.job import builtin_examples
+    from fedloom.app.job import builtin_examples
 
     files = {p.stem for p in (ROOT / "examples").glob("*.py") if not p.stem.startswith("_")}
     assert set(builtin_examples()) == files

@@ -13,6 +13,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from fedloom import data
+from fedloom.app.gossip import simulate_gossip
+from fedloom.app.job import Job, load_job
+from fedloom.app.run import Run
+from fedloom.app.simulation import simulate
 from fedloom.core import (
     AttackConfig,
     BackendConfig,
@@ -36,10 +40,7 @@ from fedloom.core import (
     encode_message,
     encode_params,
 )
-from fedloom.gossip import simulate_gossip
-from fedloom.job import Job, load_job
 from fedloom.runtime.telemetry import context
-from fedloom.simulation import Run, simulate
 from fedloom.strategy import FedAvg, Strategy
 from fedloom.task import LogisticRegressionTask, Task
 from fedloom.tracking import RunStore

@@ -75,7 +75,7 @@ job = fl.Job(
 CROWD = """\
 import json, sys, threading
 from fedloom.data.clientfile import load_client_data
-from fedloom.job import load_job
+from fedloom.app.job import load_job
 from fedloom.runtime.net.client import run_client
 
 job = load_job(sys.argv[1])

@@ -9,11 +9,11 @@ import pytest
 from pools import JOB_FILE, TASK, FailingTask, bytes_up_agree, client_rows, digits_federation, fedavg
 from torch import nn
 
+from fedloom.app.job import load_job
 from fedloom.core import ConfigError, FitConfig, JobError, Message
 from fedloom.core.results import fit_message
 from fedloom.data.base import FederatedData
 from fedloom.data.lazy import digits_population
-from fedloom.job import load_job
 from fedloom.runtime import ClientStatus, InlineGrid
 from fedloom.runtime.sim.process import ProcessGrid
 from fedloom.runtime.sim.workers import RoundQueues, home_worker

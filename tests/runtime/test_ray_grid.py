@@ -17,10 +17,10 @@ import psutil
 import pytest
 from pools import JOB_FILE, TASK, FailingTask, bytes_up_agree, client_rows, digits_federation, fedavg
 
+from fedloom.app.job import load_job
 from fedloom.core import ConfigError, FitConfig, JobError, Message
 from fedloom.core.results import fit_message
 from fedloom.data.base import FederatedData
-from fedloom.job import load_job
 from fedloom.runtime import ClientStatus, InlineGrid, LoopResult
 from fedloom.runtime.sim.raygrid import RayGrid
 

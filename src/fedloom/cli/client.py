@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
+from fedloom.app.job import Job, load_job
 from fedloom.cli.privacy import read_key_pair
 from fedloom.cli.simulate import limit_torch_threads
 from fedloom.core.errors import ConfigError, DataError, TransportError
 from fedloom.data.base import ClientData, Dataset
 from fedloom.data.clientfile import load_client_data
-from fedloom.job import Job, load_job
 from fedloom.runtime.net.client import Backoff, run_client
 from fedloom.runtime.net.tls import channel_credentials, fetch_ca
 from fedloom.runtime.state import DirectoryState

@@ -8,9 +8,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from fedloom.app.gossip import simulate_gossip
+from fedloom.app.job import Job
 from fedloom.core.errors import ConfigError
-from fedloom.gossip import simulate_gossip
-from fedloom.job import Job
 
 # Flags of `fedloom simulate` that a gossip run has no use for: its clients all train every round, in this
 # process, and there is no server to run a strategy or to attack.
@@ -44,7 +44,7 @@ def check_gossip_flags(given: dict[str, Any]) -> None:
 
 
 def run_decentralized(console: Console, job: Job, topology: str, degree: int | None, *, quiet: bool) -> None:
-    """Run ``job`` with :func:`~fedloom.gossip.simulate_gossip`, printing its round lines (unless ``quiet``) and
+    """Run ``job`` with :func:`~fedloom.app.gossip.simulate_gossip`, printing its round lines (unless ``quiet``) and
     a final table. Nothing is recorded in the run store."""
     if quiet:
         for handler in logging.getLogger("fedloom.run").handlers:

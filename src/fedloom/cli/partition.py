@@ -9,12 +9,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedloom.app.job import load_job
 from fedloom.core.config import PARTITION_SCHEMES, PartitionConfig
 from fedloom.core.errors import ConfigError
 from fedloom.data.base import Dataset
 from fedloom.data.clientfile import save_client_data
 from fedloom.data.federate import federate
-from fedloom.job import load_job
 
 
 def partition_command(

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
+from fedloom.app.job import Job
 from fedloom.core.errors import ConfigError
-from fedloom.job import Job
 from fedloom.privacy.dp import DPFedAvg
 from fedloom.privacy.he import PaillierAgg
 from fedloom.privacy.paillier import PublicKey

@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fedloom.app.job import Job, describe, load_job
+from fedloom.app.run import run_recorded
 from fedloom.cli.exporting import MlflowUri, TensorBoardDir, exporters
 from fedloom.cli.privacy import read_public_key
 from fedloom.cli.progress import format_round, metric_text
@@ -28,12 +30,10 @@ from fedloom.cli.runs import DbUrl
 from fedloom.cli.simulate import StrategyArgOption, StrategyOption, limit_torch_threads, with_strategy
 from fedloom.core.errors import ConfigError, FedloomError, user_code
 from fedloom.core.params import Params
-from fedloom.job import Job, describe, load_job
 from fedloom.runtime.loop import LoopResult, Resume
 from fedloom.runtime.net.server import FleetServer
 from fedloom.runtime.net.tls import server_credentials
 from fedloom.runtime.records import ClientEvent, ClientStatus, RoundRecord
-from fedloom.simulation import run_recorded
 from fedloom.tracking import RunRecorder
 from fedloom.tracking.tokens import TokenStore
 

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedloom.app.job import Job, load_job
+from fedloom.app.simulation import simulate
 from fedloom.cli.exporting import MlflowUri, TensorBoardDir, exporters
 from fedloom.cli.gossip import check_gossip_flags, run_decentralized
 from fedloom.cli.progress import ConsoleProgress, metric_text
@@ -32,8 +34,6 @@ from fedloom.cli.protection import (
 from fedloom.cli.runs import DbUrl
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
-from fedloom.job import Job, load_job
-from fedloom.simulation import simulate
 from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
 from fedloom.strategy.gossip import TOPOLOGIES, check_topology
 from fedloom.strategy.sampling import ClientSampling

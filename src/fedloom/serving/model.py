@@ -14,11 +14,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedloom.app.job import Job, builtin_examples, load_job
 from fedloom.core.checkpoint import load_params
 from fedloom.core.errors import ConfigError, DataError, JobError, RunStoreError
 from fedloom.core.params import Params
 from fedloom.data.base import Dataset
-from fedloom.job import Job, builtin_examples, load_job
 from fedloom.tracking.recorder import checkpoint_path
 from fedloom.tracking.store import RunStore
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 
+from fedloom.app.job import Job
+from fedloom.app.simulation import load_federation
 from fedloom.core.config import FitConfig, SimulationConfig
 from fedloom.core.errors import ConfigError
-from fedloom.job import Job
 from fedloom.runtime.sim.gossip import GossipResult, GossipRound, run_gossip
-from fedloom.simulation import load_federation
 from fedloom.strategy.gossip import check_topology
 
 __all__ = ["GossipResult", "GossipRound", "format_round", "simulate_gossip"]

@@ -1,0 +1,108 @@
+"""The recorded run that simulations and deployments share: :class:`Run`, what a run produced, and
+:func:`run_recorded`, the server loop with every round written to the run store as it ends."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedloom.core.errors import FedloomError
+from fedloom.core.params import Params
+from fedloom.runtime.asynchronous import run_async
+from fedloom.runtime.grid import Grid
+from fedloom.runtime.loop import CentralEvaluator, LoopResult, Resume, run_rounds
+from fedloom.runtime.records import RoundObserver, RoundRecord
+from fedloom.strategy.base import AsyncStrategy, Strategy
+from fedloom.tracking import RunRecorder
+
+__all__ = ["Run", "run_recorded"]
+
+log = logging.getLogger("fedloom")
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a finished run produced: its id and directory, the final global params and every round's record."""
+
+    run_id: str
+    run_dir: Path
+    params: Params
+    history: tuple[RoundRecord, ...]
+    backend: str = "inline"
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """Each global metric's last recorded value (as ``final`` in ``summary.json``)."""
+        final: dict[str, float] = {}
+        for record in self.history:
+            final.update(record.metrics)
+        return final
+
+    @property
+    def params_sha256(self) -> str:
+        return self.params.sha256()
+
+
+def run_recorded(
+    recorder: RunRecorder,
+    *,
+    strategy: Strategy[Any],
+    grid: Grid,
+    initial_params: Params,
+    rounds: int,
+    seed: int,
+    evaluate_central: CentralEvaluator | None = None,
+    observers: Sequence[RoundObserver] = (),
+    timeout: float | None = None,
+    resume: Resume | None = None,
+    on_close: Callable[[BaseException | None], None] | None = None,
+) -> LoopResult:
+    """:func:`~fedloom.runtime.loop.run_rounds` (:func:`~fedloom.runtime.asynchronous.run_async` for an
+    asynchronous strategy) with the run recorded by ``recorder``: every round as it ends,
+    then the run as finished with its final params, or as failed with its error and the last good params
+    (and the error raised again). Simulations and deployments record their runs through this one path;
+    ``resume`` (from :meth:`RunRecorder.open`) continues a deployment's run after its last recorded round.
+    ``on_close`` is called just before the run is closed, while ``recorder`` still records, with ``None`` after
+    the last round or with the error on failure: a deployment says bye to its clients when the run is over and
+    records the client events that came after the last round."""
+    latest = _Latest(initial_params if resume is None else resume.params)
+    try:
+        arguments: dict[str, Any] = {
+            "grid": grid,
+            "initial_params": initial_params,
+            "rounds": rounds,
+            "seed": seed,
+            "evaluate_central": evaluate_central,
+            "observers": [recorder, latest, *observers],
+            "timeout": timeout,
+            "resume": resume,
+        }
+        if isinstance(strategy, AsyncStrategy):
+            result = run_async(strategy=strategy, **arguments)
+        else:
+            result = run_rounds(strategy=strategy, **arguments)
+    except BaseException as exc:
+        try:
+            if on_close is not None:
+                on_close(exc)
+            recorder.finish(latest.params, status="failed", error=f"{type(exc).__name__}: {exc}")
+        except FedloomError as unrecorded:  # the run's own error matters more; say why it is not on record
+            log.error("run %s: could not record its failure: %s", recorder.run_id, unrecorded)
+        raise
+    if on_close is not None:
+        on_close(None)
+    recorder.finish(result.params)
+    return result
+
+
+class _Latest:
+    """Keeps the latest global params, so a failed run's record still holds the last good model."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def on_round(self, record: RoundRecord, params: Params) -> None:
+        self.params = params
