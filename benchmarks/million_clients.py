@@ -23,6 +23,7 @@ from typing import Any
 import fedloom as fl
 from fedloom.data.lazy import digits_population
 from fedloom.runtime import Grid, RoundRecord, run_rounds
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.runtime.sim.crossdevice import SystemGrid
 from fedloom.runtime.sim.inline import InlineGrid
 
@@ -39,10 +40,10 @@ def peak_rss_mib() -> float:
 def backend_grid(name: str, task: fl.Task, data: Any, seed: int) -> Grid:
     """The simulation grid that trains the sampled clients; the vectorized one is imported only when asked for."""
     if name == "inline":
-        return InlineGrid(task, data, dropout=0.0, seed=seed)
+        return InlineGrid(SimulatedClients.of(task, data))
     from fedloom.runtime.sim.vectorized import VectorizedGrid  # optional: needs torch.func
 
-    grid: Grid = VectorizedGrid(task, data, dropout=0.0, seed=seed)
+    grid: Grid = VectorizedGrid(SimulatedClients.of(task, data))
     return grid
 
 

@@ -31,6 +31,8 @@ from fedloom.examples.digits import job
 from fedloom.app.simulation import load_federation
 from fedloom.privacy import SecAgg
 from fedloom.runtime import InlineGrid, run_rounds
+from fedloom.runtime.sim.common import SimulatedClients
+from fedloom.runtime.sim.dropout import DropoutGrid
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -57,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     rows, base = [], None
     for name, (strategy, dropout) in runs.items():
-        grid = InlineGrid(job.task, data, dropout=dropout, seed=0)
+        grid = DropoutGrid(InlineGrid(SimulatedClients.of(job.task, data)), dropout, seed=0)
         start = time.perf_counter()
         result = run_rounds(
             strategy=strategy, grid=grid, initial_params=job.task.init_params(0), rounds=args.rounds, seed=0

@@ -26,7 +26,7 @@ import fedloom
 from fedloom.core.config import FitConfig
 from fedloom.core.results import fit_message
 from fedloom.data.base import ArrayData, ClientData
-from fedloom.runtime import handle_instruction, telemetry
+from fedloom.runtime import Context, client_app, handle_instruction, telemetry
 from fedloom.task import LogisticRegressionTask
 
 TASK = LogisticRegressionTask(num_features=4, num_classes=2)
@@ -62,20 +62,8 @@ def per_call(action: Callable[[], object], repeats: int) -> float:
 
 
 def bare(task: object, data: ClientData, message: fedloom.Message) -> Callable[[], object]:
-    """The instruction answered without telemetry: as if inside a capture already, where handle_instruction
-    answers bare."""
-
-    def answer() -> object:
-        token = telemetry._current.set(_QUIET)
-        try:
-            return handle_instruction(task, data, message)  # type: ignore[arg-type]
-        finally:
-            telemetry._current.reset(token)
-
-    return answer
-
-
-_QUIET = telemetry._Capture("fit", 0, send_logs=False, thread=0)
+    """The instruction answered without telemetry: the task's handler alone, with no Measure mod around it."""
+    return lambda: handle_instruction(task, data, message)  # type: ignore[arg-type]
 
 
 def simulation_seconds(mode: str) -> float:
@@ -87,7 +75,7 @@ def simulation_seconds(mode: str) -> float:
     sim = replace(job.simulation, num_clients=20, rounds=5, backend=fedloom.BackendConfig("inline"))
     switch = telemetry.active
     if mode == "bare":
-        telemetry.active = lambda: True  # type: ignore[assignment]  # handle_instruction answers bare
+        telemetry.active = lambda: True  # type: ignore[assignment]  # the Measure mod measures nothing
     try:
         with tempfile.TemporaryDirectory() as runs:
             start = time.perf_counter()
@@ -121,8 +109,9 @@ def main() -> None:
     message = fit_message(1, TASK.init_params(0), FitConfig(local_epochs=1, batch_size=8, lr=0.1))
 
     reference = per_call(bare(TASK, data, message), args.repeats)
-    measured = per_call(lambda: handle_instruction(TASK, data, message), args.repeats)
-    talking = per_call(lambda: handle_instruction(Talking(), data, message), args.repeats)
+    context = Context("site", data)
+    measured = per_call(lambda: client_app(TASK)(message, context), args.repeats)
+    talking = per_call(lambda: client_app(Talking())(message, context), args.repeats)
     print(f"per instruction, tiny fit (8 examples), median of 5 x {args.repeats}:")
     print(f"  bare (reference)                     {reference:8.1f} us")
     print(f"  with telemetry                       {measured:8.1f} us  +{measured - reference:.1f} us")

@@ -172,13 +172,14 @@ class EchoTask:
 
 def fleet_client(spec: Mapping[str, Any], index: int, name: str, answered: dict[str, int]) -> None:
     from fedloom.data.base import ArrayData, ClientData
+    from fedloom.runtime.client import client_app
     from fedloom.runtime.net.client import run_client
     from fedloom.runtime.net.tls import channel_credentials
 
     one = ArrayData(np.zeros((1, 1), np.float32), np.zeros(1, np.int64))
     credentials = channel_credentials(Path(spec["certs"]) / "ca.pem") if spec["tls"] else None
     answered[name] = run_client(
-        EchoTask(spec["add"]),
+        client_app(EchoTask(spec["add"]), deployed=True),
         ClientData(one, one),
         server=spec["address"],
         token=f"token-{name}",

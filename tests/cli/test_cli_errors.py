@@ -128,11 +128,11 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "secagg_and_paillier": (("digits", "--secagg", "--paillier", *SMALL), ("choose one",)),
     "secagg_around_fedbuff": (
         ("digits", "--strategy", "fedbuff", "--secagg", *SMALL),
-        ("SecAgg wraps FedAvg", "FedBuff"),
+        ("SecAgg cannot wrap FedBuff", "asynchronous"),
     ),
     "dp_around_fedbuff": (
         ("digits", "--strategy", "fedbuff", "--dp-noise", "1", *SMALL),
-        ("DPFedAvg wraps a FedAvg", "FedBuff"),
+        ("DPFedAvg cannot wrap FedBuff", "asynchronous"),
     ),
     "too_few_replies": (
         ("digits", "--clients", "10", "--rounds", "2", "--dropout", "0.95", "--min-clients", "5", "--local-steps", "1"),

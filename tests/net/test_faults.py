@@ -76,6 +76,7 @@ CROWD = """\
 import json, sys, threading
 from fedloom.data.clientfile import load_client_data
 from fedloom.app.job import load_job
+from fedloom.runtime.client import client_app
 from fedloom.runtime.net.client import run_client
 
 job = load_job(sys.argv[1])
@@ -83,7 +84,8 @@ server, tokens, parts = sys.argv[2], json.load(open(sys.argv[3])), sys.argv[4]
 answered = {}
 
 def serve(name, token):
-    answered[name] = run_client(job.task, load_client_data(f"{parts}/{name}.npz"), server=server, token=token,
+    app = client_app(job.task, deployed=True)
+    answered[name] = run_client(app, load_client_data(f"{parts}/{name}.npz"), server=server, token=token,
                                 retry_for=60)
 
 threads = [threading.Thread(target=serve, args=item, daemon=True) for item in tokens.items()]

@@ -12,6 +12,7 @@ from fedloom.core import ConfigError, FitConfig, FitResult, Params
 from fedloom.data import ArrayData, ClientData, FederatedData
 from fedloom.privacy import DPFedAvg, epsilon
 from fedloom.runtime import InlineGrid, run_rounds
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.strategy import FedAvg
 
 X = Params({"w": np.array([1.0, 1.0])})
@@ -106,7 +107,11 @@ def test_a_run_stops_before_the_round_that_would_exceed_its_budget(caplog):
     task = MeanTask()
     with caplog.at_level(logging.WARNING, logger="fedloom.server"):
         done = run_rounds(
-            strategy=dp, grid=InlineGrid(task, _federation(20)), initial_params=task.init_params(0), rounds=10, seed=0
+            strategy=dp,
+            grid=InlineGrid(SimulatedClients.of(task, _federation(20))),
+            initial_params=task.init_params(0),
+            rounds=10,
+            seed=0,
         )
     assert [r.server_round for r in done.history] == [1, 2, 3]
     assert done.history[-1].metrics["epsilon"] <= budget
@@ -132,10 +137,10 @@ def test_bad_settings_are_config_errors(arguments, message):
         DPFedAvg(**{"num_clients": 10, **arguments})
 
 
-def test_only_a_plain_fedavg_is_wrapped():
+def test_only_a_strategy_whose_aggregate_is_a_weighted_sum_is_wrapped():
     from fedloom.strategy import FedBuff, FedPer, FedProx
 
     DPFedAvg(FedProx(mu=0.1), num_clients=10, delta=1e-3)  # FedProx is FedAvg with a proximal term
     for other in (FedBuff(), FedPer()):
-        with pytest.raises(ConfigError, match=f"got {type(other).__name__}"):
+        with pytest.raises(ConfigError, match=f"cannot wrap {type(other).__name__}: "):
             DPFedAvg(other, num_clients=10, delta=1e-3)

@@ -9,9 +9,10 @@ import pytest
 from fedloom.core import ConfigError, FitConfig, FitResult, Message, Params
 from fedloom.core.errors import DecodeError, NotEnoughClientsError
 from fedloom.data import ArrayData, ClientData, FederatedData
-from fedloom.privacy import ClientProtocols, KeyPair, PaillierAgg
+from fedloom.privacy import KeyPair, PaillierAgg, PaillierMod
 from fedloom.privacy.he import answer_he
-from fedloom.runtime import InlineGrid, handle_instruction, run_rounds
+from fedloom.runtime import ClientApp, Context, InlineGrid, handle_instruction, run_rounds
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.strategy import FedAvg, Median
 
 
@@ -51,7 +52,7 @@ def test_the_decrypted_sum_is_fedavgs_example_weighted_mean_within_the_bound(key
     strategy = PaillierAgg(FIT_ALL, public_key=keys.public, weight_cap=10)
     run = run_rounds(
         strategy=strategy,
-        grid=InlineGrid(task, data, he_key=keys),
+        grid=InlineGrid(SimulatedClients.of(task, data, paillier_key=keys)),
         initial_params=task.init_params(0),
         rounds=1,
         seed=0,
@@ -66,13 +67,13 @@ def test_the_decrypted_sum_is_fedavgs_example_weighted_mean_within_the_bound(key
 
 
 def run_protocol_by_hand(keys: KeyPair, silent: set[str]):
-    """Drive one round's protocol, each client answering through its own ClientProtocols; the clients in
+    """Drive one round's protocol, each client answering through its own PaillierMod; the clients in
     ``silent`` never answer a decryption request. Returns the result and who was asked to decrypt."""
     task, data = ShiftTask(), federation()
     strategy = PaillierAgg(FIT_ALL, public_key=keys.public, weight_cap=10)
     state = strategy.init(task.init_params(0))
     instructions = strategy.configure_fit(1, state, data.client_ids, np.random.default_rng(0))
-    protocols = {cid: ClientProtocols(keys) for cid in data.client_ids}
+    protocols = {cid: PaillierMod(keys) for cid in data.client_ids}
     steps = strategy.fit_protocol(1, state, instructions)
     messages, asked = next(steps), []
     try:
@@ -80,7 +81,7 @@ def run_protocol_by_hand(keys: KeyPair, silent: set[str]):
             if {m.kind for m in messages.values()} == {"he.decrypt"}:
                 asked.extend(messages)
             replies = {
-                cid: handle_instruction(task, data.clients[cid], m, None, protocols[cid])
+                cid: ClientApp(task, (protocols[cid],))(m, Context(cid, data.clients[cid]))
                 for cid, m in messages.items()
                 if not (m.kind == "he.decrypt" and cid in silent)
             }
@@ -115,7 +116,7 @@ def test_a_key_holder_decrypts_only_sums_under_its_own_key(keys):
     with pytest.raises(DecodeError, match="another key"):
         answer_he(fit, train, KeyPair.generate(1024))
     with pytest.raises(ConfigError, match="no Paillier key"):
-        handle_instruction(task, data.clients["c0"], fit, None, ClientProtocols())
+        ClientApp(task, (PaillierMod(),))(fit, Context("c0", data.clients["c0"]))
 
 
 def test_what_paillier_cannot_wrap_or_run_is_refused(keys):
@@ -127,7 +128,7 @@ def test_what_paillier_cannot_wrap_or_run_is_refused(keys):
     with pytest.raises(ConfigError, match="no public key"):
         run_rounds(
             strategy=PaillierAgg(FIT_ALL),
-            grid=InlineGrid(task, data),
+            grid=InlineGrid(SimulatedClients.of(task, data)),
             initial_params=task.init_params(0),
             rounds=1,
             seed=0,

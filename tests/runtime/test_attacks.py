@@ -33,6 +33,7 @@ from fedloom.runtime.sim.attacks import (
     poison_federation,
 )
 from fedloom.runtime.sim.backends import open_backend
+from fedloom.runtime.sim.common import SimulatedClients
 
 IDS = [f"client-{k:03d}" for k in range(20)]
 FIT = FitConfig(local_epochs=1, batch_size=1, lr=0.1)
@@ -329,7 +330,7 @@ def test_open_backend_poisons_wraps_and_says_so(caplog: pytest.LogCaptureFixture
     )
     with (
         caplog.at_level(logging.INFO, logger="fedloom.run"),
-        open_backend(LogisticRegressionTask(4, 10), data, config) as backend,
+        open_backend(SimulatedClients.of(LogisticRegressionTask(4, 10), data), config) as backend,
     ):
         assert isinstance(backend.grid, AttackGrid)
     lines = [r.getMessage() for r in caplog.records if r.name == "fedloom.run"]

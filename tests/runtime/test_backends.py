@@ -24,6 +24,7 @@ from fedloom.core import (
 from fedloom.data import federate, load_digits
 from fedloom.data.base import ArrayData, FederatedData
 from fedloom.runtime.sim.backends import open_backend
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.runtime.sim.crossdevice import SystemGrid
 from fedloom.task import LogisticRegressionTask
 from fedloom.task.torch_task import TorchTask
@@ -56,7 +57,7 @@ def digits() -> FederatedData:
 
 def chosen(task: object, data: FederatedData, **settings: object) -> tuple[str, str, object]:
     config = SimulationConfig(backend=BackendConfig(**settings))  # type: ignore[arg-type]
-    with open_backend(task, data, config) as backend:  # type: ignore[arg-type]
+    with open_backend(SimulatedClients.of(task, data), config) as backend:  # type: ignore[arg-type]
         return backend.name, backend.reason, backend.grid
 
 
@@ -99,6 +100,6 @@ def test_an_explicit_vectorized_backend_falls_back_with_one_warning(
 
 def test_a_system_model_wraps_whatever_backend_runs(digits: FederatedData) -> None:
     config = SimulationConfig(backend=BackendConfig(name="inline"), system=SystemConfig(availability=0.5))
-    with open_backend(LogisticRegressionTask(64, 10), digits, config) as backend:
+    with open_backend(SimulatedClients.of(LogisticRegressionTask(64, 10), digits), config) as backend:
         assert isinstance(backend.grid, SystemGrid)
         assert backend.name == "inline"

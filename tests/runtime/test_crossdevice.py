@@ -15,7 +15,9 @@ from fedloom.core.results import evaluate_message, fit_message
 from fedloom.data.base import ArrayData, ClientData, FederatedData
 from fedloom.data.lazy import LazyFederation
 from fedloom.runtime import ClientStatus, InlineGrid, run_rounds
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.runtime.sim.crossdevice import SystemGrid, SystemRound, local_steps
+from fedloom.runtime.sim.dropout import DropoutGrid
 from fedloom.strategy import FedAvg
 
 
@@ -59,14 +61,16 @@ ONE_STEP = FitConfig(local_epochs=None, local_steps=1, batch_size=1, lr=0.1)
 
 def test_everyone_online_gives_the_inner_grids_clients_unchanged():
     data = toy([1] * 5)
-    inner = InlineGrid(RecordingTask(), data)
+    inner = InlineGrid(SimulatedClients.of(RecordingTask(), data))
     grid = SystemGrid(inner, data, SystemConfig(speed_sigma=0.5))
     assert grid.client_ids() is data.client_ids
 
 
 def test_availability_p_puts_about_p_of_the_clients_online_each_round():
     data = toy([1] * 100_000)
-    grid = SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(availability=0.3), seed=1)
+    grid = SystemGrid(
+        InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(availability=0.3), seed=1
+    )
     first = grid.client_ids()
     assert abs(len(first) - 30_000) < 1_000  # binomial sd ~ 145
     assert grid.client_ids() is first  # the same round: the same draw
@@ -75,13 +79,17 @@ def test_availability_p_puts_about_p_of_the_clients_online_each_round():
     assert abs(len(second) - 30_000) < 1_000
     overlap = len(set(first) & set(second))
     assert abs(overlap - 9_000) < 600  # independent draws per round: about p^2 of the clients in both
-    again = SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(availability=0.3), seed=1)
+    again = SystemGrid(
+        InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(availability=0.3), seed=1
+    )
     assert list(again.client_ids()) == list(first)
 
 
 def test_online_clients_are_a_lazy_sequence_in_registration_order():
     data = toy([1] * 1000)
-    online = SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(availability=0.5)).client_ids()
+    online = SystemGrid(
+        InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(availability=0.5)
+    ).client_ids()
     as_list = list(online)
     assert as_list == sorted(as_list)
     assert set(as_list) <= set(data.client_ids)
@@ -117,7 +125,7 @@ def test_a_trace_decides_who_is_online_at_each_simulated_time(tmp_path):
     data = toy([1, 1, 1, 1])
     task = RecordingTask()
     system = SystemConfig(availability_trace=trace, seconds_per_step=1.0)
-    grid = SystemGrid(InlineGrid(task, data), data, system)
+    grid = SystemGrid(InlineGrid(SimulatedClients.of(task, data)), data, system)
     result = run_rounds(
         strategy=FedAvg(fraction=1.0, fraction_evaluate=0.0, fit=FitConfig(local_epochs=None, local_steps=2)),
         grid=grid,
@@ -139,7 +147,9 @@ def test_when_nobody_is_online_the_clock_skips_to_the_next_client_coming_online(
     )
     data = toy([1, 1])
     task = RecordingTask()
-    grid = SystemGrid(InlineGrid(task, data), data, SystemConfig(availability_trace=trace, seconds_per_step=1.0))
+    grid = SystemGrid(
+        InlineGrid(SimulatedClients.of(task, data)), data, SystemConfig(availability_trace=trace, seconds_per_step=1.0)
+    )
     result = run_rounds(
         strategy=FedAvg(fraction_evaluate=0.0, fit=FitConfig(local_epochs=None, local_steps=1)),
         grid=grid,
@@ -167,21 +177,29 @@ def test_a_malformed_trace_is_a_config_error(tmp_path, arrays, message):
     trace = write_trace(tmp_path / "trace.npz", **{k: np.array(v) for k, v in arrays.items()})
     data = toy([1, 1, 1, 1])
     with pytest.raises(ConfigError, match=message):
-        SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(availability_trace=trace))
+        SystemGrid(InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(availability_trace=trace))
 
 
 def test_a_missing_or_unreadable_trace_is_a_config_error(tmp_path):
     data = toy([1])
     with pytest.raises(ConfigError, match="does not exist"):
-        SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(availability_trace=str(tmp_path / "no.npz")))
+        SystemGrid(
+            InlineGrid(SimulatedClients.of(RecordingTask(), data)),
+            data,
+            SystemConfig(availability_trace=str(tmp_path / "no.npz")),
+        )
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file")
     with pytest.raises(ConfigError, match="not a readable"):
-        SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(availability_trace=str(garbage)))
+        SystemGrid(
+            InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(availability_trace=str(garbage))
+        )
     single = tmp_path / "single.npy"
     np.save(single, np.zeros(3))
     with pytest.raises(ConfigError, match="single array"):
-        SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(availability_trace=str(single)))
+        SystemGrid(
+            InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(availability_trace=str(single))
+        )
 
 
 # -- stragglers -------------------------------------------------------------------------------------------------
@@ -189,14 +207,21 @@ def test_a_missing_or_unreadable_trace_is_a_config_error(tmp_path):
 
 def test_speeds_are_fixed_per_client_and_log_normal():
     data = toy([1] * 3000)
-    grid = SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(speed_sigma=0.5), seed=2)
+    grid = SystemGrid(
+        InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(speed_sigma=0.5), seed=2
+    )
     log_speeds = np.log([grid.speed(cid) for cid in data.client_ids])
     assert abs(log_speeds.mean()) < 0.05
     assert abs(log_speeds.std() - 0.5) < 0.03
     bigger = toy([1] * 5000)
-    other = SystemGrid(InlineGrid(RecordingTask(), bigger), bigger, SystemConfig(speed_sigma=0.5), seed=2)
+    other = SystemGrid(
+        InlineGrid(SimulatedClients.of(RecordingTask(), bigger)), bigger, SystemConfig(speed_sigma=0.5), seed=2
+    )
     assert other.speed("client-0042") == grid.speed("client-0042")  # depends on seed and client only
-    assert SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig()).speed("client-0042") == 1.0
+    assert (
+        SystemGrid(InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig()).speed("client-0042")
+        == 1.0
+    )
 
 
 def test_local_steps_follow_the_fit_config():
@@ -210,7 +235,7 @@ def test_exactly_the_clients_slower_than_the_deadline_are_late_and_do_no_work():
     data = toy(sizes)
     task = RecordingTask()
     system = SystemConfig(speed_sigma=0.8, seconds_per_step=0.25, deadline=1.0)
-    grid = SystemGrid(InlineGrid(task, data), data, system, seed=5)
+    grid = SystemGrid(InlineGrid(SimulatedClients.of(task, data)), data, system, seed=5)
     config = FitConfig(local_epochs=2, batch_size=4, lr=0.1)
     # By hand: 2 epochs of ceil(n / 4) steps, 0.25 s a step, divided by the client's speed.
     seconds = {
@@ -230,7 +255,9 @@ def test_exactly_the_clients_slower_than_the_deadline_are_late_and_do_no_work():
 
 def test_the_clock_advances_by_the_slowest_reply_without_late_clients():
     data = toy([2, 6, 4])
-    grid = SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(seconds_per_step=0.5, deadline=100.0))
+    grid = SystemGrid(
+        InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(seconds_per_step=0.5, deadline=100.0)
+    )
     config = FitConfig(local_epochs=1, batch_size=2, lr=0.1)  # 1, 3 and 2 steps
     grid.send_and_receive(fits(1, ["client-000", "client-002"], config))
     assert grid.clock == 1.0  # client 2: 2 steps of 0.5 s
@@ -246,7 +273,9 @@ def test_the_clock_advances_by_the_slowest_reply_without_late_clients():
 def test_submitted_clients_come_back_in_the_order_they_finish_in_simulated_time():
     data = toy([6, 2, 4, 50])
     task = RecordingTask()
-    grid = SystemGrid(InlineGrid(task, data), data, SystemConfig(seconds_per_step=0.5, deadline=10.0))
+    grid = SystemGrid(
+        InlineGrid(SimulatedClients.of(task, data)), data, SystemConfig(seconds_per_step=0.5, deadline=10.0)
+    )
     config = FitConfig(local_epochs=1, batch_size=2, lr=0.1)  # 3, 1, 2 and 25 steps of 0.5 s
     for client_id, message in fits(1, data.client_ids, config).items():
         grid.submit(client_id, message)
@@ -272,7 +301,9 @@ def test_submitted_clients_come_back_in_the_order_they_finish_in_simulated_time(
 
 def test_speed_spread_draws_speeds_log_uniformly_over_the_spread():
     data = toy([1] * 4000)
-    grid = SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(speed_spread=10.0), seed=1)
+    grid = SystemGrid(
+        InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(speed_spread=10.0), seed=1
+    )
     speeds = np.array([grid.speed(cid) for cid in data.client_ids])
     assert 0.1 <= speeds.min() < 0.101
     assert 0.99 < speeds.max() <= 1.0
@@ -286,7 +317,10 @@ def test_speed_spread_draws_speeds_log_uniformly_over_the_spread():
 def test_dropped_clients_do_not_set_the_rounds_duration():
     data = toy([1, 1, 1, 1, 1, 1, 1, 1, 1, 1])
     grid = SystemGrid(
-        InlineGrid(RecordingTask(), data, dropout=0.5, seed=3), data, SystemConfig(speed_sigma=1.0), seed=3
+        DropoutGrid(InlineGrid(SimulatedClients.of(RecordingTask(), data)), 0.5, seed=3),
+        data,
+        SystemConfig(speed_sigma=1.0),
+        seed=3,
     )
     exchange = grid.send_and_receive(fits(1, data.client_ids, ONE_STEP))
     assert exchange.dropped
@@ -304,7 +338,9 @@ def test_system_grid_works_over_an_in_memory_federation():
         for name, n in (("ann", 1), ("bob", 40))
     }
     data = FederatedData(clients, None, num_classes=1)
-    grid = SystemGrid(InlineGrid(RecordingTask(), data), data, SystemConfig(availability=0.99, deadline=0.2))
+    grid = SystemGrid(
+        InlineGrid(SimulatedClients.of(RecordingTask(), data)), data, SystemConfig(availability=0.99, deadline=0.2)
+    )
     assert set(grid.client_ids()) <= {"ann", "bob"}
     exchange = grid.send_and_receive(fits(1, ["ann", "bob"], FitConfig(local_epochs=1, batch_size=1)))
     assert exchange.late == ("bob",)
@@ -335,7 +371,7 @@ def test_a_run_with_availability_and_stragglers_records_late_clients_and_asks_on
     data = toy(sizes)
     task = RecordingTask()
     system = SystemConfig(availability=0.4, speed_sigma=0.5, seconds_per_step=0.1, deadline=0.5)
-    grid = SystemGrid(InlineGrid(task, data), data, system, seed=7)
+    grid = SystemGrid(InlineGrid(SimulatedClients.of(task, data)), data, system, seed=7)
     watched = Watched(grid)
     config = FitConfig(local_epochs=1, batch_size=8)
     result = run_rounds(

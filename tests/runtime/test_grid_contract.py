@@ -17,8 +17,9 @@ from fedloom.core import EvalResult, FitConfig, FitResult, Message, PartitionCon
 from fedloom.core.results import evaluate_message, fit_message
 from fedloom.data import federate, load_digits
 from fedloom.data.base import FederatedData
-from fedloom.runtime import Exchange, InlineGrid
-from fedloom.runtime.sim.common import drops
+from fedloom.runtime import Exchange, InlineGrid, client_app
+from fedloom.runtime.sim.common import SimulatedClients
+from fedloom.runtime.sim.dropout import DropoutGrid, drops
 from fedloom.task.torch_task import TorchTask
 
 DROPOUT = 0.3
@@ -39,26 +40,26 @@ def data() -> FederatedData:
 
 
 def _inline(data: FederatedData) -> Any:
-    return InlineGrid(TASK, data, dropout=DROPOUT, seed=SEED)
+    return DropoutGrid(InlineGrid(SimulatedClients.of(TASK, data)), DROPOUT, seed=SEED)
 
 
 def _vectorized(data: FederatedData) -> Any:
     from fedloom.runtime.sim.vectorized import VectorizedGrid
 
-    return VectorizedGrid(TASK, data, dropout=DROPOUT, seed=SEED)
+    return DropoutGrid(VectorizedGrid(SimulatedClients.of(TASK, data)), DROPOUT, seed=SEED)
 
 
 def _process(data: FederatedData) -> Any:
     from fedloom.runtime.sim.process import ProcessGrid
 
-    return ProcessGrid(TASK, data, dropout=DROPOUT, seed=SEED, workers=2)
+    return DropoutGrid(ProcessGrid(SimulatedClients.of(TASK, data), workers=2), DROPOUT, seed=SEED)
 
 
 def _ray(data: FederatedData) -> Any:
     pytest.importorskip("ray")
     from fedloom.runtime.sim.raygrid import RayGrid
 
-    return RayGrid(TASK, data, dropout=DROPOUT, seed=SEED, workers=2)
+    return DropoutGrid(RayGrid(SimulatedClients.of(TASK, data), workers=2), DROPOUT, seed=SEED)
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -89,7 +90,7 @@ class _Deployment:
         self._agents = [
             threading.Thread(
                 target=run_client,
-                args=(TASK, data.clients[cid]),
+                args=(client_app(TASK, deployed=True), data.clients[cid]),
                 kwargs={"server": address, "token": cid, "retry_for": 60},
                 daemon=True,
             )
@@ -147,7 +148,7 @@ def grid(request: pytest.FixtureRequest, data: FederatedData) -> Iterator[Any]:
 @pytest.fixture
 def reference(grid: Any, data: FederatedData) -> Any:
     """The inline grid with the same simulated dropouts as ``grid`` (none for a deployment)."""
-    return InlineGrid(TASK, data, dropout=grid.dropout, seed=SEED)
+    return DropoutGrid(InlineGrid(SimulatedClients.of(TASK, data)), grid.dropout, seed=SEED)
 
 
 def _fit_round(data: FederatedData, server_round: int) -> dict[str, Message]:
@@ -215,3 +216,73 @@ def test_evaluate_replies_match_the_inline_backend(grid: Any, reference: Any, da
         assert result.num_examples == len(data.clients[cid].test)
         assert result.loss == pytest.approx(expected.loss, rel=1e-5)
         assert result.metrics["accuracy"] == pytest.approx(expected.metrics["accuracy"], abs=1e-12)
+
+
+# -- the asynchronous grids ----------------------------------------------------------------------------------
+# An AsyncGrid takes work one client at a time (submit) and hands each reply back once (next_reply): the
+# simulated clock of the cross-device model, and any grid run in threads (how a deployment serves FedBuff).
+
+
+def _async_system(data: FederatedData) -> Any:
+    from fedloom.runtime.sim.crossdevice import SystemGrid
+
+    return SystemGrid(_inline(data), data, SystemConfig(speed_sigma=0.5), seed=SEED)
+
+
+def _async_threads(data: FederatedData) -> Any:
+    from fedloom.runtime import ThreadedGrid
+
+    return ThreadedGrid(_inline(data))
+
+
+class _AsyncDeployment(_Deployment):
+    def __init__(self, data: FederatedData) -> None:
+        from fedloom.runtime import ThreadedGrid
+
+        super().__init__(data)
+        self.threaded = ThreadedGrid(self.grid, timeout=60.0)
+
+    def submit(self, client_id: str, message: Message) -> None:
+        self.threaded.submit(client_id, message)
+
+    def next_reply(self) -> Any:
+        return self.threaded.next_reply()
+
+
+ASYNC_BACKENDS: dict[str, Callable[[FederatedData], Any]] = {
+    "system": _async_system,
+    "threads": _async_threads,
+    "deployment": _AsyncDeployment,
+}
+
+
+@pytest.fixture(scope="module", params=list(ASYNC_BACKENDS))
+def async_grid(request: pytest.FixtureRequest, data: FederatedData) -> Iterator[Any]:
+    from fedloom.runtime import AsyncGrid
+
+    opened = ASYNC_BACKENDS[request.param](data)
+    assert isinstance(opened, AsyncGrid)
+    opened.dropout = 0.0 if request.param == "deployment" else DROPOUT
+    try:
+        yield opened
+    finally:
+        if hasattr(opened, "close"):
+            opened.close()
+
+
+def test_each_submission_comes_back_once_with_the_inline_result(async_grid: Any, data: FederatedData) -> None:
+    messages = _fit_round(data, server_round=6)
+    want = DropoutGrid(InlineGrid(SimulatedClients.of(TASK, data)), async_grid.dropout, seed=SEED)
+    expected = want.send_and_receive(messages)
+    for cid, message in messages.items():
+        async_grid.submit(cid, message)
+    returned = [async_grid.next_reply() for _ in messages]
+    assert sorted(cid for cid, _ in returned) == sorted(messages)  # each submission exactly once
+    back = dict(returned)
+    assert {cid for cid, reply in back.items() if reply is None} == set(expected.dropped)
+    for cid, reply in back.items():
+        if reply is None:
+            continue
+        result = FitResult.from_message(reply.message)
+        for name, array in result.params.items():
+            np.testing.assert_array_equal(array, FitResult.from_message(expected.replies[cid].message).params[name])

@@ -10,6 +10,8 @@ from fedloom.data.base import ArrayData, ClientData, FederatedData
 from fedloom.runtime import ClientStatus, Exchange, InlineGrid, Reply, run_rounds
 from fedloom.runtime.grid import hand_over
 from fedloom.runtime.loop import Resume
+from fedloom.runtime.sim.common import SimulatedClients
+from fedloom.runtime.sim.dropout import DropoutGrid
 from fedloom.strategy import FedAvg
 
 
@@ -48,7 +50,7 @@ def test_fedavg_of_client_means_is_the_global_mean():
     task = MeanTask()
     result = run_rounds(
         strategy=FedAvg(),
-        grid=InlineGrid(task, data),
+        grid=InlineGrid(SimulatedClients.of(task, data)),
         initial_params=task.init_params(0),
         rounds=2,
         seed=0,
@@ -71,7 +73,7 @@ def test_dropouts_do_not_break_rounds_while_enough_clients_reply():
     task = MeanTask()
     result = run_rounds(
         strategy=FedAvg(min_clients=2, fraction_evaluate=0.0),
-        grid=InlineGrid(task, data, dropout=0.5, seed=1),
+        grid=DropoutGrid(InlineGrid(SimulatedClients.of(task, data)), 0.5, seed=1),
         initial_params=task.init_params(0),
         rounds=5,
         seed=1,
@@ -95,7 +97,7 @@ def test_too_few_replies_is_a_clear_error_not_a_hang():
     ):
         run_rounds(
             strategy=FedAvg(min_clients=8),
-            grid=InlineGrid(task, data, dropout=0.9, seed=0),
+            grid=DropoutGrid(InlineGrid(SimulatedClients.of(task, data)), 0.9, seed=0),
             initial_params=task.init_params(0),
             rounds=3,
             seed=0,
@@ -109,7 +111,7 @@ def test_same_seed_same_dropouts_and_sampling():
     def run(seed):
         result = run_rounds(
             strategy=FedAvg(fraction=0.3),
-            grid=InlineGrid(task, data, dropout=0.2, seed=seed),
+            grid=DropoutGrid(InlineGrid(SimulatedClients.of(task, data)), 0.2, seed=seed),
             initial_params=task.init_params(0),
             rounds=3,
             seed=seed,
@@ -124,7 +126,13 @@ def test_a_failing_client_names_itself():
     data = federation([2, 2, 2])
     task = MeanTask(fail_on="1")
     with pytest.raises(JobError, match="client c1 in fit raised RuntimeError: disk full"):
-        run_rounds(strategy=FedAvg(), grid=InlineGrid(task, data), initial_params=task.init_params(0), rounds=1, seed=0)
+        run_rounds(
+            strategy=FedAvg(),
+            grid=InlineGrid(SimulatedClients.of(task, data)),
+            initial_params=task.init_params(0),
+            rounds=1,
+            seed=0,
+        )
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,7 @@ def test_invalid_updates_are_refused_recorded_and_never_aggregated(caplog):
     with caplog.at_level("WARNING", logger="fedloom.server"):
         result = run_rounds(
             strategy=FedAvg(fraction_evaluate=0.0),
-            grid=InlineGrid(task, data),
+            grid=InlineGrid(SimulatedClients.of(task, data)),
             initial_params=task.init_params(0),
             rounds=1,
             seed=0,
@@ -171,7 +179,7 @@ def test_refused_updates_do_not_count_towards_min_clients():
     with pytest.raises(NotEnoughClientsError, match="1 of 3 clients replied with a valid update"):
         run_rounds(
             strategy=FedAvg(min_clients=2),
-            grid=InlineGrid(task, data),
+            grid=InlineGrid(SimulatedClients.of(task, data)),
             initial_params=task.init_params(0),
             rounds=1,
             seed=0,
@@ -185,7 +193,7 @@ def test_evaluation_settings_do_not_change_training():
     def trained(fraction_evaluate):
         return run_rounds(
             strategy=FedAvg(fraction=0.5, fraction_evaluate=fraction_evaluate),
-            grid=InlineGrid(task, data, dropout=0.2, seed=3),
+            grid=DropoutGrid(InlineGrid(SimulatedClients.of(task, data)), 0.2, seed=3),
             initial_params=task.init_params(0),
             rounds=4,
             seed=3,
@@ -216,7 +224,7 @@ def test_a_malformed_evaluate_reply_is_refused_not_fatal():
     task = MeanTask()
     result = run_rounds(
         strategy=FedAvg(),
-        grid=CorruptingGrid(InlineGrid(task, data)),
+        grid=CorruptingGrid(InlineGrid(SimulatedClients.of(task, data))),
         initial_params=task.init_params(0),
         rounds=1,
         seed=0,
@@ -235,7 +243,12 @@ def test_a_resumed_run_runs_the_rounds_an_uninterrupted_one_would():
     data = federation([1, 2, 3, 4, 5, 6])
     task = MeanTask()
     strategy = FedAvg(fraction=0.5, fraction_evaluate=0.5)
-    common = {"strategy": strategy, "grid": InlineGrid(task, data), "initial_params": task.init_params(0), "seed": 3}
+    common = {
+        "strategy": strategy,
+        "grid": InlineGrid(SimulatedClients.of(task, data)),
+        "initial_params": task.init_params(0),
+        "seed": 3,
+    }
     whole = run_rounds(rounds=5, **common)
     first = run_rounds(rounds=2, **common)
     cut = first.history[-1]
@@ -260,7 +273,7 @@ def test_fedavg_folds_updates_as_they_arrive_and_keeps_no_arrays():
             return data.client_ids
 
         def send_and_receive(self, messages, timeout=None, on_reply=None):
-            exchange = InlineGrid(task, data).send_and_receive(messages, timeout)
+            exchange = InlineGrid(SimulatedClients.of(task, data)).send_and_receive(messages, timeout)
             replies = {cid: on_reply(cid, reply) for cid, reply in reversed(list(exchange.replies.items()))}
             kept.extend(replies.values())
             return Exchange(replies, exchange.dropped)

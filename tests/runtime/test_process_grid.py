@@ -15,6 +15,8 @@ from fedloom.core.results import fit_message
 from fedloom.data.base import FederatedData
 from fedloom.data.lazy import digits_population
 from fedloom.runtime import ClientStatus, InlineGrid
+from fedloom.runtime.sim.common import SimulatedClients
+from fedloom.runtime.sim.dropout import DropoutGrid
 from fedloom.runtime.sim.process import ProcessGrid
 from fedloom.runtime.sim.workers import RoundQueues, home_worker
 from fedloom.task.torch_task import TorchTask
@@ -40,12 +42,12 @@ def worker_processes(before: set[psutil.Process]) -> set[psutil.Process]:
 
 def test_fedavg_over_processes_is_bit_identical_to_inline(data: FederatedData, one_torch_thread: None) -> None:
     before = set(psutil.Process().children(recursive=True))
-    with ProcessGrid(TASK, data, dropout=0.2, seed=7, workers=2) as grid:
-        assert grid.workers == 2
+    with DropoutGrid(ProcessGrid(SimulatedClients.of(TASK, data), workers=2), 0.2, seed=7) as grid:
+        assert grid.inner.workers == 2
         workers = worker_processes(before)
         assert len(workers) == 2
         pooled = fedavg(TASK, grid)
-    inline = fedavg(TASK, InlineGrid(TASK, data, dropout=0.2, seed=7))
+    inline = fedavg(TASK, DropoutGrid(InlineGrid(SimulatedClients.of(TASK, data)), 0.2, seed=7))
 
     assert pooled.params.sha256() == inline.params.sha256()
     assert client_rows(pooled) == client_rows(inline)
@@ -61,10 +63,10 @@ def test_fedavg_over_processes_is_bit_identical_to_inline(data: FederatedData, o
 
 def test_a_lazy_federation_is_shipped_per_instruction_and_not_kept(one_torch_thread: None) -> None:
     lazy = digits_population(60, seed=1, mean_size=12)
-    with ProcessGrid(TASK, lazy, seed=7, workers=2) as grid:
+    with ProcessGrid(SimulatedClients.of(TASK, lazy), workers=2) as grid:
         pooled = fedavg(TASK, grid)
         kept = [len(held) for held in grid._has_data]
-    inline = fedavg(TASK, InlineGrid(TASK, lazy, seed=7))
+    inline = fedavg(TASK, InlineGrid(SimulatedClients.of(TASK, lazy)))
     assert pooled.params.sha256() == inline.params.sha256()
     assert kept == [0, 0]  # workers hold no client between instructions
 
@@ -76,18 +78,18 @@ def test_a_task_from_a_job_file_runs_when_workers_import_the_file(
     path.write_text(JOB_FILE)
     job = load_job(str(path))
     assert job.source is not None
-    with ProcessGrid(job.task, data, workers=2, job_file=job.source) as grid:
+    with ProcessGrid(SimulatedClients.of(job.task, data, job_file=job.source), workers=2) as grid:
         pooled = fedavg(job.task, grid)
-    assert pooled.params.sha256() == fedavg(job.task, InlineGrid(job.task, data)).params.sha256()
+    assert pooled.params.sha256() == fedavg(job.task, InlineGrid(SimulatedClients.of(job.task, data))).params.sha256()
 
     with pytest.raises(ConfigError, match=r"cannot load the task \(.*fedloom_job_.*pass job_file=job.source"):
-        ProcessGrid(job.task, data, workers=1)
+        ProcessGrid(SimulatedClients.of(job.task, data), workers=1)
 
 
 def test_a_task_that_cannot_be_pickled_is_a_config_error(data: FederatedData) -> None:
     before = set(psutil.Process().children(recursive=True))
     with pytest.raises(ConfigError, match=r"cannot be sent to worker processes .*module-level function"):
-        ProcessGrid(TorchTask(lambda: nn.Linear(64, 10)), data, workers=2)
+        ProcessGrid(SimulatedClients.of(TorchTask(lambda: nn.Linear(64, 10)), data), workers=2)
     assert worker_processes(before) == set()
 
 
@@ -96,7 +98,7 @@ def test_a_task_that_raises_is_a_job_error_naming_the_client_and_stops_the_worke
     task = FailingTask(float(data.clients[victim].train.x.sum()))
     messages = fit_round(data)
     before = set(psutil.Process().children(recursive=True))
-    grid = ProcessGrid(task, data, workers=2)
+    grid = ProcessGrid(SimulatedClients.of(task, data), workers=2)
     workers = worker_processes(before)
     with pytest.raises(JobError, match=rf"^client {victim} in fit raised RuntimeError: disk full$") as raised:
         grid.send_and_receive(messages)
@@ -111,7 +113,7 @@ def test_a_worker_that_dies_is_a_job_error_not_a_hang(data: FederatedData) -> No
     task = FailingTask(float(data.clients[victim].train.x.sum()), kill=True)
     messages = fit_round(data)
     before = set(psutil.Process().children(recursive=True))
-    with ProcessGrid(task, data, workers=2) as grid:
+    with ProcessGrid(SimulatedClients.of(task, data), workers=2) as grid:
         workers = worker_processes(before)
         with pytest.raises(
             JobError, match=rf"^simulation worker \d \(pid \d+\) was killed by signal 9.* client {victim} in fit$"
@@ -122,7 +124,7 @@ def test_a_worker_that_dies_is_a_job_error_not_a_hang(data: FederatedData) -> No
 
 def test_workers_stop_when_the_grid_is_garbage_collected(data: FederatedData) -> None:
     before = set(psutil.Process().children(recursive=True))
-    grid = ProcessGrid(TASK, data, workers=1)
+    grid = ProcessGrid(SimulatedClients.of(TASK, data), workers=1)
     workers = worker_processes(before)
     assert len(workers) == 1
     del grid

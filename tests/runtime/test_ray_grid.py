@@ -22,6 +22,8 @@ from fedloom.core import ConfigError, FitConfig, JobError, Message
 from fedloom.core.results import fit_message
 from fedloom.data.base import FederatedData
 from fedloom.runtime import ClientStatus, InlineGrid, LoopResult
+from fedloom.runtime.sim.common import SimulatedClients
+from fedloom.runtime.sim.dropout import DropoutGrid
 from fedloom.runtime.sim.raygrid import RayGrid
 
 ray = pytest.importorskip("ray")
@@ -101,10 +103,12 @@ def test_a_job_file_task_on_a_ray_cluster_gives_the_inline_results(
     path = tmp_path / "job.py"
     path.write_text(JOB_FILE)
     job = load_job(str(path))  # its module is not importable on the cluster: it travels by value
-    with RayGrid(job.task, data, dropout=0.2, seed=7, workers=2, address=cluster, job_file=job.source) as grid:
-        assert grid.workers == 2
+    with DropoutGrid(
+        RayGrid(SimulatedClients.of(job.task, data, job_file=job.source), workers=2, address=cluster), 0.2, seed=7
+    ) as grid:
+        assert grid.inner.workers == 2
         on_ray = fedavg(job.task, grid)
-    assert_same_run(on_ray, fedavg(job.task, InlineGrid(job.task, data, dropout=0.2, seed=7)))
+    assert_same_run(on_ray, fedavg(job.task, DropoutGrid(InlineGrid(SimulatedClients.of(job.task, data)), 0.2, seed=7)))
     assert not ray.is_initialized()  # disconnected...
     assert listening(cluster)  # ...and the cluster keeps running
 
@@ -115,7 +119,9 @@ def test_a_task_that_raises_on_ray_is_a_job_error_naming_the_client(cluster: str
     messages: dict[str, Message] = {
         cid: fit_message(1, params, FitConfig(batch_size=8, seed=i)) for i, cid in enumerate(data.client_ids)
     }
-    grid = RayGrid(FailingTask(float(data.clients[victim].train.x.sum())), data, workers=2, address=cluster)
+    grid = RayGrid(
+        SimulatedClients.of(FailingTask(float(data.clients[victim].train.x.sum())), data), workers=2, address=cluster
+    )
     with pytest.raises(JobError, match=rf"^client {victim} in fit raised RuntimeError: disk full$") as raised:
         grid.send_and_receive(messages)
     assert "disk full" in str(raised.value.__cause__)  # the actor's traceback comes along
@@ -127,10 +133,10 @@ def test_a_task_that_raises_on_ray_is_a_job_error_naming_the_client(cluster: str
 def test_a_ray_that_the_grid_starts_itself_gives_the_inline_results(
     data: FederatedData, one_torch_thread: None
 ) -> None:
-    with RayGrid(TASK, data, dropout=0.2, seed=7, workers=2) as grid:
+    with DropoutGrid(RayGrid(SimulatedClients.of(TASK, data), workers=2), 0.2, seed=7) as grid:
         assert ray.cluster_resources()["CPU"] == 2
         on_ray = fedavg(TASK, grid)
-    assert_same_run(on_ray, fedavg(TASK, InlineGrid(TASK, data, dropout=0.2, seed=7)))
+    assert_same_run(on_ray, fedavg(TASK, DropoutGrid(InlineGrid(SimulatedClients.of(TASK, data)), 0.2, seed=7)))
     assert not ray.is_initialized()  # the grid's own Ray is stopped
 
 
@@ -138,7 +144,7 @@ def test_an_address_where_nothing_listens_is_a_config_error_at_once(data: Federa
     port = free_port()  # nothing listens there
     started = time.monotonic()
     with pytest.raises(ConfigError, match=rf"cannot connect to the Ray cluster at 127.0.0.1:{port}: .*refused"):
-        RayGrid(TASK, data, address=f"127.0.0.1:{port}")
+        RayGrid(SimulatedClients.of(TASK, data), address=f"127.0.0.1:{port}")
     assert time.monotonic() - started < 10
     assert not ray.is_initialized()
 
@@ -146,7 +152,7 @@ def test_an_address_where_nothing_listens_is_a_config_error_at_once(data: Federa
 def test_without_ray_the_backend_names_the_extra(monkeypatch: pytest.MonkeyPatch, data: FederatedData) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` sees when ray is not installed
     with pytest.raises(ConfigError, match=r"pip install 'fedloom\[ray\]'"):
-        RayGrid(TASK, data)
+        RayGrid(SimulatedClients.of(TASK, data))
 
 
 def test_importing_fedloom_does_not_import_ray() -> None:

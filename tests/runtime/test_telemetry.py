@@ -18,7 +18,7 @@ from fedloom.core.errors import ConfigError
 from fedloom.core.message import Message
 from fedloom.core.results import evaluate_message, fit_message
 from fedloom.data.base import ArrayData, ClientData
-from fedloom.runtime import handle_instruction, telemetry
+from fedloom.runtime import Context, client_app, telemetry
 from fedloom.runtime.telemetry import MAX_LINES, TELEMETRY_KEY, Telemetry
 from fedloom.task import LogisticRegressionTask
 
@@ -61,7 +61,7 @@ def info_level():
 
 
 def answer(before=lambda: None, message: Message = FIT) -> tuple[Message, Telemetry]:
-    reply = handle_instruction(Scripted(before), DATA, message)
+    reply = client_app(Scripted(before))(message, Context("site", DATA))
     return reply, telemetry.read(reply, "site")
 
 

@@ -21,6 +21,8 @@ from fedloom.core.results import EvalResult, FitResult, evaluate_message, fit_me
 from fedloom.data import federate, load_digits
 from fedloom.data.base import ArrayData, ClientData, FederatedData
 from fedloom.runtime import ClientStatus, InlineGrid, LoopResult, run_rounds
+from fedloom.runtime.sim.common import SimulatedClients
+from fedloom.runtime.sim.dropout import DropoutGrid
 from fedloom.runtime.sim.vectorized import VectorizedGrid, unsupported_reason
 from fedloom.strategy import FedAvg, FedProx, Scaffold
 from fedloom.task.torch_task import TorchTask
@@ -94,14 +96,14 @@ def compare_runs(
     initial = task.init_params(0)
     want = run_rounds(
         strategy=strategy,
-        grid=InlineGrid(task, data, dropout=dropout, seed=seed),
+        grid=DropoutGrid(InlineGrid(SimulatedClients.of(task, data)), dropout, seed=seed),
         initial_params=initial,
         rounds=rounds,
         seed=seed,
     )
     got = run_rounds(
         strategy=strategy,
-        grid=VectorizedGrid(task, data, dropout=dropout, seed=seed, **options),
+        grid=DropoutGrid(VectorizedGrid(SimulatedClients.of(task, data)), dropout, seed=seed),
         initial_params=initial,
         rounds=rounds,
         seed=seed,
@@ -167,8 +169,8 @@ def test_an_algorithms_own_client_half_runs_as_inline_does(digits: FederatedData
     results = [
         run_rounds(strategy=strategy, grid=grid, initial_params=task.init_params(0), rounds=2, seed=3)
         for grid in (
-            InlineGrid(task, digits, seed=3, state_dir=str(tmp_path / "inline")),
-            VectorizedGrid(task, digits, seed=3, state_dir=str(tmp_path / "vectorized")),
+            InlineGrid(SimulatedClients.of(task, digits, state_dir=str(tmp_path / "inline"))),
+            VectorizedGrid(SimulatedClients.of(task, digits, state_dir=str(tmp_path / "vectorized"))),
         )
     ]
     assert results[0].params == results[1].params  # the same code on the same thread: bit for bit
@@ -205,8 +207,8 @@ def test_clients_with_their_own_params_and_settings_match_inline(digits: Federat
     }
     evaluations = {cid: evaluate_message(1, task.init_params(i % 3)) for i, cid in enumerate(ids)}
     for messages, parse in ((fits, FitResult.from_message), (evaluations, EvalResult.from_message)):
-        got = VectorizedGrid(task, digits).send_and_receive(messages)
-        want = InlineGrid(task, digits).send_and_receive(messages)
+        got = VectorizedGrid(SimulatedClients.of(task, digits)).send_and_receive(messages)
+        want = InlineGrid(SimulatedClients.of(task, digits)).send_and_receive(messages)
         assert list(got.replies) == list(want.replies) == list(messages)
         for cid, reply in got.replies.items():
             mine: Any = parse(reply.message)
@@ -248,7 +250,7 @@ def test_training_leaves_the_input_params_and_the_global_random_state_alone(digi
     task = TorchTask(mlp)
     params = task.init_params(0)
     before = {name: array.copy() for name, array in params.items()}
-    grid = VectorizedGrid(task, digits)
+    grid = VectorizedGrid(SimulatedClients.of(task, digits))
     state = torch.get_rng_state()
     grid.send_and_receive({cid: fit_message(1, params, FitConfig(lr=0.5)) for cid in digits.client_ids})
     assert torch.equal(torch.get_rng_state(), state)
@@ -261,7 +263,7 @@ def test_an_empty_test_split_gives_an_empty_evaluation_and_an_empty_train_split_
     empty = ArrayData(np.zeros((0, 64), np.float32), np.zeros(0, np.int64))
     data = FederatedData({"a": ClientData(full, empty), "b": ClientData(empty, full)}, None, num_classes=10)
     task = TorchTask(mlp)
-    grid = VectorizedGrid(task, data)
+    grid = VectorizedGrid(SimulatedClients.of(task, data))
     params = task.init_params(0)
     replies = grid.send_and_receive({cid: evaluate_message(1, params) for cid in ("a", "b")}).replies
     assert EvalResult.from_message(replies["a"].message) == EvalResult(0.0, 0, {})
@@ -271,7 +273,7 @@ def test_an_empty_test_split_gives_an_empty_evaluation_and_an_empty_train_split_
 
 
 def test_params_that_do_not_fit_the_model_are_a_config_error(digits: FederatedData) -> None:
-    grid = VectorizedGrid(TorchTask(mlp), digits)
+    grid = VectorizedGrid(SimulatedClients.of(TorchTask(mlp), digits))
     wrong = TorchTask(wide_mlp).init_params(0)
     with pytest.raises(ConfigError, match="shape"):
         grid.send_and_receive({digits.client_ids[0]: fit_message(1, wrong, FitConfig())})
@@ -347,7 +349,7 @@ def test_what_it_cannot_run_exactly_is_refused_with_the_cause(case: str, digits:
     assert "\n" not in reason
     assert len(reason) < 300
     with pytest.raises(ConfigError, match=re.escape(reason)):
-        VectorizedGrid(task, digits)
+        VectorizedGrid(SimulatedClients.of(task, digits))
 
 
 def test_what_it_can_run_has_no_reason(digits: FederatedData) -> None:
@@ -366,7 +368,7 @@ def test_user_code_that_raises_is_a_job_error(digits: FederatedData) -> None:
     with pytest.raises(JobError, match="no such layer"):
         unsupported_reason(TorchTask(_bad_factory), digits)
     task = TorchTask(FailsOnWideBatches)
-    grid = VectorizedGrid(task, digits)
+    grid = VectorizedGrid(SimulatedClients.of(task, digits))
     messages = {cid: fit_message(1, task.init_params(0), FitConfig(batch_size=8)) for cid in digits.client_ids}
     with pytest.raises(JobError, match="batch too wide"):
         grid.send_and_receive(messages)
@@ -393,11 +395,11 @@ def test_a_small_memory_budget_trains_in_several_chunks_with_the_same_result(
         assert int(found[1]) == len(messages)
         return {cid: FitResult.from_message(r.message) for cid, r in replies.items()}, int(found[2])
 
-    whole, count = chunks(VectorizedGrid(task, digits))
+    whole, count = chunks(VectorizedGrid(SimulatedClients.of(task, digits)))
     assert count == 1
-    pieces, count = chunks(VectorizedGrid(task, digits, memory_budget_mb=1))
+    pieces, count = chunks(VectorizedGrid(SimulatedClients.of(task, digits), memory_budget_mb=1))
     assert 1 < count < len(messages)
-    want = InlineGrid(task, digits).send_and_receive(messages).replies
+    want = InlineGrid(SimulatedClients.of(task, digits)).send_and_receive(messages).replies
     for cid, result in pieces.items():
         assert_params_close(result.params, whole[cid].params, 1e-6)
         assert_params_close(result.params, FitResult.from_message(want[cid].message).params)
@@ -406,7 +408,7 @@ def test_a_small_memory_budget_trains_in_several_chunks_with_the_same_result(
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_asking_for_cuda_without_a_gpu_is_a_config_error(digits: FederatedData) -> None:
     with pytest.raises(ConfigError, match="CUDA was asked for"):
-        VectorizedGrid(TorchTask(mlp), digits, device="cuda")
+        VectorizedGrid(SimulatedClients.of(TorchTask(mlp), digits), device="cuda")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -420,4 +422,4 @@ def test_on_a_gpu_it_matches_inline_on_the_cpu(digits: FederatedData) -> None:
 
 
 def test_client_ids_are_the_federations(digits: FederatedData) -> None:
-    assert list(VectorizedGrid(TorchTask(mlp), digits).client_ids()) == digits.client_ids
+    assert list(VectorizedGrid(SimulatedClients.of(TorchTask(mlp), digits)).client_ids()) == digits.client_ids

@@ -20,6 +20,7 @@ from fedloom.runtime import ClientStatus, InlineGrid, run_rounds
 from fedloom.runtime.asynchronous import ThreadedGrid, run_async
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler
 from fedloom.runtime.loop import LoopResult, Resume
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.runtime.sim.crossdevice import SystemGrid
 from fedloom.strategy import FedAvg, FedBuff
 
@@ -34,7 +35,7 @@ def federation(rows: Mapping[str, int]) -> FederatedData:
 
 
 def system_grid(data: FederatedData, **system: float) -> SystemGrid:
-    return SystemGrid(InlineGrid(QuadraticTask(), data), data, SystemConfig(**system))
+    return SystemGrid(InlineGrid(SimulatedClients.of(QuadraticTask(), data)), data, SystemConfig(**system))
 
 
 def fedbuff(grid: Any, rounds: int, seed: int = 0, resume: Resume | None = None, **arguments: Any) -> LoopResult:
@@ -139,9 +140,12 @@ def test_the_synchronous_loop_refuses_an_asynchronous_strategy():
     data = federation({"a": 1})
     with pytest.raises(ConfigError, match="FedBuff is asynchronous"):
         run_rounds(
-            strategy=FedBuff(), grid=InlineGrid(QuadraticTask(), data), initial_params=Params({"w": np.zeros(1)}),
-            rounds=1, seed=0,
-        )  # fmt: skip
+            strategy=FedBuff(),
+            grid=InlineGrid(SimulatedClients.of(QuadraticTask(), data)),
+            initial_params=Params({"w": np.zeros(1)}),
+            rounds=1,
+            seed=0,
+        )
 
 
 class SleepyGrid:

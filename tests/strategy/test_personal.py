@@ -13,6 +13,7 @@ from fedloom.core.errors import NotEnoughClientsError
 from fedloom.data import ArrayData, ClientData, FederatedData
 from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.loop import run_rounds
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.runtime.sim.inline import InlineGrid
 from fedloom.runtime.state import DirectoryState
 from fedloom.strategy import FedAvg
@@ -207,13 +208,17 @@ def test_fedper_in_simulation_personalizes_and_refuses_leaked_layers(tmp_path):
 
             return super().send_and_receive(messages, timeout, note)
 
-    grid = Watched(task, data, state_dir=str(tmp_path))
+    grid = Watched(SimulatedClients.of(task, data, state_dir=str(tmp_path)))
     # personal = the whole weight matrix, shared = the bias: each client's own weights separate its labels
     personal = run_rounds(
         strategy=FedPer(personal=("weight",), fit=fit), grid=grid, initial_params=task.init_params(0), rounds=3, seed=0
     )
     shared = run_rounds(
-        strategy=FedAvg(fit=fit), grid=InlineGrid(task, data), initial_params=task.init_params(0), rounds=3, seed=0
+        strategy=FedAvg(fit=fit),
+        grid=InlineGrid(SimulatedClients.of(task, data)),
+        initial_params=task.init_params(0),
+        rounds=3,
+        seed=0,
     )
     assert personal.history[-1].metrics["client_mean_accuracy"] >= 0.9
     assert shared.history[-1].metrics["client_mean_accuracy"] <= 0.7  # one model for opposite clients
@@ -232,7 +237,7 @@ def test_fedper_in_simulation_personalizes_and_refuses_leaked_layers(tmp_path):
     with pytest.raises(NotEnoughClientsError, match="0 of 2 clients replied with a valid update"):
         run_rounds(
             strategy=FedPer(personal=("weight",), fit=fit),
-            grid=Leaky(task, data),
+            grid=Leaky(SimulatedClients.of(task, data)),
             initial_params=task.init_params(0),
             rounds=1,
             seed=0,
@@ -275,7 +280,7 @@ def test_ifca_starts_from_distinct_models_and_separates_opposite_clients():
     fit = FitConfig(local_epochs=5, batch_size=10, lr=0.5)
     clustered = run_rounds(
         strategy=IFCA(k=2, fit=fit, init_noise=1.0),
-        grid=InlineGrid(task, data),
+        grid=InlineGrid(SimulatedClients.of(task, data)),
         initial_params=task.init_params(0),
         rounds=5,
         seed=0,

@@ -11,6 +11,7 @@ from fedloom.core import FitConfig, Params
 from fedloom.core.errors import RunStoreError
 from fedloom.data import ArrayData, ClientData, FederatedData
 from fedloom.runtime import InlineGrid, run_rounds
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.strategy import FedAdam, FedAvg, FedAvgState, Scaffold
 from fedloom.strategy.ifca import IFCA, IFCAState
 from fedloom.strategy.snapshot import restore, snapshot
@@ -64,7 +65,7 @@ def test_a_run_resumed_from_its_run_directory_ends_as_the_uninterrupted_one(tmp_
     start = Params({"w": np.array([0.5])})
 
     def run(rounds, recorder=None, resume=None, state_dir=None):
-        grid = InlineGrid(task, data, state_dir=str(state_dir or tmp_path / "whole-clients"))
+        grid = InlineGrid(SimulatedClients.of(task, data, state_dir=str(state_dir or tmp_path / "whole-clients")))
         observers = [recorder] if recorder is not None else []
         return run_rounds(
             strategy=make(), grid=grid, initial_params=start, rounds=rounds, seed=1, observers=observers, resume=resume

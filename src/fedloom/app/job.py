@@ -21,6 +21,7 @@ from fedloom.core.config import SimulationConfig
 from fedloom.core.errors import ConfigError, JobError, user_code
 from fedloom.core.jobfile import import_job_file
 from fedloom.data.base import Dataset, Federation
+from fedloom.runtime.client import Mod
 from fedloom.strategy.base import Strategy
 from fedloom.strategy.fedavg import FedAvg
 from fedloom.task.base import Task
@@ -42,6 +43,10 @@ class Job:
       cheap.
     - ``strategy``: the federated algorithm (default: FedAvg).
     - ``simulation``: default simulation settings (clients, rounds, partition...), which flags override.
+    - ``mods``: client mods of your own (see :mod:`fedloom.runtime.client`), each called as
+      ``mod(message, context, call_next)`` on every instruction a client answers, in simulation and deployment
+      alike; outermost first, inside the telemetry and outside the protocol mods. A job with mods of its own
+      does not run on the vectorized backend, which trains many clients in one batched call.
     - ``name``: a short name for run directories and listings.
     - ``source``: where the job was loaded from (a job file's path or an example's name); :func:`load_job` sets
       it, and backends that start worker processes import it there before they unpickle the task.
@@ -52,6 +57,7 @@ class Job:
     strategy: Strategy[Any] = field(default_factory=FedAvg)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     name: str = "job"
+    mods: tuple[Mod, ...] = ()
     source: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +72,11 @@ class Job:
             raise ConfigError(
                 f"Job.simulation must be a fedloom.SimulationConfig; got {type(self.simulation).__name__}"
             )
+        if not isinstance(self.mods, (tuple, list)) or not all(callable(mod) for mod in self.mods):
+            raise ConfigError(
+                "Job.mods must be a tuple of client mods, each callable as mod(message, context, call_next)"
+            )
+        object.__setattr__(self, "mods", tuple(self.mods))
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"Job.name must be a non-empty string; got {self.name!r}")
 

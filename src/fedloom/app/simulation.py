@@ -18,10 +18,9 @@ from fedloom.data.base import Dataset, Federation
 from fedloom.data.federate import federate
 from fedloom.privacy.he import PaillierAgg
 from fedloom.privacy.paillier import KeyPair
-from fedloom.runtime.grid import AsyncGrid
 from fedloom.runtime.records import RoundObserver
 from fedloom.runtime.sim.backends import Backend, open_backend
-from fedloom.runtime.sim.crossdevice import SystemGrid
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.strategy.base import AsyncStrategy
 from fedloom.tracking import Exporter, RunRecorder
 
@@ -66,8 +65,10 @@ def simulate(
     with user_code(f"the model of job {job.name!r} (init_params)"):
         initial = job.task.init_params(config.seed)
     job_file = job.source if job.source is not None and job.source.endswith(".py") else None
-    job, he_key = _simulated_keys(job)
-    with open_backend(job.task, data, config, job_file=job_file, he_key=he_key) as backend:
+    job, paillier_key = _simulated_keys(job)
+    clients = SimulatedClients.of(job.task, data, mods=job.mods, paillier_key=paillier_key, job_file=job_file)
+    asynchronous = isinstance(job.strategy, AsyncStrategy)
+    with open_backend(clients, config, asynchronous=asynchronous) as backend:
         return _run(job, config, data, initial, backend, Path(runs_dir), observers, exporters, db_url)
 
 
@@ -110,8 +111,6 @@ def _run(
                 return job.task.evaluate(params, central)
 
     grid = backend.grid
-    if isinstance(job.strategy, AsyncStrategy) and not isinstance(grid, AsyncGrid):
-        grid = SystemGrid(grid, data, config.system, seed=config.seed)  # the simulated clock asynchrony runs on
     recorder = RunRecorder.create(runs_dir, job.name, recorded, exporters, url=db_url)
     log.info(
         "run %s: %d clients, %d rounds, on the %s backend, in %s",

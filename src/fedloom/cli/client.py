@@ -13,6 +13,7 @@ from fedloom.cli.simulate import limit_torch_threads
 from fedloom.core.errors import ConfigError, DataError, TransportError
 from fedloom.data.base import ClientData, Dataset
 from fedloom.data.clientfile import load_client_data
+from fedloom.runtime.client import client_app
 from fedloom.runtime.net.client import Backoff, run_client
 from fedloom.runtime.net.tls import channel_credentials, fetch_ca
 from fedloom.runtime.state import DirectoryState
@@ -109,7 +110,8 @@ def client_command(
     loaded = load_job(job)
     limit_torch_threads(threads)
     own = _own_data(loaded, data)
-    he_key = None if paillier_key is None else read_key_pair(paillier_key)
+    shared = None if paillier_key is None else read_key_pair(paillier_key)
+    app = client_app(loaded.task, loaded.mods, paillier_key=shared, send_logs=send_logs, deployed=True)
     trusted: Path | bytes | None = ca
     backoff = Backoff(retry_for, f"the server at {server}")
     while ca_fingerprint is not None and trusted is None:
@@ -119,7 +121,7 @@ def client_command(
             backoff.wait(str(exc))
     credentials = None if trusted is None else channel_credentials(trusted, cert, key)
     answered = run_client(
-        loaded.task,
+        app,
         own,
         server=server,
         token=token,
@@ -127,8 +129,6 @@ def client_command(
         heartbeat=heartbeat,
         credentials=credentials,
         state=DirectoryState(state_dir),
-        he_key=he_key,
-        send_logs=send_logs,
     )
     typer.echo(f"answered {answered} instructions; the server said bye")
 

@@ -19,12 +19,15 @@ _SHOWN = (
 
 
 def format_round(record: RoundRecord, rounds: int) -> str:
-    """One line: round, clients that replied of those asked, main metrics, seconds."""
+    """One line: round, clients that replied of those asked, main metrics, seconds, and why a failed round
+    failed."""
     fit = [c for c in record.clients if c.phase == "fit"]
     ok = sum(c.status == ClientStatus.OK for c in fit)
     parts = [f"round {record.server_round:>{len(str(rounds))}}/{rounds}", f"clients {ok}/{len(fit)}"]
     parts += [f"{label} {record.metrics[key]:.4f}" for key, label in _SHOWN if key in record.metrics]
     parts.append(f"{record.seconds:.2f}s")
+    if record.failure is not None:
+        parts.append(f"FAILED (the model stays as it was): {record.failure}")
     return "  ".join(parts)
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "InvalidUpdateError",
     "JobError",
     "NotEnoughClientsError",
+    "RoundFailedError",
     "RunStoreError",
     "StopRunError",
     "TransportError",
@@ -50,6 +51,13 @@ class JobError(FedloomError):
 
 class NotEnoughClientsError(FedloomError):
     """Fewer clients are available, or replied in a round, than a run needs (the strategy's ``min_clients``)."""
+
+
+class RoundFailedError(FedloomError):
+    """A round's protocol could not finish (secure aggregation lost more parties than its threshold allows):
+    the server loop records the round as failed, with this message as the reason, keeps the model as it was and
+    goes on with the next round, until as many rounds in a row have failed as the strategy allows
+    (``max_failed_rounds``); then it raises this error again, and the run fails."""
 
 
 class RunStoreError(FedloomError):

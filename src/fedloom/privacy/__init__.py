@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 from fedloom.privacy.accounting import ACCOUNTANTS, Accountant, epsilon, noise_multiplier
 from fedloom.privacy.dp import DPFedAvg, DPState
 from fedloom.privacy.he import PaillierAgg
+from fedloom.privacy.mods import ClientNoise, PaillierMod, SecAggMod, protocol_mods
 from fedloom.privacy.paillier import EncryptedVector, KeyPair, PaillierError, PublicKey
-from fedloom.privacy.protocols import ClientProtocols
 from fedloom.privacy.secagg import SecAggError
 from fedloom.privacy.secure import SecAgg, SecAggSessions
 
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ACCOUNTANTS",
     "Accountant",
-    "ClientProtocols",
+    "ClientNoise",
     "DPFedAvg",
     "DPSGDTask",
     "DPState",
@@ -30,12 +30,15 @@ __all__ = [
     "KeyPair",
     "PaillierAgg",
     "PaillierError",
+    "PaillierMod",
     "PublicKey",
     "SecAgg",
     "SecAggError",
+    "SecAggMod",
     "SecAggSessions",
     "epsilon",
     "noise_multiplier",
+    "protocol_mods",
 ]
 
 

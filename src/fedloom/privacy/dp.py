@@ -13,6 +13,7 @@ import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -21,7 +22,9 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult, fit_message
 from fedloom.privacy.accounting import ACCOUNTANTS, Accountant, epsilon
-from fedloom.strategy.aggregate import cast_like, f64, fit_loss
+from fedloom.privacy.updates import summable
+from fedloom.strategy.aggregate import f64, fit_loss
+from fedloom.strategy.base import SummableStrategy
 from fedloom.strategy.fedavg import FedAvg
 from fedloom.strategy.robust import l2_norm
 
@@ -42,8 +45,10 @@ class DPState:
 
 @dataclass(frozen=True)
 class DPFedAvg:
-    """DP-FedAvg around a :class:`~fedloom.strategy.FedAvg` (``strategy``: its local training, evaluation and
-    server optimizer; ``strategy.fraction`` is the sampling rate q).
+    """DP-FedAvg around any strategy whose aggregate is a weighted sum of its clients' updates (``strategy``, a
+    :class:`~fedloom.strategy.base.SummableStrategy`: FedAvg, FedProx, FedAvgM, FedAdagrad/FedAdam/FedYogi),
+    which gives the clients' local training, evaluation and the server optimizer; ``strategy.fraction`` is the
+    sampling rate q.
 
     Each round:
 
@@ -72,7 +77,7 @@ class DPFedAvg:
     >>> dp = DPFedAvg(FedAvg(fraction=0.1), num_clients=1000, clip_norm=1.0, noise_multiplier=1.1)
     """
 
-    strategy: FedAvg = field(default_factory=FedAvg)
+    strategy: SummableStrategy[Any] = field(default_factory=FedAvg)
     num_clients: int = 0
     clip_norm: float = 1.0
     noise_multiplier: float = 1.0
@@ -85,13 +90,10 @@ class DPFedAvg:
     noise_seed: int | None = None
 
     def __post_init__(self) -> None:
-        if type(self.strategy) is not FedAvg:  # FedProx, FedAdam... are FedAvgs; FedBuff, FedPer, Ditto are more
-            raise ConfigError(
-                f"DPFedAvg wraps a FedAvg (FedProx, FedAdam... included), got {type(self.strategy).__name__}"
-            )
-        if self.strategy.aggregator is not None or self.strategy.clip_norm is not None:
+        summable(self.strategy, "DPFedAvg")  # the capability, not a class: FedBuff, FedPer, Ditto say why not
+        if self.strategy.clip_norm is not None:
             raise ConfigError("DPFedAvg clips and averages itself: give its strategy no aggregator and no clip_norm")
-        if self.strategy.clients_per_round is not None:
+        if getattr(self.strategy, "clients_per_round", None) is not None:
             raise ConfigError(
                 "DPFedAvg samples each client with probability `fraction`; clients_per_round does not apply"
             )
@@ -132,8 +134,7 @@ class DPFedAvg:
         return self.strategy.fraction
 
     def init(self, params: Params) -> DPState:
-        optimizer = self.strategy.server_optimizer
-        return DPState(params, 0, optimizer.init(params) if optimizer is not None else Params({}), self.clip_norm)
+        return DPState(params, 0, self.strategy.server_init(params), self.clip_norm)
 
     def params(self, state: DPState) -> Params:
         return state.params
@@ -199,12 +200,8 @@ class DPFedAvg:
         server learns only the noised sum."""
         x = state.params
         expected = self.sample_rate * self.num_clients
-        mean = {n: f64(noised_sum[n]) / expected for n in x}
-        optimizer = self.strategy.server_optimizer
-        if optimizer is None:
-            params, opt_state = cast_like(x, {n: f64(x[n]) + mean[n] for n in x}), state.optimizer
-        else:
-            params, opt_state = optimizer.step(x, Params(mean, copy=False), state.optimizer)
+        mean = Params({n: f64(noised_sum[n]) / expected for n in x}, copy=False)
+        params, opt_state = self.strategy.server_step(x, mean, state.optimizer)
         clip = state.clip
         if noised_count is not None:
             clip = clip * math.exp(-self.clip_lr * (noised_count / expected - self._target_quantile()))

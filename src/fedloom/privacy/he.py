@@ -21,6 +21,7 @@ import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from fedloom.privacy import paillier
 from fedloom.privacy.paillier import EncryptedVector, KeyPair, PaillierError, PublicKey
 from fedloom.privacy.updates import (
     ProtocolWrapper,
+    check_failed_rounds,
     check_summable,
     fit_vector,
     layout_of,
@@ -39,8 +41,8 @@ from fedloom.privacy.updates import (
     quantizer_of,
     vector_length,
 )
-from fedloom.strategy.base import FitProtocol, ProtocolResult
-from fedloom.strategy.fedavg import FedAvg, FedAvgState
+from fedloom.strategy.base import FitProtocol, ProtocolResult, SummableStrategy
+from fedloom.strategy.fedavg import FedAvg
 
 __all__ = ["HE_KINDS", "PaillierAgg", "answer_he"]
 
@@ -56,8 +58,8 @@ _KEY_HOLDERS_TRIED = 3
 @dataclass(frozen=True)
 class PaillierAgg(ProtocolWrapper):
     """Paillier aggregation (see the module docstring) around ``strategy``, a
-    :class:`~fedloom.strategy.FedAvg` (any server optimizer and ``clip_norm``, applied by each client; no robust
-    aggregator, which needs each update).
+    :class:`~fedloom.strategy.base.SummableStrategy` such as FedAvg, FedProx or FedAvgM (any server optimizer
+    and ``clip_norm``, applied by each client; no robust aggregator, which needs each update).
 
     - ``public_key``: the public half of the clients' key pair. ``None`` in a simulation: the run makes a key
       pair for its simulated clients (``key_bits`` bits) and gives the strategy its public half.
@@ -68,28 +70,22 @@ class PaillierAgg(ProtocolWrapper):
     the model's update can be off FedAvg's from quantization).
     """
 
-    strategy: FedAvg = field(default_factory=FedAvg)
+    strategy: SummableStrategy[Any] = field(default_factory=FedAvg)
     public_key: PublicKey | None = None
     key_bits: int = 2048
     value_range: float = 1.0
     weight_cap: int = 1000
+    max_failed_rounds: int = 3
 
     def __post_init__(self) -> None:
-        check_summable(
-            self.strategy,
-            wrapper="PaillierAgg",
-            wraps="FedAvg",
-            value_range=self.value_range,
-            weight_cap=self.weight_cap,
-        )
+        check_failed_rounds(self.max_failed_rounds)
+        check_summable(self.strategy, wrapper="PaillierAgg", value_range=self.value_range, weight_cap=self.weight_cap)
         if self.public_key is not None and not isinstance(self.public_key, PublicKey):
             raise ConfigError(f"public_key must be a fedloom.privacy.PublicKey, got {type(self.public_key).__name__}")
         if isinstance(self.key_bits, bool) or self.key_bits < paillier.MIN_KEY_BITS or self.key_bits % 2:
             raise ConfigError(f"key_bits must be an even number >= {paillier.MIN_KEY_BITS}, got {self.key_bits!r}")
 
-    def fit_protocol(
-        self, server_round: int, state: FedAvgState, instructions: Mapping[str, Message]
-    ) -> FitProtocol[FedAvgState]:
+    def fit_protocol(self, server_round: int, state: Any, instructions: Mapping[str, Message]) -> FitProtocol[Any]:
         """The round's exchanges (module docstring). Raises :class:`NotEnoughClientsError` when fewer than
         ``min_clients`` encrypted updates arrive or no key holder answers, :class:`ConfigError` without a key."""
         public = self.public_key

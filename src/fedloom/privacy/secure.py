@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from fedloom.core.errors import ConfigError, DecodeError, NotEnoughClientsError
+from fedloom.core.errors import ConfigError, DecodeError, NotEnoughClientsError, RoundFailedError
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.privacy import shamir
@@ -56,6 +56,7 @@ from fedloom.privacy.secagg import SecAggClient, SecAggError, SecAggServer, neig
 from fedloom.privacy.updates import (
     Layout,
     ProtocolWrapper,
+    check_failed_rounds,
     check_summable,
     fit_vector,
     layout_of,
@@ -65,8 +66,8 @@ from fedloom.privacy.updates import (
     unflatten,
     vector_length,
 )
-from fedloom.strategy.base import FitProtocol, ProtocolResult
-from fedloom.strategy.fedavg import FedAvg, FedAvgState
+from fedloom.strategy.base import FitProtocol, ProtocolResult, SummableStrategy
+from fedloom.strategy.fedavg import FedAvg
 
 __all__ = ["SECAGG_KINDS", "SecAgg", "SecAggSessions"]
 
@@ -84,9 +85,10 @@ SECAGG_KINDS = frozenset({ADVERTISE, SHARE, MASK, UNMASK})
 @dataclass(frozen=True)
 class SecAgg(ProtocolWrapper):
     """Secure aggregation (Bonawitz et al. 2017; SecAgg+ of Bell et al. 2020 with ``degree``) around
-    ``strategy``: a :class:`~fedloom.strategy.FedAvg` (any server optimizer; no robust aggregator, which needs
-    the individual updates) or a :class:`~fedloom.privacy.DPFedAvg` with fixed clipping (distributed DP). See the
-    module docstring for what the clients send.
+    ``strategy``: any strategy whose aggregate is a weighted sum of its clients' updates (a
+    :class:`~fedloom.strategy.base.SummableStrategy`: FedAvg, FedProx, FedAvgM, FedAdagrad/FedAdam/FedYogi;
+    no robust aggregator, which needs the individual updates) or a :class:`~fedloom.privacy.DPFedAvg` with
+    fixed clipping (distributed DP). See the module docstring for what the clients send.
 
     - ``threshold``: the share of a round's parties (of a neighbourhood, with ``degree``) that must stay to the
       end: ``t = floor(threshold * size) + 1``. Fewer ends the round with :class:`SecAggError`. Up to ``t - 1``
@@ -96,25 +98,23 @@ class SecAgg(ProtocolWrapper):
     - ``value_range``: the quantizer's clip per coordinate (default: 1.0 for a mean, ``C (1 + 4 z / sqrt(t))``
       for distributed DP).
     - ``weight_cap``: (mean) the number of examples at which a client's weight stops growing.
+    - ``max_failed_rounds``: a round that loses more parties than the threshold allows fails (the model stays
+      as it was, the round is recorded with the reason); the run fails once this many rounds in a row have.
 
     >>> strategy = SecAgg(FedAvg(clients_per_round=20), degree=12)
     """
 
-    strategy: FedAvg | DPFedAvg = field(default_factory=FedAvg)
+    strategy: SummableStrategy[Any] | DPFedAvg = field(default_factory=FedAvg)
     threshold: float = 0.5
     degree: int | None = None
     value_range: float | None = None
     weight_cap: int = 1000
+    max_failed_rounds: int = 3
 
     def __post_init__(self) -> None:
+        check_failed_rounds(self.max_failed_rounds)
         inner = self.strategy.strategy if isinstance(self.strategy, DPFedAvg) else self.strategy
-        check_summable(
-            inner,
-            wrapper="SecAgg",
-            wraps="FedAvg (or DPFedAvg around one)",
-            value_range=self.value_range,
-            weight_cap=self.weight_cap,
-        )
+        check_summable(inner, wrapper="SecAgg", value_range=self.value_range, weight_cap=self.weight_cap)
         if isinstance(self.strategy, DPFedAvg) and self.strategy.target_quantile is not None:
             raise ConfigError(
                 "adaptive clipping needs the count of clipped updates, which secure aggregation does not release: "
@@ -147,8 +147,15 @@ class SecAgg(ProtocolWrapper):
 
     def fit_protocol(self, server_round: int, state: Any, instructions: Mapping[str, Message]) -> FitProtocol[Any]:
         """The round's four exchanges (see the module docstring), as a generator for
-        :func:`~fedloom.runtime.protocol.run_fit_protocol`. Raises :class:`SecAggError` when fewer parties than
-        the threshold are left at any step, :class:`NotEnoughClientsError` for a cohort below 2."""
+        :func:`~fedloom.runtime.protocol.run_fit_protocol`. Raises :class:`~fedloom.core.errors.RoundFailedError`
+        when fewer parties than the threshold are left at any step, :class:`NotEnoughClientsError` for a cohort
+        below 2."""
+        try:
+            return (yield from self._exchanges(server_round, state, instructions))
+        except SecAggError as lost:
+            raise RoundFailedError(f"secure aggregation lost too many parties: {lost}") from lost
+
+    def _exchanges(self, server_round: int, state: Any, instructions: Mapping[str, Message]) -> FitProtocol[Any]:
         cohort = list(instructions)
         if len(cohort) < 2:
             raise NotEnoughClientsError(
@@ -236,8 +243,6 @@ class SecAgg(ProtocolWrapper):
             new_state, metrics = self.strategy.release(server_round, state, noised, survivors)
             scale = self.strategy.sample_rate * self.strategy.num_clients
             return new_state, {**metrics, "secagg_bound": quantizer.bound(survivors) / scale}
-        assert isinstance(state, FedAvgState)
-        assert isinstance(self.strategy, FedAvg)
         after, weight = mean_release(self.strategy, server_round, state, total, layout)
         return after, {"secagg_bound": quantizer.bound(survivors) / weight}
 

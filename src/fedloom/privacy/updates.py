@@ -13,9 +13,8 @@ An ``encoding`` (JSON, sent with the round) says how:
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -26,12 +25,13 @@ from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
 from fedloom.privacy.quantize import Quantizer
-from fedloom.strategy.base import AsyncStrategy, ReshapingStrategy
-from fedloom.strategy.fedavg import FedAvg, FedAvgState
+from fedloom.strategy.base import SummableStrategy
 from fedloom.strategy.local import local_args
 from fedloom.strategy.robust import clip_to_norm
 
 __all__ = [
+    "CLIENT_NOISE_KEY",
+    "check_failed_rounds",
     "Layout",
     "ProtocolWrapper",
     "check_summable",
@@ -39,24 +39,49 @@ __all__ = [
     "layout_of",
     "mean_release",
     "quantizer_of",
+    "summable",
     "unflatten",
 ]
 
 Layout = dict[str, tuple[int, ...]]
+S = TypeVar("S")
+
+#: Where a fit instruction carries distributed DP's clip and noise for the client's ClientNoise mod, and where
+#: its reply says they were applied.
+CLIENT_NOISE_KEY = "client_noise"
 
 
-def check_summable(inner: Any, *, wrapper: str, wraps: str, value_range: float | None, weight_cap: int) -> None:
+def check_summable(inner: Any, *, wrapper: str, value_range: float | None, weight_cap: int) -> None:
     """Raise :class:`ConfigError` unless ``wrapper`` (SecAgg, PaillierAgg) can protect ``inner``'s updates: a
-    FedAvg whose aggregate is a sum (not asynchronous, not reshaping, no robust aggregator), and an encoding with
-    ``value_range > 0`` (or ``None``, the default) and a whole ``weight_cap >= 1``."""
-    if not isinstance(inner, FedAvg) or isinstance(inner, (AsyncStrategy, ReshapingStrategy)):
-        raise ConfigError(f"{wrapper} wraps {wraps}, whose aggregate is a sum; got {type(inner).__name__}")
-    if inner.aggregator is not None:
-        raise ConfigError(f"a robust aggregator needs every update; under {wrapper} the server sees only their sum")
+    :class:`~fedloom.strategy.base.SummableStrategy` whose configuration's aggregate is a weighted sum (its
+    ``summable()`` says so), and an encoding with ``value_range > 0`` (or ``None``, the default) and a whole
+    ``weight_cap >= 1``."""
+    summable(inner, wrapper)
     if value_range is not None and not value_range > 0:
         raise ConfigError(f"value_range must be > 0, got {value_range}")
     if isinstance(weight_cap, bool) or not isinstance(weight_cap, int) or weight_cap < 1:
         raise ConfigError(f"weight_cap must be a whole number >= 1, got {weight_cap!r}")
+
+
+def check_failed_rounds(value: Any) -> None:
+    """Refuse a ``max_failed_rounds`` that is not a whole number >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"max_failed_rounds must be a whole number >= 1, got {value!r}")
+
+
+def summable(inner: Any, wrapper: str) -> SummableStrategy[Any]:
+    """``inner`` if ``wrapper`` can stand in for its aggregation with a sum of its clients' updates (it has the
+    :class:`~fedloom.strategy.base.SummableStrategy` capability and this configuration of it is summable), else
+    :class:`ConfigError` saying why."""
+    if not isinstance(inner, SummableStrategy):
+        raise ConfigError(
+            f"{wrapper} wraps a strategy whose aggregate is a weighted sum of its clients' updates (FedAvg, "
+            f"FedProx, FedAvgM, FedAdagrad, FedAdam, FedYogi); {type(inner).__name__} is not one"
+        )
+    reason = inner.summable()
+    if reason is not None:
+        raise ConfigError(f"{wrapper} cannot wrap {type(inner).__name__}: {reason}")
+    return inner
 
 
 def layout_of(instructions: Mapping[str, Message]) -> Layout:
@@ -86,7 +111,7 @@ def quantizer_of(encoding: Mapping[str, Any]) -> Quantizer:
     return Quantizer(clip=float(encoding["range"]), clients=int(encoding["clients"]))
 
 
-def mean_encoding(strategy: FedAvg, value_range: float, cohort: int, weight_cap: int) -> dict[str, Any]:
+def mean_encoding(strategy: SummableStrategy[Any], value_range: float, cohort: int, weight_cap: int) -> dict[str, Any]:
     """The encoding of FedAvg's mean for a cohort of ``cohort``."""
     return {
         "mode": "mean",
@@ -101,25 +126,36 @@ def fit_vector(
     params: Params, instruction: Mapping[str, Any], encoding: Mapping[str, Any], train: Callable[[Message], Message]
 ) -> npt.NDArray[np.float64]:
     """A client's side: train on the fit instruction (``params`` and its ``instruction`` metadata) through
-    ``train`` and return the flat float64 vector to protect, as ``encoding`` says (the module docstring).
-    Raises :class:`DecodeError` for an instruction that names a local algorithm, or an update that does not fit
-    the model it was sent."""
+    ``train`` and return the flat float64 vector to protect, as ``encoding`` says (the module docstring). In the
+    ``dp`` mode the fit instruction carries the clip and noise under :data:`CLIENT_NOISE_KEY`, for the client's
+    :class:`~fedloom.privacy.ClientNoise` mod, and an update that comes back without it is refused. Raises
+    :class:`DecodeError` for an instruction that names a local algorithm, or an update that does not fit the
+    model it was sent or was not noised."""
+    dp = encoding["mode"] == "dp"
+    if dp:
+        noise = {"clip_norm": float(encoding["clip_norm"]), "noise": float(encoding["noise"])}
+        instruction = {**instruction, CLIENT_NOISE_KEY: noise}
     fit = Message(MessageKind.FIT, params, instruction)
     if local_args(fit) is not None:
         raise DecodeError("a protected sum carries a plain fit; this one names a local algorithm")
-    result = FitResult.from_message(train(fit))
+    reply = train(fit)
+    if dp and reply.metadata.get(CLIENT_NOISE_KEY) != "applied":
+        raise DecodeError(
+            "distributed DP needs the client to clip and noise its update, and this client's chain has no "
+            "ClientNoise mod (fedloom.privacy.protocol_mods)"
+        )
+    result = FitResult.from_message(reply)
     try:
         check_update(params, result.params)
     except InvalidUpdateError as exc:
         raise DecodeError(f"the task's update does not fit the model it was sent: {exc}") from None
     update = Params({n: np.asarray(result.params[n], np.float64) - np.asarray(params[n], np.float64) for n in params})
     clip = encoding.get("clip_norm")
-    if clip is not None:
+    if clip is not None and not dp:  # under DP the client's ClientNoise mod clipped it, before the noise
         update = clip_to_norm(update, float(clip))
     flat = np.concatenate([update[n].reshape(-1) for n in update]) if len(update) else np.zeros(0)
-    if encoding["mode"] == "dp":
-        noise = float(encoding["noise"])
-        return flat + np.random.default_rng(secrets.randbits(128)).normal(0.0, noise, flat.shape)
+    if dp:
+        return flat
     value_range = float(encoding["range"])
     flat = np.clip(flat, -value_range, value_range)  # each coordinate within the range, before weighting
     cap = int(encoding["weight_cap"])
@@ -128,8 +164,8 @@ def fit_vector(
 
 
 def mean_release(
-    strategy: FedAvg, server_round: int, state: FedAvgState, total: npt.NDArray[np.float64], layout: Layout
-) -> tuple[FedAvgState, float]:
+    strategy: SummableStrategy[S], server_round: int, state: S, total: npt.NDArray[np.float64], layout: Layout
+) -> tuple[S, float]:
     """The server's side, for a mean: the state after the round from the sum of the clients' vectors (their
     weighted updates, then their summed weight), and that summed weight."""
     weight = float(total[-1])

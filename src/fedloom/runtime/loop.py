@@ -10,7 +10,14 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from fedloom.core.errors import ConfigError, DecodeError, InvalidUpdateError, NotEnoughClientsError, StopRunError
+from fedloom.core.errors import (
+    ConfigError,
+    DecodeError,
+    InvalidUpdateError,
+    NotEnoughClientsError,
+    RoundFailedError,
+    StopRunError,
+)
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
@@ -88,7 +95,10 @@ def run_rounds(
 
     A :class:`~fedloom.strategy.base.ProtocolStrategy` (secure aggregation) trains differently: its
     ``fit_protocol`` runs over the grid, several exchanges long (:func:`~fedloom.runtime.protocol.run_fit_protocol`),
-    and gives the new state; the server sees only the aggregate.
+    and gives the new state; the server sees only the aggregate. A protocol round that fails (too few parties left:
+    :class:`~fedloom.core.errors.RoundFailedError`) keeps the model as it was and is recorded with the metric
+    ``round_failed`` and its ``failure``; the run goes on, and fails once ``strategy.max_failed_rounds`` rounds
+    in a row have failed.
 
     A strategy can end the run early, as planned, by raising :class:`~fedloom.core.errors.StopRunError` from
     ``configure_fit`` (DP-FedAvg when the next round would exceed its privacy budget): the loop logs why and
@@ -105,6 +115,7 @@ def run_rounds(
     fit_rng, eval_rng = server_generators(seed)
     state, first = start_state(strategy, initial_params, resume, fit_rng, eval_rng)
     history: list[RoundRecord] = []
+    failed_in_a_row = 0
     for server_round in range(first, rounds + 1):
         started = time.perf_counter()
 
@@ -113,9 +124,19 @@ def run_rounds(
         except StopRunError as stop:
             log.warning("the run ends before round %d: %s", server_round, stop)
             break
+        failure = None
         if isinstance(strategy, ProtocolStrategy):  # secure aggregation: several exchanges, only the sum
-            protocol, fit_records = run_fit_protocol(strategy, grid, server_round, state, instructions, timeout)
-            state, metrics = protocol.state, protocol.metrics
+            protocol = run_fit_protocol(strategy, grid, server_round, state, instructions, timeout)
+            fit_records, failure = protocol.records, protocol.failure
+            failed_in_a_row = failed_in_a_row + 1 if failure is not None else 0
+            if failure is not None:  # the model stays as it was; the round is recorded as failed
+                log.warning("round %d failed: %s", server_round, failure)
+                if failed_in_a_row >= strategy.max_failed_rounds:
+                    raise RoundFailedError(f"{failed_in_a_row} rounds in a row failed; round {server_round}: {failure}")
+                metrics = {"round_failed": 1.0}
+            else:
+                assert protocol.result is not None
+                state, metrics = protocol.result.state, protocol.result.metrics
         else:
             state, metrics, fit_records = fit_round(strategy, grid, server_round, state, instructions, timeout)
         params = strategy.params(state)
@@ -132,6 +153,7 @@ def run_rounds(
             seconds=time.perf_counter() - started,
             random_state={"fit": fit_rng.bit_generator.state, "evaluate": eval_rng.bit_generator.state},
             strategy_state=snapshot(state, params),
+            failure=failure,
         )
         history.append(record)
         for observer in observers:

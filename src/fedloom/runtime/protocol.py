@@ -6,15 +6,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedloom.core.errors import NotEnoughClientsError
+from fedloom.core.errors import NotEnoughClientsError, RoundFailedError
 from fedloom.core.message import Message
 from fedloom.runtime import telemetry
 from fedloom.runtime.grid import Grid
 from fedloom.runtime.records import ClientRecord, ClientStatus
 from fedloom.runtime.telemetry import Telemetry
-from fedloom.strategy.base import ProtocolResult, ProtocolStrategy
+from fedloom.strategy.base import FitProtocol, ProtocolResult, ProtocolStrategy
 
-__all__ = ["run_fit_protocol"]
+__all__ = ["ProtocolRound", "run_fit_protocol"]
+
+
+@dataclass(frozen=True)
+class ProtocolRound:
+    """How a round's fit protocol went: its result, or why it failed (``failure``, when the protocol raised
+    :class:`~fedloom.core.errors.RoundFailedError`), and one fit record per client asked."""
+
+    result: ProtocolResult[Any] | None
+    records: tuple[ClientRecord, ...]
+    failure: str | None = None
 
 
 @dataclass
@@ -38,7 +48,7 @@ def run_fit_protocol(
     state: Any,
     instructions: Mapping[str, Message],
     timeout: float | None,
-) -> tuple[ProtocolResult[Any], tuple[ClientRecord, ...]]:
+) -> ProtocolRound:
     """Run ``strategy.fit_protocol`` for one round: each step's messages go out in one ``send_and_receive``
     (bounded by ``timeout``), and the replies that came back are the protocol's next input. Returns the
     protocol's result and one fit record per client asked: ``ok`` for those whose contribution is in the
@@ -46,11 +56,30 @@ def run_fit_protocol(
     they answered, or the error its task raised), each with its seconds and bytes summed over the steps, and its
     telemetry over the steps (:mod:`fedloom.runtime.telemetry`).
 
-    Whatever the protocol raises (fewer than its threshold of clients left) ends the round; fewer clients used
-    than ``strategy.min_clients`` raises :class:`NotEnoughClientsError`.
+    A protocol that raises :class:`~fedloom.core.errors.RoundFailedError` (fewer than its threshold of clients
+    left) gives a failed round: no result, the reason, and every client's record ``dropped`` with the reason in
+    its ``detail``. Anything else it raises ends the run; fewer clients used than ``strategy.min_clients`` raises
+    :class:`NotEnoughClientsError`.
     """
     steps = strategy.fit_protocol(server_round, state, instructions)
     tallies = {cid: _Tally() for cid in instructions}
+    try:
+        result = _drive(steps, grid, timeout, tallies)
+    except RoundFailedError as failed:
+        reason = str(failed)
+        return ProtocolRound(None, _records(tallies, {}, f"the round failed: {reason}"), reason)
+    if len(result.used) < strategy.min_clients:
+        raise NotEnoughClientsError(
+            f"round {server_round}: {len(result.used)} of {len(instructions)} clients' updates made it into the "
+            f"secure aggregate, fewer than min_clients={strategy.min_clients}"
+        )
+    return ProtocolRound(result, _records(tallies, result.used))
+
+
+def _drive(
+    steps: FitProtocol[Any], grid: Grid, timeout: float | None, tallies: dict[str, _Tally]
+) -> ProtocolResult[Any]:
+    """Run the protocol's steps over ``grid``, tallying each client's part; its result."""
     messages = next(steps)
     while True:
         exchange = grid.send_and_receive(messages, timeout)
@@ -71,17 +100,22 @@ def run_fit_protocol(
             messages = steps.send(answers)
         except StopIteration as done:
             result: ProtocolResult[Any] = done.value
-            break
-    if len(result.used) < strategy.min_clients:
-        raise NotEnoughClientsError(
-            f"round {server_round}: {len(result.used)} of {len(instructions)} clients' updates made it into the "
-            f"secure aggregate, fewer than min_clients={strategy.min_clients}"
-        )
+            return result
+
+
+def _records(
+    tallies: dict[str, _Tally], used_by: Mapping[str, str], failure: str | None = None
+) -> tuple[ClientRecord, ...]:
+    """One fit record per client: ``ok`` for those in ``used_by`` (with the digest of what they sent), ``dropped``
+    for the others, saying the last step each answered (or its task's error), after ``failure`` if the round
+    failed."""
     records = []
     for cid, tally in tallies.items():
-        used = cid in result.used
+        used = cid in used_by
         last = tally.answered[-1] if tally.answered else None
         left = f"its task failed: {tally.failed}" if tally.failed else f"left the protocol after {last or 'no step'}"
+        if failure is not None:
+            left = f"{failure}; {left}" if tally.failed else f"{failure}; it answered up to {last or 'no step'}"
         records.append(
             ClientRecord(
                 client_id=cid,
@@ -92,8 +126,8 @@ def run_fit_protocol(
                 bytes_up=tally.bytes_up,
                 metrics=telemetry.record_metrics({}, tally.telemetry, tally.upload_seconds),
                 detail=None if used else left,
-                update_sha256=result.used.get(cid),
+                update_sha256=used_by.get(cid),
                 logs=tally.telemetry.logs,
             )
         )
-    return result, tuple(records)
+    return tuple(records)

@@ -65,7 +65,9 @@ class RoundRecord:
     ``random_state`` is the server's random generators' state after the round (JSON values): what a resumed
     run needs to draw the same clients as an uninterrupted one. ``strategy_state`` is the strategy's state after
     the round (FedAdam's moments, SCAFFOLD's control variate...; :mod:`fedloom.strategy.snapshot`), where it
-    can be saved: what a resumed run needs to go on exactly as the uninterrupted one would have."""
+    can be saved: what a resumed run needs to go on exactly as the uninterrupted one would have. ``failure`` is
+    why a round failed (its training protocol lost too many parties; the model stayed as it was, the metric
+    ``round_failed`` is 1 and each fit record's ``detail`` starts with it), ``None`` for a round that did not."""
 
     server_round: int
     metrics: Mapping[str, float]
@@ -73,6 +75,7 @@ class RoundRecord:
     seconds: float
     random_state: Mapping[str, Any] = field(default_factory=dict)
     strategy_state: Snapshot | None = None
+    failure: str | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from fedloom.core.config import FitConfig
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
@@ -21,6 +22,7 @@ __all__ = [
     "ProtocolStrategy",
     "ReshapingStrategy",
     "Strategy",
+    "SummableStrategy",
     "UpdateBuffer",
 ]
 
@@ -63,6 +65,40 @@ class Strategy(Protocol[S]):
     def aggregate_evaluate(
         self, server_round: int, state: S, results: Mapping[str, EvalResult]
     ) -> dict[str, float]: ...
+
+
+@runtime_checkable
+class SummableStrategy(Strategy[S], Protocol[S]):
+    """A strategy whose round's aggregate is a weighted sum: the example-weighted mean of its clients' updates
+    ``w_k - w`` (each first scaled to at most ``clip_norm``, where that is set), made a step by its server
+    optimizer. A privacy wrapper that learns only a sum of the updates (secure aggregation, Paillier) or adds
+    noise to it (DP-FedAvg) stands in for the aggregation of any strategy with this capability (FedAvg, FedProx,
+    FedAvgM, FedAdagrad/FedAdam/FedYogi), and asks for nothing else of it.
+
+    - ``summable()``: ``None`` where this configuration's aggregate is such a sum, else why not (a robust
+      aggregator needs each update; an asynchronous buffer, personal layers, a local algorithm...).
+    - ``apply_update(round, state, delta)``: the state after a round whose mean update is ``delta`` (float64).
+    - ``server_init(params)`` and ``server_step(params, delta, optimizer_state) -> (params, optimizer_state)``:
+      the server optimizer alone, for a wrapper that keeps the model in a state of its own (DP-FedAvg).
+    - ``fraction`` and ``fit_configs(n, rng)``: the share of clients a round samples and the fit settings of
+      ``n`` chosen clients, for a wrapper that samples the clients itself (DP-FedAvg's Poisson sampling).
+    """
+
+    @property
+    def clip_norm(self) -> float | None: ...
+
+    @property
+    def fraction(self) -> float: ...
+
+    def summable(self) -> str | None: ...
+
+    def apply_update(self, server_round: int, state: S, delta: Params) -> S: ...
+
+    def server_init(self, params: Params) -> Params: ...
+
+    def server_step(self, params: Params, delta: Params, optimizer_state: Params) -> tuple[Params, Params]: ...
+
+    def fit_configs(self, count: int, rng: np.random.Generator) -> list[FitConfig]: ...
 
 
 class FitFold(Protocol[S_co]):
@@ -158,6 +194,11 @@ class ProtocolStrategy(Strategy[S], Protocol[S]):
     """A strategy whose fit phase is a protocol of several exchanges rather than one (secure aggregation:
     :class:`fedloom.privacy.SecAgg`). The server loop asks ``configure_fit`` for the round's instructions as
     usual, then runs ``fit_protocol(round, state, instructions)`` over its grid, step by step, instead of
-    sending the instructions and aggregating the replies; the protocol makes no network call of its own."""
+    sending the instructions and aggregating the replies; the protocol makes no network call of its own. A
+    protocol that cannot finish a round raises :class:`~fedloom.core.errors.RoundFailedError`: the loop records
+    the round as failed and goes on, until ``max_failed_rounds`` rounds in a row have failed."""
+
+    @property
+    def max_failed_rounds(self) -> int: ...
 
     def fit_protocol(self, server_round: int, state: S, instructions: Mapping[str, Message]) -> FitProtocol[S]: ...

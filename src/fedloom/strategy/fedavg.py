@@ -63,8 +63,7 @@ class FedAvg(ClientSampling):
             raise ConfigError(f"clip_norm must be > 0, got {self.clip_norm}")
 
     def init(self, params: Params) -> FedAvgState:
-        optimizer = self.server_optimizer.init(params) if self.server_optimizer is not None else Params({})
-        return FedAvgState(params, 0, optimizer)
+        return FedAvgState(params, 0, self.server_init(params))
 
     def aggregate_fit(
         self, server_round: int, state: FedAvgState, results: Mapping[str, FitResult]
@@ -85,6 +84,24 @@ class FedAvg(ClientSampling):
         every update at once."""
         return None if self.aggregator is not None else _FedAvgFold(self, server_round, state)
 
+    def summable(self) -> str | None:
+        """``None``: FedAvg's aggregate is the example-weighted mean of the updates (a
+        :class:`~fedloom.strategy.base.SummableStrategy`), unless a robust ``aggregator`` replaces it."""
+        if self.aggregator is not None:
+            return "a robust aggregator needs every update, and a protected sum shows only their total"
+        return None
+
+    def server_init(self, params: Params) -> Params:
+        """The server optimizer's state before round 1 (empty without one)."""
+        return self.server_optimizer.init(params) if self.server_optimizer is not None else Params({})
+
+    def server_step(self, params: Params, delta: Params, optimizer_state: Params) -> tuple[Params, Params]:
+        """``params`` moved by the round's mean update ``delta`` (float64): through the server optimizer, or
+        added as it is without one; and the optimizer's state after the step."""
+        if self.server_optimizer is None:
+            return cast_like(params, {n: f64(params[n]) + f64(delta[n]) for n in params}), optimizer_state
+        return self.server_optimizer.step(params, delta, optimizer_state)
+
     def apply_update(self, server_round: int, state: FedAvgState, delta: Params) -> FedAvgState:
         """The state after round ``server_round`` from the round's aggregated float64 update ``delta`` (the mean
         of ``w_k - w``), through the server optimizer if there is one: for protocols that learn only the
@@ -102,15 +119,12 @@ class FedAvg(ClientSampling):
         """The state after applying the round's aggregated float64 ``delta`` (or the new model ``mean``) through
         the server optimizer, if there is one."""
         x = state.params
-        if self.server_optimizer is None:
-            if mean is not None:
-                return FedAvgState(mean, server_round, state.optimizer)
-            assert delta is not None
-            return FedAvgState(cast_like(x, {n: f64(x[n]) + f64(delta[n]) for n in x}), server_round, state.optimizer)
+        if self.server_optimizer is None and mean is not None:
+            return FedAvgState(mean, server_round, state.optimizer)
         if delta is None:
             assert mean is not None
             delta = Params({n: f64(mean[n]) - f64(x[n]) for n in x}, copy=False)
-        params, optimizer = self.server_optimizer.step(x, delta, state.optimizer)
+        params, optimizer = self.server_step(x, delta, state.optimizer)
         return FedAvgState(params, server_round, optimizer)
 
 

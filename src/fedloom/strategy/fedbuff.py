@@ -76,6 +76,13 @@ class FedBuff(FedAvg):
                 "apply to it"
             )
 
+    def summable(self) -> str | None:
+        """Why a protected sum cannot stand in for FedBuff's aggregation: it is asynchronous."""
+        return (
+            "FedBuff is asynchronous: each server step sums a buffer of updates made on different models, "
+            "weighted by their staleness, as they arrive one at a time, never a round's cohort"
+        )
+
     def instruct(self, version: int, state: FedAvgState, client_id: str, rng: np.random.Generator) -> Message:
         """Train the global model now held (after ``version`` server steps), with a seed of this client's own."""
         (config,) = self.fit_configs(1, rng)

@@ -97,6 +97,10 @@ class FedPer(FedAvg):
         if self.finetune is not None:
             raise ConfigError("FedPer evaluates each client's own personal layers; finetune= does not apply")
 
+    def summable(self) -> str | None:
+        """Why a protected sum cannot stand in for FedPer's aggregation: its clients send only some layers."""
+        return "FedPer's clients send back only the shared layers, not an update of the whole model"
+
     def personal_names(self, params: Params) -> list[str]:
         """The names of ``params`` that stay on the clients."""
         layers = self.personal
@@ -210,6 +214,10 @@ class Ditto(FedAvg):
             raise ConfigError(f"lam must be a number >= 0, got {self.lam!r}")
         if self.finetune is not None:
             raise ConfigError("Ditto evaluates each client's personal model; finetune= does not apply")
+
+    def summable(self) -> str | None:
+        """Why a protected sum cannot stand in for Ditto's aggregation: its clients run a local algorithm."""
+        return "Ditto's clients run a local algorithm of their own, and a protected sum carries a plain fit"
 
     def configure_fit(
         self, server_round: int, state: FedAvgState, clients: Sequence[str], rng: np.random.Generator

@@ -1,17 +1,18 @@
 """The client agent of a deployment: dial out to the server, then answer its instructions until it says bye.
 
 The agent opens one ``Connect`` stream (see ``fleet.proto``), presents its token, and then, for every
-instruction the server sends, runs :func:`fedloom.runtime.client.handle_instruction` on the task and this
-site's own data and offers the encoded reply under the instruction's message id; it sends the reply when the
-server grants the offer (the server reads a few replies at a time), and drops it when the server declines (the
-reply is too large, or its round is over). The same code as in simulation computes the reply; only the
-transport differs.
+instruction the server sends, runs the site's client app (:class:`~fedloom.runtime.client.ClientApp`: the
+task inside its mods) on this site's own data and offers the encoded reply under the instruction's message id;
+it sends the reply when the server grants the offer (the server reads a few replies at a time), and drops it
+when the server declines (the reply is too large, or its round is over). The same code as in simulation
+computes the reply; only the transport differs.
 
-If the task raises, the agent logs the error with its traceback and answers with a failure: the server
-records the client as dropped for that round, with the error, and the agent stays connected for the next
-instruction. Every reply carries the client's telemetry (:mod:`fedloom.runtime.telemetry`): its system
-metrics, the seconds the instruction took to arrive, and, unless ``send_logs`` is off, the lines it logged
-while answering (the failure's traceback included).
+A deployed site's app (:func:`fedloom.runtime.client.client_app` with ``deployed=True``) answers a task that
+raises with a failure, logging the error with its traceback: the server records the client as dropped for that
+round, with the error, and the agent stays connected for the next instruction (an app without that mod ends
+the agent with the task's error). Every reply of that app carries the client's telemetry
+(:mod:`fedloom.runtime.telemetry`): its system metrics, the seconds the instruction took to arrive, and, unless
+the app's ``send_logs`` is off, the lines it logged while answering (the failure's traceback included).
 
 When the connection is lost (the server restarts, the network fails, a heartbeat goes unanswered) the agent
 reconnects, with pauses doubling from 0.5 s up to 30 s, and rejoins at the server's next instruction; a reply
@@ -35,10 +36,7 @@ import grpc
 from fedloom.core.codec import decode_message, message_parts
 from fedloom.core.errors import DecodeError, TransportError
 from fedloom.data.base import ClientData
-from fedloom.privacy.paillier import KeyPair
-from fedloom.privacy.protocols import ClientProtocols
-from fedloom.runtime import telemetry
-from fedloom.runtime.client import handle_instruction
+from fedloom.runtime.client import ClientApp, Context
 from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.frames import (
     CLIENT_FRAMES,
@@ -56,7 +54,6 @@ from fedloom.runtime.net.frames import (
 from fedloom.runtime.net.server import GRPC_OPTIONS, keepalive_options, parse_address
 from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.local import ClientState
-from fedloom.task.base import Task
 
 __all__ = ["Backoff", "run_client"]
 
@@ -108,7 +105,7 @@ class Backoff:
 
 
 def run_client(
-    task: Task,
+    app: ClientApp,
     data: ClientData,
     *,
     server: str,
@@ -120,8 +117,6 @@ def run_client(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     credentials: grpc.ChannelCredentials | None = None,
     state: ClientState | None = None,
-    he_key: KeyPair | None = None,
-    send_logs: bool = True,
 ) -> int:
     """Serve as the client that ``token`` names in the federation at ``server`` (``HOST:PORT``) until it says
     bye, and return how many instructions were answered.
@@ -132,9 +127,9 @@ def run_client(
     doubling from 0.5 s to 30 s, for ``retry_for`` seconds from the start or from when a connection was lost.
     ``heartbeat`` is the seconds between keepalive pings to the server. ``state`` is where this client keeps
     what an algorithm carries from round to round (SCAFFOLD's control variate...), across reconnects and
-    restarts: a :class:`~fedloom.runtime.state.DirectoryState` on this machine's disk. ``he_key`` is the
-    federation's shared Paillier key, where it aggregates under Paillier (:class:`~fedloom.privacy.PaillierAgg`).
-    ``send_logs=False`` keeps this client's log lines off the wire (its metrics still go). Raises
+    restarts: a :class:`~fedloom.runtime.state.DirectoryState` on this machine's disk. ``app`` answers each
+    instruction (what it keeps between messages, such as an open secure aggregation round, outlives a
+    reconnection). Raises
     :class:`~fedloom.core.errors.ConfigError` for a malformed address; :class:`TransportError` when the
     server stays out of reach for ``retry_for`` seconds, for a TLS mismatch (naming its likely cause), when
     the server refuses this client or ends its session; :class:`DecodeError` when it sends malformed frames.
@@ -154,7 +149,7 @@ def run_client(
             if failure is None:
                 if not tls:
                     log.warning("connected to %s without TLS: traffic is unencrypted", server)
-                session = _Session(task, data, channel, server, chunk_size, max_message_bytes, state, he_key, send_logs)
+                session = _Session(app, data, channel, server, chunk_size, max_message_bytes, state)
                 bye = session.run(token)
                 answered += session.answered
                 if bye:
@@ -177,21 +172,17 @@ class _Session:
 
     def __init__(
         self,
-        task: Task,
+        app: ClientApp,
         data: ClientData,
         channel: grpc.Channel,
         server: str,
         chunk_size: int,
         max_bytes: int,
         state: ClientState | None,
-        he_key: KeyPair | None,
-        send_logs: bool,
     ) -> None:
-        self._task = task
-        self._send_logs = send_logs
+        self._app = app
         self._state = state
-        # This connection's open secure aggregation rounds (in memory only), and the Paillier key if any.
-        self._protocols = ClientProtocols(he_key)
+        self._name = ""
         self._data = data
         self._channel = channel
         self._server = server
@@ -240,7 +231,7 @@ class _Session:
             raise TransportError(f"the server at {server} refused this client: {greeting.refusal.reason}")
         check_protocol_version(greeting.welcome.protocol_version, f"the server at {server}")
         self.welcomed = True
-        name = greeting.welcome.client_name
+        name = self._name = greeting.welcome.client_name
         log.info("joined the federation at %s as client %s", server, name)
         reassembler = Reassembler(self._max)
         receiving_since = 0.0  # when the first chunk of the instruction being received came
@@ -278,8 +269,8 @@ class _Session:
         return False
 
     def _answer(self, box: list[tuple[int, memoryview] | None], outbox: _Outbox, received_seconds: float) -> None:
-        """Run the instruction in ``box`` (its message id and bytes, taken out) and offer the reply, with this
-        client's telemetry; it is sent when the server grants it. The instruction's arrays are views of the
+        """Run the instruction in ``box`` (its message id and bytes, taken out) through the app and offer the
+        reply; it is sent when the server grants it. The instruction's arrays are views of the
         received buffer, which goes once the task lets them go. ``received_seconds`` is how long it took to come."""
         done = box.pop()
         assert done is not None
@@ -287,14 +278,9 @@ class _Session:
         del done
         instruction = decode_message(encoded)
         del encoded
-        with telemetry.measure(instruction, received_seconds=received_seconds, send_logs=self._send_logs) as capture:
-            try:
-                reply = handle_instruction(self._task, self._data, instruction, self._state, self._protocols)
-            except Exception as exc:
-                # The server records this client as dropped for the round, with the error; see the module's doc.
-                log.exception("the task failed on the %s instruction %d", instruction.kind, message_id)
-                reply = telemetry.failure_message(exc)
-        parts = message_parts(capture.attach(reply))
+        context = Context(self._name, self._data, self._state, received_seconds)
+        reply = self._app(instruction, context)
+        parts = message_parts(reply)
         self._offered[message_id] = parts
         size = sum(memoryview(part).nbytes for part in parts)
         outbox.put(fleet_pb2.ClientFrame(offer=fleet_pb2.Offer(message_id=message_id, size=size)))

@@ -20,15 +20,18 @@ from typing import Any, cast
 from fedloom.core.config import AttackConfig, BackendConfig, SimulationConfig
 from fedloom.core.errors import ConfigError, user_code
 from fedloom.data.base import Federation
-from fedloom.privacy.paillier import KeyPair
 from fedloom.runtime.grid import Grid
 from fedloom.runtime.sim.attacks import AttackGrid, choose_attackers, describe_attackers, poison_federation
+from fedloom.runtime.sim.common import SimulatedClients
+from fedloom.runtime.sim.dropout import DropoutGrid
 from fedloom.runtime.sim.inline import InlineGrid
 from fedloom.task.base import Task
 
 __all__ = ["Backend", "open_backend"]
 
 log = logging.getLogger("fedloom.run")  # what runs and why: the CLI prints it
+
+_HAS_MODS = "the job has client mods of its own, which run per client"
 
 # A client's work must cost at least this much for worker processes to pay for shipping it there and back. A
 # digits MLP client (~1 ms) is well below it: there the process backend is 1.5-4x slower than inline on 2
@@ -47,38 +50,40 @@ class Backend:
 
 @contextmanager
 def open_backend(
-    task: Task,
-    data: Federation,
-    config: SimulationConfig,
-    *,
-    job_file: str | None = None,
-    he_key: KeyPair | None = None,
+    clients: SimulatedClients, config: SimulationConfig, *, asynchronous: bool = False
 ) -> Iterator[Backend]:
-    """Open the backend ``config.backend`` asks for (``auto``: the fastest that supports ``task``), wrapped in
-    the cross-device system model when ``config.system`` models availability or stragglers; close it on exit.
-    With ``config.attacks``, the attackers' training data is poisoned before the backend opens, and their
-    ``fit`` replies are rewritten (:class:`~fedloom.runtime.sim.attacks.AttackGrid`, inside the system model:
-    an attacker's reply is what arrives, if it arrives in time).
-
-    ``job_file`` is the job's source file, which worker processes import before they unpickle the task.
-    ``he_key`` is the simulated clients' shared Paillier key (for :class:`~fedloom.privacy.PaillierAgg`).
+    """Open the backend ``config.backend`` asks for (``auto``: the fastest that supports the clients' task) over
+    ``clients``, decorated as ``config`` says, and close it on exit. Every decoration happens here, innermost
+    first: dropouts (:class:`~fedloom.runtime.sim.dropout.DropoutGrid`, ``config.dropout``), attacks
+    (:class:`~fedloom.runtime.sim.attacks.AttackGrid`: the attackers' training data is poisoned before the
+    backend opens, and their ``fit`` replies are rewritten), and the cross-device system model
+    (:class:`~fedloom.runtime.sim.crossdevice.SystemGrid`) when ``config.system`` models availability or
+    stragglers, or when the run is ``asynchronous`` (FedBuff runs on its simulated clock). An attacker's reply
+    is what arrives, if it arrives in time. What clients keep between rounds lives in a temporary folder for
+    the simulation only, unless ``clients.state_dir`` names one.
     """
     settings = config.backend
-    task = _on_device(task, settings.device)
+    data = clients.data
     attackers: dict[str, AttackConfig] = {}
     if config.attacks:
         attackers = choose_attackers(config.attacks, data.client_ids, config.seed)
         data = poison_federation(data, attackers, data.num_classes, config.seed)
-    name, reason, probed = _choose(task, data, settings)
+    app = clients.app
+    app = dataclasses.replace(app, task=_on_device(app.task, settings.device))
+    clients = dataclasses.replace(clients, app=app, data=data)
+    name, reason, probed = _choose(clients, settings)
     with ExitStack() as stack:
-        # What clients keep between rounds (SCAFFOLD's control variates...) lives for the simulation only.
-        state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedloom-clients-"))
-        grid = _open(name, task, data, config, job_file, probed, state_dir, he_key)
+        if clients.state_dir is None:  # SCAFFOLD's control variates... live for the simulation only
+            state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="fedloom-clients-"))
+            clients = dataclasses.replace(clients, state_dir=state_dir)
+        grid: Grid = _open(name, clients, settings, probed)
         if hasattr(grid, "close"):
             stack.callback(grid.close)
+        if config.dropout:
+            grid = DropoutGrid(grid, config.dropout, seed=config.seed)
         if attackers:
             grid = AttackGrid(grid, attackers, seed=config.seed)
-        if not config.system.is_default:
+        if asynchronous or not config.system.is_default:
             from fedloom.runtime.sim.crossdevice import SystemGrid
 
             grid = SystemGrid(grid, data, config.system, seed=config.seed)
@@ -90,15 +95,16 @@ def open_backend(
         yield Backend(grid, name, reason)
 
 
-def _choose(task: Task, data: Federation, settings: BackendConfig) -> tuple[str, str, Any]:
+def _choose(clients: SimulatedClients, settings: BackendConfig) -> tuple[str, str, Any]:
     """The backend to run, a one-line reason (falling back from ``vectorized`` with the cause), and the model
     the vectorized backend probed (handed to it, so the probe is not run twice)."""
+    task, data = clients.app.task, clients.data
     asked = settings.name
     if asked in ("inline", "process", "ray"):
         return asked, "as asked", None
     if settings.ray_address is not None:
         return "ray", f"a Ray cluster at {settings.ray_address} was given", None
-    probed, cannot = _probe_vectorized(task, data)
+    probed, cannot = _probe_vectorized(task, data) if clients.app.lockstep_safe else (None, _HAS_MODS)
     if cannot is None:
         why = "as asked" if asked == "vectorized" else "the task's model trains in lockstep with vmap"
         return "vectorized", why, probed
@@ -151,59 +157,22 @@ def _client_work_seconds(task: Task, data: Federation) -> float:
     return time.perf_counter() - start
 
 
-def _open(
-    name: str,
-    task: Task,
-    data: Federation,
-    config: SimulationConfig,
-    job_file: str | None,
-    probed: Any,
-    state_dir: str,
-    he_key: KeyPair | None,
-) -> Any:
-    settings = config.backend
+def _open(name: str, clients: SimulatedClients, settings: BackendConfig, probed: Any) -> Any:
     if name == "inline":
-        return InlineGrid(task, data, dropout=config.dropout, seed=config.seed, state_dir=state_dir, he_key=he_key)
+        return InlineGrid(clients)
     if name == "vectorized":
         from fedloom.runtime.sim.vectorized import VectorizedGrid
 
         return VectorizedGrid(
-            task,  # type: ignore[arg-type]  # _choose only picks vectorized for a TorchTask
-            data,
-            dropout=config.dropout,
-            seed=config.seed,
-            device=settings.device,
-            memory_budget_mb=settings.memory_budget_mb,
-            probed=probed,
-            state_dir=state_dir,
-            he_key=he_key,
+            clients, device=settings.device, memory_budget_mb=settings.memory_budget_mb, probed=probed
         )
     if name == "process":
         from fedloom.runtime.sim.process import ProcessGrid
 
-        return ProcessGrid(
-            task,
-            data,
-            dropout=config.dropout,
-            seed=config.seed,
-            workers=settings.workers,
-            job_file=job_file,
-            state_dir=state_dir,
-            he_key=he_key,
-        )
+        return ProcessGrid(clients, workers=settings.workers)
     from fedloom.runtime.sim.raygrid import RayGrid
 
-    return RayGrid(
-        task,
-        data,
-        dropout=config.dropout,
-        seed=config.seed,
-        workers=settings.workers,
-        address=settings.ray_address,
-        job_file=job_file,
-        state_dir=state_dir,
-        he_key=he_key,
-    )
+    return RayGrid(clients, workers=settings.workers, address=settings.ray_address)
 
 
 def _on_device(task: Task, device: str | None) -> Task:

@@ -1,24 +1,53 @@
-"""What every simulation backend shares: which clients drop out of a round."""
+"""What every simulation backend shares: the value that describes the simulated clients."""
 
 from __future__ import annotations
 
-import zlib
+from dataclasses import dataclass
 
-import numpy as np
+from fedloom.data.base import ClientData, Federation
+from fedloom.privacy.paillier import KeyPair
+from fedloom.runtime.client import ClientApp, Context, Mod, client_app
+from fedloom.runtime.state import client_state
+from fedloom.task.base import Task
 
-from fedloom.core.message import Message
-
-__all__ = ["drops"]
+__all__ = ["SimulatedClients"]
 
 
-def drops(seed: int, dropout: float, client_id: str, message: Message) -> bool:
-    """Whether ``client_id`` fails to reply to ``message``, with probability ``dropout``.
+@dataclass(frozen=True)
+class SimulatedClients:
+    """The clients a simulation backend runs: what each runs (``app``: the task inside its mods), each one's
+    data (``data``), where each keeps its state between rounds (a folder per client under ``state_dir``;
+    ``None``: stateful algorithms cannot run) and, for backends that start worker processes, the job file those
+    import before they load the app (``job_file``, a job's ``source``).
 
-    The draw depends on ``seed``, the round, the client and the message kind alone, so a client's fate does not
-    depend on which other clients were asked, nor on which backend runs the simulation.
+    >>> clients = SimulatedClients.of(task, federation)  # doctest: +SKIP
+    >>> grid = InlineGrid(clients)  # doctest: +SKIP
     """
-    if dropout == 0.0:
-        return False
-    server_round = message.metadata.get("round", 0)
-    key = [seed, 0xD20B, int(server_round), zlib.crc32(client_id.encode()), zlib.crc32(message.kind.encode())]
-    return bool(np.random.default_rng(key).random() < dropout)
+
+    app: ClientApp
+    data: Federation
+    state_dir: str | None = None
+    job_file: str | None = None
+
+    @staticmethod
+    def of(
+        task: Task,
+        data: Federation,
+        *,
+        mods: tuple[Mod, ...] = (),
+        paillier_key: KeyPair | None = None,
+        state_dir: str | None = None,
+        job_file: str | None = None,
+    ) -> SimulatedClients:
+        """``task``'s clients over ``data``, each running :func:`~fedloom.runtime.client.client_app` (with the
+        user's ``mods`` and the simulated clients' shared ``paillier_key``)."""
+        return SimulatedClients(client_app(task, mods, paillier_key=paillier_key), data, state_dir, job_file)
+
+    @property
+    def task(self) -> Task:
+        return self.app.task
+
+    def context(self, client_id: str, data: ClientData | None = None) -> Context:
+        """The context ``client_id`` answers in: its data (``data``, or the federation's) and its state."""
+        own = data if data is not None else self.data.clients[client_id]
+        return Context(client_id, own, client_state(self.state_dir, client_id))

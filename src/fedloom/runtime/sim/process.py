@@ -23,11 +23,9 @@ from fedloom.core.errors import (
     JobError,
 )
 from fedloom.core.message import Message
-from fedloom.data.base import ClientData, FederatedData, Federation
-from fedloom.privacy.paillier import KeyPair
-from fedloom.privacy.protocols import ClientProtocols
+from fedloom.data.base import ClientData, FederatedData
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
-from fedloom.runtime.sim.common import drops
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.runtime.sim.workers import (
     Header,
     RoundQueues,
@@ -40,7 +38,6 @@ from fedloom.runtime.sim.workers import (
     run_client,
     stays_home,
 )
-from fedloom.task.base import Task
 
 __all__ = ["ProcessGrid"]
 
@@ -53,10 +50,8 @@ def _send(conn: Connection, header: Header, *payloads: bytes) -> None:
         conn.send_bytes(payload)
 
 
-def _worker_main(
-    conn: Connection, task_blob: bytes, job_file: str | None, state_root: str | None, he_key: bytes | None
-) -> None:
-    """A worker: load the task, then answer ``run`` requests one at a time until ``stop`` or the parent goes.
+def _worker_main(conn: Connection, app_blob: bytes, job_file: str | None, state_root: str | None) -> None:
+    """A worker: load the client app, then answer ``run`` requests one at a time until ``stop`` or the parent goes.
 
     Request: a JSON header ``{"op": "run", "client", "kind", "data": bool, "keep": bool}``, then the client's
     encoded data if ``data``, then the encoded instruction. Answer: the header of :func:`run_client`, then the
@@ -69,7 +64,7 @@ def _worker_main(
 
             import_job_file(Path(job_file))
         try:
-            task = pickle.loads(task_blob)
+            app = pickle.loads(app_blob)
         except Exception as exc:
             hint = "" if job_file is not None else "; if the task comes from a job file, pass job_file=job.source"
             raise ConfigError(f"a worker process cannot load the task ({type(exc).__name__}: {exc}){hint}") from exc
@@ -79,7 +74,6 @@ def _worker_main(
         return
     _send(conn, {"status": "ready"})
     cache: dict[str, ClientData] = {}
-    protocols = ClientProtocols(KeyPair.from_bytes(he_key) if he_key is not None else None)
     try:
         while True:
             header = json.loads(conn.recv_bytes())
@@ -89,7 +83,7 @@ def _worker_main(
             data = decode_client_data(conn.recv_bytes()) if header["data"] else cache[client_id]
             if header["keep"]:
                 cache[client_id] = data
-            answer, up = run_client(task, data, client_id, header["kind"], conn.recv_bytes(), state_root, protocols)
+            answer, up = run_client(app, data, client_id, header["kind"], conn.recv_bytes(), state_root)
             _send(conn, answer, up)
     except (EOFError, OSError):
         return  # the parent closed the pipe or died: nobody is left to answer
@@ -101,9 +95,7 @@ def _worker_main(
 class _Workers:
     """The worker processes and their pipes; kept apart from the grid so that a finalizer can stop them."""
 
-    def __init__(
-        self, count: int, task_blob: bytes, job_file: str | None, state_root: str | None, he_key: bytes | None
-    ) -> None:
+    def __init__(self, count: int, app_blob: bytes, job_file: str | None, state_root: str | None) -> None:
         context = multiprocessing.get_context("spawn")
         self.processes: list[BaseProcess] = []
         self.conns: list[Connection] = []
@@ -113,7 +105,7 @@ class _Workers:
                 here, there = context.Pipe(duplex=True)
                 process = context.Process(
                     target=_worker_main,
-                    args=(there, task_blob, job_file, state_root, he_key),
+                    args=(there, app_blob, job_file, state_root),
                     name=f"fedloom-worker-{index}",
                     daemon=True,
                 )
@@ -192,16 +184,17 @@ class _Workers:
 class ProcessGrid:
     """Simulated clients run in a pool of ``workers`` processes (default: one per CPU core).
 
-    Each client runs the same code as under :class:`~fedloom.runtime.sim.inline.InlineGrid` (same dropouts,
+    Each client runs the same code as under :class:`~fedloom.runtime.sim.inline.InlineGrid` (the same app,
     same encoding, same task calls, replies in the order asked), so a run gives bit-identical results on
     either backend; only the wall time differs. Workers give torch one thread each, and torch's CPU kernels
     may sum in a different order with more threads, so the inline run to compare with is one made with
     ``torch.set_num_threads(1)``. ``Reply.seconds`` is the worker's compute time for the client.
 
-    - The task is pickled once and unpickled in every worker at start. Parent and workers are the same user
-      on the same machine, so this crosses no trust boundary; messages, replies and client data cross as
-      fedloom's own encoding. A task that cannot be pickled raises :class:`ConfigError` here. A task defined
-      in a job file needs ``job_file`` (``job.source``): workers import that file first.
+    - The client app (the task and its mods) is pickled once and unpickled in every worker at start. Parent
+      and workers are the same user on the same machine, so this crosses no trust boundary; messages, replies
+      and client data cross as fedloom's own encoding. An app that cannot be pickled raises
+      :class:`ConfigError` here. A task defined in a job file needs ``clients.job_file`` (``job.source``):
+      workers import that file first.
     - A client belongs to one worker (a hash of its id), which receives its data the first time and keeps
       it; an idle worker takes queued clients from a busy one (see :class:`RoundQueues`). The data of a lazy
       federation (not a :class:`FederatedData`) goes with every instruction and is not kept, so memory stays
@@ -215,36 +208,24 @@ class ProcessGrid:
     - ``timeout`` is ignored, as inline ignores it: simulated lateness comes from the simulation's system
       model, never from this machine's speed.
 
-    >>> with ProcessGrid(task, federation, workers=4) as grid:  # doctest: +SKIP
+    >>> with ProcessGrid(SimulatedClients.of(task, federation), workers=4) as grid:  # doctest: +SKIP
     ...     result = run_rounds(strategy=FedAvg(), grid=grid, initial_params=..., rounds=5, seed=0)
     """
 
-    def __init__(
-        self,
-        task: Task,
-        data: Federation,
-        *,
-        dropout: float = 0.0,
-        seed: int = 0,
-        workers: int | None = None,
-        job_file: str | None = None,
-        state_dir: str | None = None,
-        he_key: KeyPair | None = None,
-    ) -> None:
+    def __init__(self, clients: SimulatedClients, *, workers: int | None = None) -> None:
         check_workers(workers)
+        data = clients.data
         self._data = data
-        self._dropout = dropout
-        self._seed = seed
         try:
-            task_blob = pickle.dumps(task, protocol=pickle.HIGHEST_PROTOCOL)
+            app_blob = pickle.dumps(clients.app, protocol=pickle.HIGHEST_PROTOCOL)
         except (pickle.PicklingError, AttributeError, TypeError) as exc:
             raise ConfigError(
                 f"the task cannot be sent to worker processes ({type(exc).__name__}: {exc}); define the model "
-                "factory as a module-level function in the job file, not a lambda or a nested function"
+                "factory (and any client mod) as a module-level function in the job file, not a lambda or a nested "
+                "function"
             ) from None
         count = min(workers or os.cpu_count() or 1, max(1, len(data.client_ids)))
-        key = he_key.to_bytes() if he_key is not None else None
-        self._workers = _Workers(count, task_blob, job_file, state_dir, key)
+        self._workers = _Workers(count, app_blob, clients.job_file, clients.state_dir)
         self._finalizer = weakref.finalize(self, self._workers.shutdown)
         self._has_data: list[set[str]] = [set() for _ in range(count)]
         # An in-memory federation is shipped once and kept by the workers; a lazy one (a million clients, each
@@ -269,10 +250,7 @@ class ProcessGrid:
     ) -> Exchange:
         if self._workers.closed:
             raise FedloomError("this ProcessGrid is closed")
-        work: list[str] = []
-        dropped: list[str] = []
-        for client_id, message in messages.items():
-            (dropped if drops(self._seed, self._dropout, client_id, message) else work).append(client_id)
+        work = list(messages)
         queues = RoundQueues(work, self.workers, steal=not stays_home(messages))
         busy: dict[int, tuple[str, str, int]] = {}  # worker -> (client, kind, bytes down)
         replies: dict[str, Reply] = {}
@@ -291,7 +269,7 @@ class ProcessGrid:
             self._abort()
             raise
         # In the order asked, as inline replies: aggregation sums in this order, so it must not depend on timing.
-        return hand_over(Exchange({client_id: replies[client_id] for client_id in work}, tuple(dropped)), on_reply)
+        return hand_over(Exchange({client_id: replies[client_id] for client_id in work}), on_reply)
 
     def close(self) -> None:
         """Stop the worker processes (waiting a few seconds for a client that is still running). Idempotent."""

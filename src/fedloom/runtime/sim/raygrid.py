@@ -19,11 +19,10 @@ from typing import Any
 from fedloom.core.codec import decode_message, encode_message
 from fedloom.core.errors import ConfigError, FedloomError, JobError
 from fedloom.core.message import Message
-from fedloom.data.base import ClientData, FederatedData, Federation
-from fedloom.privacy.paillier import KeyPair
-from fedloom.privacy.protocols import ClientProtocols
+from fedloom.data.base import ClientData, FederatedData
+from fedloom.runtime.client import ClientApp
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
-from fedloom.runtime.sim.common import drops
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.runtime.sim.workers import (
     Header,
     RoundQueues,
@@ -35,7 +34,6 @@ from fedloom.runtime.sim.workers import (
     run_client,
     stays_home,
 )
-from fedloom.task.base import Task
 
 __all__ = ["RayGrid"]
 
@@ -46,18 +44,17 @@ _CONNECT_SECONDS = 5.0
 
 
 class _RayWorker:
-    """A Ray actor: the task, the data of the clients it has been given to keep, and the inline client code."""
+    """A Ray actor: the client app, the data of the clients it has been given to keep, and the inline client code."""
 
-    def __init__(self, task_blob: bytes, sys_path: list[str], state_root: str | None, he_key: bytes | None) -> None:
+    def __init__(self, app_blob: bytes, sys_path: list[str], state_root: str | None) -> None:
         # Modules importable in the driver (a test module, a package under development) are then importable
         # here too when this actor runs on the driver's machine; elsewhere, missing folders are skipped.
         sys.path.extend(folder for folder in sys_path if folder not in sys.path)
         self._cache: dict[str, ClientData] = {}
         self._state_root = state_root
-        self._protocols = ClientProtocols(KeyPair.from_bytes(he_key) if he_key is not None else None)
         self._failure: Header | None = None
         try:
-            self._task: Task = pickle.loads(task_blob)
+            self._app: ClientApp = pickle.loads(app_blob)
         except Exception as exc:
             self._failure = {
                 "type": "ConfigError",
@@ -80,7 +77,7 @@ class _RayWorker:
             client = decode_client_data(ray.get(data[0]))
             if keep:
                 self._cache[client_id] = client
-        return run_client(self._task, client, client_id, kind, down, self._state_root, self._protocols)
+        return run_client(self._app, client, client_id, kind, down, self._state_root)
 
 
 class RayGrid:
@@ -94,11 +91,11 @@ class RayGrid:
       :meth:`close`; an ``address`` (``host:port`` of a cluster's head) connects to that cluster and only
       disconnects on close. A Ray that this process has already initialised is used as it is, and left running.
       An unreachable cluster raises :class:`ConfigError` with the address and the reason.
-    - The task is pickled once, with Ray's cloudpickle, and loaded by every actor. Modules of job files
-      (loaded by :func:`fedloom.load_job`) are pickled by value, so the cluster's machines need fedloom and
-      the task's libraries installed, but not the job file; actors also search this process's ``sys.path``,
-      so that a task from, say, a test module loads in a Ray on this machine. ``job_file`` is accepted so
-      that both pool backends take the same arguments. Messages, replies and client data are fedloom's own
+    - The client app (the task and its mods) is pickled once, with Ray's cloudpickle, and loaded by every
+      actor. Modules of job files (loaded by :func:`fedloom.load_job`) are pickled by value, so the cluster's
+      machines need fedloom and the task's libraries installed, but not the job file (``clients.job_file`` is
+      not used); actors also search this process's ``sys.path``, so that a task from, say, a test module
+      loads in a Ray on this machine. Messages, replies and client data are fedloom's own
       encoding; each client's data is put in Ray's object store once and kept by the actor it belongs to.
     - Client state (``state_dir``) is a folder of the machine an actor runs on: on a cluster of several
       machines, a stateful algorithm needs ``state_dir`` on a file system they share.
@@ -106,34 +103,19 @@ class RayGrid:
       :class:`JobError` naming the client. Either way the grid is closed.
     """
 
-    def __init__(
-        self,
-        task: Task,
-        data: Federation,
-        *,
-        dropout: float = 0.0,
-        seed: int = 0,
-        workers: int | None = None,
-        address: str | None = None,
-        job_file: str | None = None,
-        state_dir: str | None = None,
-        he_key: KeyPair | None = None,
-    ) -> None:
+    def __init__(self, clients: SimulatedClients, *, workers: int | None = None, address: str | None = None) -> None:
         check_workers(workers)
         ray = _import_ray()
-        self._state_dir = state_dir
-        self._he_key = he_key.to_bytes() if he_key is not None else None
+        self._state_dir = clients.state_dir
         self._ray = ray
-        self._data = data
-        self._dropout = dropout
-        self._seed = seed
+        self._data = clients.data
         self._data_refs: dict[str, Any] = {}
-        self._keep_data = isinstance(data, FederatedData)  # a lazy federation's data is sent per call, not kept
+        self._keep_data = isinstance(clients.data, FederatedData)  # a lazy federation's data is sent per call, not kept
         owns = _connect(ray, address, workers)
         self._actors: list[Any] = []
         self._finalizer = weakref.finalize(self, _release, ray, self._actors, owns)
         try:
-            self._start(task, workers)
+            self._start(clients.app, workers)
         except BaseException:
             self.close()
             raise
@@ -152,10 +134,7 @@ class RayGrid:
         if not self._finalizer.alive:
             raise FedloomError("this RayGrid is closed")
         ray = self._ray
-        work: list[str] = []
-        dropped: list[str] = []
-        for client_id, message in messages.items():
-            (dropped if drops(self._seed, self._dropout, client_id, message) else work).append(client_id)
+        work = list(messages)
         queues = RoundQueues(work, self.workers, steal=not stays_home(messages))
         pending: dict[Any, tuple[int, str, str, int]] = {}  # result ref -> (worker, client, kind, bytes down)
         replies: dict[str, Reply] = {}
@@ -194,7 +173,7 @@ class RayGrid:
             self.close()
             raise
         # In the order asked, as inline replies: aggregation sums in this order, so it must not depend on timing.
-        return hand_over(Exchange({client_id: replies[client_id] for client_id in work}, tuple(dropped)), on_reply)
+        return hand_over(Exchange({client_id: replies[client_id] for client_id in work}), on_reply)
 
     def close(self) -> None:
         """Stop the actors, and the Ray this grid started (a connected cluster keeps running). Idempotent."""
@@ -209,22 +188,20 @@ class RayGrid:
     ) -> None:
         self.close()
 
-    def _start(self, task: Task, workers: int | None) -> None:
+    def _start(self, app: ClientApp, workers: int | None) -> None:
         ray = self._ray
         for name, module in list(sys.modules.items()):
             if name.startswith("fedloom_job_") and module is not None:
                 ray.cloudpickle.register_pickle_by_value(module)
         try:
-            task_blob = ray.cloudpickle.dumps(task)
+            app_blob = ray.cloudpickle.dumps(app)
         except Exception as exc:
             raise ConfigError(f"the task cannot be sent to Ray workers ({type(exc).__name__}: {exc})") from None
         cpus = int(ray.cluster_resources().get("CPU", 0))
         count = min(workers or cpus or 1, max(1, len(self._data.client_ids)))
         actor_class = ray.remote(num_cpus=1, max_restarts=0)(_RayWorker)
-        task_ref = ray.put(task_blob)  # stored once, however many actors load it
-        self._actors.extend(
-            actor_class.remote(task_ref, list(sys.path), self._state_dir, self._he_key) for _ in range(count)
-        )
+        app_ref = ray.put(app_blob)  # stored once, however many actors load it
+        self._actors.extend(actor_class.remote(app_ref, list(sys.path), self._state_dir) for _ in range(count))
         try:
             failures = ray.get([actor.ready.remote() for actor in self._actors], timeout=_START_SECONDS)
         except ray.exceptions.GetTimeoutError:

@@ -30,13 +30,11 @@ from fedloom.core.errors import ConfigError, DataError, user_code
 from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult, parse_instruction
-from fedloom.data.base import ArrayData, Federation
-from fedloom.privacy.paillier import KeyPair
-from fedloom.privacy.protocols import PROTOCOL_KINDS, ClientProtocols
+from fedloom.data.base import ArrayData
+from fedloom.privacy.mods import PROTOCOL_KINDS
 from fedloom.runtime import telemetry
-from fedloom.runtime.client import handle_instruction
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler, hand_over
-from fedloom.runtime.sim.common import drops
+from fedloom.runtime.sim.common import SimulatedClients
 from fedloom.runtime.sim.vmap_model import (
     Arrays,
     ProbedModel,
@@ -46,7 +44,6 @@ from fedloom.runtime.sim.vmap_model import (
     step_function,
     unsupported_reason,
 )
-from fedloom.runtime.state import client_state
 from fedloom.strategy.local import local_args
 from fedloom.task.batching import minibatches
 from fedloom.task.torch_task import TorchTask
@@ -78,19 +75,21 @@ class VectorizedGrid:
     """Simulated clients of a :class:`TorchTask` run in this process, in lockstep on ``device``.
 
     Fit replies equal ``task.fit``'s (params to float tolerance, ``loss``, ``steps``, ``num_examples``) and
-    evaluate replies ``task.evaluate``'s; dropouts follow the rule every backend shares
-    (:func:`~fedloom.runtime.sim.common.drops`). Clients are trained in chunks whose estimated working set
+    evaluate replies ``task.evaluate``'s. Clients are trained in chunks whose estimated working set
     fits ``memory_budget_mb`` (default: 1024 MiB on CPU, 80% of the free memory on a GPU); clients with
     similar step counts share a chunk, and a client that has done its steps leaves the batch. FedProx's
     proximal term trains in lockstep too; an instruction that names an algorithm's own client half (SCAFFOLD,
-    q-FFL...) runs that client alone, as the inline backend would, with its state under ``state_dir``.
+    q-FFL...) or a protocol step (``secagg.*``) runs that client alone through its client app, as the inline
+    backend would, with its state under ``clients.state_dir``. A plain fit or evaluate passes no mod, so an app
+    with mods of the user's own (not :attr:`~fedloom.runtime.client.ClientApp.lockstep_safe`) is refused.
 
     Byte counts are exact wire sizes, computed without encoding every message: a message's encoded size is
     its params' part (which depends only on names, dtypes and shapes, so it is computed once per model) plus
     its metadata's part. Replies are handed to the loop as messages, not decoded from bytes; the loop
     validates every update anyway. ``seconds`` is a chunk's wall time shared equally among its clients.
 
-    Raises :class:`ConfigError` when :func:`unsupported_reason` gives a reason, or when ``device`` is CUDA
+    Raises :class:`ConfigError` for a task that is not a TorchTask or an app that is not lockstep-safe, when
+    :func:`unsupported_reason` gives a reason, or when ``device`` is CUDA
     and torch sees no GPU; :class:`JobError` when the model raises. ``device=None`` means ``task.device``.
     ``probed`` is :func:`~fedloom.runtime.sim.vmap_model.inspect_model`'s model for this task and data, where the
     caller (the backend choice) has already probed it.
@@ -98,29 +97,29 @@ class VectorizedGrid:
 
     def __init__(
         self,
-        task: TorchTask,
-        data: Federation,
+        clients: SimulatedClients,
         *,
-        dropout: float = 0.0,
-        seed: int = 0,
         device: str | None = None,
         memory_budget_mb: int | None = None,
         probed: ProbedModel | None = None,
-        state_dir: str | None = None,
-        he_key: KeyPair | None = None,
     ) -> None:
+        task = clients.app.task
+        if not isinstance(task, TorchTask):
+            raise ConfigError(f"the vectorized backend needs a TorchTask, this is a {type(task).__name__}")
+        if not clients.app.lockstep_safe:
+            raise ConfigError(
+                "the vectorized backend trains plain fits in lockstep, past the client mods; this job has mods of "
+                "its own: run it on the inline, process or ray backend"
+            )
         name = device if device is not None else getattr(task, "device", "cpu")
         if name.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("CUDA was asked for (--device cuda) but torch sees no GPU")
-        model, reason = (probed, None) if probed is not None else inspect_model(task, data)
+        model, reason = (probed, None) if probed is not None else inspect_model(task, clients.data)
         if model is None:
             raise ConfigError(f"the vectorized backend cannot run this task: {reason}")
         self._task = task
-        self._data = data
-        self._state_dir = state_dir
-        self._dropout = dropout
-        self._seed = seed
-        self._protocols = ClientProtocols(he_key)
+        self._clients = clients
+        self._data = clients.data
         self._device = torch.device(name)
         self._budget_mb = memory_budget_mb
         self._loss = str(task.loss)
@@ -142,21 +141,16 @@ class VectorizedGrid:
     def send_and_receive(
         self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
     ) -> Exchange:
-        dropped: list[str] = []
         server_round = 0
         fits: list[_Job] = []
         evaluations: list[_Job] = []
         done: dict[str, tuple[Message, float]] = {}
         for cid, message in messages.items():
-            if drops(self._seed, self._dropout, cid, message):
-                dropped.append(cid)
-                continue
             client = self._data.clients[cid]
             if message.kind in PROTOCOL_KINDS or local_args(message) is not None:  # run it as inline does
                 began = time.perf_counter()
                 with user_code(f"client {cid} in {message.kind}"):
-                    state = client_state(self._state_dir, cid)
-                    reply = handle_instruction(self._task, client, message, state, self._protocols)
+                    reply = self._clients.app(message, self._clients.context(cid, client))
                 done[cid] = (reply, time.perf_counter() - began)
                 continue
             kind, server_round, params, config = parse_instruction(message)
@@ -175,7 +169,7 @@ class VectorizedGrid:
             for cid, message in messages.items()
             if cid in done
         }
-        return hand_over(Exchange(replies, tuple(dropped)), on_reply)
+        return hand_over(Exchange(replies), on_reply)
 
     # -- chunks ----------------------------------------------------------------------------------------------
 

@@ -26,10 +26,9 @@ from fedloom.core.errors import (
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.data.base import ArrayData, ClientData
-from fedloom.privacy.protocols import PROTOCOL_KINDS, ClientProtocols
-from fedloom.runtime.client import handle_instruction
+from fedloom.privacy.mods import PROTOCOL_KINDS
+from fedloom.runtime.client import ClientApp, Context
 from fedloom.runtime.state import client_state
-from fedloom.task.base import Task
 
 __all__ = [
     "Header",
@@ -68,17 +67,10 @@ def decode_client_data(blob: bytes) -> ClientData:
 
 
 def run_client(
-    task: Task,
-    data: ClientData,
-    client_id: str,
-    kind: str,
-    down: bytes,
-    state_root: str | None = None,
-    protocols: ClientProtocols | None = None,
+    app: ClientApp, data: ClientData, client_id: str, kind: str, down: bytes, state_root: str | None = None
 ) -> tuple[Header, bytes]:
-    """Handle one encoded instruction in a worker, as the inline backend does in-process, with the client's
-    state in its folder under ``state_root`` (where given) and the worker's side of the aggregation protocols in
-    ``protocols``.
+    """Handle one encoded instruction in a worker through the worker's copy of the client ``app``, as the inline
+    backend does in-process, with the client's state in its folder under ``state_root`` (where given).
 
     Returns ``({"status": "ok", "seconds": s}, encoded reply)`` or, when anything raised,
     ``({"status": "error", "type": ..., "message": ..., "traceback": ...}, b"")`` for :func:`remote_error`.
@@ -86,8 +78,7 @@ def run_client(
     try:
         start = time.perf_counter()
         with user_code(f"client {client_id} in {kind}"):
-            state = client_state(state_root, client_id)
-            reply = handle_instruction(task, data, decode_message(down), state, protocols)
+            reply = app(decode_message(down), Context(client_id, data, client_state(state_root, client_id)))
         seconds = time.perf_counter() - start
         up = encode_message(reply)
     except Exception as exc:
