@@ -13,8 +13,8 @@ from fedloom.app.job import Job
 from fedloom.app.simulation import load_federation
 from fedloom.core.config import FitConfig, SimulationConfig
 from fedloom.core.errors import ConfigError
+from fedloom.core.graphs import check_topology
 from fedloom.runtime.sim.gossip import GossipResult, GossipRound, run_gossip
-from fedloom.strategy.gossip import check_topology
 
 __all__ = ["GossipResult", "GossipRound", "format_round", "simulate_gossip"]
 
@@ -35,7 +35,7 @@ def simulate_gossip(
 ) -> GossipResult:
     """Run ``job`` as decentralized FL: no server; every client trains its own model and, after each round,
     averages it with its neighbours' on the ``topology`` graph (``ring``, ``regular`` with ``degree``
-    neighbours per client, or ``full``), with Metropolis-Hastings weights (see :mod:`fedloom.strategy.gossip`).
+    neighbours per client, or ``full``), with Metropolis-Hastings weights (see :mod:`fedloom.core.graphs`).
 
     The job's task and data are used as :func:`fedloom.simulate` uses them, and every client trains as
     ``job.strategy.fit`` says; the strategy's aggregation and client sampling are not used (every client

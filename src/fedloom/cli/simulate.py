@@ -34,8 +34,8 @@ from fedloom.cli.protection import (
 from fedloom.cli.runs import DbUrl
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
+from fedloom.core.graphs import TOPOLOGIES, check_topology
 from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
-from fedloom.strategy.gossip import TOPOLOGIES, check_topology
 from fedloom.strategy.sampling import ClientSampling
 
 _PANEL_SIM = "Federation"

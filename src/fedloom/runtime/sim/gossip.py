@@ -18,12 +18,13 @@ import numpy as np
 
 from fedloom.core.config import FitConfig
 from fedloom.core.errors import ConfigError, InvalidUpdateError, user_code
+from fedloom.core.graphs import mixing_matrix, spectral_gap
+from fedloom.core.graphs import topology as build_topology
 from fedloom.core.params import Params
 from fedloom.core.validation import check_update
 from fedloom.data.base import Federation
 from fedloom.strategy.aggregate import weighted_mean
-from fedloom.strategy.gossip import consensus_distance, gossip_step, mixing_matrix, spectral_gap
-from fedloom.strategy.gossip import topology as build_topology
+from fedloom.strategy.gossip import consensus_distance, gossip_step
 from fedloom.task.base import Task
 
 __all__ = ["MAX_GOSSIP_CLIENTS", "GossipResult", "GossipRound", "run_gossip"]
