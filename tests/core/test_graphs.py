@@ -5,7 +5,15 @@ import numpy as np
 import pytest
 
 from fedloom.core import ConfigError
-from fedloom.core.graphs import fully_connected, mixing_matrix, random_regular, ring, spectral_gap, topology
+from fedloom.core.graphs import (
+    check_topology,
+    fully_connected,
+    mixing_matrix,
+    random_regular,
+    ring,
+    spectral_gap,
+    topology,
+)
 from fedloom.privacy.secagg import neighbourhoods
 
 # A path 0 - 1 - 2: degrees 1, 2, 1.
@@ -185,3 +193,16 @@ def test_secagg_neighbourhoods_are_the_random_regular_graph_over_the_parties():
         adjacency = random_regular(6, 3, np.random.default_rng(seed))
         expected = {p: frozenset(parties[j] for j in np.flatnonzero(adjacency[i])) for i, p in enumerate(parties)}
         assert neighbourhoods(parties, 3, np.random.default_rng(seed)) == expected
+
+
+def test_check_topology_with_the_number_of_nodes_refuses_what_cannot_be_drawn():
+    check_topology("regular", 3, 6)  # 6 x 3 = 18 edge ends: 9 edges
+    check_topology("ring", None, 1)
+    with pytest.raises(ConfigError, match="clients x degree must be even, got 5 x 3"):
+        check_topology("regular", 3, 5)
+    with pytest.raises(ConfigError, match=r"degree in \[1, 3\], got 4"):
+        check_topology("regular", 4, 4)
+    with pytest.raises(ConfigError, match="a whole number of clients >= 1, got 0"):
+        check_topology("full", None, 0)
+    with pytest.raises(ConfigError, match="needs a degree"):
+        check_topology("regular", None, 6)

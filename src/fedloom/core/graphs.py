@@ -94,13 +94,7 @@ def random_regular(n: int, degree: int, rng: np.random.Generator) -> Adjacency:
     Raises :class:`ConfigError` unless ``1 <= degree < n`` and ``n * degree`` is even (a regular graph needs
     both), or when no connected graph turns up in 100 draws (``degree = 1`` with ``n > 2`` never gives one).
     """
-    _check_count(n)
-    if not isinstance(degree, int) or isinstance(degree, bool) or not 1 <= degree < n:
-        raise ConfigError(f"a regular topology over {n} clients needs a whole degree in [1, {n - 1}], got {degree!r}")
-    if n * degree % 2:
-        raise ConfigError(
-            f"no {degree}-regular graph over {n} clients exists: clients x degree must be even, got {n} x {degree}"
-        )
+    _check_regular(n, degree)
     import networkx as nx  # here, not at the top: it adds a tenth of a second to every `import fedloom`
 
     for _ in range(_CONNECTED_TRIES):
@@ -117,6 +111,16 @@ def random_regular(n: int, degree: int, rng: np.random.Generator) -> Adjacency:
     )
 
 
+def _check_regular(n: int, degree: int) -> None:
+    _check_count(n)
+    if not isinstance(degree, int) or isinstance(degree, bool) or not 1 <= degree < n:
+        raise ConfigError(f"a regular topology over {n} clients needs a whole degree in [1, {n - 1}], got {degree!r}")
+    if n * degree % 2:
+        raise ConfigError(
+            f"no {degree}-regular graph over {n} clients exists: clients x degree must be even, got {n} x {degree}"
+        )
+
+
 def topology(name: str, n: int, *, degree: int | None = None, rng: np.random.Generator) -> Adjacency:
     """The adjacency of topology ``name`` over ``n`` nodes: ``ring``, ``regular`` (:func:`random_regular`, which
     needs ``degree``) or ``full``. ``degree`` applies to ``regular`` only. Raises :class:`ConfigError` for an
@@ -127,15 +131,20 @@ def topology(name: str, n: int, *, degree: int | None = None, rng: np.random.Gen
     return ring(n) if name == "ring" else fully_connected(n)
 
 
-def check_topology(name: str, degree: int | None) -> None:
+def check_topology(name: str, degree: int | None, n: int | None = None) -> None:
     """Raise :class:`ConfigError` unless ``name`` is one of :data:`TOPOLOGIES` and ``degree`` is given exactly
-    when it is ``regular`` (what can be checked before the number of nodes is known)."""
+    when it is ``regular``; with the number of nodes ``n``, also unless a ``degree``-regular graph over ``n`` nodes
+    exists (what :func:`topology` checks before it draws a graph)."""
     if name not in TOPOLOGIES:
         raise ConfigError(f"unknown topology {name!r}; choose one of {', '.join(TOPOLOGIES)}")
     if name == "regular" and degree is None:
         raise ConfigError("the regular topology needs a degree (--degree)")
     if name != "regular" and degree is not None:
         raise ConfigError(f"a degree applies to the regular topology only, not to {name!r}")
+    if n is not None:
+        _check_count(n)
+        if degree is not None:
+            _check_regular(n, degree)
 
 
 def _check_adjacency(adjacency: npt.ArrayLike) -> Adjacency:
