@@ -13,7 +13,7 @@ models are combined. Columns:
 - central accuracy: the average of the clients' models (FedAvg: the global model) on the digits test set;
 - consensus distance: the mean over clients of ``||x_i - x_mean||^2`` after the last round (FedAvg: 0, one model);
 - spectral gap of the Metropolis-Hastings mixing matrix (how fast gossip mixes; 1 = exact average each round);
-- seconds: wall time of the whole run (FedAvg's includes writing its run store and checkpoints).
+- seconds: wall time of the whole run, writing its run store and checkpoints included (every run is recorded).
 
 Every number is the mean ± std over seeds 0..N-1; a seed fixes the partition, the initial model, the local
 training's shuffling and the random graph.
@@ -53,9 +53,10 @@ def one_seed(job: fl.Job, simulation: fl.SimulationConfig, degree: int) -> dict[
     data, _ = load_federation(job, simulation)
     rows: dict[str, list[float]] = {}
     for topology, chosen in (("ring", None), ("regular", degree), ("full", None)):
-        start = time.perf_counter()
-        result = fl.simulate_gossip(job, topology=topology, degree=chosen, simulation=simulation)
-        seconds = time.perf_counter() - start
+        with tempfile.TemporaryDirectory() as runs:
+            start = time.perf_counter()
+            result = fl.simulate_gossip(job, topology=topology, degree=chosen, simulation=simulation, runs_dir=runs)
+            seconds = time.perf_counter() - start
         final = result.final
         assert final.client_accuracy is not None
         assert final.central_accuracy is not None

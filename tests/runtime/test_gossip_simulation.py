@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -154,25 +155,31 @@ def tiny_job(**changes: Any) -> fl.Job:
     return dataclasses.replace(job, **changes)
 
 
-def test_simulate_gossip_runs_a_job_and_logs_a_line_per_round(caplog: pytest.LogCaptureFixture) -> None:
+def test_simulate_gossip_runs_a_job_and_logs_a_line_per_round(caplog: pytest.LogCaptureFixture, tmp_path: Path) -> None:
     with caplog.at_level(logging.INFO, logger="fedloom.run"):
-        result = fl.simulate_gossip(tiny_job(), topology="regular", degree=2)
+        result = fl.simulate_gossip(tiny_job(), topology="regular", degree=2, runs_dir=tmp_path)
     assert len(result.models) == 4
     assert len(result.history) == 2
     assert result.topology == "regular"
     lines = [r.getMessage() for r in caplog.records if r.name == "fedloom.run"]
     assert lines[0] == (
         "fedloom: job blobs, 4 clients, 2 rounds, partition iid, seed 1, gossip on a regular (degree 2) topology "
-        "(no server, not recorded)"
+        "(no server)"
     )
     assert [line.split("  ")[0] for line in lines[1:3]] == ["round 1/2", "round 2/2"]
     assert "client_acc" in lines[2]
     assert "consensus" in lines[2]
     # The simulation settings are the job's, or the ones given.
-    again = fl.simulate_gossip(tiny_job(), topology="regular", degree=2)
+    again = fl.simulate_gossip(tiny_job(), topology="regular", degree=2, runs_dir=tmp_path)
     assert again.average == result.average
-    longer = fl.simulate_gossip(tiny_job(), simulation=dataclasses.replace(tiny_job().simulation, rounds=3))
+    longer = fl.simulate_gossip(
+        tiny_job(), simulation=dataclasses.replace(tiny_job().simulation, rounds=3), runs_dir=tmp_path
+    )
     assert len(longer.history) == 3
+    # Each is a run of its own in the run store (tests/test_gossip_runs.py looks inside).
+    recorded = sorted(info.run_id for info in fl.RunStore(tmp_path).list_runs())
+    assert recorded == sorted([result.run_id, again.run_id, longer.run_id])
+    assert result.run_dir == tmp_path / result.run_id
 
 
 class NoFit:
@@ -202,16 +209,20 @@ class NoFit:
     ],
     ids=["no_fit", "unknown_topology", "degree_for_full", "attacks", "dropout", "odd_regular"],
 )
-def test_simulate_gossip_refuses_bad_input_clearly(job: fl.Job, kwargs: dict[str, Any], words: str) -> None:
+def test_simulate_gossip_refuses_bad_input_clearly(
+    job: fl.Job, kwargs: dict[str, Any], words: str, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError) as error:
-        fl.simulate_gossip(job, **kwargs)
+        fl.simulate_gossip(job, runs_dir=tmp_path, **kwargs)
     assert words in str(error.value)
+    assert list(tmp_path.iterdir()) == []  # refused before a run was started
 
 
-def test_a_failing_model_is_a_job_error() -> None:
+def test_a_failing_model_is_a_job_error(tmp_path: Path) -> None:
     class Broken(Recording):
         def init_params(self, seed: int) -> Params:
             raise RuntimeError("no such layer")
 
     with pytest.raises(JobError, match=r"init_params.*RuntimeError: no such layer"):
-        fl.simulate_gossip(tiny_job(task=Broken()))
+        fl.simulate_gossip(tiny_job(task=Broken()), runs_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # as fl.simulate: no model, no run

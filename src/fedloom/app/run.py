@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedloom.core.errors import FedloomError
 from fedloom.core.params import Params
@@ -18,9 +18,11 @@ from fedloom.runtime.records import RoundObserver, RoundRecord
 from fedloom.strategy.base import AsyncStrategy, Strategy
 from fedloom.tracking import RunRecorder
 
-__all__ = ["Run", "run_recorded"]
+__all__ = ["Run", "record_run", "run_recorded"]
 
 log = logging.getLogger("fedloom")
+
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -68,15 +70,15 @@ def run_recorded(
     ``on_close`` is called just before the run is closed, while ``recorder`` still records, with ``None`` after
     the last round or with the error on failure: a deployment says bye to its clients when the run is over and
     records the client events that came after the last round."""
-    latest = _Latest(initial_params if resume is None else resume.params)
-    try:
+
+    def loop(recording: Sequence[RoundObserver]) -> tuple[LoopResult, Params]:
         arguments: dict[str, Any] = {
             "grid": grid,
             "initial_params": initial_params,
             "rounds": rounds,
             "seed": seed,
             "evaluate_central": evaluate_central,
-            "observers": [recorder, latest, *observers],
+            "observers": [*recording, *observers],
             "timeout": timeout,
             "resume": resume,
         }
@@ -84,6 +86,26 @@ def run_recorded(
             result = run_async(strategy=strategy, **arguments)
         else:
             result = run_rounds(strategy=strategy, **arguments)
+        return result, result.params
+
+    return record_run(recorder, initial_params if resume is None else resume.params, loop, on_close=on_close)
+
+
+def record_run(
+    recorder: RunRecorder,
+    initial_params: Params,
+    run: Callable[[Sequence[RoundObserver]], tuple[R, Params]],
+    *,
+    on_close: Callable[[BaseException | None], None] | None = None,
+) -> R:
+    """Call ``run`` with the observers that record it (``recorder`` and a keeper of the latest params, to pass to
+    its rounds), which returns its result and its final params; then record the run as finished with those
+    params, or, if ``run`` raises, as failed with its error and the last good params (``initial_params`` before
+    the first round), and raise the error again. ``on_close`` is as :func:`run_recorded` describes. Every kind of
+    run (the server loop's, a decentralized one's) ends on record through here."""
+    latest = _Latest(initial_params)
+    try:
+        result, params = run([recorder, latest])
     except BaseException as exc:
         try:
             if on_close is not None:
@@ -94,7 +116,7 @@ def run_recorded(
         raise
     if on_close is not None:
         on_close(None)
-    recorder.finish(result.params)
+    recorder.finish(params)
     return result
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -11,6 +13,7 @@ from rich.table import Table
 from fedloom.app.gossip import simulate_gossip
 from fedloom.app.job import Job
 from fedloom.core.errors import ConfigError
+from fedloom.tracking import Exporter
 
 # Flags of `fedloom simulate` that a gossip run has no use for: its clients all train every round, in this
 # process, and there is no server to run a strategy or to attack.
@@ -43,31 +46,44 @@ def check_gossip_flags(given: dict[str, Any]) -> None:
         )
 
 
-def run_decentralized(console: Console, job: Job, topology: str, degree: int | None, *, quiet: bool) -> None:
-    """Run ``job`` with :func:`~fedloom.app.gossip.simulate_gossip`, printing its round lines (unless ``quiet``) and
-    a final table. Nothing is recorded in the run store."""
+def run_decentralized(
+    console: Console,
+    job: Job,
+    topology: str,
+    degree: int | None,
+    *,
+    quiet: bool,
+    out: Path,
+    exporters: Sequence[Exporter] = (),
+    db_url: str | None = None,
+) -> None:
+    """Run ``job`` with :func:`~fedloom.app.gossip.simulate_gossip`, recorded under ``out`` (its rows at ``db_url``
+    where given), printing its round lines (unless ``quiet``), a final table, and the run's id and directory."""
     if quiet:
         for handler in logging.getLogger("fedloom.run").handlers:
             handler.addFilter(lambda record: not hasattr(record, "gossip_round"))
-    result = simulate_gossip(job, topology=topology, degree=degree)
-    final = result.final
+    run = simulate_gossip(job, topology=topology, degree=degree, runs_dir=out, exporters=exporters, db_url=db_url)
+    final = run.final
     table = Table(title="decentralized run (gossip, no server)")
     table.add_column("", justify="left")
     table.add_column("final", justify="right")
     rows = {
         "topology": topology if degree is None else f"{topology}, degree {degree}",
-        "clients, rounds": f"{len(result.models)}, {final.round}",
-        "spectral gap": f"{result.spectral_gap:.4f}",
+        "clients, rounds": f"{len(run.models)}, {final.round}",
+        "spectral gap": f"{run.spectral_gap:.4f}",
         "mean client accuracy (own model, own test split)": _number(final.client_accuracy),
         "average model's central accuracy": _number(final.central_accuracy),
         "consensus distance (mean ||x_i - x_mean||^2)": f"{final.consensus_distance:.4g}",
-        "seconds": f"{sum(r.seconds for r in result.history):.1f}",
+        "seconds": f"{sum(r.seconds for r in run.history):.1f}",
     }
     for name, value in rows.items():
         table.add_row(name, value)
     console.print(table)
-    console.print(f"params_sha256 {result.average.sha256()}", highlight=False)
-    console.print("(the average model's; gossip runs are not recorded in the run store)", highlight=False)
+    console.print(
+        f"finished run [bold]{run.run_id}[/] (its checkpoints and params_sha256 are the clients' average model's)",
+        highlight=False,
+    )
+    console.print(f"params_sha256 {run.params_sha256}\nrun directory {run.run_dir}", highlight=False)
 
 
 def _number(value: float | None) -> str:

@@ -34,8 +34,8 @@ from fedloom.cli.protection import (
 from fedloom.cli.runs import DbUrl
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
+from fedloom.core.graphs import TOPOLOGIES, check_topology
 from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
-from fedloom.strategy.gossip import TOPOLOGIES, check_topology
 from fedloom.strategy.sampling import ClientSampling
 
 _PANEL_SIM = "Federation"
@@ -186,7 +186,7 @@ def simulate_command(
         typer.Option(
             help=f"Run the job decentralized instead of with its strategy: no server, every client trains its own "
             f"model and averages it with its neighbours' on this graph each round: {', '.join(TOPOLOGIES)}. "
-            "Gossip runs are not recorded in the run store.",
+            "The run is recorded in the runs folder like any other.",
             rich_help_panel=_PANEL_GOSSIP,
         ),
     ] = None,
@@ -200,7 +200,7 @@ def simulate_command(
     tensorboard: TensorBoardDir = None,
     db: DbUrl = None,
 ) -> None:
-    """Run a simulated federation and record it in the runs folder (with --topology: decentralized, unrecorded)."""
+    """Run a simulated federation and record it in the runs folder (with --topology: decentralized, no server)."""
     if topology is not None:
         check_gossip_flags(
             {
@@ -268,10 +268,10 @@ def simulate_command(
     console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
     sim = configured.simulation
     _announce_run(console)
-    if topology is not None:
-        run_decentralized(console, configured, topology, degree, quiet=quiet)
-        return
     mirrors = exporters(mlflow_uri, tensorboard)
+    if topology is not None:
+        run_decentralized(console, configured, topology, degree, quiet=quiet, out=out, exporters=mirrors, db_url=db)
+        return
     observers = [] if quiet else [ConsoleProgress(console, sim.rounds, configured.name)]
     if observers:
         with observers[0]:

@@ -41,9 +41,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fedloom.core.errors import FedloomError
+from fedloom.core.graphs import random_regular
 from fedloom.privacy import shamir
 from fedloom.privacy.quantize import Quantizer
-from fedloom.strategy.gossip import random_regular
 
 __all__ = ["SecAggClient", "SecAggError", "SecAggServer", "mask_vector", "neighbourhoods"]
 
@@ -90,7 +90,7 @@ def _pair_mask(seed: bytes, me: int, other: int, length: int) -> npt.NDArray[np.
 
 def neighbourhoods(parties: Sequence[int], degree: int, rng: np.random.Generator) -> dict[int, frozenset[int]]:
     """SecAgg+'s neighbourhoods: a random connected ``degree``-regular graph over ``parties``
-    (:func:`fedloom.strategy.gossip.random_regular`), as party -> its neighbours."""
+    (:func:`fedloom.core.graphs.random_regular`), as party -> its neighbours."""
     adjacency = random_regular(len(parties), degree, rng)
     return {p: frozenset(parties[int(j)] for j in np.flatnonzero(adjacency[i])) for i, p in enumerate(parties)}
 
