@@ -41,7 +41,7 @@ def test_gossip_prints_a_line_per_round_and_a_final_table(cli: Cli, gossip_runs:
     result = gossip_runs["ring"].ok()
     lines = result.stdout.splitlines()
     assert lines[0] == (
-        "fedloom: job digits, 4 clients, 2 rounds, partition dirichlet, seed 3, gossip on a ring topology "
+        "fedloom: job digits, 4 clients, 2 rounds, partition dirichlet (alpha 0.5), seed 3, gossip on a ring topology "
         "(no server, not recorded)"
     )
     rounds = [line for line in lines if line.startswith("round ")]
