@@ -20,9 +20,10 @@ import pytest
 
 import fedloom as fl
 from fedloom.core.errors import ConfigError, JobError, RunStoreError
+from fedloom.runtime.records import RoundRecord
 from fedloom.serving import ServedModel
 from fedloom.serving.export import export
-from fedloom.tracking import RunStore, load_params
+from fedloom.tracking import RunRecorder, RunStore, load_params
 from fedloom.tracking.recorder import checkpoint_path
 
 pytest.importorskip("fastapi")
@@ -85,8 +86,14 @@ class Server:
 
     def post(self, body: bytes, *, content_type: str = "application/json", token: str | None = None) -> tuple[int, Any]:
         headers = {"Content-Type": content_type, "Authorization": f"Bearer {token or self.token}"}
-        self.connection.request("POST", "/predict", body=body, headers=headers)
-        answer = self.connection.getresponse()
+        try:
+            self.connection.request("POST", "/predict", body=body, headers=headers)
+            answer = self.connection.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            # uvicorn closes a connection left idle for 5 seconds (while another test ran): open a new one
+            self.connection.close()
+            self.connection.request("POST", "/predict", body=body, headers=headers)
+            answer = self.connection.getresponse()
         return answer.status, json.loads(answer.read())
 
     def predict(self, instances: list[Any]) -> tuple[int, Any]:
@@ -127,6 +134,22 @@ def test_a_thousand_requests_get_the_models_own_outputs(server: Server, run, tes
     status, batch = server.predict(x[:500].tolist())  # one request, many instances
     assert status == 200
     assert batch["predictions"] == predictions[:500]
+
+
+def test_a_deployments_model_is_served_by_its_run_id(run, tmp_path: Path) -> None:
+    # A deployment's folder is named by its operator; `fedloom serve` takes the run id its server printed.
+    _, done = run
+    config = {"job": "digits", "backend": "deployment", "rounds": 1}
+    recorder, _ = RunRecorder.open(tmp_path / "runs" / "site-run", "digits", config)
+    recorder.on_round(RoundRecord(1, {"fit_loss": 0.5}, (), 0.1), done.params)
+    recorder.finish(done.params)
+    served = Server(tmp_path / "runs", recorder.run_id, "t0ken")
+    try:
+        status, answer = served.predict([[0.0] * 64])
+    finally:
+        served.close()
+    assert status == 200, answer
+    assert (answer["run_id"], answer["round"]) == (recorder.run_id, 1)
 
 
 @pytest.mark.parametrize(
