@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import shlex
 import subprocess
 import sys
 import warnings
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -29,6 +31,7 @@ from fedloom.tracking.recorder import checkpoint_path
 pytest.importorskip("fastapi")
 
 REQUESTS = 1000
+SERVING_DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 SERVING = re.compile(r"^serving run (\S+) after round (\d+) \(input \[64\]\) at http://127\.0\.0\.1:(\d+)/predict$")
 
 
@@ -134,6 +137,28 @@ def test_a_thousand_requests_get_the_models_own_outputs(server: Server, run, tes
     status, batch = server.predict(x[:500].tolist())  # one request, many instances
     assert status == 200
     assert batch["predictions"] == predictions[:500]
+
+
+def _documented_request() -> tuple[str, dict[str, str], bytes]:
+    """The ``curl`` command of docs/serving.md, as written there: its address, headers and body."""
+    (command,) = [line for line in SERVING_DOC.read_text().splitlines() if line.startswith("curl ")]
+    args = shlex.split(command)
+    url = next(arg for arg in args if arg.startswith("http"))
+    headers = dict(args[i + 1].split(": ", 1) for i, arg in enumerate(args) if arg == "-H")
+    return url, headers, args[args.index("-d") + 1].encode()
+
+
+def test_the_documented_request_is_answered(server: Server, test_set) -> None:
+    url, headers, body = _documented_request()
+    assert urlsplit(url).path == "/predict"
+    assert headers == {"content-type": "application/json"}
+    status, answer = server.post(body, content_type=headers["content-type"])
+    assert status == 200, answer
+    assert len(answer["outputs"]) == len(answer["predictions"]) == 1
+    # What the page says it sends: the test split's first digit, a 7, standardized as the model was trained on it.
+    (instance,) = json.loads(body)["instances"]
+    np.testing.assert_allclose(instance, test_set[0][0], atol=0.0051)
+    assert test_set[1][0] == 7
 
 
 def test_a_deployments_model_is_served_by_its_run_id(run, tmp_path: Path) -> None:
