@@ -143,7 +143,7 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 
 @pytest.fixture(scope="module")
 def results(cli: Cli) -> dict[str, CliResult]:
-    """Every case of :data:`CASES` (each with its own runs folder) and a usage error, run together."""
+    """Every case of :data:`CASES` (each with its own runs folder), run together."""
     jobs = cli.cwd / "jobs"
     jobs.mkdir()
     for name, text in JOB_FILES.items():
@@ -152,7 +152,6 @@ def results(cli: Cli) -> dict[str, CliResult]:
         case: ["simulate", *(a.format(cwd=cli.cwd) for a in args), "--out", f"runs_{case}"]
         for case, (args, _) in CASES.items()
     }
-    commands["rounds_not_a_number"] = ["simulate", "digits", "--rounds", "abc"]
     return cli.run_all(commands)
 
 
@@ -174,11 +173,42 @@ def test_job_file_error_names_the_line(case: str, results: dict[str, CliResult])
     assert "(line 3)" in results[case].error()
 
 
-def test_usage_error_exits_with_2(results: dict[str, CliResult]) -> None:
-    result = results["rounds_not_a_number"]
-    assert result.returncode == 2, result
-    assert "Traceback" not in result.stderr, result
-    assert "Invalid value for '--rounds'" in result.stderr, result
+# id -> (arguments, words the error line must contain): mistakes typer finds before any fedloom code runs
+USAGE_ERRORS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "bad_value": (
+        ("simulate", "digits", "--rounds", "ten"),
+        ("Invalid value for '--rounds'", "fedloom simulate --help"),
+    ),
+    "unknown_option": (("simulate", "digits", "--nope"), ("No such option: --nope", "fedloom simulate --help")),
+    "missing_option": (("server", "digits", "--rounds", "1"), ("Missing option '--address'", "fedloom server --help")),
+    "missing_argument": (("runs", "show"), ("Missing argument 'run'", "fedloom runs show --help")),
+    "unknown_command": (("runs", "shw"), ("No such command 'shw'", "fedloom runs --help")),
+}
+
+
+@pytest.fixture(scope="module")
+def usage(cli: Cli) -> dict[str, CliResult]:
+    """Every case of :data:`USAGE_ERRORS`, and ``simulate --help``, run together."""
+    commands = {case: list(args) for case, (args, _) in USAGE_ERRORS.items()}
+    commands["help"] = ["simulate", "--help"]
+    return cli.run_all(commands)
+
+
+@pytest.mark.parametrize("case", USAGE_ERRORS)
+def test_a_usage_error_is_one_error_line_as_every_other_mistake(case: str, usage: dict[str, CliResult]) -> None:
+    result = usage[case]
+    message = result.error()  # exit code 2, one line `error: ...`, no traceback
+    for words in USAGE_ERRORS[case][1]:
+        assert words in message
+    assert "╭" not in result.stderr  # not typer's boxed panel
+    assert result.stdout == ""
+
+
+def test_help_is_still_typers_help(usage: dict[str, CliResult]) -> None:
+    result = usage["help"].ok()
+    assert "Usage: fedloom simulate [OPTIONS]" in result.stdout
+    assert "--rounds" in result.stdout
+    assert result.stderr == ""
 
 
 def test_failed_run_is_recorded_as_failed(cli: Cli, results: dict[str, CliResult]) -> None:

@@ -43,7 +43,8 @@ def test_gossip_prints_a_line_per_round_and_a_final_table(cli: Cli, gossip_runs:
     result = gossip_runs["ring"].ok()
     lines = result.stdout.splitlines()
     assert lines[0] == (
-        "fedloom: job digits, 4 clients, 2 rounds, partition dirichlet, seed 3, gossip on a ring topology (no server)"
+        "fedloom: job digits, 4 clients, 2 rounds, partition dirichlet (alpha 0.5), seed 3, gossip on a ring topology "
+        "(no server)"
     )
     rounds = [line for line in lines if line.startswith("round ")]
     assert [line.split("  ")[0] for line in rounds] == ["round 1/2", "round 2/2"]

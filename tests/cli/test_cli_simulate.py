@@ -39,7 +39,7 @@ def heart_runs(cli: Cli, shared_data: Path) -> dict[str, CliResult]:
 def test_simulate_prints_a_line_per_round_and_the_params_hash(digits_run: CliResult) -> None:
     assert digits_run.stderr == ""
     header = digits_run.stdout.splitlines()[0]
-    assert header == "fedloom: job digits, 5 clients, 2 rounds, partition dirichlet, seed 7"
+    assert header == "fedloom: job digits, 5 clients, 2 rounds, partition dirichlet (alpha 0.5), seed 7"
     lines = _round_lines(digits_run)
     assert [line.split("  ")[0] for line in lines] == ["round 1/2", "round 2/2"]
     assert all("clients 5/5" in line and re.search(r"acc \d\.\d{4}", line) for line in lines), lines
@@ -96,6 +96,18 @@ def test_same_seed_gives_the_same_params(cli: Cli, digits_run: CliResult, digits
 
 def test_another_seed_gives_other_params(digits_run: CliResult, digits_runs: dict[str, CliResult]) -> None:
     assert digits_runs["seed8_quiet"].ok().params_sha256() != digits_run.params_sha256()
+
+
+@pytest.mark.parametrize(
+    ("run", "partition"),
+    [("flags", "partition iid,"), ("dropout", "partition shards (3 per client),")],
+)
+def test_the_header_names_the_partition_with_its_parameters(
+    digits_runs: dict[str, CliResult], run: str, partition: str
+) -> None:
+    header = digits_runs[run].ok().stdout.splitlines()[0]
+    assert header.startswith("fedloom: job digits, ")
+    assert f" {partition} " in header
 
 
 def test_quiet_prints_only_the_summary(digits_runs: dict[str, CliResult]) -> None:

@@ -36,6 +36,21 @@ def test_partition_and_simulation_configs_reject_bad_values():
         SimulationConfig(num_clients=0)
 
 
+@pytest.mark.parametrize(
+    ("partition", "label"),
+    [
+        (PartitionConfig("dirichlet"), "dirichlet (alpha 0.5)"),
+        (PartitionConfig("dirichlet", alpha=0.05), "dirichlet (alpha 0.05)"),
+        (PartitionConfig("quantity", alpha=2.0), "quantity (alpha 2)"),
+        (PartitionConfig("shards", shards_per_client=3), "shards (3 per client)"),
+        (PartitionConfig("iid", alpha=0.3), "iid"),  # alpha does not shape an iid split: not shown
+        (PartitionConfig("natural"), "natural"),
+    ],
+)
+def test_a_partition_is_labelled_with_the_parameters_its_scheme_uses(partition, label):
+    assert partition.label() == label
+
+
 def test_configs_are_frozen():
     config = SimulationConfig()
     with pytest.raises(AttributeError):

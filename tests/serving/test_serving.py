@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import shlex
 import subprocess
 import sys
 import warnings
@@ -14,20 +15,23 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
 
 import fedloom as fl
 from fedloom.core.errors import ConfigError, JobError, RunStoreError
+from fedloom.runtime.records import RoundRecord
 from fedloom.serving import ServedModel
 from fedloom.serving.export import export
-from fedloom.tracking import RunStore, load_params
+from fedloom.tracking import RunRecorder, RunStore, load_params
 from fedloom.tracking.recorder import checkpoint_path
 
 pytest.importorskip("fastapi")
 
 REQUESTS = 1000
+SERVING_DOC = Path(__file__).resolve().parents[2] / "docs" / "serving.md"
 SERVING = re.compile(r"^serving run (\S+) after round (\d+) \(input \[64\]\) at http://127\.0\.0\.1:(\d+)/predict$")
 
 
@@ -85,8 +89,14 @@ class Server:
 
     def post(self, body: bytes, *, content_type: str = "application/json", token: str | None = None) -> tuple[int, Any]:
         headers = {"Content-Type": content_type, "Authorization": f"Bearer {token or self.token}"}
-        self.connection.request("POST", "/predict", body=body, headers=headers)
-        answer = self.connection.getresponse()
+        try:
+            self.connection.request("POST", "/predict", body=body, headers=headers)
+            answer = self.connection.getresponse()
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            # uvicorn closes a connection left idle for 5 seconds (while another test ran): open a new one
+            self.connection.close()
+            self.connection.request("POST", "/predict", body=body, headers=headers)
+            answer = self.connection.getresponse()
         return answer.status, json.loads(answer.read())
 
     def predict(self, instances: list[Any]) -> tuple[int, Any]:
@@ -127,6 +137,44 @@ def test_a_thousand_requests_get_the_models_own_outputs(server: Server, run, tes
     status, batch = server.predict(x[:500].tolist())  # one request, many instances
     assert status == 200
     assert batch["predictions"] == predictions[:500]
+
+
+def _documented_request() -> tuple[str, dict[str, str], bytes]:
+    """The ``curl`` command of docs/serving.md, as written there: its address, headers and body."""
+    (command,) = [line for line in SERVING_DOC.read_text().splitlines() if line.startswith("curl ")]
+    args = shlex.split(command)
+    url = next(arg for arg in args if arg.startswith("http"))
+    headers = dict(args[i + 1].split(": ", 1) for i, arg in enumerate(args) if arg == "-H")
+    return url, headers, args[args.index("-d") + 1].encode()
+
+
+def test_the_documented_request_is_answered(server: Server, test_set) -> None:
+    url, headers, body = _documented_request()
+    assert urlsplit(url).path == "/predict"
+    assert headers == {"content-type": "application/json"}
+    status, answer = server.post(body, content_type=headers["content-type"])
+    assert status == 200, answer
+    assert len(answer["outputs"]) == len(answer["predictions"]) == 1
+    # What the page says it sends: the test split's first digit, a 7, standardized as the model was trained on it.
+    (instance,) = json.loads(body)["instances"]
+    np.testing.assert_allclose(instance, test_set[0][0], atol=0.0051)
+    assert test_set[1][0] == 7
+
+
+def test_a_deployments_model_is_served_by_its_run_id(run, tmp_path: Path) -> None:
+    # A deployment's folder is named by its operator; `fedloom serve` takes the run id its server printed.
+    _, done = run
+    config = {"job": "digits", "backend": "deployment", "rounds": 1}
+    recorder, _ = RunRecorder.open(tmp_path / "runs" / "site-run", "digits", config)
+    recorder.on_round(RoundRecord(1, {"fit_loss": 0.5}, (), 0.1), done.params)
+    recorder.finish(done.params)
+    served = Server(tmp_path / "runs", recorder.run_id, "t0ken")
+    try:
+        status, answer = served.predict([[0.0] * 64])
+    finally:
+        served.close()
+    assert status == 200, answer
+    assert (answer["run_id"], answer["round"]) == (recorder.run_id, 1)
 
 
 @pytest.mark.parametrize(

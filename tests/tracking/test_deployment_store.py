@@ -1,5 +1,6 @@
 """What a deployment keeps in its run directory: hashed client tokens, a resumable run, the client timeline."""
 
+import shutil
 from datetime import datetime, timezone
 
 import numpy as np
@@ -92,3 +93,67 @@ def test_client_events_are_kept_in_order_across_calls(tmp_path, db_url):
     ]
     assert events[0]["at"] == at
     assert events[2]["detail"] == "gone"
+
+
+def _deployment(run_dir, url) -> RunRecorder:
+    """A finished one-round deployment recorded in ``run_dir``, as ``fedloom server --run-dir`` records it."""
+    recorder, _ = RunRecorder.open(run_dir, "digits", CONFIG, url=url)
+    recorder.on_round(*_round(1))
+    recorder.finish(_round(1)[1])
+    return recorder
+
+
+def test_a_deployment_is_found_by_its_id_a_prefix_its_folder_or_its_path(tmp_path, db_url):
+    root = tmp_path / "runs"
+    simulated = RunRecorder.create(root, "sim", CONFIG, url=db_url)  # beside it, a run whose folder is its id
+    simulated.finish(_round(1)[1])
+    folder = root / "site-run"
+    deployed = _deployment(folder, db_url)
+    assert deployed.run_id != folder.name
+    store = RunStore(root, db_url)
+    assert {info.run_id: info.path for info in store.list_runs()} == {
+        deployed.run_id: folder,
+        simulated.run_id: simulated.run_dir,
+    }
+    prefix = deployed.run_id[: deployed.run_id.index("-digits-") + 2]  # past the timestamp both ids may share
+    for ref in (deployed.run_id, prefix, "site-run", str(folder)):
+        assert store.resolve(ref) == folder, ref
+        assert store.info(ref).run_id == deployed.run_id, ref
+        assert store.run_dir(ref) == folder, ref
+        assert [row["round"] for row in store.rounds(ref)] == [1], ref
+    assert store.resolve(simulated.run_id) == simulated.run_dir
+    with pytest.raises(RunStoreError, match="no run matches 'site-runs'") as unknown:
+        store.resolve("site-runs")
+    assert f"{deployed.run_id} (site-run)" in str(unknown.value)  # listed by its id, with its folder
+
+
+def test_a_deployment_elsewhere_is_found_by_its_path_and_in_a_shared_database_by_its_id(tmp_path, db_url):
+    root = tmp_path / "runs"
+    root.mkdir()
+    elsewhere = tmp_path / "srv" / "federation"
+    deployed = _deployment(elsewhere, db_url)
+    store = RunStore(root, db_url)
+    assert store.resolve(str(elsewhere)) == elsewhere
+    assert store.run_dir(str(elsewhere)) == elsewhere
+    assert store.info(str(elsewhere)).run_id == deployed.run_id
+    if db_url is None:  # its rows are in its own folder, which the runs folder does not hold: not listed
+        assert store.list_runs() == []
+        with pytest.raises(RunStoreError, match="a run directory elsewhere can be given by its path"):
+            store.resolve(deployed.run_id)
+    else:  # the shared database lists it and holds its rows; its files are in its own folder
+        assert [info.run_id for info in store.list_runs()] == [deployed.run_id]
+        assert store.info(deployed.run_id).rounds == 1
+        with pytest.raises(RunStoreError, match="its run directory is elsewhere"):
+            store.run_dir(deployed.run_id)
+
+
+def test_a_run_id_in_two_folders_is_ambiguous_and_each_folder_names_its_copy(tmp_path):
+    root = tmp_path / "runs"
+    deployed = _deployment(root / "site-run", None)
+    shutil.copytree(root / "site-run", root / "site-run-copy")
+    store = RunStore(root)
+    with pytest.raises(RunStoreError, match="ambiguous") as ambiguous:
+        store.resolve(deployed.run_id)
+    assert f"{deployed.run_id} (site-run)" in str(ambiguous.value)
+    assert f"{deployed.run_id} (site-run-copy)" in str(ambiguous.value)
+    assert store.resolve("site-run-copy") == root / "site-run-copy"

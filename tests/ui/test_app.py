@@ -12,6 +12,7 @@ from federation_runs import PARAMS, record_run, round_record
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
 
+from fedloom.tracking import RunRecorder
 from fedloom.ui import create_app
 from fedloom.ui.app import COOKIE
 
@@ -82,6 +83,28 @@ def test_a_run_in_progress_is_read_again_after_each_round(tmp_path: Path, db_url
         recorder.finish(PARAMS)
         assert client.get(f"/api/runs/{ref}").json()["run"]["status"] == "finished"
     assert _warmers() == 0
+
+
+def test_a_deployments_pages_answer_to_its_run_id(tmp_path: Path, db_url: str | None) -> None:
+    # A deployment's folder is named by its operator (--run-dir runs/site-run); its run id is what its server
+    # printed and the run list shows, so a page's address may hold either.
+    other = record_run(tmp_path, "other", rounds=1, clients=2, url=db_url)
+    deployed, _ = RunRecorder.open(tmp_path / "site-run", "digits", {"simulation": {"num_clients": 3}}, url=db_url)
+    for r in (1, 2):
+        deployed.on_round(round_record(r, 3), PARAMS)
+    deployed.finish(PARAMS)
+    client = TestClient(create_app(tmp_path, db_url=db_url), base_url=LOCAL)
+    listed = {run["run_id"]: run["ref"] for run in client.get("/api/runs").json()}
+    assert listed == {deployed.run_id: "site-run", other.run_id: other.run_id}
+    prefix = deployed.run_id[: deployed.run_id.index("-digits-") + 2]
+    for ref in (deployed.run_id, prefix, "site-run"):
+        page = client.get(f"/api/runs/{ref}")
+        assert page.status_code == 200, (ref, page.text)
+        assert (page.json()["run"]["run_id"], page.json()["run"]["rounds"]) == (deployed.run_id, 2)
+        assert client.get(f"/api/runs/{ref}/clients").json()["rounds"] == [1, 2]
+        assert len(client.get(f"/api/runs/{ref}/clients/client-000").json()["records"]) == 4
+    compared = client.get("/api/compare", params=[("run", deployed.run_id), ("run", other.run_id)])
+    assert [run["run_id"] for run in compared.json()["runs"]] == [deployed.run_id, other.run_id]
 
 
 def _warmers() -> int:

@@ -78,7 +78,7 @@ def load_federation(job: Job, config: SimulationConfig) -> tuple[Federation, str
     loaded = job.load_data(config.data_dir, num_clients=config.num_clients, seed=config.seed)
     if isinstance(loaded, Dataset):
         data = federate(loaded, config.num_clients, config.partition, config.seed, config.holdout)
-        return data, f"partition {config.partition.scheme}"
+        return data, f"partition {config.partition.label()}"
     return loaded, f"{type(loaded).__name__} {loaded.name!r}"
 
 

@@ -20,7 +20,7 @@ def verify_command(run: RunRef, runs: RunsDir = Path("runs"), db: DbUrl = None) 
     """Check that RUN's privacy ledger is intact: no record edited, removed, added or cut off since it was
     written (each record chains to the one before, and each round's checkpoint holds the ledger's head then)."""
     store = RunStore(runs, db)
-    run_dir = store.resolve(run)
+    run_dir = store.run_dir(run)
     info = store.info(run)
     heads = {}
     for row in store.rounds(run):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Any
 
 # gRPC's C core reads GRPC_VERBOSITY once, when grpc is first imported (by the sub-commands below). Left unset,
 # a failed TLS handshake prints C-level log lines next to fedloom's one-line error; GRPC_VERBOSITY=INFO shows them.
@@ -12,6 +13,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from fedloom.cli import certs, client, ledger, partition, privacy, report, runs, serve, server, simulate, tokens, ui
 from fedloom.core.errors import FedloomError
@@ -58,6 +60,9 @@ app.command("serve")(serve.serve_command)
 app.command("export")(serve.export_command)
 
 _stderr = Console(stderr=True)
+# What typer raises for a usage error (a bad value, a missing or unknown option, an unknown command): click's
+# ClickException, from the click that typer runs on (recent typers carry their own copy, typer._click).
+_CLICK_ERROR: type[Any] = next(cls for cls in typer.BadParameter.__mro__ if cls.__name__ == "ClickException")
 
 
 def configure_logging() -> None:
@@ -70,14 +75,29 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, handlers=[console])
 
 
+def _error(message: str) -> None:
+    """Print ``error: MESSAGE`` on stderr (``message`` as it is, never read as markup)."""
+    _stderr.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+
+
 def main() -> None:
-    """Entry point: runs the app; a fedloom error ends with one line on stderr and exit code 2."""
+    """Entry point: runs the app. A fedloom error or a usage error (a bad flag value, a missing or unknown option)
+    ends with one ``error: ...`` line on stderr and exit code 2; ``--help`` and ``--version`` exit 0."""
     configure_logging()
     try:
-        app()
+        code = app(prog_name="fedloom", standalone_mode=False)
     except FedloomError as exc:
-        _stderr.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        _error(str(exc))
         sys.exit(2)
+    except _CLICK_ERROR as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a group called without a command: typer printed its help
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        message = " ".join(exc.format_message().split())  # one line, whatever click wrapped
+        _error(f"{message} (see '{ctx.command_path if ctx is not None else 'fedloom'} --help')")
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         _stderr.print("interrupted")
         sys.exit(130)
+    if isinstance(code, int) and code:  # typer.Exit(code) and Ctrl-C (130) come back as the exit code
+        sys.exit(code)

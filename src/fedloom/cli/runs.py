@@ -64,10 +64,10 @@ def list_command(runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
 def show_command(run: RunRef, runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
     """Show a run: where it is, and a table of its rounds."""
     store = RunStore(runs, db)
+    info = store.info(run)
     rows = store.rounds(run)
-    path = store.resolve(run)
     console = Console(soft_wrap=True)
-    console.print(f"run [bold]{path.name}[/] in {path}", highlight=False)
+    console.print(f"run [bold]{info.run_id}[/] in {info.path}", highlight=False)
     metric_names = sorted({k for row in rows for k in row} - set(ROUND_COLUMNS))
     columns = (*ROUND_COLUMNS, *metric_names)
     console.print(_table(columns, [tuple(number(row.get(c)) for c in columns) for row in rows]))
@@ -89,13 +89,13 @@ def compare_command(
     if len(run) < 2:
         raise ConfigError("compare needs two runs or more")
     store = RunStore(runs, db)
-    paths = [store.resolve(ref) for ref in run]
-    configs = [store.config(str(path)) for path in paths]
-    rounds = [store.rounds(str(path)) for path in paths]
-    labels = [chr(ord("A") + i) if i < 26 else f"R{i + 1}" for i in range(len(paths))]
+    infos = [store.info(ref) for ref in run]
+    configs = [store.config(ref) for ref in run]
+    rounds = [store.rounds(ref) for ref in run]
+    labels = [chr(ord("A") + i) if i < 26 else f"R{i + 1}" for i in range(len(infos))]
     console = Console(soft_wrap=True)
-    for label, path in zip(labels, paths, strict=True):
-        console.print(f"{label}  {path.name}", highlight=False)
+    for label, info in zip(labels, infos, strict=True):
+        console.print(f"{label}  {info.run_id}", highlight=False)
     differ, same = config_diff(configs)
     console.print(f"\nconfig: {same} settings the same, {len(differ)} differ", highlight=False)
     if differ:
@@ -120,7 +120,7 @@ def events_command(run: RunRef, runs: RunsDir = Path("runs"), db: DbUrl = None) 
     events = store.client_events(run)
     console = Console(soft_wrap=True)
     if not events:
-        console.print(f"run {store.resolve(run).name} has no client events (only deployments record them)")
+        console.print(f"run {store.info(run).run_id} has no client events (only deployments record them)")
         return
     header = ("time (UTC)", "round", "client", "event", "bytes", "detail")
     rows = [
@@ -159,7 +159,7 @@ def logs_command(
     if found["matched"] > shown:
         console.print(f"({found['matched']} lines match; the last {shown} are shown: --last to see more)")
     elif not shown:
-        console.print(f"no lines match in run {store.resolve(run).name}")
+        console.print(f"no lines match in run {store.info(run).run_id}")
 
 
 @app.command("export")

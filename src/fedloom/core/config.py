@@ -123,6 +123,15 @@ class PartitionConfig:
         _require(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
         _require(self.shards_per_client >= 1, f"shards_per_client must be >= 1, got {self.shards_per_client}")
 
+    def label(self) -> str:
+        """The scheme with the parameters it uses, as a run's headline shows it: ``dirichlet (alpha 0.5)``,
+        ``quantity (alpha 0.5)``, ``shards (2 per client)``, ``iid``, ``natural``."""
+        if self.scheme in ("dirichlet", "quantity"):
+            return f"{self.scheme} (alpha {self.alpha:g})"
+        if self.scheme == "shards":
+            return f"shards ({self.shards_per_client} per client)"
+        return self.scheme
+
 
 @dataclass(frozen=True)
 class BackendConfig:

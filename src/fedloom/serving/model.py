@@ -69,7 +69,7 @@ class ServedModel:
         chosen = info.rounds if server_round is None else server_round
         if not 1 <= chosen <= info.rounds:
             raise RunStoreError(f"run {info.run_id} recorded rounds 1 to {info.rounds}; there is no round {chosen}")
-        path = checkpoint_path(info.path, chosen)
+        path = checkpoint_path(store.run_dir(ref), chosen)
         if not path.is_file():
             raise RunStoreError(f"run {info.run_id} has no checkpoint of round {chosen} ({path} is missing)")
         loaded = _job(store.config(ref).get("job"), job)

@@ -1,7 +1,9 @@
 """``RunStore``: read the runs under a root folder (list, resolve a reference, rounds, clients, export).
 
 Each run is a folder ``<root>/<run_id>/`` holding ``run.db`` (see :mod:`fedloom.tracking.schema`),
-``checkpoints/`` and ``summary.json``. The store only reads; :class:`~fedloom.tracking.RunRecorder` writes.
+``checkpoints/`` and ``summary.json``; a deployment's folder (``fedloom server --run-dir``) is named by its
+operator instead. The store only reads; :class:`~fedloom.tracking.RunRecorder` writes. Every command that takes a
+run finds it through :meth:`RunStore.resolve`: by run id, a unique prefix of it, its folder's name, or a path.
 
 >>> store = RunStore("runs")                                # doctest: +SKIP
 >>> [info.run_id for info in store.list_runs()]             # newest first  # doctest: +SKIP
@@ -191,23 +193,28 @@ def shared_run_id(run_dir: Path) -> str:
     return marker.read_text().strip() if marker.is_file() else run_dir.name
 
 
-def _read_run_row(conn: Connection, run_dir: Path, shared: bool = False) -> Any:
-    """The run of ``run_dir``: in a database that many runs share, the one :func:`shared_run_id` names."""
+def _run_id_in(conn: Connection, run_dir: Path, shared: bool = False) -> str:
+    """The id of ``run_dir``'s run: in a database that many runs share, the one :func:`shared_run_id` names; in the
+    folder's own database, its one run, or where it holds several, the one named like the folder."""
     if shared:
-        run_id = shared_run_id(run_dir)
-        row = conn.execute(select(runs).where(runs.c.run_id == run_id)).first()
-        if row is None:
-            raise RunStoreError(f"the run database holds no run {run_id!r}")
-        return row
-    rows = list(conn.execute(select(runs)))
-    if not rows:
+        return shared_run_id(run_dir)
+    ids = list(conn.execute(select(runs.c.run_id)).scalars())
+    if not ids:
         raise RunStoreError(f"run directory {run_dir} has an empty run database")
-    if len(rows) == 1:
-        return rows[0]
-    for row in rows:
-        if row.run_id == run_dir.name:
-            return row
+    if len(ids) == 1:
+        return str(ids[0])
+    if run_dir.name in ids:
+        return run_dir.name
     raise RunStoreError(f"run database in {run_dir} holds several runs and none is named {run_dir.name!r}")
+
+
+def _read_run_row(conn: Connection, run_dir: Path, shared: bool = False) -> Any:
+    """The ``runs`` row of ``run_dir``'s run (see :func:`_run_id_in`)."""
+    run_id = _run_id_in(conn, run_dir, shared)
+    row = conn.execute(select(runs).where(runs.c.run_id == run_id)).first()
+    if row is None:
+        raise RunStoreError(f"the run database holds no run {run_id!r}")
+    return row
 
 
 def _info_from(row: Any, round_list: list[dict[str, Any]], run_dir: Path) -> RunInfo:
@@ -260,6 +267,9 @@ class RunStore:
     def __init__(self, root: str | Path, url: str | None = None) -> None:
         self._root = Path(root)
         self._url = url
+        # Each run directory's run id, read once from its own database (keyed by that file's inode, so a folder
+        # made again for another run is read again): a run directory's id never changes.
+        self._ids: dict[Path, tuple[int, str]] = {}
 
     @property
     def root(self) -> Path:
@@ -271,12 +281,46 @@ class RunStore:
         return self._url
 
     def _run_dirs(self) -> list[Path]:
+        """The folders of the runs the store lists (see :meth:`_index`)."""
         if self._url is not None:
-            with self._shared() as conn:
-                return sorted(self._root / run_id for run_id in conn.execute(select(runs.c.run_id)).scalars())
+            return [run_dir for _, run_dir in self._index()]
         if not self._root.is_dir():
             return []
         return sorted(p for p in self._root.iterdir() if p.is_dir() and (p / DB_NAME).is_file())
+
+    def _index(self) -> list[tuple[str, Path]]:
+        """Every run the store lists, as (run id, run directory). Without a shared database: the folders of the
+        root that hold a ``run.db``, each with the id of its run (a deployment's folder is named by its operator, so
+        its id is read from its database); folders whose run cannot be read are left out. With one: every run in
+        it, each in the folder of the root whose ``run_id`` file names it (a deployment's), else in
+        ``root/<run_id>`` (which need not exist: a deployment elsewhere records only its rows here)."""
+        if self._url is None:
+            return [(run_id, run_dir) for run_dir in self._run_dirs() if (run_id := self._local_id(run_dir))]
+        with self._shared() as conn:
+            ids = sorted(conn.execute(select(runs.c.run_id)).scalars())
+        named: dict[str, Path] = {}
+        if self._root.is_dir():
+            for folder in sorted(self._root.iterdir()):
+                if (folder / RUN_ID_FILE).is_file():
+                    named.setdefault(shared_run_id(folder), folder)
+        return [(run_id, named.get(run_id, self._root / run_id)) for run_id in ids]
+
+    def _local_id(self, run_dir: Path) -> str | None:
+        """The id of the run in ``run_dir``'s own database, or ``None`` where it cannot be read (yet)."""
+        try:
+            inode = (run_dir / DB_NAME).stat().st_ino
+        except OSError:
+            return None
+        known = self._ids.get(run_dir)
+        if known is not None and known[0] == inode:
+            return known[1]
+        try:
+            with open_engine(run_dir / DB_NAME) as engine, connection(engine) as conn:
+                run_id = _run_id_in(conn, run_dir)
+        except (SQLAlchemyError, RunStoreError):
+            return None  # not a run yet (a deployment's tokens only), or being created: read it again next time
+        self._ids[run_dir] = (inode, run_id)
+        return run_id
 
     @contextmanager
     def _shared(self) -> Iterator[Connection]:
@@ -304,11 +348,12 @@ class RunStore:
         with self._open(run_dir) as (conn, row):
             return _load(conn, row, run_dir, details=details)
 
-    def _is_run(self, path: Path, run_dirs: list[Path]) -> bool:
-        """Whether ``path`` is the folder of a run (one of ``run_dirs``, the listing, in a shared database)."""
+    def _is_run(self, path: Path, index: list[tuple[str, Path]]) -> bool:
+        """Whether ``path`` is the folder of a run: one with a ``run.db``, or in a shared database one that names a
+        run of ``index`` (the listing)."""
         if self._url is None:
             return (path / DB_NAME).is_file()
-        return path.is_dir() and shared_run_id(path) in {run_dir.name for run_dir in run_dirs}
+        return path.is_dir() and shared_run_id(path) in {run_id for run_id, _ in index}
 
     def _where(self) -> str:
         return f"the run database at {shown_url(self._url)}" if self._url is not None else str(self._root)
@@ -325,28 +370,62 @@ class RunStore:
         return sorted(infos, key=lambda info: (info.created_at, info.run_id), reverse=True)
 
     def resolve(self, ref: str) -> Path:
-        """The run directory that ``ref`` names: an exact run id, a unique prefix of one, or a path to a
-        run directory. Raises :class:`RunStoreError` if nothing or more than one run matches."""
+        """The run directory that ``ref`` names, among the runs :meth:`list_runs` lists: by its run id, a unique
+        prefix of that id, or its folder's name; or a path to any run directory (a deployment's ``--run-dir``
+        anywhere). Every command that takes a run reads it through here. Raises :class:`RunStoreError` if nothing
+        or more than one run matches.
+
+        A simulation's folder is named by its run id; a deployment's is named by its operator, and its id is what
+        its server printed and what the listing shows, so both are accepted."""
         if not ref:
             raise RunStoreError("empty run reference")
-        candidates = self._run_dirs()
-        for run_dir in candidates:
-            if run_dir.name == ref:
-                return run_dir
         as_path = Path(ref).expanduser()
-        if self._is_run(as_path, candidates):
+        if self._url is None:
+            # The quick ways first, which read no run's database: a folder of the store by name, or a path.
+            named = self._root / ref
+            if as_path.name == ref and ref not in (".", "..") and (named / DB_NAME).is_file():
+                return named
+            if (as_path / DB_NAME).is_file():
+                return as_path
+        index = self._index()
+        listed = next((run_dir for _, run_dir in index if ref == run_dir.name or as_path == run_dir), None)
+        if listed is not None:
+            return listed
+        if self._is_run(as_path, index):
             return as_path
-        matches = [run_dir for run_dir in candidates if run_dir.name.startswith(ref)]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise RunStoreError(
-                f"run reference {ref!r} is ambiguous; it matches {_listing(matches)}. Give more of the run id"
-            )
+        for matches in (
+            [(run_id, run_dir) for run_id, run_dir in index if run_id == ref],
+            [(run_id, run_dir) for run_id, run_dir in index if run_id.startswith(ref) or run_dir.name.startswith(ref)],
+        ):
+            if len(matches) == 1:
+                return matches[0][1]
+            if matches:
+                raise RunStoreError(
+                    f"run reference {ref!r} is ambiguous; it matches {_listing(matches)}. Give more of the run id, "
+                    "or the run directory"
+                )
         if self._url is None and not self._root.is_dir():
-            raise RunStoreError(f"no run matches {ref!r}: the run store {self._root} does not exist")
-        known = f"known runs: {_listing(candidates)}" if candidates else "it holds no runs"
-        raise RunStoreError(f"no run matches {ref!r} in {self._where()}; {known}")
+            raise RunStoreError(
+                f"no run matches {ref!r}: the run store {self._root} does not exist (a run directory elsewhere can "
+                "be given by its path)"
+            )
+        known = f"known runs: {_listing(index)}" if index else "it holds no runs"
+        raise RunStoreError(
+            f"no run matches {ref!r} in {self._where()}; {known} (a run directory elsewhere can be given by its path)"
+        )
+
+    def run_dir(self, ref: str) -> Path:
+        """The folder holding the files of the run ``ref`` names (see :meth:`resolve`): its checkpoints, summary
+        and privacy ledger. Raises :class:`RunStoreError` when it is not there: a shared database lists every run
+        recorded in it, also a deployment whose ``--run-dir`` is not in this store's folder; give that directory."""
+        path = self.resolve(ref)
+        if not path.is_dir():
+            run_id = shared_run_id(path)
+            raise RunStoreError(
+                f"run {run_id}'s files (checkpoints, ledger) are not in {self._root}: its run directory is elsewhere "
+                "(a deployment's --run-dir); give that directory as the run"
+            )
+        return path
 
     def signature(self, run_dir: Path) -> tuple[Any, ...]:
         """Something cheap to read that changes whenever the run in ``run_dir`` records anything (a round, a
@@ -429,8 +508,9 @@ class RunStore:
         return buffer.getvalue()
 
 
-def _listing(run_dirs: list[Path]) -> str:
-    names = [run_dir.name for run_dir in run_dirs]
+def _listing(runs_found: list[tuple[str, Path]]) -> str:
+    """Runs named for a message: their ids, with the folder's name where it is not the id (a deployment's)."""
+    names = [run_id if run_dir.name == run_id else f"{run_id} ({run_dir.name})" for run_id, run_dir in runs_found]
     shown = ", ".join(names[:_MAX_LISTED])
     more = len(names) - _MAX_LISTED
     return shown + (f" and {more} more" if more > 0 else "")
