@@ -256,7 +256,7 @@ class ThreadedGrid:
     """Any grid as an :class:`~fedloom.runtime.grid.AsyncGrid`: :meth:`submit` runs the client's exchange
     (``send_and_receive`` of that one client, bounded by ``timeout``) in a thread of its own, and
     :meth:`next_reply` returns the exchanges as they end. The wrapped grid must allow exchanges from several
-    threads at once, as the deployment's :class:`~fedloom.runtime.net.server.NetGrid` does. An exchange that
+    threads at once, as the deployment's :class:`~fedloom.runtime.net.grid.NetGrid` does. An exchange that
     raises counts as a dropped client (and is logged)."""
 
     def __init__(self, grid: Grid, timeout: float | None = None) -> None:
