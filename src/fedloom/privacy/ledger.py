@@ -24,6 +24,7 @@ import numpy as np
 
 from fedloom.core.errors import FedloomError
 from fedloom.core.params import Params
+from fedloom.core.strictjson import strict_dumps
 
 __all__ = ["LEDGER_FILE", "LedgerError", "LedgerReport", "chain", "genesis", "update_digest", "verify"]
 
@@ -62,7 +63,7 @@ def genesis(run_id: str) -> str:
 
 
 def _canonical(record: Mapping[str, Any]) -> str:
-    return json.dumps({k: record[k] for k in _FIELDS}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return strict_dumps({k: record[k] for k in _FIELDS}, sort_keys=True, compact=True)
 
 
 def _hash(prev: str, record: Mapping[str, Any]) -> str:
@@ -84,7 +85,7 @@ def append(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
     """Append ``lines`` to the ledger at ``path`` and flush them to disk."""
     with path.open("a", encoding="utf-8") as out:
         for line in lines:
-            out.write(json.dumps(line, sort_keys=True, allow_nan=False) + "\n")
+            out.write(strict_dumps(line, sort_keys=True) + "\n")
         out.flush()
         os.fsync(out.fileno())
 

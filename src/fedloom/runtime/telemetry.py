@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import math
-import numbers
 import os
 import re
 import sys
@@ -43,6 +41,7 @@ from typing import Any
 
 from fedloom.core.errors import ConfigError
 from fedloom.core.message import Message, MessageKind
+from fedloom.core.strictjson import finite_float, finite_number
 from fedloom.runtime.records import LogLine
 
 __all__ = [
@@ -206,7 +205,7 @@ class ClientContext:
             )
         if name.startswith(_SYSTEM_PREFIX):
             raise ConfigError(f"metric names starting with {_SYSTEM_PREFIX!r} are fedloom's own; rename {name!r}")
-        number = _finite_number(value)
+        number = finite_float(value)
         if number is None:
             raise ConfigError(f"metric {name!r} must be a finite number, got {value!r}")
         capture = _current.get()
@@ -373,14 +372,6 @@ def _gpu() -> dict[str, float | None]:
     return out
 
 
-def _finite_number(value: Any) -> float | None:
-    """``value`` as a float if it is a finite real number (NumPy's included; not a bool, not a string)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
 # ---------------------------------------------------------------------------------------------- server side
 
 
@@ -426,7 +417,7 @@ def _parse(raw: Any) -> Telemetry:
         raise ValueError("metrics must be an object of at most 80 numbers")
     metrics: dict[str, float] = {}
     for name, value in metrics_raw.items():
-        number = _finite_number(value) if isinstance(value, (int, float)) else None
+        number = finite_float(value) if isinstance(value, (int, float)) else None
         if not _METRIC_NAME.fullmatch(name) or number is None:
             raise ValueError(f"metric {name[:_MAX_NAME]!r} is not a named finite number")
         metrics[name] = number
@@ -438,7 +429,7 @@ def _parse(raw: Any) -> Telemetry:
         if not isinstance(item, list) or len(item) != 4:
             raise ValueError("a log line must be [time, level, logger, text]")
         at, level, logger, text = item
-        if not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at) or not 0 <= at < 1e11:
+        if not finite_number(at) or not 0 <= at < 1e11:
             raise ValueError(f"a log line's time must be seconds since 1970, got {at!r}")
         if level not in _LEVELS or not isinstance(logger, str) or not isinstance(text, str):
             raise ValueError("a log line needs a level name (INFO and up), a logger name and a text")
