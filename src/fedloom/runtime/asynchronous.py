@@ -23,7 +23,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import FitResult
 from fedloom.privacy.ledger import update_digest
-from fedloom.runtime import telemetry
+from fedloom.runtime import readings
 from fedloom.runtime.grid import AsyncGrid, Clocked, Exchange, Grid, Reply, ReplyHandler
 from fedloom.runtime.loop import (
     CentralEvaluator,
@@ -190,7 +190,7 @@ def _take(
     """The record of one training reply and the update to buffer (``None``: dropped, refused or too stale)."""
     if reply is None:
         return ClientRecord(client_id=client_id, phase="fit", status=ClientStatus.DROPPED), None
-    sent = telemetry.read(reply.message, client_id)
+    sent = readings.read(reply.message, client_id)
     record = ClientRecord(
         client_id=client_id,
         phase="fit",
@@ -198,10 +198,10 @@ def _take(
         seconds=reply.seconds,
         bytes_down=reply.bytes_down,
         bytes_up=reply.bytes_up,
-        metrics=telemetry.record_metrics({}, sent, reply.upload_seconds),
+        metrics=readings.record_metrics({}, sent, reply.upload_seconds),
         logs=sent.logs,
     )
-    failure = telemetry.failure(reply.message)
+    failure = readings.failure(reply.message)
     if failure is not None:
         log.warning("round %d: the fit of client %s failed: %s", server_round, client_id, failure)
         return replace(record, status=ClientStatus.DROPPED, detail=f"its task failed: {failure}"), None
@@ -219,7 +219,7 @@ def _take(
         num_examples=result.num_examples,
         loss=result.metrics.get("loss"),
         accuracy=result.metrics.get("accuracy"),
-        metrics={**telemetry.record_metrics(result.metrics, sent, reply.upload_seconds), "staleness": float(staleness)},
+        metrics={**readings.record_metrics(result.metrics, sent, reply.upload_seconds), "staleness": float(staleness)},
         update_sha256=update_digest(result.params),
     )
     return ok, result
