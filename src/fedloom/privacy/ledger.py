@@ -24,9 +24,10 @@ import numpy as np
 
 from fedloom.core.errors import FedloomError
 from fedloom.core.params import Params
+from fedloom.core.results import FitResult
 from fedloom.core.strictjson import strict_dumps
 
-__all__ = ["LEDGER_FILE", "LedgerError", "LedgerReport", "chain", "genesis", "update_digest", "verify"]
+__all__ = ["LEDGER_FILE", "LedgerError", "LedgerReport", "chain", "fit_digest", "genesis", "update_digest", "verify"]
 
 LEDGER_FILE = "ledger.jsonl"
 _FIELDS = (
@@ -55,6 +56,17 @@ def update_digest(params: Params) -> str:
         digest.update(f"{name}\0{little.dtype.str}\0{little.shape}\0".encode())
         digest.update(np.ascontiguousarray(little).data)
     return digest.hexdigest()
+
+
+def fit_digest(result: FitResult) -> str:
+    """What the ledger records of a client's fit result that the server accepted: its update's
+    :func:`update_digest`.
+
+    The ledger is written when the round is recorded (:class:`~fedloom.tracking.RunRecorder`), from the round's
+    client records; by then a strategy that folds updates as they come (FedAvg) has let the update's arrays go.
+    So both server loops call this as they accept the reply, and carry the digest to the ledger in the client's
+    record (``update_sha256``)."""
+    return update_digest(result.params)
 
 
 def genesis(run_id: str) -> str:

@@ -22,7 +22,7 @@ from fedloom.core.errors import DecodeError, InvalidUpdateError, NotEnoughClient
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import FitResult
-from fedloom.privacy.ledger import update_digest
+from fedloom.privacy.ledger import fit_digest
 from fedloom.runtime import readings
 from fedloom.runtime.grid import AsyncGrid, Clocked, Exchange, Grid, Reply, ReplyHandler
 from fedloom.runtime.loop import (
@@ -220,7 +220,7 @@ def _take(
         loss=result.metrics.get("loss"),
         accuracy=result.metrics.get("accuracy"),
         metrics={**readings.record_metrics(result.metrics, sent, reply.upload_seconds), "staleness": float(staleness)},
-        update_sha256=update_digest(result.params),
+        update_sha256=fit_digest(result),
     )
     return ok, result
 

@@ -15,7 +15,7 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
-from fedloom.privacy.ledger import update_digest
+from fedloom.privacy.ledger import fit_digest
 from fedloom.runtime import readings
 from fedloom.runtime.grid import Clocked, Exchange, Grid, Reply
 from fedloom.runtime.protocol import run_fit_protocol
@@ -255,7 +255,7 @@ class Gathered(Generic[R]):
             self.refused[client_id] = str(exc)
             return replace(reply, message=Message(reply.message.kind))
         if isinstance(result, FitResult):
-            self.digests[client_id] = update_digest(result.params)
+            self.digests[client_id] = fit_digest(result)
         if self._fold is not None and isinstance(result, FitResult):
             self._fold.add(client_id, result)
             result = replace(result, params=Params({}))
