@@ -11,22 +11,15 @@ from fedloom.core import (
     DecodeError,
     Message,
     Params,
-    codec,
     decode_message,
     decode_params,
     encode_message,
     encode_params,
     wire_pb2,
+    wireformat,
 )
-from fedloom.core.codec import (
-    ALLOWED_DTYPES,
-    MAX_HEADER_BYTES,
-    WIRE_VERSION,
-    data_offset,
-    encoded_size,
-    message_parts,
-    params_parts,
-)
+from fedloom.core.codec import encoded_size, message_parts
+from fedloom.core.wireformat import ALLOWED_DTYPES, MAX_HEADER_BYTES, WIRE_VERSION, data_offset, params_parts
 
 PREFIX = struct.Struct("<4sIQ")
 
@@ -132,11 +125,11 @@ def test_non_contiguous_arrays_are_sent_in_c_order():
         decoded = decode_params(encode_params(Params({"x": view})))
         np.testing.assert_array_equal(decoded["x"], view)
         # Params stores C-contiguous copies; the codec's own conversion handles any layout too.
-        little = codec._little_endian("x", view)
-        assert bytes(codec._array_bytes(little)) == np.ascontiguousarray(view).tobytes()
+        little = wireformat.little_endian("x", view)
+        assert bytes(wireformat.array_bytes(little)) == np.ascontiguousarray(view).tobytes()
     swapped = source.astype(">f8")[:, ::3]
     assert (
-        bytes(codec._array_bytes(codec._little_endian("x", swapped)))
+        bytes(wireformat.array_bytes(wireformat.little_endian("x", swapped)))
         == np.ascontiguousarray(swapped, dtype="<f8").tobytes()
     )
 
@@ -335,9 +328,7 @@ def test_params_without_copy_freeze_a_view_and_leave_the_caller_array_alone():
 
 
 class _Recording:
-    """Stands in for ``wire_pb2``: records how many bytes protobuf is asked to parse."""
-
-    Tensor = wire_pb2.Tensor
+    """Stands in for ``wire_pb2.Envelope`` in the reader: records how many bytes protobuf is asked to parse."""
 
     def __init__(self) -> None:
         self.parsed: list[int] = []
@@ -368,7 +359,7 @@ def test_large_array_round_trips_without_protobuf_seeing_its_bytes(monkeypatch):
     data = b"".join(parts)
     assert len(data) == encoded_size(message) == len(parts[0]) + 50_000_000 + 3
     recording = _Recording()
-    monkeypatch.setattr(codec, "wire_pb2", recording)
+    monkeypatch.setattr(wireformat, "Envelope", recording.Envelope)
     decoded = decode_message(memoryview(data))
     assert recording.parsed == [len(parts[0]) - PREFIX.size]
     assert decoded.params == message.params

@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 
 import fedloom as fl
-from fedloom.core import Params
+from fedloom.core import EvalResult, FitConfig, FitResult, Params
 from fedloom.core.checkpoint import checkpoint_metadata
+from fedloom.core.message import MessageKind
+from fedloom.data.base import ArrayData, ClientData, FederatedData
 from fedloom.privacy import DPFedAvg
-from fedloom.privacy.ledger import LEDGER_FILE, LedgerError, chain, genesis, update_digest, verify
-from fedloom.strategy import FedAvg
+from fedloom.privacy.ledger import LEDGER_FILE, LedgerError, chain, fit_digest, genesis, update_digest, verify
+from fedloom.runtime import ClientStatus, InlineGrid, run_async, run_rounds
+from fedloom.strategy import FedAvg, FedBuff
 from fedloom.tracking import RunStore
 from fedloom.tracking.recorder import LEDGER_HEAD_KEY, checkpoint_path
 
@@ -104,6 +107,73 @@ def test_the_digest_covers_names_dtypes_shapes_and_values():
     ):
         assert update_digest(other) != update_digest(base)
     assert genesis("a") != genesis("b")
+
+
+def test_the_digest_is_pinned_and_independent_of_byte_order():
+    update = Params({"w": np.arange(4, dtype=np.float32), "b": np.array([1.5, -2.0])})
+    assert update_digest(update) == "0502fb08bfc9c406665c24c64021b6d8e7f44021b3fa200d440fbaed71b16798"
+    assert update_digest(Params({"w": np.arange(4, dtype=">f4")})) == update_digest(
+        Params({"w": np.arange(4, dtype="<f4")})
+    )
+    assert fit_digest(FitResult(update, 3, {"loss": 1.0})) == update_digest(update)
+
+
+class MeanTask:
+    """Fit adds the mean of the client's rows to the model: an update that differs by client and by round."""
+
+    def init_params(self, seed: int) -> Params:
+        return Params({"w": np.zeros(1)})
+
+    def fit(self, params: Params, data: ArrayData, config: FitConfig) -> FitResult:
+        return FitResult(Params({"w": params["w"] / 2 + data.x.mean() + 0.1}), len(data))
+
+    def evaluate(self, params: Params, data: ArrayData) -> EvalResult:
+        return EvalResult(0.0, len(data))
+
+
+class SpyGrid:
+    """A grid that notes the digest of every fit update as it arrives, before the loop folds it."""
+
+    def __init__(self, grid: InlineGrid) -> None:
+        self.grid = grid
+        self.sent: list[str] = []
+
+    def client_ids(self):
+        return self.grid.client_ids()
+
+    def send_and_receive(self, messages, timeout=None, on_reply=None):
+        def spy(client_id, reply):
+            if reply.message.kind == MessageKind.FIT_RESULT:
+                self.sent.append(update_digest(reply.message.params))
+            return reply if on_reply is None else on_reply(client_id, reply)
+
+        return self.grid.send_and_receive(messages, timeout, spy)
+
+
+@pytest.mark.parametrize("loop", ["synchronous", "asynchronous"])
+def test_both_loops_record_the_digest_of_what_each_client_sent(loop: str):
+    """FedAvg folds each update as it comes and lets its arrays go; the digest the ledger writes at round end
+    is still that of the update the client sent."""
+    clients = {f"c{i}": ClientData(ArrayData(np.full(i + 1, float(i)), np.zeros(i + 1)), None) for i in range(4)}
+    grid = SpyGrid(InlineGrid(MeanTask(), FederatedData(clients, None, num_classes=1)))
+    if loop == "synchronous":
+        strategy = FedAvg(fraction_evaluate=0.0)
+        result = run_rounds(strategy=strategy, grid=grid, initial_params=Params({"w": np.zeros(1)}), rounds=2, seed=0)
+    else:
+        strategy = FedBuff(buffer_size=2, concurrency=2, fraction_evaluate=0.0)
+        result = run_async(strategy=strategy, grid=grid, initial_params=Params({"w": np.zeros(1)}), rounds=3, seed=0)
+    recorded = [
+        digest
+        for r in result.history
+        for c in r.clients
+        if c.phase == "fit" and c.status == ClientStatus.OK
+        for digest in (c.update_sha256 or "").split(",")
+    ]
+    assert len(set(recorded)) == len(recorded) > 1
+    if loop == "synchronous":
+        assert sorted(recorded) == sorted(grid.sent)
+    else:  # the replies still in flight when the run ends are sent, never recorded
+        assert set(recorded) <= set(grid.sent)
 
 
 def test_fedloom_ledger_verify(run: fl.Run, tmp_path: Path):

@@ -18,8 +18,9 @@ from fedloom.core.errors import ConfigError
 from fedloom.core.message import Message
 from fedloom.core.results import evaluate_message, fit_message
 from fedloom.data.base import ArrayData, ClientData
-from fedloom.runtime import Context, client_app, telemetry
-from fedloom.runtime.telemetry import MAX_LINES, TELEMETRY_KEY, Telemetry
+from fedloom.runtime import Context, client_app, readings, telemetry
+from fedloom.runtime.readings import Telemetry
+from fedloom.runtime.telemetry import MAX_LINES, TELEMETRY_KEY
 from fedloom.task import LogisticRegressionTask
 
 log = logging.getLogger("tests.telemetry")
@@ -62,7 +63,7 @@ def info_level():
 
 def answer(before=lambda: None, message: Message = FIT) -> tuple[Message, Telemetry]:
     reply = client_app(Scripted(before))(message, Context("site", DATA))
-    return reply, telemetry.read(reply, "site")
+    return reply, readings.read(reply, "site")
 
 
 def test_a_fit_reply_carries_what_the_user_logged_and_what_the_client_measured():
@@ -216,14 +217,14 @@ def test_too_many_custom_metrics_in_one_fit_is_an_error():
     ],
 )
 def test_the_server_ignores_malformed_telemetry_with_a_warning(raw, caplog):
-    with caplog.at_level(logging.WARNING, "fedloom.runtime.telemetry"):
-        assert telemetry.read(Message("fit.result", metadata={TELEMETRY_KEY: raw}), "site-7") == Telemetry()
+    with caplog.at_level(logging.WARNING, "fedloom.runtime.readings"):
+        assert readings.read(Message("fit.result", metadata={TELEMETRY_KEY: raw}), "site-7") == Telemetry()
     assert caplog.records[0].getMessage().startswith("client site-7 sent malformed telemetry, ignored: ")
 
 
 def test_the_server_cuts_long_lines_and_names():
     raw = {"metrics": {"a": 1}, "logs": [[0.5, "ERROR", "n" * 300, "m" * 10_000]]}
-    sent = telemetry.read(Message("fit.result", metadata={TELEMETRY_KEY: raw}), "site")
+    sent = readings.read(Message("fit.result", metadata={TELEMETRY_KEY: raw}), "site")
     (line,) = sent.logs
     assert (len(line.logger), len(line.message), line.message[-1]) == (100, telemetry.MAX_LINE_CHARS, "…")
     assert (line.at.timestamp(), sent.metrics) == (0.5, {"a": 1.0})
@@ -242,7 +243,7 @@ def test_the_steps_of_a_protocol_add_their_seconds_and_keep_the_highest_peak():
 
 def test_the_record_keeps_the_tasks_own_metric_over_a_custom_one_of_the_same_name():
     sent = Telemetry({"loss": 9.0, "sys_cpu_seconds": 0.1})
-    assert telemetry.record_metrics({"loss": 0.3}, sent, upload_seconds=0.02) == {
+    assert readings.record_metrics({"loss": 0.3}, sent, upload_seconds=0.02) == {
         "loss": 0.3,
         "sys_cpu_seconds": 0.1,
         "sys_upload_seconds": 0.02,
@@ -251,8 +252,8 @@ def test_the_record_keeps_the_tasks_own_metric_over_a_custom_one_of_the_same_nam
 
 def test_a_failure_reply_names_the_error():
     reply = telemetry.failure_message(ValueError("bad batch"))
-    assert telemetry.failure(reply) == "ValueError: bad batch"
-    assert telemetry.failure(FIT) is None
+    assert readings.failure(reply) == "ValueError: bad batch"
+    assert readings.failure(FIT) is None
 
 
 class FakeCuda:

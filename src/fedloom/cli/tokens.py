@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from fedloom.core.errors import ConfigError
-from fedloom.runtime.net.server import parse_address
+from fedloom.runtime.net.options import parse_address
 from fedloom.runtime.net.tls import fingerprint
 from fedloom.tracking.tokens import TokenStore
 

@@ -9,6 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fedloom.core.errors import ConfigError
+from fedloom.core.wireformat import params_parts
 
 __all__ = ["Params"]
 
@@ -80,7 +81,9 @@ class Params(Mapping[str, npt.NDArray[np.generic]]):
         return int(sum(a.nbytes for a in self._arrays.values()))
 
     def sha256(self) -> str:
-        """Hex SHA-256 of the canonical encoding (see :func:`fedloom.core.codec.encode_params`)."""
-        from fedloom.core.codec import encode_params
-
-        return hashlib.sha256(encode_params(self)).hexdigest()
+        """Hex SHA-256 of the canonical encoding (see :func:`fedloom.core.codec.encode_params`), hashed part by
+        part, without joining the arrays' bytes into one copy."""
+        digest = hashlib.sha256()
+        for part in params_parts(self):
+            digest.update(part)
+        return digest.hexdigest()

@@ -27,6 +27,7 @@ import numpy.typing as npt
 
 from fedloom.core.counting import share_of
 from fedloom.core.errors import ConfigError, DataError
+from fedloom.core.strictjson import finite_float
 from fedloom.data.base import ArrayData, ClientData, Dataset
 
 __all__ = ["ClientIds", "LazyFederation", "digits_population", "partition_index"]
@@ -385,13 +386,14 @@ def digits_population(
     """
     num_clients = _whole(num_clients, "num_clients", 1)
     seed = _whole(seed, "seed", 0)
-    for value, name, ok in (
+    ranges: tuple[tuple[float, str, Callable[[float], bool]], ...] = (
         (alpha, "alpha", lambda v: v > 0),
         (mean_size, "mean_size", lambda v: v >= 2),
         (size_sigma, "size_sigma", lambda v: v >= 0),
         (holdout, "holdout", lambda v: 0 <= v < 1),
-    ):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+    )
+    for value, name, ok in ranges:
+        if (number := finite_float(value)) is None or not ok(number):
             raise ConfigError(f"{name} out of range: {value!r} (see digits_population's docstring)")
     from fedloom.data.datasets.digits import load_digits
 

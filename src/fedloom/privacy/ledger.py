@@ -24,8 +24,10 @@ import numpy as np
 
 from fedloom.core.errors import FedloomError
 from fedloom.core.params import Params
+from fedloom.core.results import FitResult
+from fedloom.core.strictjson import strict_dumps
 
-__all__ = ["LEDGER_FILE", "LedgerError", "LedgerReport", "chain", "genesis", "update_digest", "verify"]
+__all__ = ["LEDGER_FILE", "LedgerError", "LedgerReport", "chain", "fit_digest", "genesis", "update_digest", "verify"]
 
 LEDGER_FILE = "ledger.jsonl"
 _FIELDS = (
@@ -56,13 +58,24 @@ def update_digest(params: Params) -> str:
     return digest.hexdigest()
 
 
+def fit_digest(result: FitResult) -> str:
+    """What the ledger records of a client's fit result that the server accepted: its update's
+    :func:`update_digest`.
+
+    The ledger is written when the round is recorded (:class:`~fedloom.tracking.RunRecorder`), from the round's
+    client records; by then a strategy that folds updates as they come (FedAvg) has let the update's arrays go.
+    So both server loops call this as they accept the reply, and carry the digest to the ledger in the client's
+    record (``update_sha256``)."""
+    return update_digest(result.params)
+
+
 def genesis(run_id: str) -> str:
     """The hash the first record of run ``run_id`` chains to."""
     return hashlib.sha256(f"fedloom privacy ledger of run {run_id}".encode()).hexdigest()
 
 
 def _canonical(record: Mapping[str, Any]) -> str:
-    return json.dumps({k: record[k] for k in _FIELDS}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return strict_dumps({k: record[k] for k in _FIELDS}, sort_keys=True, compact=True)
 
 
 def _hash(prev: str, record: Mapping[str, Any]) -> str:
@@ -84,7 +97,7 @@ def append(path: Path, lines: Iterable[Mapping[str, Any]]) -> None:
     """Append ``lines`` to the ledger at ``path`` and flush them to disk."""
     with path.open("a", encoding="utf-8") as out:
         for line in lines:
-            out.write(json.dumps(line, sort_keys=True, allow_nan=False) + "\n")
+            out.write(strict_dumps(line, sort_keys=True) + "\n")
         out.flush()
         os.fsync(out.fileno())
 

@@ -22,8 +22,8 @@ from fedloom.core.errors import DecodeError, InvalidUpdateError, NotEnoughClient
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import FitResult
-from fedloom.privacy.ledger import update_digest
-from fedloom.runtime import telemetry
+from fedloom.privacy.ledger import fit_digest
+from fedloom.runtime import readings
 from fedloom.runtime.grid import AsyncGrid, Clocked, Exchange, Grid, Reply, ReplyHandler
 from fedloom.runtime.loop import (
     CentralEvaluator,
@@ -190,7 +190,7 @@ def _take(
     """The record of one training reply and the update to buffer (``None``: dropped, refused or too stale)."""
     if reply is None:
         return ClientRecord(client_id=client_id, phase="fit", status=ClientStatus.DROPPED), None
-    sent = telemetry.read(reply.message, client_id)
+    sent = readings.read(reply.message, client_id)
     record = ClientRecord(
         client_id=client_id,
         phase="fit",
@@ -198,10 +198,10 @@ def _take(
         seconds=reply.seconds,
         bytes_down=reply.bytes_down,
         bytes_up=reply.bytes_up,
-        metrics=telemetry.record_metrics({}, sent, reply.upload_seconds),
+        metrics=readings.record_metrics({}, sent, reply.upload_seconds),
         logs=sent.logs,
     )
-    failure = telemetry.failure(reply.message)
+    failure = readings.failure(reply.message)
     if failure is not None:
         log.warning("round %d: the fit of client %s failed: %s", server_round, client_id, failure)
         return replace(record, status=ClientStatus.DROPPED, detail=f"its task failed: {failure}"), None
@@ -219,8 +219,8 @@ def _take(
         num_examples=result.num_examples,
         loss=result.metrics.get("loss"),
         accuracy=result.metrics.get("accuracy"),
-        metrics={**telemetry.record_metrics(result.metrics, sent, reply.upload_seconds), "staleness": float(staleness)},
-        update_sha256=update_digest(result.params),
+        metrics={**readings.record_metrics(result.metrics, sent, reply.upload_seconds), "staleness": float(staleness)},
+        update_sha256=fit_digest(result),
     )
     return ok, result
 
@@ -256,7 +256,7 @@ class ThreadedGrid:
     """Any grid as an :class:`~fedloom.runtime.grid.AsyncGrid`: :meth:`submit` runs the client's exchange
     (``send_and_receive`` of that one client, bounded by ``timeout``) in a thread of its own, and
     :meth:`next_reply` returns the exchanges as they end. The wrapped grid must allow exchanges from several
-    threads at once, as the deployment's :class:`~fedloom.runtime.net.server.NetGrid` does. An exchange that
+    threads at once, as the deployment's :class:`~fedloom.runtime.net.grid.NetGrid` does. An exchange that
     raises counts as a dropped client (and is logged)."""
 
     def __init__(self, grid: Grid, timeout: float | None = None) -> None:

@@ -22,8 +22,8 @@ from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import check_update
-from fedloom.privacy.ledger import update_digest
-from fedloom.runtime import telemetry
+from fedloom.privacy.ledger import fit_digest
+from fedloom.runtime import readings
 from fedloom.runtime.grid import Clocked, Exchange, Grid, Reply
 from fedloom.runtime.protocol import run_fit_protocol
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
@@ -261,11 +261,11 @@ class Gathered(Generic[R]):
         self.refused: dict[str, str] = {}  # client id -> reason
         self.digests: dict[str, str] = {}  # client id -> its fit update's SHA-256, for the privacy ledger
         self.failed: dict[str, str] = {}  # client id -> the error its task raised
-        self.telemetry: dict[str, telemetry.Telemetry] = {}
+        self.telemetry: dict[str, readings.Telemetry] = {}
 
     def take(self, client_id: str, reply: Reply) -> Reply:
-        self.telemetry[client_id] = telemetry.read(reply.message, client_id)
-        failure = telemetry.failure(reply.message)
+        self.telemetry[client_id] = readings.read(reply.message, client_id)
+        failure = readings.failure(reply.message)
         if failure is not None:
             log.warning("round %d: the %s of client %s failed: %s", self._round, self._phase, client_id, failure)
             self.failed[client_id] = failure
@@ -277,7 +277,7 @@ class Gathered(Generic[R]):
             self.refused[client_id] = str(exc)
             return replace(reply, message=Message(reply.message.kind))
         if isinstance(result, FitResult):
-            self.digests[client_id] = update_digest(result.params)
+            self.digests[client_id] = fit_digest(result)
         if self._fold is not None and isinstance(result, FitResult):
             self._fold.add(client_id, result)
             result = replace(result, params=Params({}))
@@ -313,7 +313,7 @@ def client_records(phase: str, exchange: Exchange, gathered: Gathered[Any]) -> t
     results, refused, failed = gathered.accepted, gathered.refused, gathered.failed
     records = []
     for cid, reply in exchange.replies.items():
-        sent = gathered.telemetry.get(cid, telemetry.Telemetry())
+        sent = gathered.telemetry.get(cid, readings.Telemetry())
         replied = ClientRecord(
             client_id=cid,
             phase=phase,
@@ -321,7 +321,7 @@ def client_records(phase: str, exchange: Exchange, gathered: Gathered[Any]) -> t
             seconds=reply.seconds,
             bytes_down=reply.bytes_down,
             bytes_up=reply.bytes_up,
-            metrics=telemetry.record_metrics({}, sent, reply.upload_seconds),
+            metrics=readings.record_metrics({}, sent, reply.upload_seconds),
             detail=f"its task failed: {failed[cid]}" if cid in failed else refused.get(cid),
             logs=sent.logs,
         )
@@ -335,7 +335,7 @@ def client_records(phase: str, exchange: Exchange, gathered: Gathered[Any]) -> t
                 num_examples=result.num_examples,
                 loss=result.loss if isinstance(result, EvalResult) else result.metrics.get("loss"),
                 accuracy=result.metrics.get("accuracy"),
-                metrics=telemetry.record_metrics(result.metrics, sent, reply.upload_seconds),
+                metrics=readings.record_metrics(result.metrics, sent, reply.upload_seconds),
                 update_sha256=gathered.digests.get(cid),
             )
         )

@@ -8,10 +8,10 @@ from typing import Any
 
 from fedloom.core.errors import NotEnoughClientsError, RoundFailedError
 from fedloom.core.message import Message
-from fedloom.runtime import telemetry
+from fedloom.runtime import readings
 from fedloom.runtime.grid import Grid
+from fedloom.runtime.readings import Telemetry
 from fedloom.runtime.records import ClientRecord, ClientStatus
-from fedloom.runtime.telemetry import Telemetry
 from fedloom.strategy.base import FitProtocol, ProtocolResult, ProtocolStrategy
 
 __all__ = ["ProtocolRound", "run_fit_protocol"]
@@ -89,10 +89,10 @@ def _drive(
             tally.seconds += reply.seconds
             tally.bytes_down += reply.bytes_down
             tally.bytes_up += reply.bytes_up
-            tally.telemetry += telemetry.read(reply.message, cid)
+            tally.telemetry += readings.read(reply.message, cid)
             if reply.upload_seconds is not None:
                 tally.upload_seconds = (tally.upload_seconds or 0.0) + reply.upload_seconds
-            tally.failed = telemetry.failure(reply.message)
+            tally.failed = readings.failure(reply.message)
             if tally.failed is None:  # a client whose task failed has left the protocol
                 tally.answered.append(messages[cid].kind)
                 answers[cid] = reply.message
@@ -124,7 +124,7 @@ def _records(
                 seconds=tally.seconds,
                 bytes_down=tally.bytes_down,
                 bytes_up=tally.bytes_up,
-                metrics=telemetry.record_metrics({}, tally.telemetry, tally.upload_seconds),
+                metrics=readings.record_metrics({}, tally.telemetry, tally.upload_seconds),
                 detail=None if used else left,
                 update_sha256=used_by.get(cid),
                 logs=tally.telemetry.logs,

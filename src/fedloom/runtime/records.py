@@ -38,7 +38,7 @@ class ClientRecord:
     ``seconds`` is the client's compute time; ``bytes_down`` is what the server sent it and ``bytes_up`` what
     it sent back, both as encoded on the wire. ``loss`` and ``accuracy`` are ``None`` where not reported.
     ``detail`` explains a refusal (or a failure). ``update_sha256`` is the digest of a fit update the server used
-    (see :func:`fedloom.privacy.ledger.update_digest`), for the run's privacy ledger. ``metrics`` holds what the
+    (see :func:`fedloom.privacy.ledger.fit_digest`), for the run's privacy ledger. ``metrics`` holds what the
     task reported and what the client measured about itself (``sys_*``) or logged with
     ``fedloom.context.log_metric``; ``logs`` are the log lines it sent with its reply.
     """

@@ -16,47 +16,43 @@ Client side, :func:`fedloom.runtime.handle_instruction` answers every instructio
   ``INFO`` (the console still shows warnings only); a program calling :func:`fedloom.simulate` itself decides
   with its own logging setup (``logging.basicConfig(level=logging.INFO)``).
 
-All of it rides in the reply's metadata under ``telemetry``, whatever the reply's kind (secure aggregation's
-steps too). Server side, :func:`read` takes it apart and checks it, since a client is not trusted: a malformed
-telemetry is logged and ignored, and never costs the client its update. The server loop puts the metrics into
-the client's record beside what the task reported (the task's own names win) and the lines into its ``logs``;
-the strategy never sees them. The vectorized simulation backend trains many clients in one batched call, so
-its clients report no telemetry (their instructions that run as inline ones do).
+All of it rides in the reply's metadata under :data:`TELEMETRY_KEY`, whatever the reply's kind (secure
+aggregation's steps too), within the limits this module sets (:data:`MAX_LINES`, :data:`MAX_METRICS`,
+:data:`METRIC_NAME`...). The server reads and checks it with :mod:`fedloom.runtime.readings`, which holds it to
+the same limits. The vectorized simulation backend trains many clients in one batched call, so its clients
+report no telemetry (their instructions that run as inline ones do).
 """
 
 from __future__ import annotations
 
 import contextvars
 import logging
-import math
-import numbers
 import os
 import re
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 from fedloom.core.errors import ConfigError
 from fedloom.core.message import Message, MessageKind
-from fedloom.runtime.records import LogLine
+from fedloom.core.strictjson import finite_float
 
 __all__ = [
     "MAX_LINES",
     "MAX_LINE_CHARS",
+    "MAX_METRICS",
+    "MAX_NAME_CHARS",
+    "METRIC_NAME",
     "TELEMETRY_KEY",
     "ClientContext",
-    "Telemetry",
     "context",
-    "failure",
+    "cut_text",
     "failure_message",
     "measure",
-    "read",
-    "record_metrics",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,36 +61,11 @@ TELEMETRY_KEY = "telemetry"
 MAX_LINES = 200  # per reply; a client that logs more sends the first ones and a line saying how many it kept back
 MAX_LINE_CHARS = 4000
 MAX_METRICS = 64  # custom metrics per instruction
-_MAX_NAME = 100
-_LEVELS = frozenset({"INFO", "WARNING", "ERROR", "CRITICAL"})
+MAX_NAME_CHARS = 100  # of a metric, and of a log line's logger
 _SYSTEM_PREFIX = "sys_"
 # What MLflow and TensorBoard both take as a metric's name.
-_METRIC_NAME = re.compile(rf"[A-Za-z0-9_.\-/ ]{{1,{_MAX_NAME}}}")
+METRIC_NAME = re.compile(rf"[A-Za-z0-9_.\-/ ]{{1,{MAX_NAME_CHARS}}}")
 _MB = 2**20
-
-
-@dataclass(frozen=True)
-class Telemetry:
-    """What one reply carried: metrics by name (``sys_*`` and custom) and log lines, in the order logged."""
-
-    metrics: Mapping[str, float] = field(default_factory=dict)
-    logs: tuple[LogLine, ...] = ()
-
-    def __add__(self, later: Telemetry) -> Telemetry:
-        """Two replies' telemetry as one (the steps of one client's secure aggregation round): seconds add up,
-        peaks keep the larger, anything else keeps ``later``'s value; lines follow one another."""
-        merged = dict(self.metrics)
-        for name, value in later.metrics.items():
-            if name in merged and name.endswith("_seconds"):
-                merged[name] += value
-            elif name in merged and "_peak_" in name:
-                merged[name] = max(merged[name], value)
-            else:
-                merged[name] = value
-        return Telemetry(merged, self.logs + later.logs)
-
-
-# ---------------------------------------------------------------------------------------------- client side
 
 
 @dataclass
@@ -118,7 +89,7 @@ class _Capture:
         text = record.getMessage()
         if record.exc_info:
             text += "\n" + _FORMATTER.formatException(record.exc_info)
-        self.lines.append([record.created, record.levelname, record.name[:_MAX_NAME], _cut(text)])
+        self.lines.append([record.created, record.levelname, record.name[:MAX_NAME_CHARS], cut_text(text)])
 
     def share(self, clients: int) -> _Capture:
         """One of ``clients`` clients' part of this measurement, where they were answered together: seconds split
@@ -148,7 +119,8 @@ _FORMATTER = logging.Formatter()
 _current: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar("fedloom_telemetry", default=None)
 
 
-def _cut(text: str) -> str:
+def cut_text(text: str) -> str:
+    """``text`` cut to :data:`MAX_LINE_CHARS` characters (its last one an ellipsis where it was cut)."""
     return text if len(text) <= MAX_LINE_CHARS else text[: MAX_LINE_CHARS - 1] + "…"
 
 
@@ -200,13 +172,14 @@ class ClientContext:
         Raises :class:`ConfigError` for a name that is not a string of 1 to 100 characters, a ``sys_`` name
         (fedloom's own), a value that is not a finite number, or more than 64 metrics in one instruction. Names
         hold letters, digits, ``_ - . /`` and spaces, as MLflow and TensorBoard take them."""
-        if not isinstance(name, str) or not _METRIC_NAME.fullmatch(name):
+        if not isinstance(name, str) or not METRIC_NAME.fullmatch(name):
             raise ConfigError(
-                f"a metric name must be 1 to {_MAX_NAME} letters, digits, '_', '-', '.', '/' or spaces, got {name!r}"
+                f"a metric name must be 1 to {MAX_NAME_CHARS} letters, digits, '_', '-', '.', '/' or spaces, "
+                f"got {name!r}"
             )
         if name.startswith(_SYSTEM_PREFIX):
             raise ConfigError(f"metric names starting with {_SYSTEM_PREFIX!r} are fedloom's own; rename {name!r}")
-        number = _finite_number(value)
+        number = finite_float(value)
         if number is None:
             raise ConfigError(f"metric {name!r} must be a finite number, got {value!r}")
         capture = _current.get()
@@ -286,7 +259,7 @@ def measure(
 def failure_message(error: BaseException) -> Message:
     """The reply of a deployed client whose task raised ``error``: the server records it as dropped at once
     (instead of at the round's deadline), with the error as the record's detail."""
-    return Message(MessageKind.FAILURE, metadata={"error": _cut(f"{type(error).__name__}: {error}")})
+    return Message(MessageKind.FAILURE, metadata={"error": cut_text(f"{type(error).__name__}: {error}")})
 
 
 def _cpu_seconds() -> float:
@@ -371,77 +344,3 @@ def _gpu() -> dict[str, float | None]:
     with suppress(Exception):
         out["sys_gpu_util"] = float(cuda.utilization())  # needs NVIDIA's management library (pynvml)
     return out
-
-
-def _finite_number(value: Any) -> float | None:
-    """``value`` as a float if it is a finite real number (NumPy's included; not a bool, not a string)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
-
-
-# ---------------------------------------------------------------------------------------------- server side
-
-
-def read(message: Message, client_id: str) -> Telemetry:
-    """The telemetry in a reply from ``client_id`` (empty if it sent none). What does not hold up (metrics
-    that are not finite numbers by name, lines that are not ``[time, level, logger, text]``, more than allowed)
-    is logged as a warning and dropped: telemetry never costs a client its update."""
-    raw = message.metadata.get(TELEMETRY_KEY)
-    if raw is None:
-        return Telemetry()
-    try:
-        return _parse(raw)
-    except ValueError as exc:
-        log.warning("client %s sent malformed telemetry, ignored: %s", client_id, exc)
-        return Telemetry()
-
-
-def failure(message: Message) -> str | None:
-    """What a :data:`~fedloom.core.message.MessageKind.FAILURE` reply says went wrong; ``None`` for another."""
-    if message.kind != MessageKind.FAILURE:
-        return None
-    error = message.metadata.get("error")
-    return _cut(error) if isinstance(error, str) and error else "the client gave no reason"
-
-
-def record_metrics(
-    reported: Mapping[str, float], sent: Telemetry, upload_seconds: float | None = None
-) -> dict[str, float]:
-    """A client record's metrics: its telemetry's, what the transport measured (``sys_upload_seconds``), and what
-    the task ``reported``, which wins on a name they share."""
-    metrics = dict(sent.metrics)
-    if upload_seconds is not None:
-        metrics["sys_upload_seconds"] = upload_seconds
-    metrics.update(reported)
-    return metrics
-
-
-def _parse(raw: Any) -> Telemetry:
-    if not isinstance(raw, Mapping):
-        raise ValueError("not a JSON object")
-    metrics_raw = raw.get("metrics", {})
-    if not isinstance(metrics_raw, Mapping) or len(metrics_raw) > MAX_METRICS + 16:
-        raise ValueError("metrics must be an object of at most 80 numbers")
-    metrics: dict[str, float] = {}
-    for name, value in metrics_raw.items():
-        number = _finite_number(value) if isinstance(value, (int, float)) else None
-        if not _METRIC_NAME.fullmatch(name) or number is None:
-            raise ValueError(f"metric {name[:_MAX_NAME]!r} is not a named finite number")
-        metrics[name] = number
-    lines_raw = raw.get("logs", [])
-    if not isinstance(lines_raw, list) or len(lines_raw) > MAX_LINES:
-        raise ValueError(f"logs must be a list of at most {MAX_LINES} lines")
-    lines = []
-    for item in lines_raw:
-        if not isinstance(item, list) or len(item) != 4:
-            raise ValueError("a log line must be [time, level, logger, text]")
-        at, level, logger, text = item
-        if not isinstance(at, (int, float)) or isinstance(at, bool) or not math.isfinite(at) or not 0 <= at < 1e11:
-            raise ValueError(f"a log line's time must be seconds since 1970, got {at!r}")
-        if level not in _LEVELS or not isinstance(logger, str) or not isinstance(text, str):
-            raise ValueError("a log line needs a level name (INFO and up), a logger name and a text")
-        moment = datetime.fromtimestamp(at, timezone.utc)
-        lines.append(LogLine(moment, level, logger[:_MAX_NAME], _cut(text)))
-    return Telemetry(metrics, tuple(lines))

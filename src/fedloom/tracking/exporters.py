@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from fedloom.core.errors import ConfigError
+from fedloom.core.strictjson import finite_number
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundRecord
-from fedloom.tracking.store import finite_number
 
 __all__ = ["Exporter", "MlflowExporter", "TensorBoardExporter", "client_values"]
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import secrets
 import shutil
@@ -39,6 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from fedloom.core.checkpoint import checkpoint_metadata, load_params, save_params, write_atomic
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.params import Params
+from fedloom.core.strictjson import finite_float, jsonable, strict_dumps
 from fedloom.privacy import ledger
 from fedloom.privacy.ledger import LEDGER_FILE
 from fedloom.runtime.loop import Resume
@@ -58,7 +58,7 @@ from fedloom.tracking.schema import (
     sqlite_engine,
     transaction,
 )
-from fedloom.tracking.store import DB_NAME, ROUND_COLUMNS, RUN_ID_FILE, dumps_json, final_metrics, read_rounds, utc
+from fedloom.tracking.store import DB_NAME, ROUND_COLUMNS, RUN_ID_FILE, final_metrics, read_rounds, utc
 
 __all__ = ["CHECKPOINT_DIR", "SUMMARY_NAME", "RunRecorder", "checkpoint_path"]
 
@@ -87,10 +87,8 @@ def _sanitize(name: str) -> str:
 
 
 def _finite(value: float | None) -> float | None:
-    if value is None:
-        return None
-    number = float(value)
-    return number if math.isfinite(number) else None
+    """A nullable number column's value: NULL for ``None`` and for a number that is not finite."""
+    return None if value is None else finite_float(float(value))
 
 
 def _new_run_id(name: str) -> str:
@@ -179,7 +177,7 @@ class RunRecorder:
         ``config`` must be JSON-like (dataclasses, paths, enums and NumPy values are converted; non-finite
         floats are stored as null); anything else raises :class:`ConfigError`.
         """
-        config_json = dumps_json(dict(config))
+        config_json = strict_dumps(jsonable(dict(config)))
         root_dir = Path(root)
         root_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(_ATTEMPTS):
@@ -252,7 +250,7 @@ class RunRecorder:
         or ``None`` when no round was recorded yet; the run is marked ``running`` again.
         """
         folder = Path(run_dir)
-        config_json = dumps_json(dict(config))
+        config_json = strict_dumps(jsonable(dict(config)))
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -461,7 +459,7 @@ class RunRecorder:
             "seconds": float(client.seconds),
             "bytes_down": int(client.bytes_down),
             "bytes_up": int(client.bytes_up),
-            "extra_json": dumps_json(dict(client.metrics)),
+            "extra_json": strict_dumps(jsonable(dict(client.metrics))),
             "detail": client.detail,
         }
 
@@ -557,7 +555,7 @@ class RunRecorder:
                 "params_sha256": sha256,
                 "last_checkpoint": (str(checkpoint_path(Path(), round_list[-1]["round"])) if round_list else None),
             }
-            write_atomic(self._run_dir / SUMMARY_NAME, (dumps_json(summary, indent=2) + "\n").encode())
+            write_atomic(self._run_dir / SUMMARY_NAME, (strict_dumps(jsonable(summary), indent=2) + "\n").encode())
         except SQLAlchemyError as exc:
             raise RunStoreError(f"cannot finish run {rid}: {exc}") from None
         except OSError as exc:

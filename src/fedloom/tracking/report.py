@@ -14,8 +14,9 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fedloom.core.strictjson import finite_number
 from fedloom.tracking.compare import shared_metrics
-from fedloom.tracking.store import ROUND_COLUMNS, RunStore, finite_number
+from fedloom.tracking.store import ROUND_COLUMNS, RunStore
 from fedloom.tracking.views import SYSTEM_METRICS, profile
 
 __all__ = ["number", "render_report"]

@@ -13,23 +13,20 @@ run finds it through :meth:`RunStore.resolve`: by run id, a unique prefix of it,
 from __future__ import annotations
 
 import csv
-import dataclasses
-import enum
 import io
 import json
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
-from pathlib import Path, PurePath
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 from sqlalchemy import Connection, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from fedloom.core.errors import ConfigError, RunStoreError
+from fedloom.core.strictjson import jsonable, strict_dumps
 from fedloom.tracking.schema import (
     client_events,
     client_metrics,
@@ -42,7 +39,7 @@ from fedloom.tracking.schema import (
     shown_url,
 )
 
-__all__ = ["DB_NAME", "ROUND_COLUMNS", "RunInfo", "RunStore", "finite_number"]
+__all__ = ["DB_NAME", "ROUND_COLUMNS", "RunInfo", "RunStore"]
 
 DB_NAME = "run.db"
 RUN_ID_FILE = "run_id"  # a deployment's run directory, its rows in a shared database: which run it is
@@ -85,52 +82,6 @@ class RunInfo:
             "error": self.error,
             "path": str(self.path),
         }
-
-
-# ---------------------------------------------------------------------------------------------- JSON helpers
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` as plain JSON data: non-finite floats become ``None``; dataclasses, paths, enums, dates and
-    NumPy values are converted. Raises :class:`ConfigError` for anything else that JSON cannot hold."""
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, np.generic):
-        return jsonable(value.item())
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, Mapping):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            if not isinstance(key, (str, int)) or isinstance(key, bool):
-                raise ConfigError(f"JSON object keys must be strings, got {key!r}")
-            out[str(key)] = jsonable(item)
-        return out
-    if isinstance(value, (list, tuple)):
-        return [jsonable(item) for item in value]
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, PurePath):
-        return str(value)
-    if isinstance(value, enum.Enum):
-        return jsonable(value.value)
-    if isinstance(value, (datetime, date)):
-        return value.isoformat()
-    raise ConfigError(f"cannot store a {type(value).__name__} as JSON: {value!r}")
-
-
-def finite_number(value: Any) -> bool:
-    """Whether ``value`` is a finite int or float (not a bool, not ``None``): a metric worth drawing or exporting."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def dumps_json(value: Any, *, indent: int | None = None) -> str:
-    """Serialize ``value`` with :func:`jsonable` first, so the output is strict JSON (no NaN, no Infinity)."""
-    return json.dumps(jsonable(value), indent=indent, allow_nan=False)
 
 
 # ---------------------------------------------------------------------------------------------- DB readers
@@ -500,7 +451,7 @@ class RunStore:
                 "clients": run.clients,
                 "events": run.events,
             }
-            return dumps_json(document, indent=2) + "\n"
+            return strict_dumps(jsonable(document), indent=2) + "\n"
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=_columns(round_list), lineterminator="\n")
         writer.writeheader()

@@ -18,14 +18,13 @@ from sqlalchemy import JSON, ColumnElement, Connection, Float, cast, distinct, f
 from sqlalchemy.dialects.postgresql import JSONB
 
 from fedloom.core.errors import ConfigError, RunStoreError
+from fedloom.core.strictjson import finite_number, jsonable
 from fedloom.tracking.compare import config_diff, shared_metrics
 from fedloom.tracking.schema import client_events, client_logs, client_metrics, rounds
 from fedloom.tracking.store import (
     ROUND_COLUMNS,
     RunInfo,
     RunStore,
-    finite_number,
-    jsonable,
     read_config,
     read_rounds,
     utc,

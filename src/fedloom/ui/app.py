@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import queue
 import threading
 from collections import OrderedDict
@@ -43,6 +42,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from fedloom.core.errors import ConfigError, RunStoreError
+from fedloom.core.strictjson import strict_dumps
 from fedloom.tracking import views
 from fedloom.tracking.store import RunStore
 
@@ -86,7 +86,7 @@ class _Cache:
 
 
 def _json(value: Any) -> bytes:
-    return json.dumps(value, allow_nan=False, separators=(",", ":")).encode()
+    return strict_dumps(value, compact=True).encode()
 
 
 def _json_of(compute: Callable[..., Any], *args: Any) -> bytes:

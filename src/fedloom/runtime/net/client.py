@@ -51,7 +51,7 @@ from fedloom.runtime.net.frames import (
     check_protocol_version,
     split_message,
 )
-from fedloom.runtime.net.server import GRPC_OPTIONS, keepalive_options, parse_address
+from fedloom.runtime.net.options import GRPC_OPTIONS, keepalive_options, parse_address
 from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.local import ClientState
 

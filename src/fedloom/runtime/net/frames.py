@@ -36,8 +36,8 @@ import numpy as np
 from google.protobuf.message import DecodeError as _ProtobufDecodeError
 from google.protobuf.message import Message as _ProtobufMessage
 
-from fedloom.core.codec import data_offset
 from fedloom.core.errors import DecodeError
+from fedloom.core.wireformat import data_offset
 from fedloom.runtime.net import fleet_pb2
 
 __all__ = [

@@ -1,8 +1,10 @@
-"""The deployment grid: a gRPC server that clients dial out to, and :class:`NetGrid`, the server's view of them.
+"""The deployment's server: a gRPC server that clients dial out to, serving each one's ``Connect`` stream.
 
 Each client holds one ``Connect`` stream open (see ``fleet.proto``). The server sends an instruction as the
 chunks of its encoded message under a fresh message id; the client answers under the same id. Replies that
-come after their round's deadline, or under an id nobody waits for, are logged and dropped.
+come after their round's deadline, or under an id nobody waits for, are logged and dropped. What the streams
+and the server's grid (:class:`~fedloom.runtime.net.grid.NetGrid`, ``FleetServer.grid``) share lives in
+:mod:`fedloom.runtime.net.hub`; the gRPC options the client agent uses too, in :mod:`fedloom.runtime.net.options`.
 
 >>> with FleetServer("127.0.0.1:50051") as server:          # doctest: +SKIP
 ...     server.wait_for_clients(3, timeout=60)
@@ -13,7 +15,6 @@ come after their round's deadline, or under an id nobody waits for, are logged a
 from __future__ import annotations
 
 import ctypes
-import itertools
 import logging
 import os
 import platform
@@ -21,81 +22,39 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any
 
 import grpc
 
-from fedloom.core.codec import decode_message, message_parts
 from fedloom.core.errors import ConfigError, DecodeError, FedloomError, NotEnoughClientsError, TransportError
-from fedloom.core.message import Message, MessageKind
-from fedloom.runtime.grid import Exchange, Reply, ReplyHandler
 from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.frames import (
     CLIENT_FRAMES,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_MAX_MESSAGE_BYTES,
-    GRPC_FRAME_LIMIT,
     PROTOCOL_VERSION,
     SERVER_FRAMES,
     SERVICE,
-    BufferPool,
     Chunk,
     Malformed,
     Reassembler,
     check_protocol_version,
     split_message,
 )
+from fedloom.runtime.net.grid import NetGrid
+from fedloom.runtime.net.hub import Authenticator, Connection, Hub, Outgoing, refusal_frame
+from fedloom.runtime.net.options import GRPC_OPTIONS, keepalive_options, parse_address
 from fedloom.runtime.records import ClientEvent
 
-__all__ = ["Authenticator", "FleetServer", "NetGrid", "keepalive_options", "parse_address", "share_malloc_arenas"]
+__all__ = ["FleetServer", "share_malloc_arenas"]
 
 log = logging.getLogger("fedloom.server")
 
 _NAME_MAX = 128
 _POLL_S = 0.2  # how often a blocked stream checks whether it should end
-_EXPIRED_KEPT = 4096  # unanswered messages remembered, so that a late reply's event names its round
-_SENT_EVENT = {MessageKind.FIT: "training", MessageKind.EVALUATE: "evaluating"}
-GRPC_OPTIONS = (
-    ("grpc.max_receive_message_length", GRPC_FRAME_LIMIT),
-    ("grpc.max_send_message_length", GRPC_FRAME_LIMIT),
-)
-#: A token's client name, or ``None`` for a token that admits nobody.
-Authenticator = Callable[[str], "str | None"]
-
-
-def keepalive_options(heartbeat: float) -> list[tuple[str, int]]:
-    """gRPC channel options for heartbeats: an HTTP/2 ping every ``heartbeat`` seconds, the peer taken as gone
-    when one is not answered within ``heartbeat`` seconds, pings allowed with no call in flight, and pings
-    received as often as once a second (a peer that pings more often is told to go away).
-
-    On a connection with a call in flight, gRPC (1.85) gives up on an unanswered ping after
-    ``grpc.http2.ping_timeout_ms`` (60 s unless set), whatever ``grpc.keepalive_timeout_ms`` says: a client
-    whose network went dark was found gone after 62 s with a 1 s heartbeat, and after about 2 s with this set,
-    as was one frozen (SIGSTOP) while the model was being sent to it (``tests/net/test_deployment.py``)."""
-    every = max(1000, int(heartbeat * 1000))
-    return [
-        ("grpc.keepalive_time_ms", every),
-        ("grpc.keepalive_timeout_ms", every),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-        ("grpc.http2.ping_timeout_ms", every),
-    ]
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """``HOST:PORT`` (or ``[IPv6]:PORT``) as ``(host, port)``; :class:`ConfigError` if it is not one."""
-    host, sep, port_text = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
-        raise ConfigError(f"address {address!r} is not HOST:PORT with a port in 1..65535")
-    return host, int(port_text)
 
 
 def _check_free(host: str, port: int, address: str) -> None:
@@ -138,148 +97,6 @@ def share_malloc_arenas(count: int = MALLOC_ARENAS) -> bool:
     return bool(mallopt(_M_ARENA_MAX, count))
 
 
-@dataclass
-class _Connection:
-    """One connected client: its name, its token (checked again each round, so a revoked one is shut out),
-    and what waits to be sent down its stream: frames, messages to chunk, or ``None`` to end it."""
-
-    name: str
-    token: str
-    outbox: queue.Queue[fleet_pb2.ServerFrame | _Outgoing | None]  # None: end the stream
-    open: bool = True
-
-
-@dataclass(frozen=True)
-class _Outgoing:
-    """A message to send: its id and its encoded parts, cut into chunks only as the stream sends them."""
-
-    message_id: int
-    parts: tuple[bytes | memoryview, ...]
-
-
-@dataclass
-class _Awaited:
-    """A message sent, whose reply is awaited: to whom, when, its size, and what to do with the reply."""
-
-    connection: _Connection
-    server_round: int | None
-    sent_at: float
-    bytes_down: int
-    on_reply: ReplyHandler | None
-    reply: Reply | None = None  # set once the reply has arrived and been handed over
-    busy: bool = False  # the reply is being decoded and handed over
-    refused: str | None = None  # why the reply was refused: too large, or malformed
-
-
-class _Hub:
-    """What the stream handlers and :class:`NetGrid` share, under one condition variable: who is connected,
-    the messages whose replies are awaited (by message id), and the client events not yet collected."""
-
-    def __init__(self, authenticate: Authenticator, max_uploads: int) -> None:
-        self.cond = threading.Condition()
-        self.authenticate = authenticate
-        self.connections: dict[str, _Connection] = {}
-        self.awaiting: dict[int, _Awaited] = {}
-        self.expired: dict[int, int | None] = {}  # message id -> round, of recent messages left unanswered
-        self.ids = itertools.count(1)
-        self.closing = False
-        self.events: list[ClientEvent] = []
-        self.uploads = threading.BoundedSemaphore(max_uploads)
-        self.buffers = BufferPool(max_uploads)  # the granted replies' receive buffers, used again
-        self.handing_over = threading.Lock()  # on_reply is called one reply at a time
-
-    def event(
-        self, client_id: str, event: str, server_round: int | None = None, nbytes: int = 0, detail: str | None = None
-    ) -> None:
-        with self.cond:
-            self.events.append(ClientEvent(datetime.now(timezone.utc), client_id, event, server_round, nbytes, detail))
-
-    def _awaited(self, connection: _Connection, message_id: int) -> _Awaited | None:
-        """The message whose reply ``message_id`` from ``connection`` would be, if that reply is still awaited
-        (called under the lock)."""
-        awaited = self.awaiting.get(message_id)
-        if awaited is None or awaited.connection is not connection or awaited.reply is not None:
-            return None
-        return awaited
-
-    def expects(self, connection: _Connection, message_id: int) -> bool:
-        with self.cond:
-            return self._awaited(connection, message_id) is not None
-
-    def deliver(self, connection: _Connection, box: list[tuple[int, memoryview] | None], started: float) -> None:
-        """Decode a whole reply (its message id and bytes, the one item in ``box``, taken out so that nothing
-        else holds the bytes) and hand it over (folding it into the round's aggregate, for FedAvg) at once, in
-        this stream's thread, so its bytes go before other replies come in: the decoded arrays are views of the
-        buffer, which goes when the handler lets the reply's params go. ``started`` is when its first chunk came
-        (``time.perf_counter``), for its upload seconds."""
-        done = box.pop()
-        assert done is not None
-        message_id, data = done
-        del done
-        with self.cond:
-            awaited = self._awaited(connection, message_id)
-            if awaited is not None:
-                awaited.busy = True
-        if awaited is None:
-            self.drop_late(connection, message_id, len(data))
-            return
-        arrived = time.perf_counter()
-        size = len(data)
-        try:
-            reply = Reply(decode_message(data), arrived - awaited.sent_at, awaited.bytes_down, size, arrived - started)
-            del data
-            if awaited.on_reply is not None:
-                with self.handing_over:
-                    reply = awaited.on_reply(connection.name, reply)
-        except DecodeError as exc:
-            reply, awaited.refused = None, f"malformed reply: {exc}"
-        finally:
-            with self.cond:
-                awaited.busy = False
-                awaited.reply = reply
-                self.events.append(
-                    ClientEvent(
-                        datetime.now(timezone.utc),
-                        connection.name,
-                        "reported" if reply is not None else "refused",
-                        awaited.server_round,
-                        size,
-                        awaited.refused,
-                    )
-                )
-                self.cond.notify_all()
-
-    def drop_late(self, connection: _Connection, message_id: int, nbytes: int = 0) -> None:
-        """Log and record a reply that nobody awaits (any more): it came after its round's deadline, or unasked."""
-        log.warning("client %s: reply %d came after its deadline or unasked; dropped", connection.name, message_id)
-        with self.cond:
-            server_round = self.expired.pop(message_id, None)
-        self.event(connection.name, "late", server_round, nbytes, f"reply {message_id}")
-
-    def refuse(self, connection: _Connection, message_id: int, reason: str) -> None:
-        """Record that the reply to ``message_id`` was refused before it was read (it is too large): its round
-        need not wait for it."""
-        with self.cond:
-            awaited = self._awaited(connection, message_id)
-            if awaited is not None:
-                awaited.refused = reason
-                self.cond.notify_all()
-            server_round = None if awaited is None else awaited.server_round
-        self.event(connection.name, "refused", server_round, detail=reason)
-
-    def disconnect(self, connection: _Connection, detail: str | None = None) -> None:
-        with self.cond:
-            if not connection.open:
-                return
-            connection.open = False
-            if self.connections.get(connection.name) is connection:
-                del self.connections[connection.name]
-            self.events.append(ClientEvent(datetime.now(timezone.utc), connection.name, "disconnected", detail=detail))
-            self.cond.notify_all()
-        connection.outbox.put(None)
-        log.info("client %s disconnected%s", connection.name, f" ({detail})" if detail else "")
-
-
 _ClientFrame = fleet_pb2.ClientFrame | Chunk | Malformed
 _ServerFrame = fleet_pb2.ServerFrame | Chunk
 
@@ -287,7 +104,7 @@ _ServerFrame = fleet_pb2.ServerFrame | Chunk
 class _Servicer:
     """Serves each client's ``Connect`` stream: the greeting, then instructions down and replies up."""
 
-    def __init__(self, hub: _Hub, max_message_bytes: int, chunk_size: int) -> None:
+    def __init__(self, hub: Hub, max_message_bytes: int, chunk_size: int) -> None:
         self._hub = hub
         self._max = max_message_bytes
         self._chunk_size = chunk_size
@@ -310,10 +127,10 @@ class _Servicer:
         if name is None:
             log.warning("refused a client from %s: %s", context.peer(), refusal)
             self._hub.event(f"? {context.peer()}"[:_NAME_MAX], "refused", detail=refusal)
-            yield fleet_pb2.ServerFrame(refusal=fleet_pb2.Refusal(reason=refusal))
+            yield refusal_frame(refusal)
             return
         assert isinstance(first, fleet_pb2.ClientFrame)  # _admit admits only a Hello
-        connection = _Connection(name, first.hello.token, queue.Queue())
+        connection = Connection(name, first.hello.token, queue.Queue())
         with self._hub.cond:
             replaced = self._hub.connections.get(name)
             self._hub.connections[name] = connection
@@ -321,7 +138,7 @@ class _Servicer:
             self._hub.event(name, "connected", detail=context.peer())
             self._hub.cond.notify_all()
         if replaced is not None:  # the same client again, after a connection the server had not yet seen die
-            replaced.outbox.put(_refusal("this client connected again; this older connection is closed"))
+            replaced.outbox.put(refusal_frame("this client connected again; this older connection is closed"))
             self._hub.disconnect(replaced, "replaced by a new connection")
         log.info("client %s connected from %s", name, context.peer())
         context.add_callback(lambda: self._hub.disconnect(connection))
@@ -339,7 +156,7 @@ class _Servicer:
                 continue
             if item is None:
                 break
-            if isinstance(item, _Outgoing):
+            if isinstance(item, Outgoing):
                 for chunk in split_message(item.message_id, item.parts, self._chunk_size):
                     if not connection.open:
                         break
@@ -374,7 +191,7 @@ class _Servicer:
             return None, f"the client certificate names {certified[0]}, the token names {name}"
         return name, ""
 
-    def _read(self, connection: _Connection, frames: Iterator[_ClientFrame]) -> None:
+    def _read(self, connection: Connection, frames: Iterator[_ClientFrame]) -> None:
         """Take the client's replies until its stream ends; a frame that breaks the protocol ends its session.
 
         A reply is read only once granted (see ``fleet.proto``), and at most ``max_uploads`` replies are granted
@@ -411,7 +228,7 @@ class _Servicer:
         except DecodeError as exc:
             log.warning("client %s: refused its frame and disconnected it: %s", connection.name, exc)
             hub.event(connection.name, "refused", detail=f"malformed frame: {exc}")
-            connection.outbox.put(_refusal(str(exc)))
+            connection.outbox.put(refusal_frame(str(exc)))
         except grpc.RpcError:
             pass  # the stream ended; the disconnect callback has the rest
         finally:
@@ -419,7 +236,7 @@ class _Servicer:
                 hub.uploads.release()
         hub.disconnect(connection)
 
-    def _grant(self, connection: _Connection, message_id: int, size: int) -> tuple[int, int] | None:
+    def _grant(self, connection: Connection, message_id: int, size: int) -> tuple[int, int] | None:
         """Answer an offer: grant it (holding an upload slot until the reply is in) and return what is granted,
         or decline it and return ``None``."""
         hub = self._hub
@@ -440,111 +257,16 @@ class _Servicer:
         return None
 
 
-def _refusal(reason: str) -> fleet_pb2.ServerFrame:
-    return fleet_pb2.ServerFrame(refusal=fleet_pb2.Refusal(reason=reason))
-
-
 def _decline(message_id: int, reason: str) -> fleet_pb2.ServerFrame:
     return fleet_pb2.ServerFrame(decline=fleet_pb2.Decline(message_id=message_id, reason=reason))
 
 
-def _acquire(slots: threading.BoundedSemaphore, connection: _Connection) -> bool:
+def _acquire(slots: threading.BoundedSemaphore, connection: Connection) -> bool:
     """Wait for an upload slot while ``connection`` is open; whether one was taken."""
     while connection.open:
         if slots.acquire(timeout=_POLL_S):
             return True
     return False
-
-
-class NetGrid:
-    """The :class:`~fedloom.runtime.grid.Grid` of a deployment: the clients connected to a :class:`FleetServer`.
-
-    ``client_ids()`` are the connected clients' names, sorted; a client whose token was revoked since it
-    connected is disconnected first. ``send_and_receive`` sends each message down its client's stream (cut
-    into chunks as the stream sends them, without copying the model per client) and waits, at most
-    ``timeout`` seconds, for the replies, handing each to ``on_reply`` as it arrives. A client that is not
-    connected, disconnects, does not reply in time, or replies with bytes that do not decode is in
-    ``Exchange.dropped`` (the last two are logged). Replies are listed in the order of ``messages``.
-    ``Reply.seconds`` is the wall time from sending to the whole reply's arrival; ``bytes_down``/``bytes_up``
-    are the encoded messages' sizes.
-    """
-
-    def __init__(self, hub: _Hub) -> None:
-        self._hub = hub
-
-    def client_ids(self) -> Sequence[str]:
-        hub = self._hub
-        with hub.cond:
-            connections = list(hub.connections.values())
-        for connection in connections:
-            try:
-                valid = hub.authenticate(connection.token) == connection.name
-            except FedloomError as exc:  # cannot tell: keep the client rather than end the run
-                log.error("cannot check the token of client %s: %s", connection.name, exc)
-                valid = True
-            if not valid:
-                log.warning("client %s: its token was revoked; disconnecting it", connection.name)
-                connection.outbox.put(_refusal("this client's token was revoked"))
-                hub.disconnect(connection, "token revoked")
-        with hub.cond:
-            return sorted(hub.connections)
-
-    def send_and_receive(
-        self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None
-    ) -> Exchange:
-        hub = self._hub
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        sent: dict[str, int] = {}  # client -> message id
-        for client_id, message in messages.items():
-            parts = message_parts(message)
-            size = sum(memoryview(part).nbytes for part in parts)
-            server_round = message.metadata.get("round")
-            server_round = server_round if isinstance(server_round, int) else None
-            with hub.cond:
-                connection = hub.connections.get(client_id)
-                if connection is None:
-                    continue
-                message_id = next(hub.ids)
-                hub.awaiting[message_id] = _Awaited(connection, server_round, time.perf_counter(), size, on_reply)
-            sent[client_id] = message_id
-            connection.outbox.put(_Outgoing(message_id, parts))
-            hub.event(client_id, _SENT_EVENT.get(message.kind, "training"), server_round, size)
-        with hub.cond:
-            hub.cond.wait_for(lambda: self._settled(sent), None if deadline is None else deadline - time.perf_counter())
-            hub.cond.wait_for(lambda: not any(hub.awaiting[m].busy for m in sent.values()))  # on time: let it finish
-            awaited = {cid: hub.awaiting.pop(message_id) for cid, message_id in sent.items()}
-            hub.expired.update((m, awaited[c].server_round) for c, m in sent.items() if awaited[c].reply is None)
-            for old in list(itertools.islice(hub.expired, max(0, len(hub.expired) - _EXPIRED_KEPT))):
-                del hub.expired[old]  # the oldest first: dicts keep insertion order
-        replies: dict[str, Reply] = {}
-        dropped: list[str] = []
-        for client_id, message in messages.items():
-            entry = awaited.get(client_id)
-            if entry is not None and entry.reply is not None:
-                replies[client_id] = entry.reply
-                continue
-            dropped.append(client_id)
-            if entry is None:
-                why = "not connected"
-            elif entry.refused is not None:
-                why = "refused reply"
-                log.warning("client %s: its reply was refused: %s", client_id, entry.refused)
-            elif not entry.connection.open:
-                why = "disconnected"
-            else:
-                why = "no reply by the deadline"
-            if entry is not None and entry.refused is None:
-                log.warning("client %s did not reply to its %s instruction (%s)", client_id, message.kind, why)
-            hub.event(client_id, "dropped", None if entry is None else entry.server_round, detail=why)
-        return Exchange(replies, tuple(dropped))
-
-    def _settled(self, sent: Mapping[str, int]) -> bool:
-        """Whether every addressed client has replied or is gone (called under the hub's lock)."""
-        awaiting = self._hub.awaiting
-        return all(
-            awaiting[m].reply is not None or awaiting[m].refused is not None or not awaiting[m].connection.open
-            for m in sent.values()
-        )
 
 
 class FleetServer:
@@ -583,7 +305,7 @@ class FleetServer:
         share_malloc_arenas()  # before gRPC's threads exist
         self.address = address
         self.tls = credentials is not None
-        self._hub = _Hub(authenticate, max_uploads)
+        self._hub = Hub(authenticate, max_uploads)
         self.grid = NetGrid(self._hub)
         # One worker per stream, plus a few for streams being refused. Without so_reuseport=0, gRPC would let
         # a second server bind a port that is already in use.

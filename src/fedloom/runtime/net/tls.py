@@ -42,7 +42,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedloom.core.errors import ConfigError, TransportError
 from fedloom.core.validation import check_client_name
-from fedloom.runtime.net.server import parse_address
+from fedloom.runtime.net.options import parse_address
 
 __all__ = [
     "CA_DAYS",

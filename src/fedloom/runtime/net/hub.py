@@ -1,0 +1,179 @@
+"""What the server's stream handlers and its grid share: who is connected, the replies awaited, the client events.
+
+:class:`Hub` is that state, under one condition variable. The stream handlers of :mod:`fedloom.runtime.net.server`
+add and remove connections and hand replies over; :class:`~fedloom.runtime.net.grid.NetGrid` sends messages down
+the connections and waits on the replies.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from fedloom.core.codec import decode_message
+from fedloom.core.errors import DecodeError
+from fedloom.runtime.grid import Reply, ReplyHandler
+from fedloom.runtime.net import fleet_pb2
+from fedloom.runtime.net.frames import BufferPool
+from fedloom.runtime.records import ClientEvent
+
+__all__ = ["Authenticator", "Awaited", "Connection", "Hub", "Outgoing", "refusal_frame"]
+
+log = logging.getLogger("fedloom.server")
+
+#: A token's client name, or ``None`` for a token that admits nobody.
+Authenticator = Callable[[str], "str | None"]
+
+
+@dataclass
+class Connection:
+    """One connected client: its name, its token (checked again each round, so a revoked one is shut out),
+    and what waits to be sent down its stream: frames, messages to chunk, or ``None`` to end it."""
+
+    name: str
+    token: str
+    outbox: queue.Queue[fleet_pb2.ServerFrame | Outgoing | None]  # None: end the stream
+    open: bool = True
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to send: its id and its encoded parts, cut into chunks only as the stream sends them."""
+
+    message_id: int
+    parts: tuple[bytes | memoryview, ...]
+
+
+@dataclass
+class Awaited:
+    """A message sent, whose reply is awaited: to whom, when, its size, and what to do with the reply."""
+
+    connection: Connection
+    server_round: int | None
+    sent_at: float
+    bytes_down: int
+    on_reply: ReplyHandler | None
+    reply: Reply | None = None  # set once the reply has arrived and been handed over
+    busy: bool = False  # the reply is being decoded and handed over
+    refused: str | None = None  # why the reply was refused: too large, or malformed
+
+
+class Hub:
+    """What the stream handlers and :class:`~fedloom.runtime.net.grid.NetGrid` share, under one condition
+    variable: who is connected, the messages whose replies are awaited (by message id), and the client events
+    not yet collected."""
+
+    def __init__(self, authenticate: Authenticator, max_uploads: int) -> None:
+        self.cond = threading.Condition()
+        self.authenticate = authenticate
+        self.connections: dict[str, Connection] = {}
+        self.awaiting: dict[int, Awaited] = {}
+        self.expired: dict[int, int | None] = {}  # message id -> round, of recent messages left unanswered
+        self.ids = itertools.count(1)
+        self.closing = False
+        self.events: list[ClientEvent] = []
+        self.uploads = threading.BoundedSemaphore(max_uploads)
+        self.buffers = BufferPool(max_uploads)  # the granted replies' receive buffers, used again
+        self.handing_over = threading.Lock()  # on_reply is called one reply at a time
+
+    def event(
+        self, client_id: str, event: str, server_round: int | None = None, nbytes: int = 0, detail: str | None = None
+    ) -> None:
+        with self.cond:
+            self.events.append(ClientEvent(datetime.now(timezone.utc), client_id, event, server_round, nbytes, detail))
+
+    def _awaited(self, connection: Connection, message_id: int) -> Awaited | None:
+        """The message whose reply ``message_id`` from ``connection`` would be, if that reply is still awaited
+        (called under the lock)."""
+        awaited = self.awaiting.get(message_id)
+        if awaited is None or awaited.connection is not connection or awaited.reply is not None:
+            return None
+        return awaited
+
+    def expects(self, connection: Connection, message_id: int) -> bool:
+        with self.cond:
+            return self._awaited(connection, message_id) is not None
+
+    def deliver(self, connection: Connection, box: list[tuple[int, memoryview] | None], started: float) -> None:
+        """Decode a whole reply (its message id and bytes, the one item in ``box``, taken out so that nothing
+        else holds the bytes) and hand it over (folding it into the round's aggregate, for FedAvg) at once, in
+        this stream's thread, so its bytes go before other replies come in: the decoded arrays are views of the
+        buffer, which goes when the handler lets the reply's params go. ``started`` is when its first chunk came
+        (``time.perf_counter``), for its upload seconds."""
+        done = box.pop()
+        assert done is not None
+        message_id, data = done
+        del done
+        with self.cond:
+            awaited = self._awaited(connection, message_id)
+            if awaited is not None:
+                awaited.busy = True
+        if awaited is None:
+            self.drop_late(connection, message_id, len(data))
+            return
+        arrived = time.perf_counter()
+        size = len(data)
+        try:
+            reply = Reply(decode_message(data), arrived - awaited.sent_at, awaited.bytes_down, size, arrived - started)
+            del data
+            if awaited.on_reply is not None:
+                with self.handing_over:
+                    reply = awaited.on_reply(connection.name, reply)
+        except DecodeError as exc:
+            reply, awaited.refused = None, f"malformed reply: {exc}"
+        finally:
+            with self.cond:
+                awaited.busy = False
+                awaited.reply = reply
+                self.events.append(
+                    ClientEvent(
+                        datetime.now(timezone.utc),
+                        connection.name,
+                        "reported" if reply is not None else "refused",
+                        awaited.server_round,
+                        size,
+                        awaited.refused,
+                    )
+                )
+                self.cond.notify_all()
+
+    def drop_late(self, connection: Connection, message_id: int, nbytes: int = 0) -> None:
+        """Log and record a reply that nobody awaits (any more): it came after its round's deadline, or unasked."""
+        log.warning("client %s: reply %d came after its deadline or unasked; dropped", connection.name, message_id)
+        with self.cond:
+            server_round = self.expired.pop(message_id, None)
+        self.event(connection.name, "late", server_round, nbytes, f"reply {message_id}")
+
+    def refuse(self, connection: Connection, message_id: int, reason: str) -> None:
+        """Record that the reply to ``message_id`` was refused before it was read (it is too large): its round
+        need not wait for it."""
+        with self.cond:
+            awaited = self._awaited(connection, message_id)
+            if awaited is not None:
+                awaited.refused = reason
+                self.cond.notify_all()
+            server_round = None if awaited is None else awaited.server_round
+        self.event(connection.name, "refused", server_round, detail=reason)
+
+    def disconnect(self, connection: Connection, detail: str | None = None) -> None:
+        with self.cond:
+            if not connection.open:
+                return
+            connection.open = False
+            if self.connections.get(connection.name) is connection:
+                del self.connections[connection.name]
+            self.events.append(ClientEvent(datetime.now(timezone.utc), connection.name, "disconnected", detail=detail))
+            self.cond.notify_all()
+        connection.outbox.put(None)
+        log.info("client %s disconnected%s", connection.name, f" ({detail})" if detail else "")
+
+
+def refusal_frame(reason: str) -> fleet_pb2.ServerFrame:
+    """The frame that tells a client why its session ends."""
+    return fleet_pb2.ServerFrame(refusal=fleet_pb2.Refusal(reason=reason))
