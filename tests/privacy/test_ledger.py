@@ -18,7 +18,7 @@ from fedloom.core.message import MessageKind
 from fedloom.data.base import ArrayData, ClientData, FederatedData
 from fedloom.privacy import DPFedAvg
 from fedloom.privacy.ledger import LEDGER_FILE, LedgerError, chain, fit_digest, genesis, update_digest, verify
-from fedloom.runtime import ClientStatus, InlineGrid, run_async, run_rounds
+from fedloom.runtime import ClientStatus, InlineGrid, SimulatedClients, run_async, run_rounds
 from fedloom.strategy import FedAvg, FedBuff
 from fedloom.tracking import RunStore
 from fedloom.tracking.recorder import LEDGER_HEAD_KEY, checkpoint_path
@@ -155,7 +155,7 @@ def test_both_loops_record_the_digest_of_what_each_client_sent(loop: str):
     """FedAvg folds each update as it comes and lets its arrays go; the digest the ledger writes at round end
     is still that of the update the client sent."""
     clients = {f"c{i}": ClientData(ArrayData(np.full(i + 1, float(i)), np.zeros(i + 1)), None) for i in range(4)}
-    grid = SpyGrid(InlineGrid(MeanTask(), FederatedData(clients, None, num_classes=1)))
+    grid = SpyGrid(InlineGrid(SimulatedClients.of(MeanTask(), FederatedData(clients, None, num_classes=1))))
     if loop == "synchronous":
         strategy = FedAvg(fraction_evaluate=0.0)
         result = run_rounds(strategy=strategy, grid=grid, initial_params=Params({"w": np.zeros(1)}), rounds=2, seed=0)

@@ -132,7 +132,10 @@ def test_a_round_that_loses_too_many_parties_fails_alone_and_the_run_goes_on():
     task = ShiftTask(3)
     grid = DropoutGrid(InlineGrid(SimulatedClients.of(task, data)), 0.2, seed=5)
     strategy = SecAgg(FIT_ALL, degree=4, max_failed_rounds=10)
-    run = run_rounds(strategy=strategy, grid=grid, initial_params=task.init_params(0), rounds=8, seed=5)
+    models = _Models()
+    run = run_rounds(
+        strategy=strategy, grid=grid, initial_params=task.init_params(0), rounds=8, seed=5, observers=[models]
+    )
     failed = [r for r in run.history if r.failure is not None]
     trained = [r for r in run.history if r.failure is None]
     assert len(run.history) == 8
@@ -147,7 +150,7 @@ def test_a_round_that_loses_too_many_parties_fails_alone_and_the_run_goes_on():
         assert all(c.update_sha256 is None for c in fits)  # nothing of it reached the model or the ledger
     # a failed round leaves the model as the round before left it; a trained one moves it
     previous = np.zeros(3)
-    for record, params in zip(run.history, _models_after(strategy, grid, task, 8), strict=True):
+    for record, params in zip(run.history, models.seen, strict=True):
         if record.failure is not None:
             np.testing.assert_array_equal(params, previous)
         else:
@@ -159,18 +162,14 @@ def test_a_round_that_loses_too_many_parties_fails_alone_and_the_run_goes_on():
         run_rounds(strategy=strict, grid=grid, initial_params=task.init_params(0), rounds=8, seed=5)
 
 
-def _models_after(strategy, grid, task, rounds):
-    """The global model after each round of the run above, from an observer."""
-    seen = []
+class _Models:
+    """Keeps the global model after each round."""
 
-    class Watch:
-        def on_round(self, record, params):
-            seen.append(np.array(params["w"]))
+    def __init__(self) -> None:
+        self.seen: list[np.ndarray] = []
 
-    run_rounds(
-        strategy=strategy, grid=grid, initial_params=task.init_params(0), rounds=rounds, seed=5, observers=[Watch()]
-    )
-    return seen
+    def on_round(self, record, params) -> None:
+        self.seen.append(np.array(params["w"]))
 
 
 def test_distributed_dp_noise_has_at_least_dp_fedavgs_scale():
