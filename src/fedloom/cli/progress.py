@@ -1,6 +1,9 @@
-"""Console output for a running simulation: a progress bar over rounds and one line per round."""
+"""Console output for a running simulation or deployment: its headlines, a progress bar over rounds and one line
+per round."""
 
 from __future__ import annotations
+
+import logging
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,6 +29,31 @@ def format_round(record: RoundRecord, rounds: int) -> str:
     parts += [f"{label} {record.metrics[key]:.4f}" for key, label in _SHOWN if key in record.metrics]
     parts.append(f"{record.seconds:.2f}s")
     return "  ".join(parts)
+
+
+def print_announcements(console: Console) -> None:
+    """Print what :func:`~fedloom.app.simulate` and :func:`~fedloom.app.serve` log about the run on the
+    ``fedloom.run`` logger (its headline, the backend and why, the clients that joined) as lines of the output."""
+
+    class ToConsole(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(record.getMessage(), highlight=False, markup=False)
+
+    logger = logging.getLogger("fedloom.run")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers = [ToConsole(logging.INFO)]
+
+
+class RoundLines:
+    """Prints a line per finished round (a deployment's, which has no progress bar)."""
+
+    def __init__(self, console: Console, rounds: int) -> None:
+        self._console = console
+        self._rounds = rounds
+
+    def on_round(self, record: RoundRecord, params: Params) -> None:
+        self._console.print(format_round(record, self._rounds), highlight=False)
 
 
 class ConsoleProgress:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,14 +13,14 @@ import typer
 from rich.console import Console
 
 from fedloom.app.job import Job, load_job
+from fedloom.app.protection import DPSettings, PrivacySettings, with_protection
 from fedloom.app.simulation import simulate
 from fedloom.cli.exporting import MlflowUri, TensorBoardDir, exporters
 from fedloom.cli.gossip import check_gossip_flags, run_decentralized
-from fedloom.cli.progress import ConsoleProgress, metric_text
+from fedloom.cli.progress import ConsoleProgress, metric_text, print_announcements
 from fedloom.cli.protection import (
     DPClipOption,
     DPDeltaOption,
-    DPFlags,
     DPNoiseOption,
     DPQuantileOption,
     DPTargetOption,
@@ -29,7 +28,6 @@ from fedloom.cli.protection import (
     PaillierOption,
     SecAggDegreeOption,
     SecAggOption,
-    with_protection,
 )
 from fedloom.cli.runs import DbUrl
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
@@ -255,19 +253,17 @@ def simulate_command(
         strategy={"fraction": fraction, "min_clients": min_clients, "clients_per_round": clients_per_round},
         fit={"local_epochs": local_epochs, "local_steps": local_steps, "batch_size": batch_size, "lr": lr},
     )
-    dp = DPFlags(dp_noise, dp_clip, dp_quantile, dp_delta, dp_target_epsilon)
-    configured = with_protection(
-        configured,
-        num_clients=configured.simulation.num_clients,
-        dp=dp,
+    privacy = PrivacySettings(
+        DPSettings(dp_noise, dp_clip, dp_quantile, dp_delta, dp_target_epsilon),
         secagg=secagg,
-        degree=secagg_degree,
+        secagg_degree=secagg_degree,
         paillier=paillier,
         paillier_bits=paillier_bits,
     )
+    configured = with_protection(configured, privacy, num_clients=configured.simulation.num_clients)
     console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
     sim = configured.simulation
-    _announce_run(console)
+    print_announcements(console)
     if topology is not None:
         run_decentralized(console, configured, topology, degree, quiet=quiet)
         return
@@ -281,19 +277,6 @@ def simulate_command(
     final = "  ".join(f"{k} {metric_text(v)}" for k, v in run.final_metrics.items())
     console.print(f"finished run [bold]{run.run_id}[/]: {final}", highlight=False)
     console.print(f"params_sha256 {run.params_sha256}\nrun directory {run.run_dir}", highlight=False)
-
-
-def _announce_run(console: Console) -> None:
-    """Print what ``simulate`` logs about the run (its headline, the backend and why) as lines of the output."""
-
-    class ToConsole(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            console.print(record.getMessage(), highlight=False, markup=False)
-
-    logger = logging.getLogger("fedloom.run")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    logger.handlers = [ToConsole(logging.INFO)]
 
 
 def limit_torch_threads(threads: int) -> None:
