@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fedloom.app.gossip import simulate_gossip
-from fedloom.app.job import Job
 from fedloom.core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedloom.app.job import Job
 
 # Flags of `fedloom simulate` that a gossip run has no use for: its clients all train every round, in this
 # process, and there is no server to run a strategy or to attack.
@@ -46,6 +47,8 @@ def check_gossip_flags(given: dict[str, Any]) -> None:
 def run_decentralized(console: Console, job: Job, topology: str, degree: int | None, *, quiet: bool) -> None:
     """Run ``job`` with :func:`~fedloom.app.gossip.simulate_gossip`, printing its round lines (unless ``quiet``) and
     a final table. Nothing is recorded in the run store."""
+    from fedloom.app.gossip import simulate_gossip
+
     if quiet:
         for handler in logging.getLogger("fedloom.run").handlers:
             handler.addFilter(lambda record: not hasattr(record, "gossip_round"))

@@ -4,12 +4,14 @@ per round."""
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedloom.core.params import Params
-from fedloom.runtime.records import ClientStatus, RoundRecord
+if TYPE_CHECKING:
+    from fedloom.core.params import Params
+    from fedloom.runtime.records import RoundRecord
 
 # The metrics shown on each round's line, in order, with their short labels.
 _SHOWN = (
@@ -23,6 +25,8 @@ _SHOWN = (
 
 def format_round(record: RoundRecord, rounds: int) -> str:
     """One line: round, clients that replied of those asked, main metrics, seconds."""
+    from fedloom.runtime.records import ClientStatus
+
     fit = [c for c in record.clients if c.phase == "fit"]
     ok = sum(c.status == ClientStatus.OK for c in fit)
     parts = [f"round {record.server_round:>{len(str(rounds))}}/{rounds}", f"clients {ok}/{len(fit)}"]

@@ -7,14 +7,12 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from fedloom.app.job import Job, load_job
-from fedloom.app.protection import DPSettings, PrivacySettings, with_protection
-from fedloom.app.simulation import simulate
+from fedloom.cli.choices import STRATEGY_NAMES, TOPOLOGIES
 from fedloom.cli.exporting import MlflowUri, TensorBoardDir, exporters
 from fedloom.cli.gossip import check_gossip_flags, run_decentralized
 from fedloom.cli.progress import ConsoleProgress, metric_text, print_announcements
@@ -32,9 +30,9 @@ from fedloom.cli.protection import (
 from fedloom.cli.runs import DbUrl
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
-from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
-from fedloom.strategy.gossip import TOPOLOGIES, check_topology
-from fedloom.strategy.sampling import ClientSampling
+
+if TYPE_CHECKING:
+    from fedloom.app.job import Job
 
 _PANEL_SIM = "Federation"
 _PANEL_FIT = "Strategy and local training"
@@ -47,7 +45,7 @@ _PANEL_GOSSIP = "Decentralized (gossip, no server)"
 StrategyOption = Annotated[
     str | None,
     typer.Option(
-        help=f"The algorithm, instead of the job's: {', '.join(STRATEGIES)}. It keeps the job's sampling "
+        help=f"The algorithm, instead of the job's: {', '.join(STRATEGY_NAMES)}. It keeps the job's sampling "
         "and local training settings.",
         rich_help_panel=_PANEL_FIT,
     ),
@@ -199,6 +197,11 @@ def simulate_command(
     db: DbUrl = None,
 ) -> None:
     """Run a simulated federation and record it in the runs folder (with --topology: decentralized, unrecorded)."""
+    from fedloom.app.job import load_job
+    from fedloom.app.protection import DPSettings, PrivacySettings, with_protection
+    from fedloom.app.simulation import simulate
+    from fedloom.strategy.gossip import check_topology
+
     if topology is not None:
         check_gossip_flags(
             {
@@ -303,6 +306,8 @@ def _apply_flags(
     fit: dict[str, Any],
 ) -> Job:
     """The job with the given flags laid over its defaults (flags left out keep the job's values)."""
+    from fedloom.strategy.sampling import ClientSampling
+
     sim = job.simulation
     if _given(partition):
         sim = dataclasses.replace(
@@ -341,6 +346,9 @@ def with_strategy(job: Job, name: str | None, arguments: list[str] | None) -> Jo
 def replace_strategy(current: Any, name: str, arguments: list[str]) -> Any:
     """Strategy ``name`` built from ``KEY=VALUE`` ``arguments``, keeping ``current``'s client sampling and
     local training settings (fraction, fit...) where it has them and the arguments do not set them."""
+    from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
+    from fedloom.strategy.sampling import ClientSampling
+
     parsed: dict[str, Any] = {}
     for argument in arguments:
         key, sep, text = argument.partition("=")
