@@ -326,6 +326,38 @@ def test_a_deployment_served_from_python_gives_the_simulated_model_and_is_record
     assert {e["client_id"] for e in store.client_events(str(run_dir))} == set(sites)
 
 
+def test_serve_and_connect_refuse_settings_that_cannot_work_before_they_touch_anything(tmp_path: Path):
+    with pytest.raises(fedloom.ConfigError) as missing:
+        fedloom.ServerTLS()
+    assert str(missing.value) == SERVER_TLS_MISSING
+    with pytest.raises(fedloom.ConfigError, match="cannot be combined with --certs or --mutual-tls"):
+        fedloom.ServerTLS(certs=tmp_path, insecure=True)
+    with pytest.raises(fedloom.ConfigError) as missing:
+        fedloom.ClientTLS(cert=tmp_path / "site.pem", key=tmp_path / "site.key")
+    assert str(missing.value) == "--cert and --key need --ca or --ca-fingerprint, to check the server"
+    with pytest.raises(fedloom.ConfigError) as missing:
+        fedloom.ClientTLS()
+    assert str(missing.value) == CLIENT_TLS_MISSING
+    job = fedloom.load_job("digits")
+    common = {
+        "address": f"127.0.0.1:{free_port()}",
+        "rounds": 1,
+        "min_clients": 1,
+        "tls": fedloom.ServerTLS(insecure=True),
+    }
+    with pytest.raises(fedloom.ConfigError, match="under its sites' Paillier key"):
+        fedloom.serve(job, run_dir=tmp_path / "he", privacy=fedloom.PrivacySettings(paillier=True), **common)
+    with pytest.raises(fedloom.ConfigError, match=r"^no client tokens in "):
+        fedloom.serve(job, run_dir=tmp_path / "empty", **common)
+    TokenStore(tmp_path / "dp").create("site")
+    with pytest.raises(fedloom.ConfigError, match="--dp-clip needs --dp-noise Z"):
+        fedloom.serve(
+            job, run_dir=tmp_path / "dp", privacy=fedloom.PrivacySettings(fedloom.DPSettings(clip=0.5)), **common
+        )
+    assert not (tmp_path / "he").exists()
+    assert [info.run_id for info in RunStore(tmp_path).list_runs()] == []  # nothing was recorded
+
+
 SCAFFOLD_JOB = """
 import dataclasses
 import fedloom as fl

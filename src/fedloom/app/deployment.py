@@ -164,13 +164,19 @@ def serve(
     ``fedloom.run`` logger.
 
     When the run is over the server says bye and the sites end. Raises :class:`ConfigError` for settings that
-    cannot work (no tokens, bad certificates, protections the strategy cannot take), :class:`TransportError`
+    cannot work (no tokens, bad certificates, protections the strategy cannot take, ``paillier=True``),
+    :class:`TransportError`
     when ``address`` cannot be listened on, :class:`~fedloom.core.errors.NotEnoughClientsError` when too few
     sites join in time; a run that fails after it started is recorded as failed, with its error, and the error
     is raised again.
     """
     if rounds < 1 or min_clients < 1:
         raise ConfigError(f"a deployment needs rounds >= 1 and min_clients >= 1, got {rounds} and {min_clients}")
+    if privacy is not None and privacy.paillier is True:  # a simulation makes its clients' keys; sites hold theirs
+        raise ConfigError(
+            "a deployment aggregates under its sites' Paillier key: give PrivacySettings(paillier=) their public "
+            "key (fedloom privacy paillier-keys writes it to paillier.pub)"
+        )
     credentials = tls.credentials()
     tokens = TokenStore(run_dir)
     valid = tokens.count_valid()
