@@ -23,7 +23,6 @@ from datetime import date, datetime, timezone
 from pathlib import Path, PurePath
 from typing import Any
 
-import numpy as np
 from sqlalchemy import Connection, func, inspect, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -91,6 +90,8 @@ class RunInfo:
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON data: non-finite floats become ``None``; dataclasses, paths, enums, dates and
     NumPy values are converted. Raises :class:`ConfigError` for anything else that JSON cannot hold."""
+    import numpy as np  # here, not at the top: listing runs (fedloom runs list) needs no numpy
+
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):
