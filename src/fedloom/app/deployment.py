@@ -165,10 +165,9 @@ def serve(
 
     When the run is over the server says bye and the sites end. Raises :class:`ConfigError` for settings that
     cannot work (no tokens, bad certificates, protections the strategy cannot take, ``paillier=True``),
-    :class:`TransportError`
-    when ``address`` cannot be listened on, :class:`~fedloom.core.errors.NotEnoughClientsError` when too few
-    sites join in time; a run that fails after it started is recorded as failed, with its error, and the error
-    is raised again.
+    :class:`TransportError` when ``address`` cannot be listened on, and
+    :class:`~fedloom.core.errors.NotEnoughClientsError` when too few sites join in time; a run that fails after
+    it started is recorded as failed, with its error, and the error is raised again.
     """
     if rounds < 1 or min_clients < 1:
         raise ConfigError(f"a deployment needs rounds >= 1 and min_clients >= 1, got {rounds} and {min_clients}")
