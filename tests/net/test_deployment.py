@@ -6,6 +6,7 @@ fill up and stall it), is waited for with a timeout, and is killed in teardown i
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import re
@@ -24,8 +25,8 @@ import grpc
 import numpy as np
 import pytest
 
-from fedloom.cli.client import TLS_MISSING as CLIENT_TLS_MISSING
-from fedloom.cli.server import TLS_MISSING as SERVER_TLS_MISSING
+import fedloom
+from fedloom.app.deployment import CLIENT_TLS_MISSING, SERVER_TLS_MISSING
 from fedloom.core.checkpoint import load_params
 from fedloom.core.codec import encode_message
 from fedloom.core.message import Message
@@ -36,7 +37,10 @@ from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.client import connect_call
 from fedloom.runtime.net.frames import PROTOCOL_VERSION, Chunk, Reassembler, split_message
 from fedloom.runtime.net.server import FleetServer
+from fedloom.runtime.net.tls import init_certs
+from fedloom.runtime.records import RoundRecord
 from fedloom.tracking import RunStore
+from fedloom.tracking.tokens import TokenStore
 
 WAIT_S = 120
 SHA256_LINE = re.compile(r"^params_sha256 ([0-9a-f]{64})$", re.MULTILINE)
@@ -240,6 +244,118 @@ def test_the_deployed_run_is_in_the_run_store(deployment: Deployment, procs: Pro
         sent = next(e for e in mine if e["event"] == "training")
         fit = next(c for c in clients if c["client_id"] == name and c["round"] == 1 and c["phase"] == "fit")
         assert sent["bytes"] == fit["bytes_down"]
+
+
+class _Rounds:
+    """A round observer that keeps the numbers of the rounds it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_round(self, record: RoundRecord, params: Params) -> None:
+        self.seen.append(record.server_round)
+
+
+def test_a_deployment_served_from_python_gives_the_simulated_model_and_is_recorded(
+    procs: Processes, one_torch_thread: None
+):
+    """``fedloom.serve`` in this process, over TLS made by the library's certificate helper, with one site that
+    is a ``fedloom client`` process and one that is ``fedloom.connect`` in a thread of this process: the run it
+    returns ends with the model of ``fedloom.simulate`` on the same job, seed and clients, and it is in the run
+    store as it says."""
+    sites = CLIENTS[:2]
+    procs.run("partition", "digits", "--clients", "2", "--seed", "5", "--out", "api-parts").ok()
+    init_certs(procs.cwd / "api-certs", ["127.0.0.1"], [])
+    ca = procs.cwd / "api-certs" / "ca.pem"
+    run_dir = procs.cwd / "api-run"
+    tokens = TokenStore(run_dir)
+    token = {name: tokens.create(name) for name in sites}
+    address = f"127.0.0.1:{free_port()}"
+    job = fedloom.load_job("digits")
+    process = procs.start(
+        *("client", "digits", "--server", address, "--data", f"api-parts/{sites[0]}.npz", "--token", token[sites[0]]),
+        *("--ca", ca, "--retry-for", "60"),
+    )
+    answered: list[int] = []
+    site = threading.Thread(
+        target=lambda: answered.append(
+            fedloom.connect(
+                job,
+                server=address,
+                data=procs.cwd / "api-parts" / f"{sites[1]}.npz",
+                token=token[sites[1]],
+                tls=fedloom.ClientTLS(ca=ca),
+                retry_for=60,
+                state_dir=procs.cwd / "api-state",
+            )
+        ),
+    )
+    site.start()
+    rounds = _Rounds()
+    try:
+        run = fedloom.serve(
+            job,
+            address=address,
+            rounds=2,
+            min_clients=2,
+            run_dir=run_dir,
+            tls=fedloom.ServerTLS(certs=procs.cwd / "api-certs"),
+            seed=5,
+            join_timeout=60,
+            round_timeout=60,
+            observers=[rounds],
+        )
+    finally:
+        site.join(timeout=WAIT_S)
+    assert not site.is_alive()
+    assert answered == [4]  # two rounds of fit and evaluate, then the server's bye
+    assert "answered 4 instructions" in procs.wait(process).ok().stdout
+    simulation = dataclasses.replace(
+        job.simulation, num_clients=2, rounds=2, seed=5, backend=fedloom.BackendConfig(name="inline")
+    )
+    simulated = fedloom.simulate(job, simulation=simulation, runs_dir=procs.cwd / "api-sim-runs")
+    assert run.params_sha256 == simulated.params_sha256
+    assert rounds.seen == [1, 2]
+    assert [record.server_round for record in run.history] == [1, 2]
+    assert (run.run_dir, run.backend) == (run_dir, "deployment")
+    store = RunStore(procs.cwd)
+    assert run.run_id in [info.run_id for info in store.list_runs()]
+    info = store.info(str(run_dir))
+    assert (info.run_id, info.status, info.params_sha256) == (run.run_id, "finished", run.params_sha256)
+    assert [r["num_ok"] for r in store.rounds(str(run_dir))] == [2, 2]
+    assert {e["client_id"] for e in store.client_events(str(run_dir))} == set(sites)
+
+
+def test_serve_and_connect_refuse_settings_that_cannot_work_before_they_touch_anything(tmp_path: Path):
+    with pytest.raises(fedloom.ConfigError) as missing:
+        fedloom.ServerTLS()
+    assert str(missing.value) == SERVER_TLS_MISSING
+    with pytest.raises(fedloom.ConfigError, match="cannot be combined with --certs or --mutual-tls"):
+        fedloom.ServerTLS(certs=tmp_path, insecure=True)
+    with pytest.raises(fedloom.ConfigError) as missing:
+        fedloom.ClientTLS(cert=tmp_path / "site.pem", key=tmp_path / "site.key")
+    assert str(missing.value) == "--cert and --key need --ca or --ca-fingerprint, to check the server"
+    with pytest.raises(fedloom.ConfigError) as missing:
+        fedloom.ClientTLS()
+    assert str(missing.value) == CLIENT_TLS_MISSING
+    job = fedloom.load_job("digits")
+    common = {
+        "address": f"127.0.0.1:{free_port()}",
+        "rounds": 1,
+        "min_clients": 1,
+        "tls": fedloom.ServerTLS(insecure=True),
+    }
+    with pytest.raises(fedloom.ConfigError, match="under its sites' Paillier key"):
+        fedloom.serve(job, run_dir=tmp_path / "he", privacy=fedloom.PrivacySettings(paillier=True), **common)
+    with pytest.raises(fedloom.ConfigError, match=r"^no client tokens in "):
+        fedloom.serve(job, run_dir=tmp_path / "empty", **common)
+    TokenStore(tmp_path / "dp").create("site")
+    with pytest.raises(fedloom.ConfigError, match="--dp-clip needs --dp-noise Z"):
+        fedloom.serve(
+            job, run_dir=tmp_path / "dp", privacy=fedloom.PrivacySettings(fedloom.DPSettings(clip=0.5)), **common
+        )
+    assert not (tmp_path / "he").exists()
+    assert [info.run_id for info in RunStore(tmp_path).list_runs()] == []  # nothing was recorded
 
 
 SCAFFOLD_JOB = """

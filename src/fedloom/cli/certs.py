@@ -8,8 +8,6 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedloom.runtime.net.tls import fingerprint, init_certs, issue_certs
-
 app = typer.Typer(help="Certificates for TLS between the server and the clients.", no_args_is_help=True)
 
 
@@ -33,6 +31,8 @@ def init_command(
     Serve with `fedloom server ... --certs OUT`; give every site OUT/ca.pem (never ca.key) and connect with
     `fedloom client ... --ca ca.pem`. Keys are written with mode 0600.
     """
+    from fedloom.runtime.net.tls import init_certs
+
     _report(init_certs(out, host or [], client or [], force=force), out)
 
 
@@ -53,10 +53,14 @@ def issue_command(
     certificate for another host. The CA's fingerprint does not change, so every site keeps working; restart the
     server after a new server certificate.
     """
+    from fedloom.runtime.net.tls import issue_certs
+
     _report(issue_certs(out, host or [], client or [], force=force), out)
 
 
 def _report(written: list[Path], out: Path) -> None:
+    from fedloom.runtime.net.tls import fingerprint
+
     console = Console(soft_wrap=True, highlight=False)
     for path in written:
         console.print(f"wrote {path}{'  (private key: keep it secret)' if path.suffix == '.key' else ''}")

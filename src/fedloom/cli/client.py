@@ -7,21 +7,8 @@ from typing import Annotated
 
 import typer
 
-from fedloom.app.job import Job, load_job
 from fedloom.cli.privacy import read_key_pair
 from fedloom.cli.simulate import limit_torch_threads
-from fedloom.core.errors import ConfigError, DataError, TransportError
-from fedloom.data.base import ClientData, Dataset
-from fedloom.data.clientfile import load_client_data
-from fedloom.runtime.client import client_app
-from fedloom.runtime.net.client import Backoff, run_client
-from fedloom.runtime.net.tls import channel_credentials, fetch_ca
-from fedloom.runtime.state import DirectoryState
-
-TLS_MISSING = (
-    "the client needs TLS: pass --ca with the federation's ca.pem, or --ca-fingerprint with the fingerprint in "
-    "your invitation, or --insecure to connect without TLS to a server that runs with --insecure"
-)
 
 
 def client_command(
@@ -97,47 +84,22 @@ def client_command(
     default: --ca names the federation's ca.pem (or --ca-fingerprint checks the CA the server sends), and
     the host in --server must be one that the server's certificate names (a --host of `fedloom certs init`).
     """
-    if insecure and (ca is not None or ca_fingerprint is not None or cert is not None or key is not None):
-        raise ConfigError(
-            "--insecure connects without TLS; it cannot be combined with --ca, --ca-fingerprint, --cert or --key"
-        )
-    if ca is not None and ca_fingerprint is not None:
-        raise ConfigError("give the CA once: --ca (a file) or --ca-fingerprint (from an invitation), not both")
-    if ca is None and ca_fingerprint is None and (cert is not None or key is not None):
-        raise ConfigError("--cert and --key need --ca or --ca-fingerprint, to check the server")
-    if ca is None and ca_fingerprint is None and not insecure:
-        raise ConfigError(TLS_MISSING)
+    from fedloom.app.deployment import ClientTLS, connect
+    from fedloom.app.job import load_job
+
+    tls = ClientTLS(ca=ca, ca_fingerprint=ca_fingerprint, cert=cert, key=key, insecure=insecure)
     loaded = load_job(job)
     limit_torch_threads(threads)
-    own = _own_data(loaded, data)
-    shared = None if paillier_key is None else read_key_pair(paillier_key)
-    app = client_app(loaded.task, loaded.mods, paillier_key=shared, send_logs=send_logs, deployed=True)
-    trusted: Path | bytes | None = ca
-    backoff = Backoff(retry_for, f"the server at {server}")
-    while ca_fingerprint is not None and trusted is None:
-        try:
-            trusted = fetch_ca(server, ca_fingerprint)
-        except TransportError as exc:
-            backoff.wait(str(exc))
-    credentials = None if trusted is None else channel_credentials(trusted, cert, key)
-    answered = run_client(
-        app,
-        own,
+    answered = connect(
+        loaded,
         server=server,
+        data=data,
         token=token,
+        tls=tls,
         retry_for=retry_for,
         heartbeat=heartbeat,
-        credentials=credentials,
-        state=DirectoryState(state_dir),
+        state_dir=state_dir,
+        paillier_key=None if paillier_key is None else read_key_pair(paillier_key),
+        send_logs=send_logs,
     )
     typer.echo(f"answered {answered} instructions; the server said bye")
-
-
-def _own_data(job: Job, path: Path) -> ClientData:
-    """A client-data file as it is, or the dataset that the job's data function reads from a folder."""
-    if path.is_dir():
-        loaded = job.load_data(str(path))
-        if not isinstance(loaded, Dataset):
-            raise DataError(f"the data function of job {job.name!r} made a whole federation, not one site's data")
-        return ClientData(train=loaded.train, test=loaded.test)
-    return load_client_data(path)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from fedloom.tracking.exporters import Exporter, MlflowExporter, TensorBoardExporter
+if TYPE_CHECKING:
+    from fedloom.tracking.exporters import Exporter
 
 __all__ = ["MlflowUri", "TensorBoardDir", "exporters"]
 
@@ -36,6 +37,8 @@ TensorBoardDir = Annotated[
 
 def exporters(mlflow_uri: str | None, tensorboard: Path | None) -> list[Exporter]:
     """The exporters the options ask for (none by default)."""
+    from fedloom.tracking.exporters import MlflowExporter, TensorBoardExporter
+
     chosen: list[Exporter] = []
     if mlflow_uri is not None:
         chosen.append(MlflowExporter(mlflow_uri))

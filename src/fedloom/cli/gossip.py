@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fedloom.app.gossip import simulate_gossip
-from fedloom.app.job import Job
 from fedloom.core.errors import ConfigError
-from fedloom.tracking import Exporter
+
+if TYPE_CHECKING:
+    from fedloom.app.job import Job
+    from fedloom.tracking import Exporter
 
 # Flags of `fedloom simulate` that a gossip run has no use for: its clients all train every round, in this
 # process, and there is no server to run a strategy or to attack.
@@ -59,6 +60,8 @@ def run_decentralized(
 ) -> None:
     """Run ``job`` with :func:`~fedloom.app.gossip.simulate_gossip`, recorded under ``out`` (its rows at ``db_url``
     where given), printing its round lines (unless ``quiet``), a final table, and the run's id and directory."""
+    from fedloom.app.gossip import simulate_gossip
+
     if quiet:
         for handler in logging.getLogger("fedloom.run").handlers:
             handler.addFilter(lambda record: not hasattr(record, "gossip_round"))

@@ -7,10 +7,6 @@ from pathlib import Path
 import typer
 
 from fedloom.cli.runs import DbUrl, RunRef, RunsDir
-from fedloom.core.checkpoint import checkpoint_metadata
-from fedloom.privacy.ledger import LEDGER_FILE, verify
-from fedloom.tracking import RunStore
-from fedloom.tracking.recorder import LEDGER_HEAD_KEY, checkpoint_path
 
 app = typer.Typer(help="The privacy ledger: what left each client each round, hash-chained.", no_args_is_help=True)
 
@@ -19,6 +15,11 @@ app = typer.Typer(help="The privacy ledger: what left each client each round, ha
 def verify_command(run: RunRef, runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
     """Check that RUN's privacy ledger is intact: no record edited, removed, added or cut off since it was
     written (each record chains to the one before, and each round's checkpoint holds the ledger's head then)."""
+    from fedloom.core.checkpoint import checkpoint_metadata
+    from fedloom.privacy.ledger import LEDGER_FILE, verify
+    from fedloom.tracking import RunStore
+    from fedloom.tracking.recorder import LEDGER_HEAD_KEY, checkpoint_path
+
     store = RunStore(runs, db)
     run_dir = store.run_dir(run)
     info = store.info(run)

@@ -9,12 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from fedloom.app.job import load_job
 from fedloom.core.config import PARTITION_SCHEMES, PartitionConfig
 from fedloom.core.errors import ConfigError
-from fedloom.data.base import Dataset
-from fedloom.data.clientfile import save_client_data
-from fedloom.data.federate import federate
 
 
 def partition_command(
@@ -30,6 +26,11 @@ def partition_command(
 ) -> None:
     """Split the job's dataset over clients exactly as `fedloom simulate` does with the same flags, and write
     each client's data to OUT/<client-id>.npz, so a simulated federation can be deployed client by client."""
+    from fedloom.app.job import load_job
+    from fedloom.data.base import Dataset
+    from fedloom.data.clientfile import save_client_data
+    from fedloom.data.federate import federate
+
     loaded = load_job(job)
     sim = loaded.simulation
     scheme = dataclasses.asdict(sim.partition)

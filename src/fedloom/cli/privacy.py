@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from fedloom.cli.choices import ACCOUNTANTS
 from fedloom.cli.runs import DbUrl, RunRef, RunsDir
 from fedloom.core.errors import ConfigError
-from fedloom.privacy.accounting import ACCOUNTANTS, Accountant, composed_epsilon, epsilon, noise_multiplier
-from fedloom.privacy.paillier import KeyPair, PublicKey
-from fedloom.tracking import RunStore
+
+if TYPE_CHECKING:
+    from fedloom.privacy.accounting import Accountant
+    from fedloom.privacy.paillier import KeyPair, PublicKey
 
 KEY_FILE, PUBLIC_FILE = "paillier.key", "paillier.pub"
 
@@ -33,6 +35,8 @@ AccountantOption = Annotated[
 
 
 def _accountant(name: str) -> Accountant:
+    from fedloom.privacy.accounting import ACCOUNTANTS
+
     for known in ACCOUNTANTS:
         if name.lower() == known:
             return known
@@ -50,6 +54,8 @@ def epsilon_command(
     accountant: AccountantOption = "rdp",
 ) -> None:
     """Print the epsilon that ROUNDS rounds of DP-FedAvg spend at DELTA."""
+    from fedloom.privacy.accounting import epsilon
+
     spent = epsilon(
         noise_multiplier=noise_multiplier_,
         sample_rate=sample_rate,
@@ -72,6 +78,8 @@ def noise_command(
     accountant: AccountantOption = "rdp",
 ) -> None:
     """Print the smallest noise multiplier that keeps ROUNDS rounds within TARGET_EPSILON at DELTA."""
+    from fedloom.privacy.accounting import epsilon, noise_multiplier
+
     chosen = _accountant(accountant)
     z = noise_multiplier(
         target_epsilon=target_epsilon,
@@ -98,6 +106,8 @@ def paillier_keys_command(
     """Make a federation's Paillier key pair for --paillier: paillier.key goes to every site (fedloom client
     --paillier-key), out of band, like its token; paillier.pub to the server (fedloom server --paillier). The
     server can add what the sites encrypt; only a holder of paillier.key can decrypt."""
+    from fedloom.privacy.paillier import KeyPair
+
     key_file, public_file = out / KEY_FILE, out / PUBLIC_FILE
     if not force and (key_file.exists() or public_file.exists()):
         raise ConfigError(f"{out} already holds Paillier keys; pass --force to replace them")
@@ -113,11 +123,15 @@ def paillier_keys_command(
 
 def read_key_pair(path: Path) -> KeyPair:
     """The key pair in ``path`` (written by ``paillier-keys``), or one :class:`ConfigError` line."""
+    from fedloom.privacy.paillier import KeyPair
+
     return KeyPair.from_bytes(_read(path, "Paillier key pair"))
 
 
 def read_public_key(path: Path) -> PublicKey:
     """The public key in ``path`` (written by ``paillier-keys``), or one :class:`ConfigError` line."""
+    from fedloom.privacy.paillier import PublicKey
+
     return PublicKey.from_bytes(_read(path, "Paillier public key"))
 
 
@@ -138,6 +152,9 @@ def spent_command(
     """What RUN spent: the epsilon its DP-FedAvg recorded in the last round and, for local DP-SGD
     (DPSGDTask), each client's epsilon over all the rounds it trained in, composed by dp-accounting from the
     sampling rate, noise and steps each of its fits recorded."""
+    from fedloom.privacy.accounting import composed_epsilon
+    from fedloom.tracking import RunStore
+
     store = RunStore(runs, db)
     info = store.info(run)
     rows = store.rounds(run)

@@ -1,12 +1,17 @@
-"""Console output for a running simulation: a progress bar over rounds and one line per round."""
+"""Console output for a running simulation or deployment: its headlines, a progress bar over rounds and one line
+per round."""
 
 from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedloom.core.params import Params
-from fedloom.runtime.records import ClientStatus, RoundRecord
+if TYPE_CHECKING:
+    from fedloom.core.params import Params
+    from fedloom.runtime.records import RoundRecord
 
 # The metrics shown on each round's line, in order, with their short labels.
 _SHOWN = (
@@ -21,6 +26,8 @@ _SHOWN = (
 def format_round(record: RoundRecord, rounds: int) -> str:
     """One line: round, clients that replied of those asked, main metrics, seconds, and why a failed round
     failed."""
+    from fedloom.runtime.records import ClientStatus
+
     fit = [c for c in record.clients if c.phase == "fit"]
     ok = sum(c.status == ClientStatus.OK for c in fit)
     parts = [f"round {record.server_round:>{len(str(rounds))}}/{rounds}", f"clients {ok}/{len(fit)}"]
@@ -29,6 +36,31 @@ def format_round(record: RoundRecord, rounds: int) -> str:
     if record.failure is not None:
         parts.append(f"FAILED (the model stays as it was): {record.failure}")
     return "  ".join(parts)
+
+
+def print_announcements(console: Console) -> None:
+    """Print what :func:`~fedloom.app.simulate` and :func:`~fedloom.app.serve` log about the run on the
+    ``fedloom.run`` logger (its headline, the backend and why, the clients that joined) as lines of the output."""
+
+    class ToConsole(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            console.print(record.getMessage(), highlight=False, markup=False)
+
+    logger = logging.getLogger("fedloom.run")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logger.handlers = [ToConsole(logging.INFO)]
+
+
+class RoundLines:
+    """Prints a line per finished round (a deployment's, which has no progress bar)."""
+
+    def __init__(self, console: Console, rounds: int) -> None:
+        self._console = console
+        self._rounds = rounds
+
+    def on_round(self, record: RoundRecord, params: Params) -> None:
+        self._console.print(format_round(record, self._rounds), highlight=False)
 
 
 class ConsoleProgress:

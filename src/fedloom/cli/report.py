@@ -9,8 +9,6 @@ import typer
 
 from fedloom.cli.runs import DbUrl, RunRef, RunsDir
 from fedloom.core.errors import ConfigError
-from fedloom.tracking import RunStore
-from fedloom.tracking.report import render_report
 
 
 def report_command(
@@ -21,6 +19,9 @@ def report_command(
 ) -> None:
     """Write RUN as one HTML file to share: summary, curves, the rounds table, per-client tables, the system
     profile, privacy, and the config. Everything is inline, so it opens offline."""
+    from fedloom.tracking import RunStore
+    from fedloom.tracking.report import render_report
+
     text = render_report(RunStore(runs, db), run)
     try:
         out.write_text(text, encoding="utf-8")

@@ -12,10 +12,6 @@ from rich.console import Console
 from rich.table import Table
 
 from fedloom.core.errors import ConfigError
-from fedloom.tracking import RunStore, views
-from fedloom.tracking.compare import config_diff, metric_table, shared_metrics
-from fedloom.tracking.report import number
-from fedloom.tracking.store import ROUND_COLUMNS
 
 app = typer.Typer(help="List, show, compare and export recorded runs.", no_args_is_help=True)
 
@@ -45,6 +41,9 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
 @app.command("list")
 def list_command(runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
     """List the runs in a runs folder, newest first."""
+    from fedloom.tracking import RunStore
+    from fedloom.tracking.report import number
+
     infos = RunStore(runs, db).list_runs()
     console = Console(soft_wrap=True)
     if not infos:
@@ -63,6 +62,10 @@ def list_command(runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
 @app.command("show")
 def show_command(run: RunRef, runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
     """Show a run: where it is, and a table of its rounds."""
+    from fedloom.tracking import RunStore
+    from fedloom.tracking.report import number
+    from fedloom.tracking.store import ROUND_COLUMNS
+
     store = RunStore(runs, db)
     info = store.info(run)
     rows = store.rounds(run)
@@ -86,6 +89,11 @@ def compare_command(
 ) -> None:
     """Compare runs: the settings on which their configs differ, then each metric round by round, one column per
     run (runs are lettered A, B, ... in the order given)."""
+    from fedloom.tracking import RunStore
+    from fedloom.tracking.compare import config_diff, metric_table, shared_metrics
+    from fedloom.tracking.report import number
+    from fedloom.tracking.store import ROUND_COLUMNS
+
     if len(run) < 2:
         raise ConfigError("compare needs two runs or more")
     store = RunStore(runs, db)
@@ -116,6 +124,9 @@ def compare_command(
 @app.command("events")
 def events_command(run: RunRef, runs: RunsDir = Path("runs"), db: DbUrl = None) -> None:
     """Show a deployment's client timeline: connections, instructions, replies, refusals, drops."""
+    from fedloom.tracking import RunStore
+    from fedloom.tracking.report import number
+
     store = RunStore(runs, db)
     events = store.client_events(run)
     console = Console(soft_wrap=True)
@@ -149,6 +160,8 @@ def logs_command(
     last: Annotated[int, typer.Option(help="Show the last this many matching lines.", min=1, max=5000)] = 200,
 ) -> None:
     """Show the lines clients logged while they trained and evaluated (sent with their replies)."""
+    from fedloom.tracking import RunStore, views
+
     store = RunStore(runs, db)
     found = views.logs_view(store, run, text=grep, client=client, level=level, server_round=round_, limit=last)
     console = Console(soft_wrap=True, highlight=False)
@@ -171,6 +184,8 @@ def export_command(
     db: DbUrl = None,
 ) -> None:
     """Export a run's rounds (csv) or everything recorded about it (json)."""
+    from fedloom.tracking import RunStore
+
     text = RunStore(runs, db).export(run, fmt)
     if output is None:
         typer.echo(text, nl=False)

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from fedloom.cli.runs import DbUrl, RunRef, RunsDir
 from fedloom.cli.ui import Host, Port, bind_listener, is_loopback
 from fedloom.core.errors import ConfigError
-from fedloom.serving.model import ServedModel
-from fedloom.tracking import RunStore
+
+if TYPE_CHECKING:
+    from fedloom.serving.model import ServedModel
 
 TOKEN_ENV = "FEDLOOM_SERVE_TOKEN"
 
@@ -32,6 +33,9 @@ InputShape = Annotated[
 def _model(
     run: str, runs: Path, db: str | None, server_round: int | None, job: str | None, data: str | None, shape: str | None
 ) -> ServedModel:
+    from fedloom.serving.model import ServedModel
+    from fedloom.tracking import RunStore
+
     parsed = None
     if shape is not None:
         try:

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
-from fedloom.app.job import Job, load_job
-from fedloom.app.simulation import simulate
+from fedloom.cli.choices import STRATEGY_NAMES, TOPOLOGIES
 from fedloom.cli.exporting import MlflowUri, TensorBoardDir, exporters
 from fedloom.cli.gossip import check_gossip_flags, run_decentralized
-from fedloom.cli.progress import ConsoleProgress, metric_text
+from fedloom.cli.progress import ConsoleProgress, metric_text, print_announcements
 from fedloom.cli.protection import (
     DPClipOption,
     DPDeltaOption,
-    DPFlags,
     DPNoiseOption,
     DPQuantileOption,
     DPTargetOption,
@@ -29,14 +26,13 @@ from fedloom.cli.protection import (
     PaillierOption,
     SecAggDegreeOption,
     SecAggOption,
-    with_protection,
 )
 from fedloom.cli.runs import DbUrl
 from fedloom.core.config import BACKENDS, PARTITION_SCHEMES, AttackConfig, PartitionConfig
 from fedloom.core.errors import ConfigError
-from fedloom.core.graphs import TOPOLOGIES, check_topology
-from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
-from fedloom.strategy.sampling import ClientSampling
+
+if TYPE_CHECKING:
+    from fedloom.app.job import Job
 
 _PANEL_SIM = "Federation"
 _PANEL_FIT = "Strategy and local training"
@@ -49,7 +45,7 @@ _PANEL_GOSSIP = "Decentralized (gossip, no server)"
 StrategyOption = Annotated[
     str | None,
     typer.Option(
-        help=f"The algorithm, instead of the job's: {', '.join(STRATEGIES)}. It keeps the job's sampling "
+        help=f"The algorithm, instead of the job's: {', '.join(STRATEGY_NAMES)}. It keeps the job's sampling "
         "and local training settings.",
         rich_help_panel=_PANEL_FIT,
     ),
@@ -201,6 +197,11 @@ def simulate_command(
     db: DbUrl = None,
 ) -> None:
     """Run a simulated federation and record it in the runs folder (with --topology: decentralized, no server)."""
+    from fedloom.app.job import load_job
+    from fedloom.app.protection import DPSettings, PrivacySettings, with_protection
+    from fedloom.app.simulation import simulate
+    from fedloom.core.graphs import check_topology
+
     if topology is not None:
         check_gossip_flags(
             {
@@ -255,19 +256,17 @@ def simulate_command(
         strategy={"fraction": fraction, "min_clients": min_clients, "clients_per_round": clients_per_round},
         fit={"local_epochs": local_epochs, "local_steps": local_steps, "batch_size": batch_size, "lr": lr},
     )
-    dp = DPFlags(dp_noise, dp_clip, dp_quantile, dp_delta, dp_target_epsilon)
-    configured = with_protection(
-        configured,
-        num_clients=configured.simulation.num_clients,
-        dp=dp,
+    privacy = PrivacySettings(
+        DPSettings(dp_noise, dp_clip, dp_quantile, dp_delta, dp_target_epsilon),
         secagg=secagg,
-        degree=secagg_degree,
+        secagg_degree=secagg_degree,
         paillier=paillier,
         paillier_bits=paillier_bits,
     )
+    configured = with_protection(configured, privacy, num_clients=configured.simulation.num_clients)
     console = Console(soft_wrap=True)  # a round line stays one line, whatever the terminal's width
     sim = configured.simulation
-    _announce_run(console)
+    print_announcements(console)
     mirrors = exporters(mlflow_uri, tensorboard)
     if topology is not None:
         run_decentralized(console, configured, topology, degree, quiet=quiet, out=out, exporters=mirrors, db_url=db)
@@ -281,19 +280,6 @@ def simulate_command(
     final = "  ".join(f"{k} {metric_text(v)}" for k, v in run.final_metrics.items())
     console.print(f"finished run [bold]{run.run_id}[/]: {final}", highlight=False)
     console.print(f"params_sha256 {run.params_sha256}\nrun directory {run.run_dir}", highlight=False)
-
-
-def _announce_run(console: Console) -> None:
-    """Print what ``simulate`` logs about the run (its headline, the backend and why) as lines of the output."""
-
-    class ToConsole(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            console.print(record.getMessage(), highlight=False, markup=False)
-
-    logger = logging.getLogger("fedloom.run")
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
-    logger.handlers = [ToConsole(logging.INFO)]
 
 
 def limit_torch_threads(threads: int) -> None:
@@ -320,6 +306,8 @@ def _apply_flags(
     fit: dict[str, Any],
 ) -> Job:
     """The job with the given flags laid over its defaults (flags left out keep the job's values)."""
+    from fedloom.strategy.sampling import ClientSampling
+
     sim = job.simulation
     if _given(partition):
         sim = dataclasses.replace(
@@ -358,6 +346,9 @@ def with_strategy(job: Job, name: str | None, arguments: list[str] | None) -> Jo
 def replace_strategy(current: Any, name: str, arguments: list[str]) -> Any:
     """Strategy ``name`` built from ``KEY=VALUE`` ``arguments``, keeping ``current``'s client sampling and
     local training settings (fraction, fit...) where it has them and the arguments do not set them."""
+    from fedloom.strategy.catalog import STRATEGIES, build_strategy, strategy_arguments
+    from fedloom.strategy.sampling import ClientSampling
+
     parsed: dict[str, Any] = {}
     for argument in arguments:
         key, sep, text = argument.partition("=")

@@ -10,9 +10,6 @@ import typer
 from rich.console import Console
 
 from fedloom.core.errors import ConfigError
-from fedloom.runtime.net.options import parse_address
-from fedloom.runtime.net.tls import fingerprint
-from fedloom.tracking.tokens import TokenStore
 
 app = typer.Typer(help="Client tokens of a deployment: create, revoke, list.", no_args_is_help=True)
 
@@ -24,6 +21,8 @@ Name = Annotated[str, typer.Argument(help="The site's name in the federation (le
 def create_command(name: Name, run_dir: RunDir) -> None:
     """Make a token for site NAME and print it, once: it is stored only as a hash. Give it to NAME's operator
     over a channel you trust."""
+    from fedloom.tracking.tokens import TokenStore
+
     token = TokenStore(run_dir).create(name)
     typer.echo(token)
 
@@ -31,6 +30,8 @@ def create_command(name: Name, run_dir: RunDir) -> None:
 @app.command("revoke")
 def revoke_command(name: Name, run_dir: RunDir) -> None:
     """Revoke NAME's token: the server refuses it from the next connection or round on."""
+    from fedloom.tracking.tokens import TokenStore
+
     TokenStore(run_dir).revoke(name)
     typer.echo(f"revoked the token of {name}")
 
@@ -38,6 +39,8 @@ def revoke_command(name: Name, run_dir: RunDir) -> None:
 @app.command("list")
 def list_command(run_dir: RunDir) -> None:
     """List the sites that have (or had) a token."""
+    from fedloom.tracking.tokens import TokenStore
+
     infos = TokenStore(run_dir).list()
     console = Console(soft_wrap=True, highlight=False)
     if not infos:
@@ -66,6 +69,10 @@ def invite_command(
     takes the CA from the server and trusts it only if the fingerprint matches, so no file needs to travel.
     Send it over a channel you trust (it holds the token), and replace DATA with the site's data.
     """
+    from fedloom.runtime.net.options import parse_address
+    from fedloom.runtime.net.tls import fingerprint
+    from fedloom.tracking.tokens import TokenStore
+
     parse_address(server)
     if insecure == (certs is not None):
         raise ConfigError("give --certs DIR (the federation's certificates), or --insecure for a server without TLS")

@@ -1,31 +1,40 @@
-"""fedloom.core: params, messages, their wire encoding, results, configuration and errors. Imports no torch."""
+"""fedloom.core: params, messages, their wire encoding, results, configuration and errors. Imports no torch.
 
-from fedloom.core.codec import decode_message, decode_params, encode_message, encode_params
-from fedloom.core.config import (
-    AttackConfig,
-    BackendConfig,
-    FitConfig,
-    PartitionConfig,
-    SimulationConfig,
-    SystemConfig,
-)
-from fedloom.core.errors import (
-    ConfigError,
-    DataError,
-    DecodeError,
-    FedloomError,
-    InvalidUpdateError,
-    JobError,
-    NotEnoughClientsError,
-    RoundFailedError,
-    RunStoreError,
-    StopRunError,
-    TransportError,
-)
-from fedloom.core.message import Message, MessageKind
-from fedloom.core.params import Params
-from fedloom.core.results import EvalResult, FitResult
-from fedloom.core.validation import check_update
+The names below are imported on first use, so that a module needing only :mod:`fedloom.core.errors` or
+:mod:`fedloom.core.config` (the command line's start-up) loads neither numpy nor protobuf."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedloom.core.codec import decode_message, decode_params, encode_message, encode_params
+    from fedloom.core.config import (
+        AttackConfig,
+        BackendConfig,
+        FitConfig,
+        PartitionConfig,
+        SimulationConfig,
+        SystemConfig,
+    )
+    from fedloom.core.errors import (
+        ConfigError,
+        DataError,
+        DecodeError,
+        FedloomError,
+        InvalidUpdateError,
+        JobError,
+        NotEnoughClientsError,
+        RoundFailedError,
+        RunStoreError,
+        StopRunError,
+        TransportError,
+    )
+    from fedloom.core.message import Message, MessageKind
+    from fedloom.core.params import Params
+    from fedloom.core.results import EvalResult, FitResult
+    from fedloom.core.validation import check_update
 
 __all__ = [
     "AttackConfig",
@@ -42,9 +51,9 @@ __all__ = [
     "Message",
     "MessageKind",
     "NotEnoughClientsError",
-    "RoundFailedError",
     "Params",
     "PartitionConfig",
+    "RoundFailedError",
     "RunStoreError",
     "StopRunError",
     "SimulationConfig",
@@ -56,3 +65,45 @@ __all__ = [
     "encode_message",
     "encode_params",
 ]
+
+_HOMES = {
+    **dict.fromkeys(("decode_message", "decode_params", "encode_message", "encode_params"), "codec"),
+    **dict.fromkeys(
+        ("AttackConfig", "BackendConfig", "FitConfig", "PartitionConfig", "SimulationConfig", "SystemConfig"), "config"
+    ),
+    **dict.fromkeys(
+        (
+            "ConfigError",
+            "DataError",
+            "DecodeError",
+            "FedloomError",
+            "InvalidUpdateError",
+            "JobError",
+            "NotEnoughClientsError",
+            "RoundFailedError",
+            "RunStoreError",
+            "StopRunError",
+            "TransportError",
+        ),
+        "errors",
+    ),
+    "Message": "message",
+    "MessageKind": "message",
+    "Params": "params",
+    "EvalResult": "results",
+    "FitResult": "results",
+    "check_update": "validation",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'fedloom.core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"fedloom.core.{home}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

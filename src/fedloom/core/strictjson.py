@@ -23,8 +23,6 @@ from datetime import date, datetime
 from pathlib import PurePath
 from typing import Any
 
-import numpy as np
-
 from fedloom.core.errors import ConfigError
 
 __all__ = ["finite_float", "finite_number", "jsonable", "strict_dumps"]
@@ -51,6 +49,8 @@ def finite_number(value: Any) -> bool:
 def jsonable(value: Any) -> Any:
     """``value`` as plain JSON data: non-finite floats become ``None``; dataclasses, paths, enums, dates and
     NumPy values are converted. Raises :class:`ConfigError` for anything else that JSON cannot hold."""
+    import numpy as np  # here, not at the top: listing runs (fedloom runs list) needs no numpy
+
     if value is None or isinstance(value, (bool, str)):
         return value
     if isinstance(value, int):

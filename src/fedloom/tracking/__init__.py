@@ -4,12 +4,21 @@
 resolve a reference, rounds, client records, export); :func:`save_params` and :func:`load_params` read and
 write checkpoints; :class:`MlflowExporter` and :class:`TensorBoardExporter` mirror runs elsewhere as they are
 recorded. Nothing in a run directory is pickle.
+
+Each name is imported on first use, so that reading runs (``fedloom runs list``) does not load what recording
+them needs (the server loop, the privacy ledger).
 """
 
-from fedloom.core.checkpoint import load_params, save_params
-from fedloom.tracking.exporters import Exporter, MlflowExporter, TensorBoardExporter
-from fedloom.tracking.recorder import RunRecorder
-from fedloom.tracking.store import RunInfo, RunStore
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedloom.core.checkpoint import load_params, save_params
+    from fedloom.tracking.exporters import Exporter, MlflowExporter, TensorBoardExporter
+    from fedloom.tracking.recorder import RunRecorder
+    from fedloom.tracking.store import RunInfo, RunStore
 
 __all__ = [
     "Exporter",
@@ -21,3 +30,25 @@ __all__ = [
     "load_params",
     "save_params",
 ]
+
+_HOMES = {
+    "load_params": "fedloom.core.checkpoint",
+    "save_params": "fedloom.core.checkpoint",
+    **dict.fromkeys(("Exporter", "MlflowExporter", "TensorBoardExporter"), "fedloom.tracking.exporters"),
+    "RunRecorder": "fedloom.tracking.recorder",
+    "RunInfo": "fedloom.tracking.store",
+    "RunStore": "fedloom.tracking.store",
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'fedloom.tracking' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -32,8 +32,8 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -43,6 +43,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from fedloom.core.errors import ConfigError, TransportError
 from fedloom.core.validation import check_client_name
 from fedloom.runtime.net.options import parse_address
+
+if TYPE_CHECKING:
+    import grpc
 
 __all__ = [
     "CA_DAYS",
@@ -337,6 +340,8 @@ def server_credentials(certs: str | os.PathLike[str], *, mutual: bool = False) -
     """gRPC credentials of a server from ``certs/server.pem`` and ``certs/server.key``; with ``mutual``, clients
     must present a certificate signed by ``certs/ca.pem``. Raises :class:`ConfigError` if a file is missing or
     the certificate and key do not belong together."""
+    import grpc
+
     folder = Path(certs)
     cert_path, key_path = folder / "server.pem", folder / "server.key"
     cert_pem, key_pem = _read(cert_path, "the server certificate"), _read(key_path, "the server key")
@@ -360,6 +365,7 @@ def fetch_ca(server: str, expected: str, timeout: float = 10.0) -> bytes:
     :class:`ConfigError` if no certificate it sends has that fingerprint (the wrong server, or someone in
     between) or that certificate did not sign the server's.
     """
+
     host, port = parse_address(server)
     wanted = expected.strip().lower()
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", wanted):
@@ -416,6 +422,8 @@ def channel_credentials(
     """gRPC credentials of a client that trusts only the CA ``ca`` (a ``ca.pem`` path, or the PEM itself as
     :func:`fetch_ca` returns it) and, for mutual TLS, presents the certificate ``cert`` with its private key
     ``key`` (both or neither). Raises :class:`ConfigError` if a file is missing or not what it should be."""
+    import grpc
+
     ca_pem = ca if isinstance(ca, bytes) else _load_ca(Path(ca))
     if (cert is None) != (key is None):
         raise ConfigError("--cert and --key go together: give both for mutual TLS, or neither")

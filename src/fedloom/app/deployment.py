@@ -1,0 +1,327 @@
+"""A job deployed across sites: :func:`serve` runs its server and records the run, :func:`connect` joins it as one
+site. ``fedloom server`` and ``fedloom client`` are these two calls behind flags.
+
+    import fedloom as fl
+    job = fl.load_job("digits")
+    # on the server (tokens made first: fedloom token create NAME --run-dir runs/fed)
+    run = fl.serve(job, address="0.0.0.0:7500", rounds=3, min_clients=3, run_dir="runs/fed",
+                   tls=fl.ServerTLS(certs="certs"))
+    # at each site
+    fl.connect(job, server="server.example.org:7500", data="client-000.npz", token="flt_...",
+               tls=fl.ClientTLS(ca="ca.pem"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedloom.app.job import Job, describe
+from fedloom.app.protection import PrivacySettings, with_protection
+from fedloom.app.run import Run, run_recorded
+from fedloom.core.errors import ConfigError, DataError, FedloomError, TransportError, user_code
+from fedloom.core.params import Params
+from fedloom.data.base import ClientData, Dataset
+from fedloom.data.clientfile import load_client_data
+from fedloom.privacy.paillier import KeyPair
+from fedloom.runtime.client import client_app
+from fedloom.runtime.net.client import Backoff, run_client
+from fedloom.runtime.net.server import FleetServer
+from fedloom.runtime.net.tls import channel_credentials, fetch_ca, server_credentials
+from fedloom.runtime.records import ClientEvent, ClientStatus, RoundObserver, RoundRecord
+from fedloom.runtime.state import DirectoryState
+from fedloom.strategy.base import Strategy
+from fedloom.tracking import Exporter, RunRecorder
+from fedloom.tracking.tokens import TokenStore
+
+__all__ = ["CLIENT_TLS_MISSING", "SERVER_TLS_MISSING", "ClientTLS", "ServerTLS", "connect", "serve"]
+
+announce = logging.getLogger("fedloom.run")  # the deployment's headlines: the CLI prints these
+
+SERVER_TLS_MISSING = (
+    "the server needs TLS: pass --certs DIR with the files of `fedloom certs init --out DIR --host HOST`, "
+    "or --insecure to run without TLS on a trusted network"
+)
+CLIENT_TLS_MISSING = (
+    "the client needs TLS: pass --ca with the federation's ca.pem, or --ca-fingerprint with the fingerprint in "
+    "your invitation, or --insecure to connect without TLS to a server that runs with --insecure"
+)
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """How a server secures its connections: TLS with ``certs`` (the folder of ``fedloom certs init``: its
+    ``server.pem`` and ``server.key``), accepting only clients whose certificate its ``ca.pem`` signed when
+    ``mutual``; or, with ``insecure``, no TLS at all (unencrypted traffic, tokens in the clear: a trusted
+    network only). One of the two must be chosen; :class:`ConfigError` says so, as it does for ``insecure``
+    with ``certs`` or ``mutual``, and for ``mutual`` without ``certs``."""
+
+    certs: str | Path | None = None
+    mutual: bool = False
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        if self.insecure and (self.certs is not None or self.mutual):
+            raise ConfigError("--insecure runs without TLS; it cannot be combined with --certs or --mutual-tls")
+        if self.mutual and self.certs is None:
+            raise ConfigError("--mutual-tls needs --certs DIR (its ca.pem signs the client certificates)")
+        if self.certs is None and not self.insecure:
+            raise ConfigError(SERVER_TLS_MISSING)
+
+    def credentials(self) -> grpc.ServerCredentials | None:
+        """The server's gRPC credentials (``None`` without TLS); :class:`ConfigError` for a missing or
+        mismatched certificate file."""
+        return None if self.certs is None else server_credentials(self.certs, mutual=self.mutual)
+
+    @property
+    def summary(self) -> str:
+        return "without TLS" if self.certs is None else "with mutual TLS" if self.mutual else "with TLS"
+
+
+@dataclass(frozen=True)
+class ClientTLS:
+    """How a site checks the server: TLS trusting only the federation's CA, given as its ``ca`` file
+    (``ca.pem``) or as the ``ca_fingerprint`` of an invitation (``sha256:...``; the CA is then taken from the
+    server and trusted only if it matches), presenting ``cert`` and ``key`` to a server with mutual TLS; or,
+    with ``insecure``, no TLS (to a server that runs without it). :class:`ConfigError` for a choice that is
+    missing or contradicts itself."""
+
+    ca: str | Path | None = None
+    ca_fingerprint: str | None = None
+    cert: str | Path | None = None
+    key: str | Path | None = None
+    insecure: bool = False
+
+    def __post_init__(self) -> None:
+        trusted = self.ca is not None or self.ca_fingerprint is not None
+        own = self.cert is not None or self.key is not None
+        if self.insecure and (trusted or own):
+            raise ConfigError(
+                "--insecure connects without TLS; it cannot be combined with --ca, --ca-fingerprint, --cert or --key"
+            )
+        if self.ca is not None and self.ca_fingerprint is not None:
+            raise ConfigError("give the CA once: --ca (a file) or --ca-fingerprint (from an invitation), not both")
+        if not trusted and own:
+            raise ConfigError("--cert and --key need --ca or --ca-fingerprint, to check the server")
+        if not trusted and not self.insecure:
+            raise ConfigError(CLIENT_TLS_MISSING)
+
+    def credentials(self, server: str, retry_for: float) -> grpc.ChannelCredentials | None:
+        """The site's gRPC credentials for ``server`` (``None`` without TLS). With a fingerprint, the CA is
+        fetched from the server first, trying for ``retry_for`` seconds while it cannot be reached."""
+        trusted: str | Path | bytes | None = self.ca
+        backoff = Backoff(retry_for, f"the server at {server}")
+        while self.ca_fingerprint is not None and trusted is None:
+            try:
+                trusted = fetch_ca(server, self.ca_fingerprint)
+            except TransportError as exc:
+                backoff.wait(str(exc))
+        return None if trusted is None else channel_credentials(trusted, self.cert, self.key)
+
+
+def serve(
+    job: Job,
+    *,
+    address: str,
+    rounds: int,
+    min_clients: int,
+    run_dir: str | Path,
+    tls: ServerTLS,
+    seed: int = 0,
+    round_timeout: float = 300.0,
+    join_timeout: float = 600.0,
+    max_message_bytes: int = 4096 * 2**20,
+    max_uploads: int = 4,
+    heartbeat: float = 30.0,
+    strategy: Strategy[Any] | None = None,
+    privacy: PrivacySettings | None = None,
+    dp_clients: int | None = None,
+    exporters: Sequence[Exporter] = (),
+    db_url: str | None = None,
+    observers: Sequence[RoundObserver] = (),
+) -> Run:
+    """Serve ``job`` to the sites that dial ``address`` (``HOST:PORT``, only this address), run ``rounds`` rounds
+    once ``min_clients`` of them have joined, and return the recorded :class:`~fedloom.app.run.Run`.
+
+    ``run_dir`` is the deployment's run directory: the sites' tokens (made beforehand with
+    :class:`~fedloom.tracking.tokens.TokenStore`, or ``fedloom token create``), the round log and the
+    checkpoints; a run directory whose run stopped before its end is resumed after its last completed round,
+    given the same settings. ``tls`` says how connections are secured. ``seed`` seeds the initial model and
+    client sampling. Each round's phase waits ``round_timeout`` seconds for replies, and the first round waits
+    ``join_timeout`` seconds for the sites. ``max_message_bytes`` bounds a site's reply, ``max_uploads`` the
+    replies received at once, and ``heartbeat`` is the seconds between keepalive pings (see
+    :class:`~fedloom.runtime.net.server.FleetServer`). ``strategy`` runs instead of the job's; ``privacy`` wraps
+    it (:func:`~fedloom.app.protection.with_protection`), its DP over ``dp_clients`` clients (default: the run
+    directory's valid tokens). ``exporters`` mirror the run elsewhere, ``db_url`` keeps its rows in a shared
+    database (as :func:`~fedloom.app.simulation.simulate`), and ``observers`` see each round as it ends (after it
+    is recorded). Headlines (resuming, listening, the clients that joined) are logged at ``INFO`` on the
+    ``fedloom.run`` logger.
+
+    When the run is over the server says bye and the sites end. Raises :class:`ConfigError` for settings that
+    cannot work (no tokens, bad certificates, protections the strategy cannot take, ``paillier=True``),
+    :class:`TransportError` when ``address`` cannot be listened on, and
+    :class:`~fedloom.core.errors.NotEnoughClientsError` when too few sites join in time; a run that fails after
+    it started is recorded as failed, with its error, and the error is raised again.
+    """
+    if rounds < 1 or min_clients < 1:
+        raise ConfigError(f"a deployment needs rounds >= 1 and min_clients >= 1, got {rounds} and {min_clients}")
+    if privacy is not None and privacy.paillier is True:  # a simulation makes its clients' keys; sites hold theirs
+        raise ConfigError(
+            "a deployment aggregates under its sites' Paillier key: give PrivacySettings(paillier=) their public "
+            "key (fedloom privacy paillier-keys writes it to paillier.pub)"
+        )
+    credentials = tls.credentials()
+    tokens = TokenStore(run_dir)
+    valid = tokens.count_valid()
+    if valid == 0:
+        raise ConfigError(
+            f"no client tokens in {run_dir}: make one per site with `fedloom token create NAME --run-dir {run_dir}` "
+            "(or `fedloom invite NAME ...`)"
+        )
+    if strategy is not None:
+        job = dataclasses.replace(job, strategy=strategy)
+    if privacy is not None:
+        job = with_protection(job, privacy, num_clients=dp_clients if dp_clients is not None else valid)
+    identity = {
+        "job": job.name,
+        "backend": "deployment",
+        "task": describe(job.task),
+        "strategy": describe(job.strategy),
+        "rounds": rounds,
+        "seed": seed,
+    }
+    with user_code(f"the model of job {job.name!r} (init_params)"):
+        initial = job.task.init_params(seed)
+    server = FleetServer(  # binds the address now, so a port in use fails before anything is recorded
+        address,
+        authenticate=tokens.authenticate,
+        credentials=credentials,
+        max_message_bytes=max_message_bytes,
+        max_uploads=max_uploads,
+        heartbeat=heartbeat,
+    )
+    try:
+        recorder, resume = RunRecorder.open(run_dir, job.name, identity, exporters, url=db_url)
+    except BaseException:
+        server.stop(0)
+        raise
+    if resume is not None:
+        announce.info("resuming run %s after round %d of %d", recorder.run_id, resume.completed_rounds, rounds)
+    with server:
+        announce.info(
+            "fedloom server: job %s, listening on %s %s, waiting for %d clients",
+            job.name,
+            address,
+            tls.summary,
+            min_clients,
+        )
+        try:
+            clients = server.wait_for_clients(min_clients, join_timeout)
+        except FedloomError as exc:
+            recorder.on_events(server.take_events())  # who came, and who was refused
+            recorder.finish(resume.params if resume else initial, status="failed", error=str(exc))
+            raise
+        announce.info("clients connected: %s", ", ".join(clients))
+        timeline = _Timeline(server, recorder)
+        result = run_recorded(
+            recorder,
+            strategy=job.strategy,
+            grid=server.grid,
+            initial_params=initial,
+            rounds=rounds,
+            seed=seed,
+            observers=[timeline, *observers],
+            timeout=round_timeout,
+            resume=resume,
+            on_close=timeline.close,
+        )
+    return Run(recorder.run_id, recorder.run_dir, result.params, result.history, "deployment")
+
+
+class _Timeline:
+    """After each round: tells each client whose reply was refused why, and records the clients' events
+    (connections, instructions, replies, refusals, drops) in the run's timeline."""
+
+    def __init__(self, server: FleetServer, recorder: RunRecorder) -> None:
+        self._server = server
+        self._recorder = recorder
+
+    def on_round(self, record: RoundRecord, params: Params) -> None:
+        events = self._server.take_events()
+        now = datetime.now(timezone.utc)
+        for client in record.clients:
+            if client.status != ClientStatus.REFUSED:
+                continue
+            reason = f"round {record.server_round}: the server refused your {client.phase} reply: {client.detail}"
+            self._server.notify(client.client_id, reason)
+            events.append(ClientEvent(now, client.client_id, "refused", record.server_round, detail=client.detail))
+        self._recorder.on_events(events)
+
+    def close(self, error: BaseException | None) -> None:
+        """Record the events since the last round: those of a round that failed, or, when the run is over, the
+        clients leaving after the server says bye. A run that failed or was interrupted says no bye: the
+        clients keep trying to reconnect, and rejoin when the same run is served again."""
+        if error is None:
+            self._server.say_bye()
+        self._recorder.on_events(self._server.take_events())
+
+
+def connect(
+    job: Job,
+    *,
+    server: str,
+    data: str | Path | ClientData,
+    token: str,
+    tls: ClientTLS,
+    retry_for: float = 600.0,
+    heartbeat: float = 30.0,
+    state_dir: str | Path = "fedloom-client-state",
+    paillier_key: KeyPair | None = None,
+    send_logs: bool = True,
+) -> int:
+    """Join the federation at ``server`` (``HOST:PORT``) as the site that ``token`` names, train ``job``'s task on
+    this site's ``data`` until the server says bye, and return how many instructions were answered.
+
+    ``data`` is the site's :class:`~fedloom.data.base.ClientData`, a client-data ``.npz`` file (as ``fedloom
+    partition`` writes), or a folder that the job's data function reads (its train and test splits become the
+    site's data). ``tls`` says how the server is checked. The connection is lost and found again by itself:
+    the site keeps trying for ``retry_for`` seconds from the start or from when it lost the server.
+    ``heartbeat`` is the seconds between keepalive pings. ``state_dir`` keeps what an algorithm carries between
+    rounds (SCAFFOLD's control variate), across restarts. The site answers through
+    :func:`~fedloom.runtime.client.client_app` with the job's own mods. ``paillier_key`` is the federation's
+    Paillier key pair,
+    for a server that aggregates under Paillier. ``send_logs=False`` keeps the lines this site logs while it
+    trains off the wire. Raises :class:`DataError` for data that cannot be read, and what
+    :func:`~fedloom.runtime.net.client.run_client` raises (:class:`TransportError` when the server stays out of
+    reach, refuses this site or does not match its TLS).
+    """
+    own = data if isinstance(data, ClientData) else _own_data(job, Path(data))
+    credentials = tls.credentials(server, retry_for)
+    app = client_app(job.task, job.mods, paillier_key=paillier_key, send_logs=send_logs, deployed=True)
+    return run_client(
+        app,
+        own,
+        server=server,
+        token=token,
+        retry_for=retry_for,
+        heartbeat=heartbeat,
+        credentials=credentials,
+        state=DirectoryState(state_dir),
+    )
+
+
+def _own_data(job: Job, path: Path) -> ClientData:
+    """A client-data file as it is, or the dataset that the job's data function reads from a folder."""
+    if path.is_dir():
+        loaded = job.load_data(str(path))
+        if not isinstance(loaded, Dataset):
+            raise DataError(f"the data function of job {job.name!r} made a whole federation, not one site's data")
+        return ClientData(train=loaded.train, test=loaded.test)
+    return load_client_data(path)
