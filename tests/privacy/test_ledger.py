@@ -106,6 +106,7 @@ def test_the_digest_covers_names_dtypes_shapes_and_values():
     assert genesis("a") != genesis("b")
 
 
+@pytest.mark.integration
 def test_fedloom_ledger_verify(run: fl.Run, tmp_path: Path):
     code = "from fedloom.cli.main import main; main()"
     runs = str(run.run_dir.parent)
