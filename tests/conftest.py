@@ -61,6 +61,18 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's ``--dist loadgroup``, a test that names no ``xdist_group`` is in its module's group, so
+    that each module's tests (and its module-scoped fixtures: servers, simulations) stay on one worker. Runs before
+    xdist reads the groups."""
+    if not config.getoption("loadgroup", default=False):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
+
+
 # ---------------------------------------------------------------------------------------------- PostgreSQL
 
 
