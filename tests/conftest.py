@@ -1,4 +1,19 @@
-"""Fixtures shared by the whole test suite."""
+"""Fixtures shared by the whole test suite, and how tests are sorted into tiers.
+
+Marking a new test (markers are registered in pyproject.toml; ``--strict-markers`` refuses any other):
+
+- ``integration``: the test starts a process (``subprocess``, the ``fedloom`` console script, worker pools, Ray,
+  and ``fl.simulate``'s ``auto`` backend where it may pick worker processes), a server (gRPC, HTTP, the dashboard,
+  PostgreSQL through the ``postgres`` or ``db_url`` fixtures) or a browser, itself or through a fixture; or it
+  trains on real data to an accuracy (seconds of training: an acceptance check). Mark the module
+  (``pytestmark = pytest.mark.integration``) when all its tests are such, else the test, or the parametrization
+  (``pytest.param(..., marks=pytest.mark.integration)``, as ``db_url`` does for PostgreSQL). The developers' inner
+  loop, ``python -m pytest -m "not slow and not integration"``, leaves them out; the default run keeps them.
+- ``slow`` (minutes) and ``network`` (the internet): left out of the default run.
+- ``xdist_group("name")``: under ``-n ... --dist loadgroup`` (the README's command) each test module runs on one
+  worker, so its module fixtures run once; tests that must not run at the same time as tests of other modules
+  (a local Ray: two at once overload two cores) name a group they share, and a group runs on one worker.
+"""
 
 from __future__ import annotations
 
@@ -44,6 +59,18 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist's ``--dist loadgroup``, a test that names no ``xdist_group`` is in its module's group, so
+    that each module's tests (and its module-scoped fixtures: servers, simulations) stay on one worker. Runs before
+    xdist reads the groups."""
+    if not config.getoption("loadgroup", default=False):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
 
 
 # ---------------------------------------------------------------------------------------------- PostgreSQL
@@ -92,7 +119,7 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(data, ignore_errors=True)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)])
 def db_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
     """Each run store backend in turn, for contract tests: ``None`` (a SQLite file per run) or the URL of a fresh
     PostgreSQL database on the session's server."""

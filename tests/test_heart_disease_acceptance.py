@@ -12,6 +12,9 @@ import pytest
 import fedloom as fl
 from fedloom.data import federate
 
+# Trained on the real data to FLamby's accuracy.
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fedavg_mean_per_center_accuracy_reaches_flamby_level(shared_data, tmp_path, seed):

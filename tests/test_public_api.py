@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import fedloom
 
 EXPECTED = {
@@ -64,6 +66,7 @@ def test_errors_share_one_root():
         assert issubclass(getattr(fedloom, name), fedloom.FedloomError)
 
 
+@pytest.mark.integration
 def test_importing_fedloom_does_not_import_torch():
     code = "import fedloom, sys; assert 'torch' not in sys.modules; fedloom.TorchTask; assert 'torch' in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

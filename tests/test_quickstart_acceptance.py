@@ -1,8 +1,12 @@
 """The quickstart's own settings reach the accuracy the README promises (the timing is in benchmarks/RESULTS.md)."""
 
+import pytest
 import torch
 
 import fedloom as fl
+
+# The quickstart's 100 clients trained to the promised accuracy.
+pytestmark = pytest.mark.integration
 
 
 def test_quickstart_reaches_90_percent_central_accuracy(tmp_path):

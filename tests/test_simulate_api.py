@@ -17,6 +17,8 @@ from fedloom.tracking import load_params
 
 
 def synthetic_job(rounds: int = 3, dropout: float = 0.0, min_clients: int = 1) -> fl.Job:
+    """A numpy job. On its synthetic data the ``auto`` backend may spread clients over worker processes (it does on
+    a busy machine), so the tests that simulate it as it is are marked ``integration``."""
     return fl.Job(
         name="synthetic-test",
         task=fl.LogisticRegressionTask(num_features=60, num_classes=10),
@@ -30,6 +32,7 @@ def synthetic_job(rounds: int = 3, dropout: float = 0.0, min_clients: int = 1) -
     )
 
 
+@pytest.mark.integration
 def test_same_seed_same_params_and_different_seed_different_params(tmp_path):
     job = synthetic_job()
     a = fl.simulate(job, runs_dir=tmp_path)
@@ -40,6 +43,7 @@ def test_same_seed_same_params_and_different_seed_different_params(tmp_path):
     assert a.params_sha256 != c.params_sha256
 
 
+@pytest.mark.integration
 def test_run_directory_holds_database_checkpoints_and_summary(tmp_path):
     run = fl.simulate(synthetic_job(rounds=3), runs_dir=tmp_path)
     assert (run.run_dir / "run.db").is_file()
@@ -59,12 +63,14 @@ def test_run_directory_holds_database_checkpoints_and_summary(tmp_path):
     assert all(r["bytes_down"] > 0 and r["bytes_up"] > 0 and r["num_examples"] > 0 for r in fit_rows)
 
 
+@pytest.mark.integration
 def test_training_improves_the_model(tmp_path):
     run = fl.simulate(synthetic_job(rounds=15), runs_dir=tmp_path)
     losses = [r.metrics["federated_loss"] for r in run.history]
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.integration
 def test_dropouts_are_recorded_and_a_starved_round_fails_the_run_cleanly(tmp_path):
     run = fl.simulate(synthetic_job(rounds=4, dropout=0.3), runs_dir=tmp_path)
     statuses = [c.status for r in run.history for c in r.clients if c.phase == "fit"]
@@ -78,6 +84,7 @@ def test_dropouts_are_recorded_and_a_starved_round_fails_the_run_cleanly(tmp_pat
     assert "NotEnoughClientsError" in (failed.error or "")
 
 
+@pytest.mark.integration
 def test_a_numpy_job_never_imports_torch(tmp_path):
     code = textwrap.dedent(
         f"""
@@ -113,6 +120,7 @@ def test_mnist_cnn_matches_the_paper_size():
     assert fl.load_job("mnist_2nn").task.init_params(0).num_values == 199_210
 
 
+@pytest.mark.integration  # trains on real data to an accuracy
 def test_mnist_2nn_trains_on_the_shared_test_images(shared_data, tmp_path):
     """The 10k MNIST test images, split over 5 clients, stand in for the absent 60k training images."""
     from fedloom.data.datasets.mnist import read_mnist_split

@@ -13,6 +13,10 @@ from fedloom.tracking import RunStore
 if TYPE_CHECKING:
     from conftest import Cli, CliResult
 
+# Every test here runs the fedloom console script in a subprocess (tests/cli/conftest.py); one of them starts a
+# local Ray, so the module is in the Ray tests' xdist group.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("ray")]
+
 SMALL = ("simulate", "digits", "--clients", "12", "--rounds", "2", "--seed", "4", "--quiet")
 
 

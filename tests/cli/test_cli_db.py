@@ -14,6 +14,9 @@ from fedloom.tracking import RunStore
 if TYPE_CHECKING:
     from conftest import Cli
 
+# Every test here runs the fedloom console script in a subprocess (tests/cli/conftest.py).
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_a_simulation_recorded_in_postgresql_reads_back_like_one_in_sqlite(cli: Cli, db_url: str) -> None:

@@ -11,6 +11,9 @@ import pytest
 if TYPE_CHECKING:
     from conftest import Cli, CliResult
 
+# Every test here runs the fedloom console script in a subprocess (tests/cli/conftest.py).
+pytestmark = pytest.mark.integration
+
 JOB_FILES = {
     "raises.py": '''\
 """A job file that fails while it is imported (on line 3)."""

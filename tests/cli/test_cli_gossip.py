@@ -12,6 +12,9 @@ import pytest
 if TYPE_CHECKING:
     from conftest import Cli, CliResult
 
+# Every test here runs the fedloom console script in a subprocess (tests/cli/conftest.py).
+pytestmark = pytest.mark.integration
+
 GOSSIP = ("simulate", "digits", "--clients", "4", "--rounds", "2", "--seed", "3")
 
 # id -> (arguments after ``fedloom``, words the one error line must contain)

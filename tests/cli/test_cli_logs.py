@@ -13,6 +13,9 @@ from fedloom.tracking import RunStore, views
 if TYPE_CHECKING:
     from conftest import Cli, CliResult
 
+# Every test here runs the fedloom console script in a subprocess (tests/cli/conftest.py).
+pytestmark = pytest.mark.integration
+
 LOGGING_JOB = '''\
 """Logistic regression on digits; each fit logs what it trained on and counts it with log_metric."""
 

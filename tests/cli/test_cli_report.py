@@ -6,8 +6,14 @@ import re
 from html.parser import HTMLParser
 from typing import TYPE_CHECKING
 
+import pytest
+
 if TYPE_CHECKING:
     from conftest import Cli, CliResult
+
+# Every test here runs the fedloom console script in a subprocess (tests/cli/conftest.py); the modules that read
+# the session's digits runs share an xdist group, so those runs are made once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("digits_runs")]
 
 
 class Tables(HTMLParser):

@@ -13,6 +13,10 @@ import pytest
 if TYPE_CHECKING:
     from conftest import Cli, CliResult
 
+# Every test here runs the fedloom console script in a subprocess (tests/cli/conftest.py); the modules that read
+# the session's digits runs share an xdist group, so those runs are made once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("digits_runs")]
+
 
 @pytest.fixture(scope="module")
 def summary(cli: Cli, digits_run: CliResult) -> dict[str, Any]:

@@ -14,6 +14,10 @@ from fedloom.privacy import epsilon
 if TYPE_CHECKING:
     from conftest import Cli, CliResult
 
+# Every test here runs the fedloom console script in a subprocess (tests/cli/conftest.py); the modules that read
+# the session's digits runs share an xdist group, so those runs are made once.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("digits_runs")]
+
 
 def _summary(run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())

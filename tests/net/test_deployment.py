@@ -42,6 +42,9 @@ from fedloom.runtime.records import RoundRecord
 from fedloom.tracking import RunStore
 from fedloom.tracking.tokens import TokenStore
 
+# Servers and clients run as fedloom processes talking gRPC on loopback.
+pytestmark = pytest.mark.integration
+
 WAIT_S = 120
 SHA256_LINE = re.compile(r"^params_sha256 ([0-9a-f]{64})$", re.MULTILINE)
 RUN_DIR_LINE = re.compile(r"^run directory (\S+)$", re.MULTILINE)

@@ -23,6 +23,9 @@ from fedloom.data.clientfile import load_client_data, save_client_data
 from fedloom.tracking import RunStore, views
 from fedloom.tracking.tokens import TokenStore
 
+# Servers and clients run as fedloom processes talking gRPC on loopback.
+pytestmark = pytest.mark.integration
+
 SLOW_JOB = '''\
 """The digits job, with a task that first sleeps SLOW_FIT_S seconds (from the environment) in each fit, then
 fails if the round is FAIL_ROUND, else logs a line."""

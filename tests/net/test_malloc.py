@@ -9,6 +9,9 @@ import sys
 
 import pytest
 
+# Each test measures malloc arenas in a Python process of its own.
+pytestmark = pytest.mark.integration
+
 _PROGRAM = """
 import ctypes, sys, threading
 from fedloom.runtime.net.server import share_malloc_arenas

@@ -22,6 +22,9 @@ from test_deployment import Done, Processes, free_port
 
 from fedloom.runtime.net.tls import fingerprint
 
+# Servers and clients run as fedloom processes talking gRPC over TLS on loopback.
+pytestmark = pytest.mark.integration
+
 ROUNDS = ("--rounds", "2", "--seed", "5")
 SITES = ("client-000", "client-001")
 

@@ -8,6 +8,9 @@ import sys
 
 import pytest
 
+# Every test here runs the fedloom console script in a subprocess.
+pytestmark = pytest.mark.integration
+
 COMMON = ("--sample-rate", "0.01", "--rounds", "1000", "--delta", "1e-5")
 
 

@@ -204,6 +204,7 @@ def test_a_simulated_federation_records_each_clients_epsilon(tmp_path):
     assert 0 < spent[2] < spent[8] < math.inf
 
 
+@pytest.mark.integration
 def test_fedloom_privacy_spent_composes_each_clients_fits(tmp_path):
     job = fl.load_job("digits")
     task = DPSGDTask(job.task, noise_multiplier=1.2, max_grad_norm=1.0)

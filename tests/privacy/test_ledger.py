@@ -176,6 +176,7 @@ def test_both_loops_record_the_digest_of_what_each_client_sent(loop: str):
         assert set(recorded) <= set(grid.sent)
 
 
+@pytest.mark.integration
 def test_fedloom_ledger_verify(run: fl.Run, tmp_path: Path):
     code = "from fedloom.cli.main import main; main()"
     runs = str(run.run_dir.parent)

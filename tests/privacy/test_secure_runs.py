@@ -199,6 +199,7 @@ def test_distributed_dp_clips_each_update_on_its_client():
     np.testing.assert_allclose(w, [0.6, 0.8], atol=1e-4)  # sum 6 * (0.6, 0.8) / (q n = 6)
 
 
+@pytest.mark.integration
 def test_process_workers_give_the_inline_result_bit_for_bit(one_torch_thread: None):
     task = LogisticRegressionTask(num_features=4, num_classes=3)
     rng = np.random.default_rng(0)

@@ -351,6 +351,7 @@ def digits_accuracy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float
     return accuracy
 
 
+@pytest.mark.integration  # two digits runs trained to an accuracy
 def test_fedavg_with_scaling_attackers_ends_far_less_accurate(digits_accuracy: dict[str, float]) -> None:
     # 4 of 20 clients sending -10 times their update turn the average step around: 16/20 - 4 * 10/20 = -1.2.
     assert digits_accuracy["clean"] > 0.8
@@ -399,6 +400,7 @@ def fedloom_cli(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
     )
 
 
+@pytest.mark.integration
 def test_the_attack_flag_runs_attackers_and_a_bad_spec_is_one_error_line(tmp_path: Path) -> None:
     small = ("simulate", "digits", "--clients", "5", "--rounds", "1", "--backend", "inline")
     good = fedloom_cli(tmp_path, *small, "--attack", "scale:0.2:scale=-10", "--attack", "noise:0.2", "--out", "runs")

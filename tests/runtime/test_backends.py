@@ -73,6 +73,7 @@ def test_auto_runs_a_small_numpy_task_inline_and_says_why(digits: FederatedData)
     assert "too small" in reason
 
 
+@pytest.mark.integration
 @pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs two cores")
 def test_auto_spreads_clients_with_real_work_over_worker_processes(digits: FederatedData) -> None:
     name, reason, _ = chosen(SlowTask(), digits)

@@ -132,7 +132,18 @@ BACKENDS: dict[str, Callable[[FederatedData], Any]] = {
 EXACT = {"inline", "system", "process", "ray", "deployment"}
 
 
-@pytest.fixture(scope="module", params=list(BACKENDS))
+# Worker processes, Ray and a gRPC server are integration tests (Ray's in the Ray tests' xdist group); the
+# in-process grids are unit tests.
+INTEGRATION = {"process": [], "ray": [pytest.mark.xdist_group("ray")], "deployment": []}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(name, marks=[pytest.mark.integration, *INTEGRATION[name]]) if name in INTEGRATION else name
+        for name in BACKENDS
+    ],
+)
 def grid(request: pytest.FixtureRequest, data: FederatedData) -> Iterator[Any]:
     opened = BACKENDS[request.param](data)
     opened.name = request.param

@@ -21,7 +21,7 @@ from fedloom.runtime.sim.process import ProcessGrid
 from fedloom.runtime.sim.workers import RoundQueues, home_worker
 from fedloom.task.torch_task import TorchTask
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(scope="module")

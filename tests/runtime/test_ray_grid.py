@@ -28,7 +28,8 @@ from fedloom.runtime.sim.raygrid import RayGrid
 
 ray = pytest.importorskip("ray")
 
-pytestmark = pytest.mark.timeout(180)
+# Ray clusters on this machine: the tests of one (xdist) group, so that two never start at once on two cores.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("ray"), pytest.mark.timeout(180)]
 
 
 def free_port() -> int:

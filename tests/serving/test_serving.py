@@ -28,6 +28,9 @@ from fedloom.serving.export import export
 from fedloom.tracking import RunRecorder, RunStore, load_params
 from fedloom.tracking.recorder import checkpoint_path
 
+# A real digits run, served by a server process and exported through ONNX Runtime and TorchScript.
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("fastapi")
 
 REQUESTS = 1000

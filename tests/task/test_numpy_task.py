@@ -169,6 +169,7 @@ def test_errors() -> None:
     assert (empty.loss, empty.num_examples, dict(empty.metrics)) == (0.0, 0, {})
 
 
+@pytest.mark.integration
 def test_importing_tasks_does_not_import_torch() -> None:
     code = (
         "import fedloom.task, fedloom.task.numpy_task, fedloom.core; import sys; "

@@ -19,6 +19,9 @@ pytest.importorskip("tensorboard")
 from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+# Each test simulates a numpy job whose ``auto`` backend may start worker processes (it does on a busy machine).
+pytestmark = pytest.mark.integration
+
 ROUNDS, CLIENTS = 3, 3
 
 

@@ -16,6 +16,9 @@ from federation_runs import PARAMS, record_run, round_record
 
 from fedloom.tracking import RunStore
 
+# A dashboard server process, driven by headless Chromium.
+pytestmark = pytest.mark.integration
+
 pytest.importorskip("fastapi")
 
 ROUNDS = 3

@@ -18,6 +18,7 @@ from fedloom.cli.ui import is_loopback
 pytest.importorskip("fastapi")
 
 
+@pytest.mark.integration
 def test_serves_runs_and_requires_a_given_token(tmp_path: Path) -> None:
     record_run(tmp_path, "alpha", rounds=2, clients=3)
     with dashboard(tmp_path, "--token", "letmein") as address:
@@ -30,6 +31,7 @@ def test_serves_runs_and_requires_a_given_token(tmp_path: Path) -> None:
             assert [run["name"] for run in json.load(answer)] == ["alpha"]
 
 
+@pytest.mark.integration
 def test_a_taken_port_is_one_error_line(tmp_path: Path) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
