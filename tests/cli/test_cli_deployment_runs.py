@@ -16,6 +16,8 @@ from fedloom.core.params import Params
 from fedloom.runtime.records import ClientEvent, ClientRecord, LogLine, RoundRecord
 from fedloom.tracking import RunRecorder, load_params
 
+pytestmark = pytest.mark.integration
+
 if TYPE_CHECKING:
     from conftest import Cli, CliResult
 

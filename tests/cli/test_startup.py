@@ -10,7 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import fedloom.cli.choices as choices
+
+pytestmark = pytest.mark.integration  # fresh interpreters
 
 HEAVY = ("torch", "grpc", "fastapi", "sqlalchemy", "ray", "numpy")
 

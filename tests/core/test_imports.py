@@ -12,6 +12,8 @@ import pytest
 
 import fedloom.core
 
+pytestmark = pytest.mark.integration  # a fresh interpreter per module
+
 CORE = Path(fedloom.core.__file__).parent
 MODULES = sorted(path.stem for path in CORE.glob("*.py") if path.stem != "__init__")
 

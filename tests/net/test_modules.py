@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration
+
 SERVER_SIDE = ("fedloom.runtime.net.server", "fedloom.runtime.net.hub", "fedloom.runtime.net.grid")
 
 

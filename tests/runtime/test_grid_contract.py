@@ -267,7 +267,12 @@ ASYNC_BACKENDS: dict[str, Callable[[FederatedData], Any]] = {
 }
 
 
-@pytest.fixture(scope="module", params=list(ASYNC_BACKENDS))
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(name, marks=pytest.mark.integration) if name == "deployment" else name for name in ASYNC_BACKENDS
+    ],
+)
 def async_grid(request: pytest.FixtureRequest, data: FederatedData) -> Iterator[Any]:
     from fedloom.runtime import AsyncGrid
 

@@ -100,6 +100,7 @@ def test_a_users_mods_run_in_simulation() -> None:
     check_run(result.history, result.params)
 
 
+@pytest.mark.integration  # a gRPC server and its sites on loopback
 def test_a_users_mods_run_over_grpc() -> None:
     from fedloom.runtime.net.client import run_client
     from fedloom.runtime.net.server import FleetServer
