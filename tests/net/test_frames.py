@@ -320,11 +320,16 @@ def test_client_data_files_refuse_what_they_cannot_use(tmp_path):
         load_client_data(tmp_path / "partial.npz")
     objects = np.array([{"a": 1}], dtype=object)
     np.savez(tmp_path / "pickled.npz", train_x=objects, train_y=objects, test_x=objects, test_y=objects)
-    with pytest.raises(DataError, match="pickle"):
+    with pytest.raises(DataError, match="holds object arrays") as objects_refused:
         load_client_data(tmp_path / "pickled.npz")
     (tmp_path / "text.npz").write_text("not an archive")
-    with pytest.raises(DataError, match=r"text\.npz"):
+    with pytest.raises(DataError, match=r"text\.npz is not a client-data \.npz file") as text_refused:
         load_client_data(tmp_path / "text.npz")
+    (tmp_path / "site.csv").write_text("age,label\n63,1\n")  # what a site might give as --data by mistake
+    with pytest.raises(DataError, match="not a NumPy archive at all") as csv_refused:
+        load_client_data(tmp_path / "site.csv")
+    for refused in (objects_refused, text_refused, csv_refused):  # never the advice to load it unsafely
+        assert "allow_pickle" not in str(refused.value)
     np.savez(
         tmp_path / "mismatch.npz",
         train_x=np.zeros((3, 2)),

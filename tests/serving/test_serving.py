@@ -8,6 +8,7 @@ import http.client
 import json
 import re
 import shlex
+import socket
 import subprocess
 import sys
 import warnings
@@ -197,12 +198,30 @@ def test_a_deployments_model_is_served_by_its_run_id(run, tmp_path: Path) -> Non
         (b'{"instances": [[' + b",".join([b"1e999"] * 64) + b"]]}", "application/json", 400, "NaN or infinite"),
         (json.dumps({"instances": [[0] * 64] * 1025}).encode(), "application/json", 413, "send at most 1024"),
         (b"instances=1", "application/x-www-form-urlencoded", 415, "as application/json"),
+        (b'{"instances": [[' + b",".join([b"NaN"] * 64) + b"]]}", "application/json", 400, "holds NaN"),
+        (b'{"instances": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", 400, "nested too deeply"),
     ],
+    ids=["not-json", "no-instances", "empty", "shape", "strings", "ragged", "inf", "batch", "form", "nan", "deep"],
 )
 def test_bad_requests_get_a_4xx_that_says_why(server: Server, body, content_type, status, says) -> None:
     got, answer = server.post(body, content_type=content_type)
     assert got == status, answer
     assert says in answer["detail"]
+
+
+def test_a_body_declared_too_large_is_refused_before_it_is_sent(server: Server) -> None:
+    """413 from the Content-Length alone: the server answers without waiting for (or reading) 64 MiB."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as peer:
+        peer.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {server.token}\r\nContent-Length: {64 * 2**20 + 1}\r\n\r\n".encode()
+        )
+        answer = b""
+        while b"send at most" not in answer and (chunk := peer.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer
+    answer = answer.decode()
+    assert "send at most 67108864" in answer
 
 
 def test_requests_without_the_token_are_refused(server: Server) -> None:

@@ -24,6 +24,10 @@ __all__ = ["ARRAY_NAMES", "load_client_data", "save_client_data"]
 ARRAY_NAMES = ("train_x", "train_y", "test_x", "test_y")
 
 
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
+_NPY_MAGIC = b"\x93NUMPY"  # a single .npy array
+
+
 def save_client_data(path: str | Path, data: ClientData) -> Path:
     """Write ``data`` to ``path`` (``.npz`` is appended if missing) and return the path written.
 
@@ -53,6 +57,14 @@ def load_client_data(path: str | Path) -> ClientData:
     source = Path(path)
     if not source.is_file():
         raise DataError(f"client data file {source} does not exist")
+    with open(source, "rb") as head:
+        magic = head.read(6)
+    if magic[:4] != _ZIP_MAGIC and magic != _NPY_MAGIC:
+        # numpy would take it for a pickle and suggest allow_pickle, which nobody should do with a file from elsewhere
+        raise DataError(
+            f"{source} is not a client-data .npz file (as `fedloom partition` writes, or numpy.savez with arrays "
+            f"{', '.join(ARRAY_NAMES)}): it is not a NumPy archive at all"
+        )
     try:
         loaded = np.load(source, allow_pickle=False)
         if not isinstance(loaded, np.lib.npyio.NpzFile):
@@ -67,8 +79,11 @@ def load_client_data(path: str | Path) -> ClientData:
             arrays = {name: archive[name] for name in ARRAY_NAMES}
     except DataError:
         raise
-    except ValueError as exc:  # object arrays need pickle, which is refused
-        raise DataError(f"{source}: {exc}") from None
+    except ValueError:  # object arrays need pickle, which is refused: say so without suggesting it
+        raise DataError(
+            f"{source} holds object arrays, which a client-data file never does (they would need pickle, which "
+            "fedloom never loads): save plain numeric arrays"
+        ) from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{source} is not a readable .npz file: {exc}") from None
     try:
