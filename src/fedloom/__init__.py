@@ -14,6 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from fedloom.core.exports import lazy_exports
+
 if TYPE_CHECKING:
     from fedloom import data
     from fedloom.app.deployment import ClientTLS, ServerTLS, connect, serve
@@ -143,16 +145,10 @@ _HOMES = {
 }
 
 
+_lookup, __dir__ = lazy_exports(__name__, _HOMES, __all__)
+
+
 def __getattr__(name: str) -> Any:
     if name == "data":
         return importlib.import_module("fedloom.data")  # importing it sets the attribute for next time
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'fedloom' has no attribute {name!r}")
-    value = getattr(importlib.import_module(home), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+    return _lookup(name)

@@ -9,8 +9,9 @@ simulation backends."""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedloom.core.exports import lazy_exports
 
 if TYPE_CHECKING:
     from fedloom.app.deployment import ClientTLS, ServerTLS, connect, serve
@@ -46,14 +47,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'fedloom.app' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fedloom.app.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)

@@ -5,8 +5,9 @@ The names below are imported on first use, so that a module needing only :mod:`f
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedloom.core.exports import lazy_exports
 
 if TYPE_CHECKING:
     from fedloom.core.codec import decode_message, decode_params, encode_message, encode_params
@@ -96,14 +97,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'fedloom.core' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fedloom.core.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)

@@ -6,8 +6,9 @@ records of :mod:`.records`) can be imported without the loop and the backends.""
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from fedloom.core.exports import lazy_exports
 
 if TYPE_CHECKING:
     from fedloom.runtime.asynchronous import ThreadedGrid, run_async
@@ -57,14 +58,4 @@ _HOMES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    home = _HOMES.get(name)
-    if home is None:
-        raise AttributeError(f"module 'fedloom.runtime' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"fedloom.runtime.{home}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES, __all__)
