@@ -351,7 +351,7 @@ def test_a_server_killed_with_sigkill_resumes_and_no_round_is_lost_or_run_twice(
 def test_a_site_restarted_mid_run_keeps_its_scaffold_state_and_the_run_ends_on_the_simulation_model(
     procs: Processes,
 ):
-    """A SCAFFOLD site is killed (SIGKILL) just after it has replied in round 2 and started again with the same
+    """A SCAFFOLD site is killed (SIGKILL) after it has replied in round 2 and started again with the same
     --state-dir, while the server still waits for a slow site. It comes back in time for round 3, whose
     training starts from the control variate it saved in round 2: the run ends on the simulation's model."""
     address = f"127.0.0.1:{free_port()}"
@@ -367,9 +367,11 @@ def test_a_site_restarted_mid_run_keeps_its_scaffold_state_and_the_run_ends_on_t
         return client_args(address, name, keys[name], "--retry-for", "120", "--state-dir", f"restarted-{name}")
 
     fast = {name: procs.start(*site(name), env={"SLOW_FIT_S": "0.2"}) for name in SITES[:2]}
-    slow = procs.start(*site(SITES[2]), env={"SLOW_FIT_S": "8"})
+    slow = procs.start(*site(SITES[2]), env={"SLOW_FIT_S": "20"})
     wait_until(lambda: rounds_recorded(procs.cwd / "restarted-site" / "run.db") >= 1, 120, "round 1")
-    time.sleep(1.5)  # round 2: the fast sites have replied; the slow one trains for 8 s
+    # round 2: the fast sites have replied (a 0.2 s fit, with seconds to spare on a loaded machine or beside
+    # another xdist worker); the slow one trains for 20 s, long enough for the killed site to come back
+    time.sleep(5.0)
     staged = procs.cwd / f"restarted-{SITES[0]}" / "staged" / "round_00002" / "scaffold.control.safetensors"
     assert staged.is_file()  # its round 2 control variate, on its disk, not yet committed
     procs.kill(fast[SITES[0]])
