@@ -32,8 +32,8 @@ from fedloom.privacy import paillier
 from fedloom.privacy.paillier import EncryptedVector, KeyPair, PaillierError, PublicKey
 from fedloom.privacy.updates import (
     ProtocolWrapper,
-    check_failed_rounds,
     check_summable,
+    check_whole,
     fit_vector,
     layout_of,
     mean_encoding,
@@ -78,7 +78,7 @@ class PaillierAgg(ProtocolWrapper):
     max_failed_rounds: int = 3
 
     def __post_init__(self) -> None:
-        check_failed_rounds(self.max_failed_rounds)
+        check_whole("max_failed_rounds", self.max_failed_rounds)
         check_summable(self.strategy, wrapper="PaillierAgg", value_range=self.value_range, weight_cap=self.weight_cap)
         if self.public_key is not None and not isinstance(self.public_key, PublicKey):
             raise ConfigError(f"public_key must be a fedloom.privacy.PublicKey, got {type(self.public_key).__name__}")

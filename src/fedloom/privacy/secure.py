@@ -56,8 +56,8 @@ from fedloom.privacy.secagg import SecAggClient, SecAggError, SecAggServer, neig
 from fedloom.privacy.updates import (
     Layout,
     ProtocolWrapper,
-    check_failed_rounds,
     check_summable,
+    check_whole,
     fit_vector,
     layout_of,
     mean_encoding,
@@ -112,7 +112,7 @@ class SecAgg(ProtocolWrapper):
     max_failed_rounds: int = 3
 
     def __post_init__(self) -> None:
-        check_failed_rounds(self.max_failed_rounds)
+        check_whole("max_failed_rounds", self.max_failed_rounds)
         inner = self.strategy.strategy if isinstance(self.strategy, DPFedAvg) else self.strategy
         check_summable(inner, wrapper="SecAgg", value_range=self.value_range, weight_cap=self.weight_cap)
         if isinstance(self.strategy, DPFedAvg) and self.strategy.target_quantile is not None:

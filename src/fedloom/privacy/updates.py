@@ -31,7 +31,7 @@ from fedloom.strategy.robust import clip_to_norm
 
 __all__ = [
     "CLIENT_NOISE_KEY",
-    "check_failed_rounds",
+    "check_whole",
     "Layout",
     "ProtocolWrapper",
     "check_summable",
@@ -59,14 +59,13 @@ def check_summable(inner: Any, *, wrapper: str, value_range: float | None, weigh
     summable(inner, wrapper)
     if value_range is not None and not value_range > 0:
         raise ConfigError(f"value_range must be > 0, got {value_range}")
-    if isinstance(weight_cap, bool) or not isinstance(weight_cap, int) or weight_cap < 1:
-        raise ConfigError(f"weight_cap must be a whole number >= 1, got {weight_cap!r}")
+    check_whole("weight_cap", weight_cap)
 
 
-def check_failed_rounds(value: Any) -> None:
-    """Refuse a ``max_failed_rounds`` that is not a whole number >= 1."""
+def check_whole(name: str, value: Any) -> None:
+    """Refuse a setting ``name`` (``weight_cap``, ``max_failed_rounds``) that is not a whole number >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"max_failed_rounds must be a whole number >= 1, got {value!r}")
+        raise ConfigError(f"{name} must be a whole number >= 1, got {value!r}")
 
 
 def summable(inner: Any, wrapper: str) -> SummableStrategy[Any]:

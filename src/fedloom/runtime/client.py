@@ -100,10 +100,6 @@ class ClientApp:
         train such instructions in one batch without calling the chain (the vectorized backend)."""
         return all(getattr(mod, "passes_plain", False) for mod in self.mods)
 
-    def with_mods(self, mods: Sequence[Mod]) -> ClientApp:
-        """This app with ``mods`` in place of its own."""
-        return ClientApp(self.task, tuple(mods))
-
 
 def _chained(mod: Mod, call_next: Handler) -> Handler:
     def handler(message: Message, context: Context) -> Message:

@@ -128,15 +128,15 @@ def run_rounds(
         if isinstance(strategy, ProtocolStrategy):  # secure aggregation: several exchanges, only the sum
             protocol = run_fit_protocol(strategy, grid, server_round, state, instructions, timeout)
             fit_records, failure = protocol.records, protocol.failure
-            failed_in_a_row = failed_in_a_row + 1 if failure is not None else 0
-            if failure is not None:  # the model stays as it was; the round is recorded as failed
+            if protocol.result is not None:
+                failed_in_a_row = 0
+                state, metrics = protocol.result.state, protocol.result.metrics
+            else:  # the model stays as it was; the round is recorded as failed
+                failed_in_a_row += 1
                 log.warning("round %d failed: %s", server_round, failure)
                 if failed_in_a_row >= strategy.max_failed_rounds:
                     raise RoundFailedError(f"{failed_in_a_row} rounds in a row failed; round {server_round}: {failure}")
                 metrics = {"round_failed": 1.0}
-            else:
-                assert protocol.result is not None
-                state, metrics = protocol.result.state, protocol.result.metrics
         else:
             state, metrics, fit_records = fit_round(strategy, grid, server_round, state, instructions, timeout)
         params = strategy.params(state)

@@ -68,8 +68,7 @@ def open_backend(
     if config.attacks:
         attackers = choose_attackers(config.attacks, data.client_ids, config.seed)
         data = poison_federation(data, attackers, data.num_classes, config.seed)
-    app = clients.app
-    app = dataclasses.replace(app, task=_on_device(app.task, settings.device))
+    app = dataclasses.replace(clients.app, task=_on_device(clients.app.task, settings.device))
     clients = dataclasses.replace(clients, app=app, data=data)
     name, reason, probed = _choose(clients, settings)
     with ExitStack() as stack:

@@ -43,10 +43,6 @@ class SimulatedClients:
         user's ``mods`` and the simulated clients' shared ``paillier_key``)."""
         return SimulatedClients(client_app(task, mods, paillier_key=paillier_key), data, state_dir, job_file)
 
-    @property
-    def task(self) -> Task:
-        return self.app.task
-
     def context(self, client_id: str, data: ClientData | None = None) -> Context:
         """The context ``client_id`` answers in: its data (``data``, or the federation's) and its state."""
         own = data if data is not None else self.data.clients[client_id]
