@@ -239,6 +239,9 @@ def _connect(ray: Any, address: str | None, workers: int | None) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
+        # Ray waits 30 s for its GCS to write its port; on a loaded machine (a CI runner beside other work) that
+        # start has taken longer, so wait up to 120 s unless the operator set the wait.
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         try:
             # "local" always starts a new Ray; None would join the last one `ray start` left on this machine.
             ray.init(
@@ -248,6 +251,7 @@ def _connect(ray: Any, address: str | None, workers: int | None) -> bool:
                 log_to_driver=False,
             )
         except Exception as exc:
+            ray.shutdown()  # stop what the failed start left running (its GCS, raylet), not leave it to the GC
             raise ConfigError(f"cannot start a local Ray: {type(exc).__name__}: {_first_line(exc)}") from None
         return True
     _check_reachable(address)
