@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from fedloom.core.message import Message
 
-__all__ = ["AsyncGrid", "Clocked", "Exchange", "Grid", "Reply", "ReplyHandler", "hand_over"]
+__all__ = ["AsyncGrid", "Clocked", "Declaring", "Exchange", "Grid", "Reply", "ReplyHandler", "hand_over"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,17 @@ class Clocked(Protocol):
 
     @property
     def clock(self) -> float: ...
+
+
+@runtime_checkable
+class Declaring(Protocol):
+    """A grid whose clients declared, when they joined, how many training examples they hold (a deployment's
+    sites send it in their hello). The server loop caps every ``num_examples`` a client later reports at what
+    it declared, so that no site weighs more in an average than the data it joined with."""
+
+    def declared_examples(self, client_id: str) -> int | None:
+        """What ``client_id`` declared when it joined, or ``None`` where it declared nothing."""
+        ...
 
 
 def hand_over(exchange: Exchange, on_reply: ReplyHandler | None) -> Exchange:
