@@ -26,7 +26,7 @@ import grpc
 from fedloom.app.job import Job, describe
 from fedloom.app.protection import PrivacySettings, with_protection
 from fedloom.app.run import Run, run_recorded
-from fedloom.core.errors import ConfigError, DataError, FedloomError, TransportError, user_code
+from fedloom.core.errors import ConfigError, DataError, DivergedError, FedloomError, TransportError, user_code
 from fedloom.core.params import Params
 from fedloom.data.base import ClientData, Dataset
 from fedloom.data.clientfile import load_client_data
@@ -146,6 +146,7 @@ def serve(
     exporters: Sequence[Exporter] = (),
     db_url: str | None = None,
     observers: Sequence[RoundObserver] = (),
+    exclude: Sequence[str] = (),
 ) -> Run:
     """Serve ``job`` to the sites that dial ``address`` (``HOST:PORT``, only this address), run ``rounds`` rounds
     once ``min_clients`` of them have joined, and return the recorded :class:`~fedloom.app.run.Run`.
@@ -161,8 +162,10 @@ def serve(
     it (:func:`~fedloom.app.protection.with_protection`), its DP over ``dp_clients`` clients (default: the run
     directory's valid tokens). ``exporters`` mirror the run elsewhere, ``db_url`` keeps its rows in a shared
     database (as :func:`~fedloom.app.simulation.simulate`), and ``observers`` see each round as it ends (after it
-    is recorded). Headlines (resuming, listening, the clients that joined) are logged at ``INFO`` on the
-    ``fedloom.run`` logger.
+    is recorded). ``exclude`` names sites that are never asked to train or evaluate (they may connect): how a run
+    whose model diverged resumes without the sites that made it (:class:`~fedloom.core.errors.DivergedError`
+    names them, and says the command). Headlines (resuming, listening, the clients that joined, who is excluded)
+    are logged at ``INFO`` on the ``fedloom.run`` logger.
 
     When the run is over the server says bye and the sites end. Raises :class:`ConfigError` for settings that
     cannot work (no tokens, bad certificates, protections the strategy cannot take, ``paillier=True``),
@@ -214,6 +217,8 @@ def serve(
         raise
     if resume is not None:
         announce.info("resuming run %s after round %d of %d", recorder.run_id, resume.completed_rounds, rounds)
+    if exclude:
+        announce.info("excluded from the rounds: %s", ", ".join(sorted(exclude)))
     with server:
         announce.info(
             "fedloom server: job %s, listening on %s %s, waiting for %d clients",
@@ -230,19 +235,31 @@ def serve(
             raise
         announce.info("clients connected: %s", ", ".join(clients))
         timeline = _Timeline(server, recorder)
-        result = run_recorded(
-            recorder,
-            strategy=job.strategy,
-            grid=server.grid,
-            initial_params=initial,
-            rounds=rounds,
-            seed=seed,
-            observers=[timeline, *observers],
-            timeout=round_timeout,
-            resume=resume,
-            on_close=timeline.close,
-        )
+        try:
+            result = run_recorded(
+                recorder,
+                strategy=job.strategy,
+                grid=server.grid,
+                initial_params=initial,
+                rounds=rounds,
+                seed=seed,
+                observers=[timeline, *observers],
+                timeout=round_timeout,
+                resume=resume,
+                on_close=timeline.close,
+                exclude=frozenset(exclude),
+            )
+        except DivergedError as exc:
+            raise DivergedError(exc.server_round, exc.norms, hint=_resume_hint(exc, exclude)) from None
     return Run(recorder.run_id, recorder.run_dir, result.params, result.history, "deployment")
+
+
+def _resume_hint(error: DivergedError, excluded: Sequence[str]) -> str:
+    """How to go on from the last good round without the sites whose updates stood out."""
+    sites = sorted({*excluded, *error.suspects})
+    if not error.suspects:
+        return "to resume after it, run the same command again (with --exclude SITE for any site you distrust)"
+    return f"to resume after it without them, run the same command again with --exclude {','.join(sites)}"
 
 
 class _Timeline:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedloom.core.errors import FedloomError
+from fedloom.core.errors import ConfigError, FedloomError
 from fedloom.core.params import Params
 from fedloom.runtime.asynchronous import run_async
 from fedloom.runtime.grid import Grid
@@ -61,6 +61,7 @@ def run_recorded(
     timeout: float | None = None,
     resume: Resume | None = None,
     on_close: Callable[[BaseException | None], None] | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> LoopResult:
     """:func:`~fedloom.runtime.loop.run_rounds` (:func:`~fedloom.runtime.asynchronous.run_async` for an
     asynchronous strategy) with the run recorded by ``recorder``: every round as it ends,
@@ -69,7 +70,8 @@ def run_recorded(
     ``resume`` (from :meth:`RunRecorder.open`) continues a deployment's run after its last recorded round.
     ``on_close`` is called just before the run is closed, while ``recorder`` still records, with ``None`` after
     the last round or with the error on failure: a deployment says bye to its clients when the run is over and
-    records the client events that came after the last round."""
+    records the client events that came after the last round. ``exclude`` names clients never asked (see
+    :func:`~fedloom.runtime.loop.run_rounds`)."""
 
     def loop(recording: Sequence[RoundObserver]) -> tuple[LoopResult, Params]:
         arguments: dict[str, Any] = {
@@ -83,9 +85,11 @@ def run_recorded(
             "resume": resume,
         }
         if isinstance(strategy, AsyncStrategy):
+            if exclude:
+                raise ConfigError("excluding clients is for synchronous strategies; an asynchronous one asks anyone")
             result = run_async(strategy=strategy, **arguments)
         else:
-            result = run_rounds(strategy=strategy, **arguments)
+            result = run_rounds(strategy=strategy, exclude=exclude, **arguments)
         return result, result.params
 
     return record_run(recorder, initial_params if resume is None else resume.params, loop, on_close=on_close)

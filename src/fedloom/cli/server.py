@@ -98,6 +98,13 @@ def server_command(
             rich_help_panel=PANEL,
         ),
     ] = None,
+    exclude: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="A site never asked to train or evaluate (repeat, or separate with commas): how a run whose model "
+            "diverged resumes without the sites whose updates made it, as its error says.",
+        ),
+    ] = None,
     mlflow_uri: MlflowUri = None,
     tensorboard: TensorBoardDir = None,
     db: DbUrl = None,
@@ -145,6 +152,7 @@ def server_command(
         exporters=exporters(mlflow_uri, tensorboard),
         db_url=db,
         observers=[RoundLines(console, rounds)],
+        exclude=[site.strip() for item in exclude or () for site in item.split(",") if site.strip()],
     )
     shown = "  ".join(f"{k} {metric_text(v)}" for k, v in run.final_metrics.items())
     console.print(f"finished run [bold]{run.run_id}[/]: {shown}", highlight=False)

@@ -6,13 +6,14 @@ them into a one-line message and exit code 2; anything else is a bug and keeps i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 __all__ = [
     "ConfigError",
     "DataError",
     "DecodeError",
+    "DivergedError",
     "FedloomError",
     "InvalidUpdateError",
     "JobError",
@@ -39,6 +40,34 @@ class DataError(FedloomError):
 
 class DecodeError(FedloomError, ValueError):
     """Bytes are not a valid fedloom message (wrong version, bad dtype, truncated data, bad metadata)."""
+
+
+class DivergedError(FedloomError):
+    """The global model holds NaN or infinity after a round. ``server_round`` is that round; ``norms`` maps each
+    client whose update was aggregated in it to that update's norm of change (``None`` where it is not known:
+    under secure aggregation). ``suspects`` are the clients whose updates stood out (more than twice the round's
+    median), largest first: empty where none did, as when the model diverges by itself. The round is not
+    recorded: a resume starts after the one before it. ``hint`` (how to resume, where the caller knows) ends the
+    message."""
+
+    def __init__(self, server_round: int, norms: Mapping[str, float | None], *, hint: str = "") -> None:
+        self.server_round = server_round
+        self.norms = dict(norms)
+        known = sorted(((n, cid) for cid, n in self.norms.items() if n is not None), reverse=True)
+        median = known[len(known) // 2][0] if known else 0.0
+        self.suspects = tuple(cid for n, cid in known if len(known) > 1 and n > 2 * median)
+        listed = ", ".join(f"{cid} ({n:.3g})" for n, cid in known[:5]) or ", ".join(sorted(self.norms)[:5])
+        more = f" and {len(self.norms) - 5} more" if len(self.norms) > 5 else ""
+        stood = (
+            f"the updates of {', '.join(self.suspects)} stood out"
+            if self.suspects
+            else "no update stood out (a learning rate too high can make a model diverge by itself)"
+        )
+        super().__init__(
+            f"round {server_round}: the global model holds NaN or infinity after aggregating the updates of "
+            f"{len(self.norms)} clients, by norm of change: {listed}{more}; {stood}. The run stops after round "
+            f"{server_round - 1}, its last good round" + (f"; {hint}" if hint else "")
+        )
 
 
 class InvalidUpdateError(FedloomError, ValueError):

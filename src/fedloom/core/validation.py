@@ -9,7 +9,7 @@ import numpy as np
 from fedloom.core.errors import ConfigError, InvalidUpdateError
 from fedloom.core.params import Params
 
-__all__ = ["check_client_name", "check_update"]
+__all__ = ["all_finite", "check_client_name", "check_update"]
 
 _CLIENT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -48,6 +48,11 @@ def check_update(reference: Params, update: Params) -> None:
 
 
 _BLOCK = 1 << 20
+
+
+def all_finite(params: Params) -> bool:
+    """Whether every floating-point value of ``params`` is finite (no NaN, no infinity)."""
+    return all(_all_finite(a) for a in params.values() if np.issubdtype(a.dtype, np.inexact))
 
 
 def _all_finite(array: np.ndarray) -> bool:

@@ -13,6 +13,7 @@ import numpy as np
 from fedloom.core.errors import (
     ConfigError,
     DecodeError,
+    DivergedError,
     InvalidUpdateError,
     NotEnoughClientsError,
     RoundFailedError,
@@ -21,18 +22,20 @@ from fedloom.core.errors import (
 from fedloom.core.message import Message
 from fedloom.core.params import Params
 from fedloom.core.results import EvalResult, FitResult
-from fedloom.core.validation import check_update
+from fedloom.core.validation import all_finite, check_update
 from fedloom.privacy.ledger import fit_digest
 from fedloom.runtime import readings
-from fedloom.runtime.grid import Clocked, Exchange, Grid, Reply
+from fedloom.runtime.grid import Clocked, Declaring, Exchange, Grid, Reply
 from fedloom.runtime.protocol import run_fit_protocol
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
+from fedloom.runtime.screening import RoundScreen
 from fedloom.strategy.base import (
     AsyncStrategy,
     FitFold,
     FoldingStrategy,
     ProtocolStrategy,
     ReshapingStrategy,
+    ScreenedStrategy,
     Strategy,
 )
 from fedloom.strategy.snapshot import Snapshot, restore, snapshot
@@ -76,6 +79,7 @@ def run_rounds(
     observers: Sequence[RoundObserver] = (),
     timeout: float | None = None,
     resume: Resume | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> LoopResult:
     """Run ``rounds`` rounds of federated training and return the final global params and the history.
 
@@ -100,6 +104,16 @@ def run_rounds(
     ``round_failed`` and its ``failure``; the run goes on, and fails once ``strategy.max_failed_rounds`` rounds
     in a row have failed.
 
+    A strategy with an ``update_guard`` or a ``max_share`` (:class:`~fedloom.strategy.base.ScreenedStrategy`)
+    has each round's updates screened before they are aggregated (:mod:`fedloom.runtime.screening`): every
+    ``num_examples`` is capped at what its client declared when it joined (where the grid is
+    :class:`~fedloom.runtime.grid.Declaring`), an update far larger than the round's others is refused, and no
+    client weighs more than ``max_share`` of the round. A global model that still holds NaN or infinity after a
+    round raises :class:`~fedloom.core.errors.DivergedError` naming the round and the clients whose updates made
+    it, with the norms of their updates; the round is not recorded, so a resume starts from the one before.
+    ``exclude`` names clients that are never asked to train or evaluate (a resume without the sites that made the
+    model diverge).
+
     A strategy can end the run early, as planned, by raising :class:`~fedloom.core.errors.StopRunError` from
     ``configure_fit`` (DP-FedAvg when the next round would exceed its privacy budget): the loop logs why and
     returns the rounds done.
@@ -120,7 +134,7 @@ def run_rounds(
         started = time.perf_counter()
 
         try:
-            instructions = strategy.configure_fit(server_round, state, grid.client_ids(), fit_rng)
+            instructions = strategy.configure_fit(server_round, state, _asked(grid, exclude), fit_rng)
         except StopRunError as stop:
             log.warning("the run ends before round %d: %s", server_round, stop)
             break
@@ -137,6 +151,9 @@ def run_rounds(
                 if failed_in_a_row >= strategy.max_failed_rounds:
                     raise RoundFailedError(f"{failed_in_a_row} rounds in a row failed; round {server_round}: {failure}")
                 metrics = {"round_failed": 1.0}
+            check_finite(
+                server_round, strategy.params(state), {r.client_id: None for r in fit_records if r.status == "ok"}
+            )
         else:
             state, metrics, fit_records = fit_round(strategy, grid, server_round, state, instructions, timeout)
         params = strategy.params(state)
@@ -144,7 +161,7 @@ def run_rounds(
         if isinstance(grid, Clocked):
             metrics["sim_seconds"] = grid.clock
         evaluated = evaluate_round(
-            strategy, grid, server_round, state, grid.client_ids(), eval_rng, timeout, evaluate_central, metrics
+            strategy, grid, server_round, state, _asked(grid, exclude), eval_rng, timeout, evaluate_central, metrics
         )
         record = RoundRecord(
             server_round=server_round,
@@ -173,8 +190,10 @@ def fit_round(
     :class:`FoldingStrategy`), and aggregate. Returns the new state, the round's metrics and the fit records;
     raises :class:`NotEnoughClientsError` when fewer than ``strategy.min_clients`` valid updates came back."""
     fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
-    fit_replies = Gathered(server_round, "fit", valid_update(strategy, instructions), fold)
+    screen = round_screen(strategy, grid, server_round)
+    fit_replies = Gathered(server_round, "fit", valid_update(strategy, instructions), fold, screen, instructions)
     fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
+    fit_replies.release()
     if len(fit_replies.accepted) < strategy.min_clients:
         asked = len(fit.replies) + len(fit.dropped) + len(fit.late)
         raise NotEnoughClientsError(
@@ -186,7 +205,39 @@ def fit_round(
     else:  # in the order asked, so that the result does not depend on who answered first
         ordered = {cid: fit_replies.accepted[cid] for cid in instructions if cid in fit_replies.accepted}
         state, metrics = strategy.aggregate_fit(server_round, state, ordered)
+    check_finite(server_round, strategy.params(state), {cid: screen.norms.get(cid) for cid in fit_replies.accepted})
     return state, metrics, client_records("fit", fit, fit_replies)
+
+
+def round_screen(strategy: Strategy[Any], grid: Grid, server_round: int) -> RoundScreen:
+    """The round's screening of fit updates, as the strategy and the grid say: the strategy's guard and share cap
+    (none for a strategy without them; no guard where replies are reshaped, as their change cannot be measured
+    against what was sent), and the examples the grid's clients declared."""
+    measured = not isinstance(strategy, ReshapingStrategy)
+    guard = share = None
+    if isinstance(strategy, ScreenedStrategy):
+        guard, share = strategy.update_guard if measured else None, strategy.max_share
+    return RoundScreen(
+        server_round,
+        update_guard=guard,
+        max_share=share,
+        declared=grid.declared_examples if isinstance(grid, Declaring) else None,
+        measured=measured,
+    )
+
+
+def check_finite(server_round: int, params: Params, norms: Mapping[str, float | None]) -> None:
+    """Raise :class:`DivergedError` if ``params`` (the global model after ``server_round``) hold NaN or infinity,
+    naming the clients aggregated in that round (``norms``: each one's norm of change, ``None`` where unknown)."""
+    if all_finite(params):
+        return
+    raise DivergedError(server_round, norms)
+
+
+def _asked(grid: Grid, exclude: frozenset[str]) -> Sequence[str]:
+    """The grid's clients, less those excluded from the run."""
+    clients = grid.client_ids()
+    return clients if not exclude else [cid for cid in clients if cid not in exclude]
 
 
 def server_generators(seed: int) -> tuple[np.random.Generator, np.random.Generator]:
@@ -251,12 +302,20 @@ class Gathered(Generic[R]):
     ``fold`` (and its arrays let go) where there is one."""
 
     def __init__(
-        self, server_round: int, phase: str, parse: Callable[[str, Message], R], fold: FitFold[Any] | None = None
+        self,
+        server_round: int,
+        phase: str,
+        parse: Callable[[str, Message], R],
+        fold: FitFold[Any] | None = None,
+        screen: RoundScreen | None = None,
+        instructions: Mapping[str, Message] | None = None,
     ) -> None:
         self._round = server_round
         self._phase = phase
         self._parse: Callable[[str, Message], R] = parse
         self._fold = fold
+        self.screen = screen
+        self._sent = instructions
         self.accepted: dict[str, R] = {}
         self.refused: dict[str, str] = {}  # client id -> reason
         self.digests: dict[str, str] = {}  # client id -> its fit update's SHA-256, for the privacy ledger
@@ -278,12 +337,35 @@ class Gathered(Generic[R]):
             return replace(reply, message=Message(reply.message.kind))
         if isinstance(result, FitResult):
             self.digests[client_id] = fit_digest(result)
+            if self.screen is not None:
+                result = self.screen.claim(client_id, result)
+                if self._sent is not None and self.screen.measured:
+                    self.screen.measure(client_id, self._sent[client_id].params, result)
+                if self.screen.holds:  # kept whole until the round's last update is in: see release
+                    self.screen.hold(client_id, result)
+                    return replace(reply, message=Message(reply.message.kind))
         if self._fold is not None and isinstance(result, FitResult):
             self._fold.add(client_id, result)
             result = replace(result, params=Params({}))
             reply = replace(reply, message=Message(reply.message.kind))
         self.accepted[client_id] = result
         return reply
+
+    def release(self) -> None:
+        """Screen the held fit updates (once the round's last is in): refuse those the guard refuses, and fold
+        the others into the aggregate (or accept them whole, for a strategy that aggregates them all at once) in
+        the order they arrived."""
+        if self.screen is None or not self.screen.holds:
+            return
+        passed = self.screen.release()
+        for client_id, reason in self.screen.refused.items():
+            log.warning("round %d: refused the fit update of client %s: %s", self._round, client_id, reason)
+            self.refused[client_id] = reason
+        for client_id, result in passed:
+            if self._fold is not None:
+                self._fold.add(client_id, result)
+                result = replace(result, params=Params({}))
+            self.accepted[client_id] = result  # type: ignore[assignment]  # the fit phase gathers FitResults
 
 
 def valid_update(strategy: Strategy[Any], instructions: Mapping[str, Message]) -> Callable[[str, Message], FitResult]:
@@ -307,6 +389,20 @@ def _status(client_id: str, failed: Mapping[str, str], refused: Mapping[str, str
     if client_id in failed:
         return ClientStatus.DROPPED
     return ClientStatus.REFUSED if client_id in refused else ClientStatus.OK
+
+
+def _screened(metrics: Mapping[str, float], gathered: Gathered[Any], client_id: str) -> Mapping[str, float]:
+    """A fit reply's metrics with what screening measured: ``update_norm`` (its norm of change) and, for a capped
+    client, ``claimed_examples`` (what it reported before the cap)."""
+    screen = gathered.screen
+    if screen is None or (client_id not in screen.norms and client_id not in screen.capped):
+        return metrics
+    out = dict(metrics)
+    if client_id in screen.norms:
+        out["update_norm"] = screen.norms[client_id]
+    if client_id in screen.capped:
+        out["claimed_examples"] = float(screen.capped[client_id][0])
+    return out
 
 
 def client_records(phase: str, exchange: Exchange, gathered: Gathered[Any]) -> tuple[ClientRecord, ...]:
@@ -335,8 +431,9 @@ def client_records(phase: str, exchange: Exchange, gathered: Gathered[Any]) -> t
                 num_examples=result.num_examples,
                 loss=result.loss if isinstance(result, EvalResult) else result.metrics.get("loss"),
                 accuracy=result.metrics.get("accuracy"),
-                metrics=readings.record_metrics(result.metrics, sent, reply.upload_seconds),
+                metrics=readings.record_metrics(_screened(result.metrics, gathered, cid), sent, reply.upload_seconds),
                 update_sha256=gathered.digests.get(cid),
+                detail=gathered.screen.cap_detail(cid) if gathered.screen is not None else None,
             )
         )
     records.extend(ClientRecord(client_id=cid, phase=phase, status=ClientStatus.DROPPED) for cid in exchange.dropped)

@@ -21,6 +21,7 @@ __all__ = [
     "ProtocolResult",
     "ProtocolStrategy",
     "ReshapingStrategy",
+    "ScreenedStrategy",
     "Strategy",
     "SummableStrategy",
     "UpdateBuffer",
@@ -131,6 +132,20 @@ class ReshapingStrategy(Strategy[S], Protocol[S]):
     other strategies' replies against the params their clients were sent."""
 
     def fit_reply_layout(self, instruction: Message) -> Params: ...
+
+
+@runtime_checkable
+class ScreenedStrategy(Protocol):
+    """A strategy whose round updates the server loop screens (:mod:`fedloom.runtime.screening`): an update whose
+    norm of change is over ``update_guard`` times the round's median is refused, and no site weighs more than
+    ``max_share`` of a round (``None``: that check is off). :class:`~fedloom.strategy.sampling.ClientSampling`
+    has both, so every synchronous strategy built on it does."""
+
+    @property
+    def update_guard(self) -> float | None: ...
+
+    @property
+    def max_share(self) -> float | None: ...
 
 
 class UpdateBuffer(Protocol[S_co]):

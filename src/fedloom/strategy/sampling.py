@@ -17,7 +17,27 @@ from fedloom.core.results import EvalResult, evaluate_message, fit_message
 from fedloom.strategy.aggregate import weighted_mean_scalar
 from fedloom.strategy.local import FINETUNE, with_local
 
-__all__ = ["ClientSampling", "sample_clients"]
+__all__ = ["DEFAULT_MAX_SHARE", "DEFAULT_UPDATE_GUARD", "ClientSampling", "check_screening", "sample_clients"]
+
+#: The default multiple of the round's median update norm above which an update is refused. Honest updates of
+#: one round differ by a few times at most (sites of different sizes take different numbers of steps); an
+#: update scaled to take over the model is orders of magnitude beyond that.
+DEFAULT_UPDATE_GUARD = 10.0
+
+#: The default cap on one site's share of a round's weight: none. A cap changes FedAvg's weights in honest
+#: federations too (one hospital holding most of the data is common), so it is a policy a federation chooses;
+#: what a deployed site joined with (its declared examples) bounds its weight whatever this says. ``0.5`` (no site
+#: outweighs all the others together) suits federations whose sites' declared sizes are not checked.
+DEFAULT_MAX_SHARE: float | None = None
+
+
+def check_screening(update_guard: float | None, max_share: float | None) -> None:
+    """Raise :class:`ConfigError` unless ``update_guard`` is ``None`` or > 1 and ``max_share`` is ``None`` or in
+    ``(0, 1)``."""
+    if update_guard is not None and not (isinstance(update_guard, (int, float)) and update_guard > 1):
+        raise ConfigError(f"update_guard must be a number > 1 (or None to turn the guard off), got {update_guard!r}")
+    if max_share is not None and not (isinstance(max_share, (int, float)) and 0 < max_share < 1):
+        raise ConfigError(f"max_share must be in (0, 1) (or None for no cap), got {max_share!r}")
 
 
 def sample_clients(
@@ -57,6 +77,14 @@ class ClientSampling:
     trains the global model on its own training split as ``finetune`` says, and reports the fine-tuned model's
     loss and metrics on its test split, with the global model's beside them (``global_loss``,
     ``global_accuracy``); the fine-tuned model is thrown away.
+
+    Two bounds on what one dishonest site can do with a well-formed update, which the server loop applies the
+    same way in simulation and deployment (:mod:`fedloom.runtime.screening`): ``update_guard`` (default 10)
+    refuses an update whose norm of change is more than that many times the round's median, and changes nothing
+    in a round where no update is that far out; ``max_share`` (default ``None``: off) caps any one site's share of
+    the round's weight, where more than ``1 / max_share`` sites replied (``0.5`` for federations whose sites'
+    declared sizes are not checked). With both ``None``, updates are aggregated as they arrive instead of held
+    until the round's last is in.
     """
 
     fraction: float = 1.0
@@ -66,8 +94,11 @@ class ClientSampling:
     clients_per_round: int | None = None
     work_range: tuple[int, int] | None = None
     finetune: FitConfig | None = None
+    update_guard: float | None = DEFAULT_UPDATE_GUARD
+    max_share: float | None = DEFAULT_MAX_SHARE
 
     def __post_init__(self) -> None:
+        check_screening(self.update_guard, self.max_share)
         if not 0.0 < self.fraction <= 1.0:
             raise ConfigError(f"fraction must be in (0, 1], got {self.fraction}")
         if not 0.0 <= self.fraction_evaluate <= 1.0:

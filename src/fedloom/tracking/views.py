@@ -156,25 +156,28 @@ def run_detail(store: RunStore, ref: str) -> dict[str, Any]:
 
 def clients_view(store: RunStore, ref: str) -> dict[str, Any]:
     """Who did what: the run's client ids (sorted), its rounds, and per client a participation string with one
-    letter per round (see :data:`PARTICIPATION`) and how many rounds of each kind it had."""
+    letter per round (see :data:`PARTICIPATION`), how many rounds of each kind it had, and in how many of the
+    rounds it trained its weight was ``capped`` (it reported more examples than it declared when it joined, or
+    more than ``max_share`` of the round: its record's detail says which)."""
+    c = client_metrics.c
     with store.connect(ref) as (conn, run_id):
         round_numbers = _round_numbers(conn, run_id)
         clients = _client_ids(conn, run_id)
         fits = conn.execute(
-            select(client_metrics.c.round, client_metrics.c.client_id, client_metrics.c.status).where(
-                client_metrics.c.run_id == run_id, client_metrics.c.phase == "fit"
-            )
+            select(c.round, c.client_id, c.status, c.detail).where(c.run_id == run_id, c.phase == "fit")
         ).all()
     column = {r: i for i, r in enumerate(round_numbers)}
     letters = {cid: ["."] * len(round_numbers) for cid in clients}
-    for server_round, cid, status in fits:
+    capped = dict.fromkeys(clients, 0)
+    for server_round, cid, status, detail in fits:
         if server_round in column and cid in letters:  # else recorded after the rounds were read (a live run)
             letters[cid][column[server_round]] = PARTICIPATION.get(status, ("?", "?"))[1]
+            capped[cid] += status == "ok" and detail is not None  # a used update's detail is its cap
     rows = []
     for cid in clients:
         text = "".join(letters[cid])
         counts = {label: text.count(letter) for label, letter in PARTICIPATION.values()}
-        rows.append({"client_id": cid, "participation": text, **counts})
+        rows.append({"client_id": cid, "participation": text, **counts, "capped": capped[cid]})
     return {"rounds": round_numbers, "clients": rows, "legend": {v[1]: v[0] for v in PARTICIPATION.values()}}
 
 

@@ -356,10 +356,10 @@ function drawTimeline(runId, clients) {
 function profileTable(runId, prof, clients) {
   const counts = Object.fromEntries(clients.clients.map((c) => [c.client_id, c]));
   const system = SYSTEM_COLUMNS.filter(([key]) => prof.some((row) => row[key] !== null));
-  const header = ["client", "trained", "dropped", "late", "refused", "mean fit s", "mean evaluate s", "bytes down", "bytes up", ...system.map(([, label]) => label)];
+  const header = ["client", "trained", "dropped", "late", "refused", "capped", "mean fit s", "mean evaluate s", "bytes down", "bytes up", ...system.map(([, label]) => label)];
   const rows = prof.map((row) => {
     const c = counts[row.client_id] || {};
-    return [clientLink(runId, row.client_id), int(c.trained), int(c.dropped), int(c.late), int(c.refused), num(row.fit_seconds), num(row.evaluate_seconds),
+    return [clientLink(runId, row.client_id), int(c.trained), int(c.dropped), int(c.late), int(c.refused), int(c.capped), num(row.fit_seconds), num(row.evaluate_seconds),
       int(row.bytes_down), int(row.bytes_up), ...system.map(([key]) => num(row[key]))];
   });
   return rows.length ? `<div class="scroll tall">${table(header, rows, 'id="profile"')}</div>` : '<p class="muted">No client records.</p>';
