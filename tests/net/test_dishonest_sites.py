@@ -54,7 +54,7 @@ class Deployed:
         return job.task.evaluate(params, data.central_test).loss
 
 
-def deploy(procs: Processes, name: str, sites: Mapping[str, str]) -> Deployed:
+def deploy(procs: Processes, name: str, sites: Mapping[str, str], *extra: str) -> Deployed:
     """Serve digits for ``ROUNDS`` rounds to ``sites`` (site name -> ``honest``, ``claims`` or ``scale``); site
     ``i`` trains on partition ``client-00i``."""
     run_dir = procs.cwd / name
@@ -62,6 +62,7 @@ def deploy(procs: Processes, name: str, sites: Mapping[str, str]) -> Deployed:
     server = procs.start(
         *("server", "digits", "--address", address, "--rounds", str(ROUNDS), "--min-clients", str(len(sites))),
         *("--seed", "5", "--run-dir", run_dir, "--insecure", "--join-timeout", "60", "--round-timeout", "60"),
+        *extra,
     )
     clients = []
     for site, behaviour in sites.items():
@@ -117,3 +118,11 @@ def test_a_site_scaling_its_update_a_millionfold_is_refused_every_round(procs: P
         assert [r["status"] for r in fit_records(scaled, site)] == ["ok"] * ROUNDS
     # The model is the one the two honest sites make alone, up to their sampling seeds and the liar's evaluation.
     assert abs(scaled.central_loss() - without.central_loss()) <= 0.02
+
+
+def test_an_excluded_site_is_never_asked_and_the_run_is_the_one_without_it(procs: Processes):
+    without = deploy(procs, "without-2", {site: "honest" for site in SITES if site != LIAR})
+    excluded = deploy(procs, "excluded", {**dict.fromkeys(SITES, "honest"), LIAR: "scale"}, "--exclude", LIAR)
+    assert "excluded from the rounds: site-c" in excluded.server.stdout
+    assert fit_records(excluded, LIAR) == []
+    assert excluded.server.sha256() == without.server.sha256()
