@@ -523,14 +523,31 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> No
 class _RawClient:
     """A client on a bare fleet stream, in this process: it offers every instruction back as its reply and sends
     it when granted (``delay`` seconds late, if asked to), or stays silent; with ``unasked``, it sends the reply
-    without offering it. It takes messages of up to ``limit`` bytes."""
+    without offering it. It takes messages of up to ``limit`` bytes. It answers the server's pings unless
+    ``pongs`` is off, and declares ``examples`` in its hello."""
 
     def __init__(
-        self, address: str, name: str, *, echo: bool, unasked: bool = False, delay: float = 0.0, limit: int = 1 << 20
+        self,
+        address: str,
+        name: str,
+        *,
+        echo: bool,
+        unasked: bool = False,
+        delay: float = 0.0,
+        limit: int = 1 << 20,
+        pongs: bool = True,
+        examples: int = 0,
     ) -> None:
         self._outbox: queue.Queue[fleet_pb2.ClientFrame | Chunk | None] = queue.Queue()
-        self._outbox.put(fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=name)))
-        self._channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)])
+        hello = fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=name, train_examples=examples)
+        self._outbox.put(fleet_pb2.ClientFrame(hello=hello))
+        self._pongs = pongs
+        self.welcomed = threading.Event()
+        self.pings = 0
+        # A connection of its own, as a client in another process has (gRPC would share one between the
+        # channels of a process that dial the same address).
+        options = [("grpc.enable_http_proxy", 0), ("grpc.use_local_subchannel_pool", 1)]
+        self._channel = grpc.insecure_channel(address, options=options)
         self._frames = connect_call(self._channel)(iter(self._outbox.get, None))
         self._echo = echo
         self._unasked = unasked
@@ -559,7 +576,13 @@ class _RawClient:
                         threading.Timer(self._delay, self._outbox.put, (offer,)).start()
                     continue
                 kind = frame.WhichOneof("frame")
-                if kind == "refusal":
+                if kind == "welcome":
+                    self.welcomed.set()
+                elif kind == "ping":
+                    self.pings += 1
+                    if self._pongs:
+                        self._outbox.put(fleet_pb2.ClientFrame(pong=fleet_pb2.Pong(nonce=frame.ping.nonce)))
+                elif kind == "refusal":
                     self.refusals.append(frame.refusal.reason)
                 elif kind == "decline":
                     self.declines.append(frame.decline.reason)

@@ -27,12 +27,14 @@ from fedloom.tracking.tokens import TokenStore
 pytestmark = pytest.mark.integration
 
 SLOW_JOB = '''\
-"""The digits job, with a task that first sleeps SLOW_FIT_S seconds (from the environment) in each fit, then
-fails if the round is FAIL_ROUND, else logs a line."""
+"""The digits job, with a task that first sleeps SLOW_FIT_S seconds (from the environment) in each fit, and
+waits (60 s at most) until the file named in GATE exists where that is set, then fails if the round is
+FAIL_ROUND, else logs a line."""
 
 import logging
 import os
 import time
+from pathlib import Path
 
 import fedloom as fl
 from fedloom.examples.digits import job as digits
@@ -47,6 +49,9 @@ class SlowTask:
 
     def fit(self, *args, **kwargs):
         time.sleep(float(os.environ.get("SLOW_FIT_S", "0")))
+        gate, deadline = os.environ.get("GATE"), time.monotonic() + 60
+        while gate and not Path(gate).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         if os.environ.get("FAIL_ROUND") == str(fl.context.server_round):
             raise ValueError(f"bad batch in round {fl.context.server_round}")
         logging.getLogger("slow_digits").info("training in round %d", fl.context.server_round)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import queue
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from fedloom.runtime.net.frames import (
     Reassembler,
     check_protocol_version,
     split_message,
+    waiting,
 )
 
 
@@ -201,8 +203,26 @@ def test_a_chunk_of_another_message_inside_one_is_refused():
 
 def test_protocol_version_mismatch_is_a_clear_error():
     check_protocol_version(PROTOCOL_VERSION, "the server")
-    with pytest.raises(DecodeError, match="the server speaks fleet protocol version 99, this fedloom speaks 2"):
+    with pytest.raises(DecodeError, match="the server speaks fleet protocol version 99, this fedloom speaks 3"):
         check_protocol_version(99, "the server")
+
+
+def test_a_ping_and_its_pong_cross_as_protobuf_frames():
+    ping = fleet_pb2.ServerFrame(ping=fleet_pb2.Ping(nonce=2**64 - 1))
+    pong = fleet_pb2.ClientFrame(pong=fleet_pb2.Pong(nonce=2**64 - 1))
+    assert SERVER_FRAMES.parse(SERVER_FRAMES.serialize(ping)) == ping
+    assert CLIENT_FRAMES.parse(CLIENT_FRAMES.serialize(pong)) == pong
+    hello = fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token="t", train_examples=455)
+    assert CLIENT_FRAMES.parse(CLIENT_FRAMES.serialize(fleet_pb2.ClientFrame(hello=hello))).hello.train_examples == 455
+
+
+def test_waiting_takes_what_is_queued_in_order_and_never_blocks():
+    frames: queue.Queue[int] = queue.Queue()
+    assert list(waiting(frames)) == []
+    for frame in (1, 2, 3):
+        frames.put(frame)
+    assert list(waiting(frames)) == [1, 2, 3]
+    assert frames.empty()
 
 
 _chunks = st.builds(

@@ -5,7 +5,10 @@ instruction the server sends, runs the site's client app (:class:`~fedloom.runti
 task inside its mods) on this site's own data and offers the encoded reply under the instruction's message id;
 it sends the reply when the server grants the offer (the server reads a few replies at a time), and drops it
 when the server declines (the reply is too large, or its round is over). The same code as in simulation
-computes the reply; only the transport differs.
+computes the reply; only the transport differs. Its hello declares the site's training examples (the rows of
+its data's training split). A thread of its own reads the stream and answers the server's pings at once, while
+the task runs in the calling thread: a site that trains for minutes still shows the server that its session is
+alive, so a second connection with its token is refused instead of taking its place (see ``fleet.proto``).
 
 A deployed site's app (:func:`fedloom.runtime.client.client_app` with ``deployed=True``) answers a task that
 raises with a failure, logging the error with its traceback: the server records the client as dropped for that
@@ -18,7 +21,9 @@ When the connection is lost (the server restarts, the network fails, a heartbeat
 reconnects, with pauses doubling from 0.5 s up to 30 s, and rejoins at the server's next instruction; a reply
 it was computing when the connection went is lost with it. What cannot get better by trying again ends the
 agent with a :class:`~fedloom.core.errors.TransportError`: a refused token, a TLS mismatch, a server that
-shuts down.
+shuts down, a site whose session another process holds and answers for (trying again would be refused again;
+a restarted site whose old process is really gone is let in at its first try, once the server's ping to the
+old connection goes unanswered).
 
 gRPC reaches the server through the proxy in ``https_proxy``/``http_proxy`` (or ``grpc_proxy``) where one is
 set, unless the server's host is listed in ``no_proxy``.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import time
 from collections.abc import Iterator
 
@@ -50,6 +56,7 @@ from fedloom.runtime.net.frames import (
     Reassembler,
     check_protocol_version,
     split_message,
+    waiting,
 )
 from fedloom.runtime.net.options import GRPC_OPTIONS, keepalive_options, parse_address
 from fedloom.runtime.state import DirectoryState
@@ -61,8 +68,11 @@ log = logging.getLogger("fedloom.client")
 
 _FIRST_PAUSE = 0.5
 _LONGEST_PAUSE = 30.0
+_POLL_S = 0.2  # how often an idle outgoing stream sends the pongs that came
 _Outbox = queue.Queue[fleet_pb2.ClientFrame | tuple[int, tuple[bytes | memoryview, ...]] | None]
 _ServerFrame = fleet_pb2.ServerFrame | Chunk | Malformed
+_ClientFrame = fleet_pb2.ClientFrame | Chunk
+_Inbox = queue.Queue[_ServerFrame | grpc.RpcError | None]  # None: the stream ended
 
 
 def connect_call(channel: grpc.Channel) -> grpc.StreamStreamMultiCallable:
@@ -195,12 +205,17 @@ class _Session:
 
     def run(self, token: str) -> bool:
         """Serve the stream; ``True`` if the server said bye, ``False`` if the connection was lost (why is in
-        :attr:`lost`). Raises :class:`TransportError` for a refusal, :class:`DecodeError` for bad frames."""
+        :attr:`lost`). Raises :class:`TransportError` for a refusal, :class:`DecodeError` for bad frames.
+
+        The hello declares this site's training examples (its data's training split): the client agent says
+        it, not the task, and the server caps every update's example count at it."""
         outbox: _Outbox = queue.Queue()
-        outbox.put(fleet_pb2.ClientFrame(hello=fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=token)))
-        frames = connect_call(self._channel)(self._drain(outbox))
+        urgent: queue.Queue[fleet_pb2.ClientFrame] = queue.Queue()
+        hello = fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=token, train_examples=len(self._data.train))
+        outbox.put(fleet_pb2.ClientFrame(hello=hello))
+        frames = connect_call(self._channel)(self._drain(outbox, urgent))
         try:
-            return self._serve(frames, outbox)
+            return self._serve(frames, outbox, urgent)
         except grpc.RpcError as exc:
             self.lost = _describe(exc)
             return False
@@ -208,17 +223,29 @@ class _Session:
             outbox.put(None)
             frames.cancel()
 
-    def _drain(self, outbox: _Outbox) -> Iterator[fleet_pb2.ClientFrame | Chunk]:
+    def _drain(self, outbox: _Outbox, urgent: queue.Queue[fleet_pb2.ClientFrame]) -> Iterator[_ClientFrame]:
         """The frames to send, as gRPC's request iterator wants them, a reply cut into chunks only as it is
-        sent; ``None`` in the queue ends the stream."""
-        while (item := outbox.get()) is not None:
+        sent; ``None`` in the queue ends the stream. The pongs in ``urgent`` go first, between a reply's
+        chunks too."""
+        while True:
+            yield from waiting(urgent)
+            try:
+                item = outbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
             if isinstance(item, tuple):
                 message_id, parts = item
-                yield from split_message(message_id, parts, self._chunk_size)
+                for chunk in split_message(message_id, parts, self._chunk_size):
+                    yield chunk
+                    yield from waiting(urgent)
             else:
                 yield item
 
-    def _serve(self, frames: Iterator[_ServerFrame], outbox: _Outbox) -> bool:
+    def _serve(
+        self, frames: Iterator[_ServerFrame], outbox: _Outbox, urgent: queue.Queue[fleet_pb2.ClientFrame]
+    ) -> bool:
         server = self._server
         greeting = next(frames, None)
         if greeting is None:
@@ -233,15 +260,20 @@ class _Session:
         self.welcomed = True
         name = self._name = greeting.welcome.client_name
         log.info("joined the federation at %s as client %s", server, name)
+        inbox: _Inbox = queue.Queue()
+        threading.Thread(target=_read, args=(frames, inbox, urgent), name="fleet-read", daemon=True).start()
         reassembler = Reassembler(self._max)
         receiving_since = 0.0  # when the first chunk of the instruction being received came
-        for frame in frames:
+        while (frame := inbox.get()) is not None:
+            if isinstance(frame, grpc.RpcError):
+                raise frame
             if isinstance(frame, Malformed):
                 raise DecodeError(f"the server at {server} sent {frame.reason}")
             if isinstance(frame, Chunk):
                 if frame.index == 0:
                     receiving_since = time.perf_counter()
                 box = [reassembler.feed(frame)]  # _answer takes the message out: nothing here keeps its buffer
+                del frame
                 if box[0] is not None:
                     self._answer(box, outbox, time.perf_counter() - receiving_since)
                 continue
@@ -285,6 +317,25 @@ class _Session:
         size = sum(memoryview(part).nbytes for part in parts)
         outbox.put(fleet_pb2.ClientFrame(offer=fleet_pb2.Offer(message_id=message_id, size=size)))
         self.answered += 1
+
+
+def _read(frames: Iterator[_ServerFrame], inbox: _Inbox, urgent: queue.Queue[fleet_pb2.ClientFrame]) -> None:
+    """Read the stream after the welcome, in a thread of its own: answer each ``Ping`` at once and pass every
+    other frame to the session in ``inbox``, then ``None`` when the stream ends (or the error that ended it).
+
+    The session's thread runs the task, which may train for minutes; this one goes on reading meanwhile, so the
+    server learns that the site is alive (see ``fleet.proto``) however busy it is."""
+    end: grpc.RpcError | None = None
+    try:
+        for frame in frames:
+            if isinstance(frame, fleet_pb2.ServerFrame) and frame.WhichOneof("frame") == "ping":
+                urgent.put(fleet_pb2.ClientFrame(pong=fleet_pb2.Pong(nonce=frame.ping.nonce)))
+                continue
+            inbox.put(frame)
+    except grpc.RpcError as exc:
+        end = exc
+    finally:
+        inbox.put(end)  # whatever ended the stream, the session must not wait for more
 
 
 def _kind(frame: fleet_pb2.ServerFrame | Chunk) -> str | None:

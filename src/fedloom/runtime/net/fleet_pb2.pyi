@@ -6,12 +6,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "token")
+    __slots__ = ("protocol_version", "token", "train_examples")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     token: str
-    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ...) -> None: ...
+    train_examples: int
+    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., train_examples: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("protocol_version", "client_name")
@@ -36,6 +38,18 @@ class Refusal(_message.Message):
 class Bye(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class Ping(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: int
+    def __init__(self, nonce: _Optional[int] = ...) -> None: ...
+
+class Pong(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: int
+    def __init__(self, nonce: _Optional[int] = ...) -> None: ...
 
 class Offer(_message.Message):
     __slots__ = ("message_id", "size")
@@ -74,17 +88,19 @@ class Chunk(_message.Message):
     def __init__(self, message_id: _Optional[int] = ..., index: _Optional[int] = ..., last: _Optional[bool] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class ClientFrame(_message.Message):
-    __slots__ = ("hello", "chunk", "offer")
+    __slots__ = ("hello", "chunk", "offer", "pong")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     OFFER_FIELD_NUMBER: _ClassVar[int]
+    PONG_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     chunk: Chunk
     offer: Offer
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., offer: _Optional[_Union[Offer, _Mapping]] = ...) -> None: ...
+    pong: Pong
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., offer: _Optional[_Union[Offer, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ...) -> None: ...
 
 class ServerFrame(_message.Message):
-    __slots__ = ("welcome", "refusal", "chunk", "bye", "notice", "grant", "decline")
+    __slots__ = ("welcome", "refusal", "chunk", "bye", "notice", "grant", "decline", "ping")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +108,7 @@ class ServerFrame(_message.Message):
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     GRANT_FIELD_NUMBER: _ClassVar[int]
     DECLINE_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     refusal: Refusal
     chunk: Chunk
@@ -99,4 +116,5 @@ class ServerFrame(_message.Message):
     notice: Notice
     grant: Grant
     decline: Decline
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., bye: _Optional[_Union[Bye, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., grant: _Optional[_Union[Grant, _Mapping]] = ..., decline: _Optional[_Union[Decline, _Mapping]] = ...) -> None: ...
+    ping: Ping
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ..., chunk: _Optional[_Union[Chunk, _Mapping]] = ..., bye: _Optional[_Union[Bye, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., grant: _Optional[_Union[Grant, _Mapping]] = ..., decline: _Optional[_Union[Decline, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...

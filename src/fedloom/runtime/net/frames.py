@@ -26,6 +26,7 @@ True
 
 from __future__ import annotations
 
+import queue
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
@@ -57,6 +58,7 @@ __all__ = [
     "Reassembler",
     "check_protocol_version",
     "split_message",
+    "waiting",
 ]
 
 #: The service and the full name of its one method (``fleet.proto``), as gRPC addresses them.
@@ -64,7 +66,9 @@ SERVICE = "fedloom.fleet.v1.Fleet"
 CONNECT_METHOD = f"/{SERVICE}/Connect"
 
 #: The fleet protocol version this fedloom speaks (``Hello.protocol_version``, ``Welcome.protocol_version``).
-PROTOCOL_VERSION = 2
+#: Both ends must speak the same one. 3 added ``Ping``/``Pong`` and ``Hello.train_examples``: a version 2 client
+#: would end its session on the server's first ``Ping``, so it is refused at its ``Hello`` instead.
+PROTOCOL_VERSION = 3
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: small enough to interleave streams, large enough to cost little per byte
 MAX_CHUNK_SIZE = 4 << 20
@@ -74,6 +78,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 4 << 30  # 4 GiB; a deployment sets its own limit
 
 Buffer = bytes | bytearray | memoryview
 _ALIGN = 16  # what malloc guarantees for the buffer's start, and enough for any dtype fedloom sends
+_F = TypeVar("_F")
 
 
 def check_protocol_version(version: int, peer: str) -> None:
@@ -115,6 +120,18 @@ class Malformed:
     """Bytes received as a frame that are not one; the stream's reader refuses them with ``reason``."""
 
     reason: str
+
+
+def waiting(frames: queue.Queue[_F]) -> Iterator[_F]:
+    """The frames in ``frames`` now, taken out in order, without waiting for more.
+
+    A stream sends a ``Ping`` or ``Pong`` from such a queue between the chunks of a message and whenever it is
+    idle: an answer must come within seconds, and a model may take minutes to cross the stream."""
+    while True:
+        try:
+            yield frames.get_nowait()
+        except queue.Empty:
+            return
 
 
 def split_message(

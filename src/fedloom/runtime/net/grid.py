@@ -33,6 +33,9 @@ class NetGrid:
     ``Exchange.dropped`` (the last two are logged). Replies are listed in the order of ``messages``.
     ``Reply.seconds`` is the wall time from sending to the whole reply's arrival; ``bytes_down``/``bytes_up``
     are the encoded messages' sizes.
+
+    It is :class:`~fedloom.runtime.grid.Declaring`: ``declared_examples`` is what a site declared in the hello of
+    its latest connection (the size of its training data, filled in by the client agent, not the task).
     """
 
     def __init__(self, hub: Hub) -> None:
@@ -54,6 +57,13 @@ class NetGrid:
                 hub.disconnect(connection, "token revoked")
         with hub.cond:
             return sorted(hub.connections)
+
+    def declared_examples(self, client_id: str) -> int | None:
+        """The training examples ``client_id`` declared when it last connected (it may have disconnected
+        since), or ``None`` where it never connected or declared none (0)."""
+        with self._hub.cond:
+            declared = self._hub.declared.get(client_id, 0)
+        return declared or None
 
     def send_and_receive(
         self, messages: Mapping[str, Message], timeout: float | None = None, on_reply: ReplyHandler | None = None

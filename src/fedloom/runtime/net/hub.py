@@ -10,10 +10,11 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from fedloom.core.codec import decode_message
@@ -34,12 +35,19 @@ Authenticator = Callable[[str], "str | None"]
 @dataclass
 class Connection:
     """One connected client: its name, its token (checked again each round, so a revoked one is shut out),
-    and what waits to be sent down its stream: frames, messages to chunk, or ``None`` to end it."""
+    and what waits to be sent down its stream: frames, messages to chunk, or ``None`` to end it. ``peer`` is
+    its address as gRPC gives it (``ipv4:HOST:PORT``) and ``examples`` the training examples it declared in its
+    hello (0: none). ``urgent`` holds the pings that go down the stream before anything else in the outbox, and
+    ``pings`` the pings awaiting their pong, by nonce (under the hub's lock)."""
 
     name: str
     token: str
     outbox: queue.Queue[fleet_pb2.ServerFrame | Outgoing | None]  # None: end the stream
+    peer: str = ""
+    examples: int = 0
     open: bool = True
+    urgent: queue.Queue[fleet_pb2.ServerFrame] = field(default_factory=queue.Queue)
+    pings: dict[int, threading.Event] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -66,13 +74,15 @@ class Awaited:
 
 class Hub:
     """What the stream handlers and :class:`~fedloom.runtime.net.grid.NetGrid` share, under one condition
-    variable: who is connected, the messages whose replies are awaited (by message id), and the client events
-    not yet collected."""
+    variable: who is connected, the messages whose replies are awaited (by message id), the client events
+    not yet collected, and what each client declared in its hello when it last connected (``declared``: its
+    training examples, kept after it disconnects)."""
 
     def __init__(self, authenticate: Authenticator, max_uploads: int) -> None:
         self.cond = threading.Condition()
         self.authenticate = authenticate
         self.connections: dict[str, Connection] = {}
+        self.declared: dict[str, int] = {}
         self.awaiting: dict[int, Awaited] = {}
         self.expired: dict[int, int | None] = {}  # message id -> round, of recent messages left unanswered
         self.ids = itertools.count(1)
@@ -161,6 +171,34 @@ class Hub:
             server_round = None if awaited is None else awaited.server_round
         self.event(connection.name, "refused", server_round, detail=reason)
 
+    def answers(self, connection: Connection, timeout: float) -> bool:
+        """Whether ``connection``'s client answers a ``Ping`` within ``timeout`` seconds: whether it still reads
+        its stream and writes to it. ``False`` at once for a connection that is closed, or as soon as it closes.
+
+        It waits without the hub's lock, so the other streams and the grid go on meanwhile. The client answers
+        from the thread that reads its stream, not the one that trains, and the ping goes down the stream
+        between the chunks of whatever is being sent (see :func:`~fedloom.runtime.net.frames.waiting`), so a
+        site that is training, or receiving a large model, answers within a round trip or two."""
+        nonce = secrets.randbits(64)
+        answered = threading.Event()
+        with self.cond:
+            if not connection.open:
+                return False
+            connection.pings[nonce] = answered
+        connection.urgent.put(fleet_pb2.ServerFrame(ping=fleet_pb2.Ping(nonce=nonce)))
+        answered.wait(timeout)  # set by the pong, or by disconnect
+        with self.cond:
+            connection.pings.pop(nonce, None)
+            return answered.is_set() and connection.open
+
+    def pong(self, connection: Connection, nonce: int) -> None:
+        """Take ``connection``'s answer to the ping ``nonce``; one that comes after its prober gave up (or that
+        nobody asked for) changes nothing."""
+        with self.cond:
+            answered = connection.pings.get(nonce)
+        if answered is not None:
+            answered.set()
+
     def disconnect(self, connection: Connection, detail: str | None = None) -> None:
         with self.cond:
             if not connection.open:
@@ -168,6 +206,8 @@ class Hub:
             connection.open = False
             if self.connections.get(connection.name) is connection:
                 del self.connections[connection.name]
+            for waiting in connection.pings.values():  # its probers need wait no longer: it does not answer
+                waiting.set()
             self.events.append(ClientEvent(datetime.now(timezone.utc), connection.name, "disconnected", detail=detail))
             self.cond.notify_all()
         connection.outbox.put(None)

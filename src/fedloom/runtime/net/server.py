@@ -2,7 +2,9 @@
 
 Each client holds one ``Connect`` stream open (see ``fleet.proto``). The server sends an instruction as the
 chunks of its encoded message under a fresh message id; the client answers under the same id. Replies that
-come after their round's deadline, or under an id nobody waits for, are logged and dropped. What the streams
+come after their round's deadline, or under an id nobody waits for, are logged and dropped. A site has one
+session at a time; who may take the place of a connected site's session is decided in one place
+(``_Servicer._take_place``): a token alone never pushes out a session that answers. What the streams
 and the server's grid (:class:`~fedloom.runtime.net.grid.NetGrid`, ``FleetServer.grid``) share lives in
 :mod:`fedloom.runtime.net.hub`; the gRPC options the client agent uses too, in :mod:`fedloom.runtime.net.options`.
 
@@ -43,18 +45,23 @@ from fedloom.runtime.net.frames import (
     Reassembler,
     check_protocol_version,
     split_message,
+    waiting,
 )
 from fedloom.runtime.net.grid import NetGrid
 from fedloom.runtime.net.hub import Authenticator, Connection, Hub, Outgoing, refusal_frame
 from fedloom.runtime.net.options import GRPC_OPTIONS, keepalive_options, parse_address
 from fedloom.runtime.records import ClientEvent
 
-__all__ = ["FleetServer", "share_malloc_arenas"]
+__all__ = ["LIVE_SESSION", "PROBE_TIMEOUT", "FleetServer", "share_malloc_arenas"]
 
 log = logging.getLogger("fedloom.server")
 
 _NAME_MAX = 128
-_POLL_S = 0.2  # how often a blocked stream checks whether it should end
+_POLL_S = 0.2  # how often a blocked stream checks whether it should end (and sends the pings that came)
+#: The longest a site's session has to answer the server's ping when a second connection presents its token
+#: (less where the heartbeat is shorter): a few round trips on a slow link, and not so long that a site
+#: restarted after a crash waits long to get back in.
+PROBE_TIMEOUT = 5.0
 
 
 def _check_free(host: str, port: int, address: str) -> None:
@@ -101,13 +108,25 @@ _ClientFrame = fleet_pb2.ClientFrame | Chunk | Malformed
 _ServerFrame = fleet_pb2.ServerFrame | Chunk
 
 
-class _Servicer:
-    """Serves each client's ``Connect`` stream: the greeting, then instructions down and replies up."""
+#: What a second connection with the token of a site whose session answers is told. It names no address: the
+#: newcomer may be an intruder, and the site's address is none of its business.
+LIVE_SESSION = (
+    "this site already has a live session; if that is your own earlier process, stop it first; otherwise this "
+    "site's token may have leaked: revoke it (`fedloom token revoke`), make a new one, and use mutual TLS"
+)
 
-    def __init__(self, hub: Hub, max_message_bytes: int, chunk_size: int) -> None:
+
+class _Servicer:
+    """Serves each client's ``Connect`` stream: the greeting, then instructions down and replies up.
+
+    ``probe_timeout`` is how long a site's session has to answer the ping that a second connection with its
+    token sets off (see :meth:`_take_place`)."""
+
+    def __init__(self, hub: Hub, max_message_bytes: int, chunk_size: int, probe_timeout: float) -> None:
         self._hub = hub
         self._max = max_message_bytes
         self._chunk_size = chunk_size
+        self._probe_timeout = probe_timeout
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service for gRPC, its frames read and written by :mod:`fedloom.runtime.net.frames`."""
@@ -130,24 +149,23 @@ class _Servicer:
             yield refusal_frame(refusal)
             return
         assert isinstance(first, fleet_pb2.ClientFrame)  # _admit admits only a Hello
-        connection = Connection(name, first.hello.token, queue.Queue())
-        with self._hub.cond:
-            replaced = self._hub.connections.get(name)
-            self._hub.connections[name] = connection
-            # Recorded before the loop can see the client (and send it work), so its timeline starts here.
-            self._hub.event(name, "connected", detail=context.peer())
-            self._hub.cond.notify_all()
-        if replaced is not None:  # the same client again, after a connection the server had not yet seen die
-            replaced.outbox.put(refusal_frame("this client connected again; this older connection is closed"))
-            self._hub.disconnect(replaced, "replaced by a new connection")
-        log.info("client %s connected from %s", name, context.peer())
-        context.add_callback(lambda: self._hub.disconnect(connection))
+        hello = first.hello
+        connection = Connection(name, hello.token, queue.Queue(), context.peer(), hello.train_examples)
+        taken = self._take_place(connection, certified=name in _certified(context))
+        if taken is not None:
+            yield refusal_frame(taken)
+            return
+        log.info("client %s connected from %s", name, connection.peer)
+        if not context.add_callback(lambda: self._hub.disconnect(connection)):
+            self._hub.disconnect(connection)  # its stream ended while the server pinged the site's other one
+            return
         reader = threading.Thread(
             target=self._read, args=(connection, request_iterator), name=f"fleet-read-{name}", daemon=True
         )
         reader.start()
         yield fleet_pb2.ServerFrame(welcome=fleet_pb2.Welcome(protocol_version=PROTOCOL_VERSION, client_name=name))
         while True:
+            yield from waiting(connection.urgent)
             try:
                 item = connection.outbox.get(timeout=_POLL_S)
             except queue.Empty:
@@ -161,9 +179,58 @@ class _Servicer:
                     if not connection.open:
                         break
                     yield chunk
+                    yield from waiting(connection.urgent)
                 continue
             yield item
         self._hub.disconnect(connection)
+
+    def _take_place(self, connection: Connection, *, certified: bool) -> str | None:
+        """Make ``connection`` its site's session and record it, or return why the newcomer is refused.
+
+        A site has one live session. A site without one gets this connection. Where the site has one, the
+        newcomer's credentials decide:
+
+        - With a token alone, the newcomer may be anyone who holds the token (a leaked token, or the site started
+          twice), so the session in place is asked first: the server pings it (:meth:`Hub.answers`, at most
+          ``probe_timeout`` seconds). A session that answers is alive and keeps its place: the newcomer is
+          refused with :data:`LIVE_SESSION`, and the server logs a warning naming both addresses and records the
+          refusal in the site's timeline. A session that does not answer (its process died, its machine froze,
+          its network went dark before the heartbeat noticed) is disconnected and the newcomer takes its place:
+          a site restarted after a crash gets in at once, after at most ``probe_timeout`` seconds.
+        - With a client certificate that names the site (mutual TLS, checked in :meth:`_admit`), the newcomer is
+          the site itself, restarted: only the site holds its certificate's key. It takes the place at once; the
+          old connection is told so and ends.
+
+        The probe waits without the hub's lock. Two newcomers at once each find out in turn: the second probes
+        whichever session holds the place when its own probe is over."""
+        hub = self._hub
+        name = connection.name
+        silent: Connection | None = None  # a session found not to answer
+        while True:
+            with hub.cond:
+                if hub.closing:
+                    return "the server is shutting down"
+                old = hub.connections.get(name)
+                if old is None or old is silent or certified:
+                    if old is not None:  # in the same step, so the site is never missing from the grid
+                        _push_out(hub, old, connection, certified=certified)
+                    hub.connections[name] = connection
+                    hub.declared[name] = connection.examples
+                    # Recorded before the loop can see the client (and send it work), so its timeline starts here.
+                    hub.event(name, "connected", detail=_connected(connection))
+                    hub.cond.notify_all()
+                    return None
+            if hub.answers(old, self._probe_timeout):
+                log.warning(
+                    "client %s: refused a second connection from %s with its token: its session from %s answers "
+                    "(if that is not the site's own second process, its token may have leaked)",
+                    name,
+                    connection.peer,
+                    old.peer,
+                )
+                hub.event(name, "refused", detail=f"a second connection from {connection.peer}: {LIVE_SESSION}")
+                return LIVE_SESSION
+            silent = old
 
     def _admit(self, frame: _ClientFrame, context: grpc.ServicerContext) -> tuple[str | None, str]:
         """The name of the client this first frame admits, or ``None`` and why it admits nobody. A client that
@@ -186,7 +253,7 @@ class _Servicer:
             return None, "the server cannot check tokens right now; try again later"
         if name is None:
             return None, "unknown or revoked token"
-        certified = [n.decode(errors="replace") for n in context.auth_context().get("x509_common_name", [])]
+        certified = _certified(context)
         if certified and name not in certified:
             return None, f"the client certificate names {certified[0]}, the token names {name}"
         return name, ""
@@ -221,6 +288,9 @@ class _Servicer:
                             hub.deliver(connection, box, started)
                         finally:
                             hub.uploads.release()
+                    continue
+                if frame.WhichOneof("frame") == "pong":  # may come between a granted reply's chunks
+                    hub.pong(connection, frame.pong.nonce)
                     continue
                 if frame.WhichOneof("frame") != "offer" or granted is not None:
                     raise DecodeError("only offers, and the chunks of a granted reply, may follow the Hello")
@@ -257,6 +327,33 @@ class _Servicer:
         return None
 
 
+def _certified(context: grpc.ServicerContext) -> list[str]:
+    """The names (common names) of the client certificate the peer presented, under mutual TLS; none without."""
+    return [n.decode(errors="replace") for n in context.auth_context().get("x509_common_name", [])]
+
+
+def _push_out(hub: Hub, old: Connection, new: Connection, *, certified: bool) -> None:
+    """End the session ``old`` because ``new`` takes its place: ``new`` presented the site's certificate (``old``
+    is told, and its client ends), or ``old`` stopped answering (its stream just ends)."""
+    if certified:
+        old.outbox.put(refusal_frame("this site connected again with its certificate; this older connection is closed"))
+        hub.disconnect(old, f"replaced by a new connection from {new.peer} with the site's certificate")
+        return
+    log.warning(
+        "client %s: its session from %s stopped answering; a new connection from %s takes its place",
+        old.name,
+        old.peer,
+        new.peer,
+    )
+    hub.disconnect(old, f"stopped answering; replaced by a new connection from {new.peer}")
+
+
+def _connected(connection: Connection) -> str:
+    """The detail of a client's ``connected`` event: where from, and what it declared in its hello."""
+    declared = f"{connection.examples} training examples" if connection.examples else "no training examples"
+    return f"{connection.peer}; declared {declared}"
+
+
 def _decline(message_id: int, reason: str) -> fleet_pb2.ServerFrame:
     return fleet_pb2.ServerFrame(decline=fleet_pb2.Decline(message_id=message_id, reason=reason))
 
@@ -281,7 +378,14 @@ class FleetServer:
     ``max_uploads`` bounds the replies granted (sent and read) at once, which bounds the server's memory: with
     FedAvg it holds the aggregate and those replies, however many clients there are. ``heartbeat`` is the
     seconds between HTTP/2 keepalive pings to each client; a client that does not answer one within
-    ``heartbeat`` seconds is taken as gone. Making one limits glibc's malloc arenas in this process (see
+    ``heartbeat`` seconds is taken as gone.
+
+    A site has one live session: a second connection with the token of a site whose session still answers a
+    ping (within ``min(heartbeat, PROBE_TIMEOUT)`` seconds) is refused with :data:`LIVE_SESSION` and a warning
+    naming both addresses, so whoever else holds a site's token can neither push the site out nor take its
+    place; one whose session does not answer replaces it, and so does one whose client certificate names the
+    site (mutual TLS: the site itself, restarted). What each site declared in its hello (its training examples)
+    is ``grid.declared_examples(site)``. Making one limits glibc's malloc arenas in this process (see
     :func:`share_malloc_arenas`). Raises :class:`ConfigError` for a malformed address and
     :class:`TransportError` when the address cannot be listened on (a port in use, a host that is not this
     machine's). Use it as a context manager, or call :meth:`start` and :meth:`stop`.
@@ -314,7 +418,8 @@ class FleetServer:
             options=[*GRPC_OPTIONS, *keepalive_options(heartbeat), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=max_clients + 4,
         )
-        self._server.add_generic_rpc_handlers([_Servicer(self._hub, max_message_bytes, chunk_size).handler()])
+        servicer = _Servicer(self._hub, max_message_bytes, chunk_size, probe_timeout=min(heartbeat, PROBE_TIMEOUT))
+        self._server.add_generic_rpc_handlers([servicer.handler()])
         try:
             if credentials is None:
                 port = self._server.add_insecure_port(address)
