@@ -15,6 +15,7 @@ import numpy as np
 
 from fedloom.app.deployment import ClientTLS, connect
 from fedloom.app.job import load_job
+from fedloom.cli.simulate import limit_torch_threads
 from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
 from fedloom.runtime.client import Context, Handler
@@ -41,6 +42,7 @@ def main() -> None:
     server, data, token, mode = sys.argv[1:5]
     job = load_job("digits")
     job = dataclasses.replace(job, mods=(*job.mods, lie(mode)))
+    limit_torch_threads(1)  # as `fedloom client` does: torch's results depend on its thread count
     connect(job, server=server, data=data, token=token, tls=ClientTLS(insecure=True), retry_for=60)
 
 

@@ -354,10 +354,14 @@ class Gathered(Generic[R]):
     def release(self) -> None:
         """Screen the held fit updates (once the round's last is in): refuse those the guard refuses, and fold
         the others into the aggregate (or accept them whole, for a strategy that aggregates them all at once) in
-        the order they arrived."""
+        the order their clients were asked, so that the aggregate does not depend on who answered first (a
+        deployment gives the same bits whatever the network did)."""
         if self.screen is None or not self.screen.holds:
             return
         passed = self.screen.release()
+        if self._sent is not None:
+            asked = {client_id: i for i, client_id in enumerate(self._sent)}
+            passed.sort(key=lambda item: asked.get(item[0], len(asked)))
         for client_id, reason in self.screen.refused.items():
             log.warning("round %d: refused the fit update of client %s: %s", self._round, client_id, reason)
             self.refused[client_id] = reason

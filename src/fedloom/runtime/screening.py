@@ -18,8 +18,9 @@ simulation and deployment (the loop applies them, whatever runs the clients):
 Caps and refusals are kept per site (:attr:`RoundScreen.capped`, :attr:`RoundScreen.refused`) for the round's
 records. The guard and the share cap need the round's updates all at once, so while either is on the server
 holds the round's accepted updates (their size once each) until the last is in, and only then folds them into
-the aggregate, in the order they arrived: the aggregate is bit for bit what it would have been without
-screening, whenever no update is refused or capped.
+the aggregate, in the order their clients were asked: whenever no update is refused or capped, the aggregate is
+bit for bit what an unscreened run folding them in that order gives (a simulation's), and it does not depend on
+who answered first.
 """
 
 from __future__ import annotations
