@@ -85,6 +85,12 @@ def honest(procs: Processes) -> Deployed:
     return deploy(procs, "honest", dict.fromkeys(SITES, "honest"))
 
 
+@pytest.fixture(scope="module")
+def without(procs: Processes) -> Deployed:
+    """The two honest sites alone."""
+    return deploy(procs, "without", {site: "honest" for site in SITES if site != LIAR})
+
+
 def fit_records(run: Deployed, site: str) -> list[dict]:
     store = RunStore(run.run_dir.parent)
     return [r for r in store.client_metrics(run.run_dir.name) if r["client_id"] == site and r["phase"] == "fit"]
@@ -106,9 +112,8 @@ def test_a_site_claiming_a_trillion_examples_counts_what_it_declared(procs: Proc
     assert row["capped"] == ROUNDS
 
 
-def test_a_site_scaling_its_update_a_millionfold_is_refused_every_round(procs: Processes):
+def test_a_site_scaling_its_update_a_millionfold_is_refused_every_round(procs: Processes, without: Deployed):
     scaled = deploy(procs, "scale", {**dict.fromkeys(SITES, "honest"), LIAR: "scale"})
-    without = deploy(procs, "without", {site: "honest" for site in SITES if site != LIAR})
     assert f"round {ROUNDS}/{ROUNDS}" in scaled.server.stdout  # every round ran
     records = fit_records(scaled, LIAR)
     assert [r["status"] for r in records] == ["refused"] * ROUNDS
@@ -120,8 +125,7 @@ def test_a_site_scaling_its_update_a_millionfold_is_refused_every_round(procs: P
     assert abs(scaled.central_loss() - without.central_loss()) <= 0.02
 
 
-def test_an_excluded_site_is_never_asked_and_the_run_is_the_one_without_it(procs: Processes):
-    without = deploy(procs, "without-2", {site: "honest" for site in SITES if site != LIAR})
+def test_an_excluded_site_is_never_asked_and_the_run_is_the_one_without_it(procs: Processes, without: Deployed):
     excluded = deploy(procs, "excluded", {**dict.fromkeys(SITES, "honest"), LIAR: "scale"}, "--exclude", LIAR)
     assert "excluded from the rounds: site-c" in excluded.server.stdout
     assert fit_records(excluded, LIAR) == []
