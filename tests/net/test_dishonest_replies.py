@@ -51,7 +51,7 @@ MALLORY = "mallory"
 ROUNDS = 3
 ROUND_TIMEOUT_S = 3.0  # what a round waits for a reply that does not come (mallory's, in some modes)
 SLOW_FIT_S = 1.5  # how long the honest sites train in round 2 of the duplicate run: round 2 is open meanwhile
-LATE_REASON = "it came after its round's deadline"
+OUT_OF_TURN = "out of turn: it answers round 1, not round 2"
 FIT = fl.FitConfig(local_epochs=1, batch_size=32, lr=0.1)
 
 JOB = '''\
@@ -427,6 +427,21 @@ def assert_no_round_waits_for_its_deadline(outcome: Outcome) -> None:
     assert all(r["seconds"] < ROUND_TIMEOUT_S for r in outcome.rounds), outcome.rounds
 
 
+def assert_the_stale_offer_is_refused_unread_as_out_of_turn(stale: Outcome) -> None:
+    """Mallory's round-2 update, offered under round 1's id, was declined unread as out of turn, and recorded once,
+    with round 1 and the size offered."""
+    first, second = stale.instruction(1), stale.instruction(2)
+    assert _grants(stale, first["id"]) == 1  # round 1's reply; the stale offer is not granted
+    assert _declines(stale, first["id"]) == [OUT_OF_TURN]
+    (refused,) = _objections(stale)
+    assert (refused["event"], refused["round"], refused["bytes"], refused["detail"]) == (
+        "refused",
+        1,
+        second["size"],
+        f"reply {first['id']}: {OUT_OF_TURN}",
+    )
+
+
 def _declines(outcome: Outcome, message_id: int) -> list[str]:
     return [line["reason"] for line in outcome.said("decline") if line["id"] == message_id]
 
@@ -443,12 +458,13 @@ def _objections(outcome: Outcome) -> list[dict[str, Any]]:
 # -- a reply under the id of an instruction whose round is over ------------------------------------------------
 
 
-def test_an_update_under_the_last_rounds_id_instead_of_this_ones_is_declined_unread_and_the_site_misses_the_round(
+def test_an_update_under_the_last_rounds_id_instead_of_this_ones_is_declined_unread_as_out_of_turn(
     federation: Federation,
 ):
     """In round 2 mallory offers its round-2 update under round 1's message id, and nothing under round 2's. The
-    server declines it before its bytes come, records it as late, drops mallory from round 2 at the deadline, and
-    takes mallory's round-3 reply: the model is the one of a run where mallory said nothing in round 2."""
+    server declines it before its bytes come, as out of turn (round 1's instruction was answered, and round 2's is
+    open), records the refusal with round 1, drops mallory from round 2 at the deadline, and takes mallory's round-3
+    reply: the model is the one of a run where mallory said nothing in round 2."""
     stale = federation.outcome("stale_instead")
     silent = federation.outcome("silent")
     for outcome in (stale, silent):
@@ -460,10 +476,7 @@ def test_an_update_under_the_last_rounds_id_instead_of_this_ones_is_declined_unr
         (first["id"], second["size"]),  # round 2's update, under round 1's id
         (stale.instruction(3)["id"], stale.instruction(3)["size"]),
     ]
-    assert _grants(stale, first["id"]) == 1  # round 1's reply; the stale offer is not granted
-    assert _declines(stale, first["id"]) == [LATE_REASON]
-    (late,) = _objections(stale)
-    assert (late["event"], late["bytes"], late["detail"]) == ("late", second["size"], f"reply {first['id']}")
+    assert_the_stale_offer_is_refused_unread_as_out_of_turn(stale)
     dropped = [e for e in stale.events_of(MALLORY) if e["event"] == "dropped"]
     assert [(e["round"], e["detail"]) for e in dropped] == [(2, "no reply by the deadline")]
     assert stale.record(MALLORY, 2)["status"] == "dropped"
@@ -477,7 +490,8 @@ def test_an_update_sent_under_the_last_rounds_id_as_well_as_this_ones_is_decline
     federation: Federation,
 ):
     """In round 2 mallory offers its round-2 update under round 1's id, then under round 2's. The first is declined
-    and recorded as late, the second taken: the model is the one of a run where mallory is honest throughout."""
+    as out of turn and recorded with round 1, the second taken: the model is the one of a run where mallory is
+    honest throughout."""
     stale = federation.outcome("stale_too")
     honest = federation.outcome("honest")
     for outcome in (stale, honest):
@@ -490,31 +504,13 @@ def test_an_update_sent_under_the_last_rounds_id_as_well_as_this_ones_is_decline
         second["id"],
         stale.instruction(3)["id"],
     ]
-    assert _grants(stale, first["id"]) == 1
-    assert _declines(stale, first["id"]) == [LATE_REASON]
-    (late,) = _objections(stale)
-    assert (late["event"], late["bytes"], late["detail"]) == ("late", second["size"], f"reply {first['id']}")
+    assert_the_stale_offer_is_refused_unread_as_out_of_turn(stale)
     assert stale.folded_of(MALLORY) == {s: [stale.instruction(s)["digest"]] for s in (1, 2, 3)}
     assert stale.record(MALLORY, 2)["status"] == "ok"
-    assert not [e for e in stale.events_of(MALLORY) if e["event"] in ("dropped", "refused")]
+    assert not [e for e in stale.events_of(MALLORY) if e["event"] == "dropped"]
     assert_no_round_waits_for_its_deadline(stale)
     assert stale.run.params_sha256 == honest.run.params_sha256
     assert sorted(stale.folded) == sorted(honest.folded)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 31: the server forgets the ids of instructions that were answered, so a second reply to round 1's "
-    "instruction, sent in round 2, is recorded as late with no round",
-)
-@pytest.mark.parametrize("mode", ["stale_instead", "stale_too"])
-def test_a_reply_to_an_instruction_of_a_round_that_is_over_is_recorded_with_that_round(
-    federation: Federation, mode: str
-):
-    stale = federation.outcome(mode)
-    (late,) = _objections(stale)
-    assert late["round"] == 1
 
 
 # -- round 1's reply, byte for byte, under round 2's id ---------------------------------------------------------
@@ -561,12 +557,13 @@ def test_a_replay_of_the_last_rounds_reply_is_not_aggregated(federation: Federat
 # -- the same reply twice under one id --------------------------------------------------------------------------
 
 
-def test_the_same_update_offered_again_after_it_was_taken_is_declined_unread_and_counts_once(
+def test_the_same_update_offered_again_in_time_is_declined_unread_as_a_duplicate_of_its_round_and_counts_once(
     federation: Federation,
 ):
     """In round 2 mallory sends its reply, then offers the same reply again under the same id while the honest
-    sites still train (round 2 is open). The second offer is declined before its bytes come and recorded; the
-    update counts once: the model is the one of a run where mallory is honest."""
+    sites still train (round 2 is open). The second offer is declined before its bytes come, as a duplicate of its
+    reply to round 2, and recorded with that round; the update counts once: the model is the one of a run where
+    mallory is honest."""
     duplicate = federation.outcome("duplicate", slow=True)
     honest = federation.outcome("honest")
     assert_the_run_ends_and_the_honest_sites_are_in_every_round(duplicate)
@@ -575,14 +572,18 @@ def test_the_same_update_offered_again_after_it_was_taken_is_declined_unread_and
     offers = [(line["id"], line["size"]) for line in duplicate.said("offer")]
     assert offers.count((second["id"], second["size"])) == 2
     assert _grants(duplicate, second["id"]) == 1
-    assert len(_declines(duplicate, second["id"])) == 1
+    assert _declines(duplicate, second["id"]) == ["a duplicate of its reply to round 2"]
     assert duplicate.folded_of(MALLORY) == {s: [duplicate.instruction(s)["digest"]] for s in (1, 2, 3)}
     assert duplicate.record(MALLORY, 2)["status"] == "ok"
     reported = [e for e in duplicate.events_of(MALLORY) if e["event"] == "reported"]
     assert [e["round"] for e in reported] == [1, 2, 3]
     (recorded,) = _objections(duplicate)  # the second offer, recorded once
-    assert recorded["event"] in ("late", "refused")
-    assert recorded["bytes"] in (0, second["size"])
+    assert (recorded["event"], recorded["round"], recorded["bytes"], recorded["detail"]) == (
+        "refused",
+        2,
+        second["size"],
+        f"reply {second['id']}: a duplicate of its reply to round 2",
+    )
     # It came in time: before the honest sites' round-2 replies, which closed the round.
     reported_in_round_2 = [e["at"] for e in duplicate.events if e["event"] == "reported" and e["round"] == 2]
     assert len(reported_in_round_2) == 3
@@ -590,21 +591,6 @@ def test_the_same_update_offered_again_after_it_was_taken_is_declined_unread_and
     assert_no_round_waits_for_its_deadline(duplicate)
     assert duplicate.run.params_sha256 == honest.run.params_sha256
     assert sorted(duplicate.folded) == sorted(honest.folded)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 31: a second reply to an instruction already answered is declined with 'it came after its "
-    "round's deadline' and recorded as late with no round, though it came while its round was open",
-)
-def test_the_same_update_offered_again_in_time_is_refused_as_a_duplicate_of_its_round(federation: Federation):
-    duplicate = federation.outcome("duplicate", slow=True)
-    second = duplicate.instruction(2)
-    assert _declines(duplicate, second["id"]) != [LATE_REASON]
-    (recorded,) = _objections(duplicate)
-    assert recorded["event"] != "late"
-    assert recorded["round"] == 2
 
 
 def test_the_same_update_sent_again_unoffered_ends_the_sites_session_and_counts_once(federation: Federation):
