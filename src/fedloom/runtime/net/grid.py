@@ -37,11 +37,17 @@ class NetGrid:
     are the encoded messages' sizes.
 
     It is :class:`~fedloom.runtime.grid.Declaring`: ``declared_examples`` is what a site declared in the hello of
-    its latest connection (the size of its training data, filled in by the client agent, not the task).
+    its latest connection (the size of its training data, filled in by the client agent, not the task); and
+    :class:`~fedloom.runtime.grid.Binding`: every site's client agent states in each reply what it answers, so the
+    server loops refuse a reply that does not (:mod:`fedloom.runtime.binding`).
     """
 
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
+
+    @property
+    def binds_replies(self) -> bool:
+        return True
 
     def client_ids(self) -> Sequence[str]:
         hub = self._hub
