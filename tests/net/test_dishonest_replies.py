@@ -1,23 +1,24 @@
-"""Dishonest replies in a real deployment on 127.0.0.1 (issue 25): a site that answers an instruction whose round is
-over, replays its previous round's reply as the current one, or sends the same reply twice.
+"""Dishonest replies in a real deployment on 127.0.0.1 (issues 25 and 31): a site that answers an instruction whose
+round is over, replays its last reply as the current one, answers a round with another round's update or with an
+update built on another model, or sends the same reply twice.
 
 The server is :func:`fedloom.serve` in this process (3 rounds of FedAvg on digits, softmax regression, no
 federated evaluation); two honest sites run as one process of :func:`~fedloom.runtime.net.client.run_client`
 threads; the dishonest site, ``mallory``, is a process of its own on a bare fleet stream, speaking the protocol
 with fedloom's own frame helpers (``split_message``, ``Reassembler``, the fleet frames). Mallory trains honestly on
-its own data each round and answers as an honest site does (an offer, then the chunks once granted), except in
-one round (2, or 3 for the last case), where it misbehaves as its mode says. It prints what it sees and does, one
-JSON line each.
+its own data each round and answers as an honest site does (an offer, then the chunks once granted; each reply
+states what it answers, as the client agent's do), except in one round (2, or 3 for the last case; 2 and 3 for the
+two replays), where it misbehaves as its mode says. It prints what it sees and does, one JSON line each.
 
 Each run's model is compared with that of a reference run of the same federation in which mallory is honest, or
-silent in round 2. For that comparison to be exact, the server's strategy folds each round's updates in client
-order once they are all in (FedAvg's own fold, every update handed over counted, twice if twice), so that two runs
-that aggregate the same updates end on the same bytes whichever reply came first; it also notes each update it
-folds, which the tests hold against the run's privacy ledger and against what mallory sent.
+silent in the rounds it misbehaves in. For that comparison to be exact, the server's strategy folds each round's
+updates in client order once they are all in (FedAvg's own fold, every update handed over counted, twice if twice),
+so that two runs that aggregate the same updates end on the same bytes whichever reply came first; it also notes
+each update it folds, which the tests hold against the run's privacy ledger and against what mallory sent.
 
-Where the server does not yet do what it should, the expectation is a strict xfail that names issue 31 ("Replies
-bound to what they answer"), and the test beside it asserts only what must hold today: the bad reply is never
-aggregated (twice), the honest sites stay in, the run ends.
+Every bad reply is turned away saying which it is (out of turn, a duplicate of its reply to a round, a replay of an
+earlier round's update, built on another model), recorded against mallory with the round, and never aggregated;
+the honest sites stay in, and the run ends.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ MALLORY = "mallory"
 ROUNDS = 3
 ROUND_TIMEOUT_S = 3.0  # what a round waits for a reply that does not come (mallory's, in some modes)
 SLOW_FIT_S = 1.5  # how long the honest sites train in round 2 of the duplicate run: round 2 is open meanwhile
-LATE_REASON = "it came after its round's deadline"
+OUT_OF_TURN = "out of turn: it answers round 1, not round 2"
 FIT = fl.FitConfig(local_epochs=1, batch_size=32, lr=0.1)
 
 JOB = '''\
@@ -111,16 +112,19 @@ print(json.dumps(answered))
 """
 
 MALLORY_SITE = '''\
-"""A dishonest site on a bare fleet stream: python mallory.py ADDRESS TOKEN MODE ROUND.
+"""A dishonest site on a bare fleet stream: python mallory.py ADDRESS TOKEN MODE ROUNDS.
 
 It trains honestly each round (softmax regression on its own data, as the instruction says) and offers the
-encoded FitResult under the instruction's message id, one offer at a time (the next once the server has granted
-or declined the last), sending the chunks when granted; except in round ROUND (r), where MODE says what it does:
+encoded FitResult, stating what it answers as fedloom's client agent does, under the instruction's message id,
+one offer at a time (the next once the server has granted or declined the last), sending the chunks when granted;
+except in the rounds r listed in ROUNDS (comma-separated), where MODE says what it does:
 
 - honest: as in the other rounds; silent: nothing;
 - stale_instead: offers its round-r reply under round r-1's id (whose round is over), not under round r's;
 - stale_too: offers its round-r reply under round r-1's id, then under round r's;
-- replay: offers, under round r's id, the exact bytes of its round r-1 reply;
+- replay: offers, under round r's id, the exact bytes of the last reply it sent;
+- restate: offers, under round r's id, its round r-1 update stated as an answer to round r (round, kind, model);
+- old_model: trains on round r-1's model instead of round r's, and says so (its statement names that model);
 - duplicate: offers its round-r reply, sends it when granted, and offers it again under the same id;
 - resend: offers its round-r reply, and once granted sends its chunks twice.
 
@@ -138,14 +142,17 @@ import grpc
 
 from fedloom.core.codec import decode_message, encode_message
 from fedloom.core.config import FitConfig
+from fedloom.core.message import Message
 from fedloom.data.clientfile import load_client_data
 from fedloom.privacy.ledger import update_digest
+from fedloom.runtime.binding import stated, statement
 from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.client import connect_call
 from fedloom.runtime.net.frames import PROTOCOL_VERSION, Chunk, Reassembler, split_message
 from fedloom.task.numpy_task import LogisticRegressionTask
 
-address, token, mode, at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+address, token, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+at = {int(r) for r in sys.argv[4].split(",")}
 watchdog = threading.Timer(40.0, os._exit, (3,))
 watchdog.daemon = True
 watchdog.start()
@@ -163,7 +170,10 @@ channel = grpc.insecure_channel(address, options=[("grpc.enable_http_proxy", 0)]
 frames = connect_call(channel)(iter(outbox.get, None))
 reassembler = Reassembler(1 << 24)
 ids = {}  # round -> the message id of its fit instruction
+instructions = {}  # round -> the instruction
+results = {}  # round -> mallory's honest FitResult
 replies = {}  # round -> mallory's encoded reply to it
+last_sent = []  # the bytes of the last reply sent
 pending = []  # (message id, bytes) to offer, in order
 offered = None  # the (message id, bytes) offered and not yet granted or declined
 
@@ -176,24 +186,39 @@ def offer_next():
         outbox.put(fleet_pb2.ClientFrame(offer=fleet_pb2.Offer(message_id=offered[0], size=len(offered[1]))))
 
 
+def fit(instruction):
+    return task.fit(instruction.params, train, FitConfig.from_metadata(instruction.metadata["fit"]))
+
+
 def answer(message_id, data):
     instruction = decode_message(data)
     server_round = instruction.metadata["round"]
-    result = task.fit(instruction.params, train, FitConfig.from_metadata(instruction.metadata["fit"]))
-    ids[server_round], replies[server_round] = message_id, encode_message(result.to_message())
+    said = statement(instruction)
+    result = fit(instruction)
+    ids[server_round], instructions[server_round], results[server_round] = message_id, instruction, result
+    replies[server_round] = encode_message(stated(result.to_message(), said))
     say("instruction", id=message_id, round=server_round, size=len(replies[server_round]),
         digest=update_digest(result.params))
     mine = (message_id, replies[server_round])
-    if server_round != at or mode in ("honest", "resend"):
+    before = server_round - 1
+    if server_round not in at or mode in ("honest", "resend"):
         pending.append(mine)
     elif mode == "stale_instead":
-        pending.append((ids[at - 1], mine[1]))
+        pending.append((ids[before], mine[1]))
     elif mode == "stale_too":
-        pending.extend([(ids[at - 1], mine[1]), mine])
+        pending.extend([(ids[before], mine[1]), mine])
     elif mode == "replay":
-        pending.append((message_id, replies[at - 1]))
+        pending.append((message_id, last_sent[-1]))
+    elif mode == "restate":
+        pending.append((message_id, encode_message(stated(results[before].to_message(), said))))
+    elif mode == "old_model":
+        old = fit(Message(instruction.kind, instructions[before].params, instruction.metadata))
+        own = {**said, "model_sha256": update_digest(instructions[before].params)}
+        pending.append((message_id, encode_message(stated(old.to_message(), own))))
     elif mode == "duplicate":
         pending.extend([mine, mine])
+    if pending and pending[-1][0] == message_id:
+        say("sends", id=message_id, digest=update_digest(decode_message(pending[-1][1]).params))
     offer_next()
 
 
@@ -211,7 +236,8 @@ try:
             granted, offered = offered, None
             say("grant", id=frame.grant.message_id)
             if granted is not None:
-                twice = mode == "resend" and granted[0] == ids.get(at)
+                last_sent.append(granted[1])
+                twice = mode == "resend" and any(granted[0] == ids.get(r) for r in at)
                 for _ in range(2 if twice else 1):
                     for chunk in split_message(granted[0], granted[1]):
                         outbox.put(chunk)
@@ -338,15 +364,15 @@ class Federation:
             save_client_data(procs.cwd / "parts" / f"{site}.npz", data)
         self._outcomes: dict[str, Outcome] = {}
 
-    def outcome(self, mode: str, at: int = 2, *, slow: bool = False) -> Outcome:
-        """The run in which mallory does as ``mode`` says in round ``at`` (see ``MALLORY_SITE``); with ``slow``, the
-        honest sites train ``SLOW_FIT_S`` seconds in round 2."""
+    def outcome(self, mode: str, at: int | str = 2, *, slow: bool = False) -> Outcome:
+        """The run in which mallory does as ``mode`` says in round ``at`` (or rounds: ``"2,3"``; see ``MALLORY_SITE``);
+        with ``slow``, the honest sites train ``SLOW_FIT_S`` seconds in round 2."""
         key = f"{mode}-{at}" + ("-slow" if slow else "")
         if key not in self._outcomes:
             self._outcomes[key] = self._run(key, mode, at, slow)
         return self._outcomes[key]
 
-    def _run(self, key: str, mode: str, at: int, slow: bool) -> Outcome:
+    def _run(self, key: str, mode: str, at: int | str, slow: bool) -> Outcome:
         procs = self.procs
         run_dir = procs.cwd / key
         store = TokenStore(run_dir)
@@ -427,6 +453,21 @@ def assert_no_round_waits_for_its_deadline(outcome: Outcome) -> None:
     assert all(r["seconds"] < ROUND_TIMEOUT_S for r in outcome.rounds), outcome.rounds
 
 
+def assert_the_stale_offer_is_refused_unread_as_out_of_turn(stale: Outcome) -> None:
+    """Mallory's round-2 update, offered under round 1's id, was declined unread as out of turn, and recorded once,
+    with round 1 and the size offered."""
+    first, second = stale.instruction(1), stale.instruction(2)
+    assert _grants(stale, first["id"]) == 1  # round 1's reply; the stale offer is not granted
+    assert _declines(stale, first["id"]) == [OUT_OF_TURN]
+    (refused,) = _objections(stale)
+    assert (refused["event"], refused["round"], refused["bytes"], refused["detail"]) == (
+        "refused",
+        1,
+        second["size"],
+        f"reply {first['id']}: {OUT_OF_TURN}",
+    )
+
+
 def _declines(outcome: Outcome, message_id: int) -> list[str]:
     return [line["reason"] for line in outcome.said("decline") if line["id"] == message_id]
 
@@ -443,12 +484,13 @@ def _objections(outcome: Outcome) -> list[dict[str, Any]]:
 # -- a reply under the id of an instruction whose round is over ------------------------------------------------
 
 
-def test_an_update_under_the_last_rounds_id_instead_of_this_ones_is_declined_unread_and_the_site_misses_the_round(
+def test_an_update_under_the_last_rounds_id_instead_of_this_ones_is_declined_unread_as_out_of_turn(
     federation: Federation,
 ):
     """In round 2 mallory offers its round-2 update under round 1's message id, and nothing under round 2's. The
-    server declines it before its bytes come, records it as late, drops mallory from round 2 at the deadline, and
-    takes mallory's round-3 reply: the model is the one of a run where mallory said nothing in round 2."""
+    server declines it before its bytes come, as out of turn (round 1's instruction was answered, and round 2's is
+    open), records the refusal with round 1, drops mallory from round 2 at the deadline, and takes mallory's round-3
+    reply: the model is the one of a run where mallory said nothing in round 2."""
     stale = federation.outcome("stale_instead")
     silent = federation.outcome("silent")
     for outcome in (stale, silent):
@@ -460,10 +502,7 @@ def test_an_update_under_the_last_rounds_id_instead_of_this_ones_is_declined_unr
         (first["id"], second["size"]),  # round 2's update, under round 1's id
         (stale.instruction(3)["id"], stale.instruction(3)["size"]),
     ]
-    assert _grants(stale, first["id"]) == 1  # round 1's reply; the stale offer is not granted
-    assert _declines(stale, first["id"]) == [LATE_REASON]
-    (late,) = _objections(stale)
-    assert (late["event"], late["bytes"], late["detail"]) == ("late", second["size"], f"reply {first['id']}")
+    assert_the_stale_offer_is_refused_unread_as_out_of_turn(stale)
     dropped = [e for e in stale.events_of(MALLORY) if e["event"] == "dropped"]
     assert [(e["round"], e["detail"]) for e in dropped] == [(2, "no reply by the deadline")]
     assert stale.record(MALLORY, 2)["status"] == "dropped"
@@ -477,7 +516,8 @@ def test_an_update_sent_under_the_last_rounds_id_as_well_as_this_ones_is_decline
     federation: Federation,
 ):
     """In round 2 mallory offers its round-2 update under round 1's id, then under round 2's. The first is declined
-    and recorded as late, the second taken: the model is the one of a run where mallory is honest throughout."""
+    as out of turn and recorded with round 1, the second taken: the model is the one of a run where mallory is
+    honest throughout."""
     stale = federation.outcome("stale_too")
     honest = federation.outcome("honest")
     for outcome in (stale, honest):
@@ -490,83 +530,94 @@ def test_an_update_sent_under_the_last_rounds_id_as_well_as_this_ones_is_decline
         second["id"],
         stale.instruction(3)["id"],
     ]
-    assert _grants(stale, first["id"]) == 1
-    assert _declines(stale, first["id"]) == [LATE_REASON]
-    (late,) = _objections(stale)
-    assert (late["event"], late["bytes"], late["detail"]) == ("late", second["size"], f"reply {first['id']}")
+    assert_the_stale_offer_is_refused_unread_as_out_of_turn(stale)
     assert stale.folded_of(MALLORY) == {s: [stale.instruction(s)["digest"]] for s in (1, 2, 3)}
     assert stale.record(MALLORY, 2)["status"] == "ok"
-    assert not [e for e in stale.events_of(MALLORY) if e["event"] in ("dropped", "refused")]
+    assert not [e for e in stale.events_of(MALLORY) if e["event"] == "dropped"]
     assert_no_round_waits_for_its_deadline(stale)
     assert stale.run.params_sha256 == honest.run.params_sha256
     assert sorted(stale.folded) == sorted(honest.folded)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 31: the server forgets the ids of instructions that were answered, so a second reply to round 1's "
-    "instruction, sent in round 2, is recorded as late with no round",
-)
-@pytest.mark.parametrize("mode", ["stale_instead", "stale_too"])
-def test_a_reply_to_an_instruction_of_a_round_that_is_over_is_recorded_with_that_round(
-    federation: Federation, mode: str
-):
-    stale = federation.outcome(mode)
-    (late,) = _objections(stale)
-    assert late["round"] == 1
+# -- an earlier round's reply or update under this round's id -------------------------------------------------
 
 
-# -- round 1's reply, byte for byte, under round 2's id ---------------------------------------------------------
-
-
-def test_a_replay_of_the_last_rounds_reply_under_this_rounds_id_is_aggregated_at_most_once_and_the_run_goes_on(
+def test_a_replay_of_the_last_reply_at_two_rounds_is_refused_each_time_naming_the_round_it_first_came_in(
     federation: Federation,
 ):
-    """In round 2 mallory sends, under round 2's id, the exact bytes of its round-1 reply. Today nothing in the
-    reply says what it answers, so the server cannot tell it from a fresh one (see the xfail below); what must hold
-    already: it is folded at most once, mallory's other rounds count once each, the run ends with the honest
-    sites in every round, and mallory is served to the end."""
-    replay = federation.outcome("replay")
-    assert_the_run_ends_and_the_honest_sites_are_in_every_round(replay)
-    assert_mallory_is_served_to_the_end(replay)
-    first, second = replay.instruction(1), replay.instruction(2)
-    assert [(line["id"], line["size"]) for line in replay.said("offer")][:2] == [
-        (first["id"], first["size"]),
-        (second["id"], first["size"]),  # round 1's bytes
+    """In rounds 2 and 3 mallory sends, under each round's id, the exact bytes of the last reply it sent: its round-1
+    reply. Each is read and refused as a replay of the update of round 1, recorded against mallory for that round
+    and told to it; none is aggregated, no round waits for its deadline, and the model is the one of a run where
+    mallory said nothing in rounds 2 and 3."""
+    replay = federation.outcome("replay", "2,3")
+    silent = federation.outcome("silent", "2,3")
+    for outcome in (replay, silent):
+        assert_the_run_ends_and_the_honest_sites_are_in_every_round(outcome)
+    first = replay.instruction(1)
+    assert [(line["id"], line["size"]) for line in replay.said("offer")] == [
+        (replay.instruction(s)["id"], first["size"])
+        for s in (1, 2, 3)  # round 1's bytes, three times
     ]
-    folded = replay.folded_of(MALLORY)
-    assert folded[1] == [first["digest"]]
-    assert len(folded.get(2, [])) <= 1
-    assert set(folded.get(2, [])) <= {first["digest"]}  # if anything, what it sent
-    reported = [e for e in replay.events_of(MALLORY) if e["event"] == "reported"]
-    assert [e["round"] for e in reported].count(2) <= 1
+    assert [line["digest"] for line in replay.said("sends")] == [first["digest"]] * 3
+    assert replay.folded_of(MALLORY) == {1: [first["digest"]]}
+    why = "a replay: byte for byte the update it sent in round 1"
+    for server_round in (2, 3):
+        record = replay.record(MALLORY, server_round)
+        assert (record["status"], record["detail"]) == ("refused", why)
+    assert [line["text"] for line in replay.said("notice")] == [
+        f"round {s}: the server refused your fit reply: {why}" for s in (2, 3)
+    ]
+    reported = [e["round"] for e in replay.events_of(MALLORY) if e["event"] == "reported"]
+    assert reported == [1, 2, 3]  # read and handed to the loop, which refused them
+    assert [(e["event"], e["round"], e["detail"]) for e in _objections(replay)] == [
+        ("refused", 2, why),
+        ("refused", 3, why),
+    ]
+    assert replay.mallory[-1] == {"event": "bye", "reason": ""}
     assert_no_round_waits_for_its_deadline(replay)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 31: a reply does not say which instruction it answers, so round 1's reply replayed byte for byte "
-    "under round 2's id is taken as mallory's round-2 update",
-)
-def test_a_replay_of_the_last_rounds_reply_is_not_aggregated(federation: Federation):
-    replay = federation.outcome("replay")
-    silent = federation.outcome("silent")
-    assert 2 not in replay.folded_of(MALLORY)
-    assert replay.record(MALLORY, 2)["status"] != "ok"
     assert replay.run.params_sha256 == silent.run.params_sha256
+    assert sorted(replay.folded) == sorted(silent.folded)
+
+
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("restate", "a replay: byte for byte the update it sent in round 1"),
+        ("old_model", "it was built on another model than the one sent for round 2"),
+    ],
+)
+def test_an_answer_to_this_round_made_of_another_rounds_update_or_model_is_refused_saying_which(
+    federation: Federation, mode: str, why: str
+):
+    """In round 2 mallory answers round 2's instruction, stating so, with its round-1 update (``restate``), or with
+    an update it trained on round 1's model, which its statement names (``old_model``). The server refuses it saying
+    which, records the refusal against mallory for round 2, and the model is the one of a run where mallory said
+    nothing in round 2."""
+    bad = federation.outcome(mode)
+    silent = federation.outcome("silent")
+    assert_the_run_ends_and_the_honest_sites_are_in_every_round(bad)
+    assert_mallory_is_served_to_the_end(bad)
+    record = bad.record(MALLORY, 2)
+    assert record["status"] == "refused"
+    assert record["detail"].startswith(why)
+    (sent,) = [line for line in bad.said("sends") if line["id"] == bad.instruction(2)["id"]]
+    assert sent["digest"] != bad.instruction(2)["digest"]  # not the update it trained for round 2
+    assert 2 not in bad.folded_of(MALLORY)
+    assert_no_round_waits_for_its_deadline(bad)
+    assert bad.run.params_sha256 == silent.run.params_sha256
+    assert sorted(bad.folded) == sorted(silent.folded)
 
 
 # -- the same reply twice under one id --------------------------------------------------------------------------
 
 
-def test_the_same_update_offered_again_after_it_was_taken_is_declined_unread_and_counts_once(
+def test_the_same_update_offered_again_in_time_is_declined_unread_as_a_duplicate_of_its_round_and_counts_once(
     federation: Federation,
 ):
     """In round 2 mallory sends its reply, then offers the same reply again under the same id while the honest
-    sites still train (round 2 is open). The second offer is declined before its bytes come and recorded; the
-    update counts once: the model is the one of a run where mallory is honest."""
+    sites still train (round 2 is open). The second offer is declined before its bytes come, as a duplicate of its
+    reply to round 2, and recorded with that round; the update counts once: the model is the one of a run where
+    mallory is honest."""
     duplicate = federation.outcome("duplicate", slow=True)
     honest = federation.outcome("honest")
     assert_the_run_ends_and_the_honest_sites_are_in_every_round(duplicate)
@@ -575,14 +626,18 @@ def test_the_same_update_offered_again_after_it_was_taken_is_declined_unread_and
     offers = [(line["id"], line["size"]) for line in duplicate.said("offer")]
     assert offers.count((second["id"], second["size"])) == 2
     assert _grants(duplicate, second["id"]) == 1
-    assert len(_declines(duplicate, second["id"])) == 1
+    assert _declines(duplicate, second["id"]) == ["a duplicate of its reply to round 2"]
     assert duplicate.folded_of(MALLORY) == {s: [duplicate.instruction(s)["digest"]] for s in (1, 2, 3)}
     assert duplicate.record(MALLORY, 2)["status"] == "ok"
     reported = [e for e in duplicate.events_of(MALLORY) if e["event"] == "reported"]
     assert [e["round"] for e in reported] == [1, 2, 3]
     (recorded,) = _objections(duplicate)  # the second offer, recorded once
-    assert recorded["event"] in ("late", "refused")
-    assert recorded["bytes"] in (0, second["size"])
+    assert (recorded["event"], recorded["round"], recorded["bytes"], recorded["detail"]) == (
+        "refused",
+        2,
+        second["size"],
+        f"reply {second['id']}: a duplicate of its reply to round 2",
+    )
     # It came in time: before the honest sites' round-2 replies, which closed the round.
     reported_in_round_2 = [e["at"] for e in duplicate.events if e["event"] == "reported" and e["round"] == 2]
     assert len(reported_in_round_2) == 3
@@ -590,21 +645,6 @@ def test_the_same_update_offered_again_after_it_was_taken_is_declined_unread_and
     assert_no_round_waits_for_its_deadline(duplicate)
     assert duplicate.run.params_sha256 == honest.run.params_sha256
     assert sorted(duplicate.folded) == sorted(honest.folded)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="issue 31: a second reply to an instruction already answered is declined with 'it came after its "
-    "round's deadline' and recorded as late with no round, though it came while its round was open",
-)
-def test_the_same_update_offered_again_in_time_is_refused_as_a_duplicate_of_its_round(federation: Federation):
-    duplicate = federation.outcome("duplicate", slow=True)
-    second = duplicate.instruction(2)
-    assert _declines(duplicate, second["id"]) != [LATE_REASON]
-    (recorded,) = _objections(duplicate)
-    assert recorded["event"] != "late"
-    assert recorded["round"] == 2
 
 
 def test_the_same_update_sent_again_unoffered_ends_the_sites_session_and_counts_once(federation: Federation):

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 from fedloom.core.errors import ConfigError, FedloomError
 from fedloom.core.params import Params
+from fedloom.privacy.ledger import LEDGER_FILE, used_updates
 from fedloom.runtime.asynchronous import run_async
 from fedloom.runtime.grid import Grid
 from fedloom.runtime.loop import CentralEvaluator, LoopResult, Resume, run_rounds
@@ -67,11 +68,15 @@ def run_recorded(
     asynchronous strategy) with the run recorded by ``recorder``: every round as it ends,
     then the run as finished with its final params, or as failed with its error and the last good params
     (and the error raised again). Simulations and deployments record their runs through this one path;
-    ``resume`` (from :meth:`RunRecorder.open`) continues a deployment's run after its last recorded round.
+    ``resume`` (from :meth:`RunRecorder.open`) continues a deployment's run after its last recorded round, knowing
+    the updates its privacy ledger lists for the rounds done (so that one replayed after the restart is refused).
     ``on_close`` is called just before the run is closed, while ``recorder`` still records, with ``None`` after
     the last round or with the error on failure: a deployment says bye to its clients when the run is over and
     records the client events that came after the last round. ``exclude`` names clients never asked (see
     :func:`~fedloom.runtime.loop.run_rounds`)."""
+
+    if resume is not None and not resume.updates:
+        resume = replace(resume, updates=used_updates(recorder.run_dir / LEDGER_FILE, resume.completed_rounds))
 
     def loop(recording: Sequence[RoundObserver]) -> tuple[LoopResult, Params]:
         arguments: dict[str, Any] = {

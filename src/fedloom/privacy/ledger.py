@@ -27,7 +27,17 @@ from fedloom.core.params import Params
 from fedloom.core.results import FitResult
 from fedloom.core.strictjson import strict_dumps
 
-__all__ = ["LEDGER_FILE", "LedgerError", "LedgerReport", "chain", "fit_digest", "genesis", "update_digest", "verify"]
+__all__ = [
+    "LEDGER_FILE",
+    "LedgerError",
+    "LedgerReport",
+    "chain",
+    "fit_digest",
+    "genesis",
+    "update_digest",
+    "used_updates",
+    "verify",
+]
 
 LEDGER_FILE = "ledger.jsonl"
 _FIELDS = (
@@ -110,6 +120,24 @@ def head(path: Path, run_id: str) -> str:
             if line.strip():
                 last = json.loads(line)["hash"]
     return last
+
+
+def used_updates(path: Path, through_round: int) -> dict[str, dict[str, int]]:
+    """The updates the ledger at ``path`` lists for rounds up to ``through_round``, by client: each update's digest
+    and the first round it came in (how a resumed run knows what its sites sent before the restart). Empty where
+    there is no ledger; lines that do not read as records are passed over (:func:`verify` names them)."""
+    used: dict[str, dict[str, int]] = {}
+    if not path.is_file():
+        return used
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            line = json.loads(text)
+            server_round, client, digest = line["round"], line["client"], line["update_sha256"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if isinstance(server_round, int) and server_round <= through_round:
+            used.setdefault(str(client), {}).setdefault(str(digest), server_round)
+    return used
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from fedloom.core.params import Params
 from fedloom.core.results import FitResult
 from fedloom.privacy.ledger import fit_digest
 from fedloom.runtime import readings
+from fedloom.runtime.binding import ReplyCheck, Vetting
 from fedloom.runtime.grid import AsyncGrid, Clocked, Exchange, Grid, Reply, ReplyHandler
 from fedloom.runtime.loop import (
     CentralEvaluator,
@@ -72,7 +73,8 @@ def run_async(
     ``strategy.concurrency`` clients train at all times, each started (by ``strategy.instruct``) on the newest
     model, drawn uniformly from the clients not training. Each reply is checked as
     :func:`~fedloom.runtime.loop.run_rounds` checks one (names, shapes, dtypes, finite values, against what
-    that client was sent); a valid one goes into the strategy's buffer with its staleness (server updates
+    that client was sent; a reply that states it answers another instruction is refused, and in a deployment a replay
+    of an update the client sent before); a valid one goes into the strategy's buffer with its staleness (server updates
     since its client started), unless it is staler than ``strategy.max_staleness``; then an idle client
     starts in its place. Every ``strategy.buffer_size`` valid updates the server updates the model: that is
     one round of the history, with its training clients' records, ``staleness_mean`` and ``staleness_max``,
@@ -89,6 +91,7 @@ def run_async(
     """
     fit_rng, eval_rng = server_generators(seed)
     state, first = start_state(strategy, initial_params, resume, fit_rng, eval_rng)
+    vetting = Vetting.of(grid, resume.updates if resume is not None else None)
     workers = grid if isinstance(grid, AsyncGrid) else ThreadedGrid(grid, timeout)
     running: dict[str, _Started] = {}
     history: list[RoundRecord] = []
@@ -100,6 +103,7 @@ def run_async(
         fit_records: dict[str, ClientRecord] = {}
         staleness: list[int] = []
         clients = workers.client_ids()  # once a step: a deployment checks every client's token when asked
+        check = vetting.check(server_round)
         while buffer.count < strategy.buffer_size:
             _keep_busy(strategy, workers, clients, version, state, running, fit_rng)
             if not running:
@@ -110,7 +114,7 @@ def run_async(
             client_id, reply = workers.next_reply()
             start = running.pop(client_id)
             lag = version - start.version
-            outcome, result = _take(strategy, client_id, start, reply, lag, server_round)
+            outcome, result = _take(strategy, client_id, start, reply, lag, server_round, check)
             fit_records[client_id] = _merged(fit_records.get(client_id), outcome)
             if result is None:
                 if not (outcome.detail or "").startswith(_STALE):  # a stale update is no fault of the client's
@@ -130,7 +134,7 @@ def run_async(
             metrics["sim_seconds"] = workers.clock
         idle = [cid for cid in clients if cid not in running] if running else clients
         evaluated = evaluate_round(
-            strategy, workers, server_round, state, idle, eval_rng, timeout, evaluate_central, metrics
+            strategy, workers, server_round, state, idle, eval_rng, timeout, evaluate_central, metrics, vetting
         )
         params = strategy.params(state)
         record = RoundRecord(
@@ -186,8 +190,10 @@ def _take(
     reply: Reply | None,
     staleness: int,
     server_round: int,
+    check: ReplyCheck,
 ) -> tuple[ClientRecord, FitResult | None]:
-    """The record of one training reply and the update to buffer (``None``: dropped, refused or too stale)."""
+    """The record of one training reply and the update to buffer (``None``: dropped, refused or too stale);
+    ``check`` holds it against its instruction and the client's earlier updates."""
     if reply is None:
         return ClientRecord(client_id=client_id, phase="fit", status=ClientStatus.DROPPED), None
     sent = readings.read(reply.message, client_id)
@@ -210,6 +216,11 @@ def _take(
     except (DecodeError, InvalidUpdateError) as exc:
         log.warning("round %d: refused the fit reply of client %s: %s", server_round, client_id, exc)
         return _refused(record, str(exc)), None
+    digest = fit_digest(result)
+    why = check.refusal(client_id, reply.message, start.instruction, digest)
+    if why is not None:
+        log.warning("round %d: refused the fit reply of client %s: %s", server_round, client_id, why)
+        return _refused(record, why), None
     max_staleness = strategy.max_staleness
     if max_staleness is not None and staleness > max_staleness:
         why = f"{_STALE} trained on a model {staleness} updates old, over max_staleness={max_staleness}"
@@ -220,7 +231,7 @@ def _take(
         loss=result.metrics.get("loss"),
         accuracy=result.metrics.get("accuracy"),
         metrics={**readings.record_metrics(result.metrics, sent, reply.upload_seconds), "staleness": float(staleness)},
-        update_sha256=fit_digest(result),
+        update_sha256=digest,
     )
     return ok, result
 

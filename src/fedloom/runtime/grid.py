@@ -8,7 +8,7 @@ from typing import Protocol, runtime_checkable
 
 from fedloom.core.message import Message
 
-__all__ = ["AsyncGrid", "Clocked", "Declaring", "Exchange", "Grid", "Reply", "ReplyHandler", "hand_over"]
+__all__ = ["AsyncGrid", "Binding", "Clocked", "Declaring", "Exchange", "Grid", "Reply", "ReplyHandler", "hand_over"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,17 @@ class Declaring(Protocol):
     def declared_examples(self, client_id: str) -> int | None:
         """What ``client_id`` declared when it joined, or ``None`` where it declared nothing."""
         ...
+
+
+@runtime_checkable
+class Binding(Protocol):
+    """A grid whose replies are bound to what they answer: its clients' runtimes state in every reply the round,
+    the instruction and the model it answers (:mod:`fedloom.runtime.binding`), as a deployment's client agents do.
+    The server loops refuse a reply of such a grid (``binds_replies`` true) that states nothing; a reply that states
+    something is held against what was sent on any grid."""
+
+    @property
+    def binds_replies(self) -> bool: ...
 
 
 def hand_over(exchange: Exchange, on_reply: ReplyHandler | None) -> Exchange:

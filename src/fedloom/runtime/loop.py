@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
 
 import numpy as np
@@ -25,6 +25,7 @@ from fedloom.core.results import EvalResult, FitResult
 from fedloom.core.validation import all_finite, check_update
 from fedloom.privacy.ledger import fit_digest
 from fedloom.runtime import readings
+from fedloom.runtime.binding import ReplyCheck, Vetting
 from fedloom.runtime.grid import Clocked, Declaring, Exchange, Grid, Reply
 from fedloom.runtime.protocol import run_fit_protocol
 from fedloom.runtime.records import ClientRecord, ClientStatus, RoundObserver, RoundRecord
@@ -60,12 +61,15 @@ class Resume:
     """Where a run that was cut short picks up: the rounds it completed, the global params after the last of
     them, the server's random state then (``RoundRecord.random_state`` of that round) and the strategy's state
     (``RoundRecord.strategy_state``; ``None`` where none was saved: the strategy then starts again from
-    ``init(params)``)."""
+    ``init(params)``). ``updates`` are the digests of the fit updates each client sent in the rounds done, with
+    the round each first came in (client -> digest -> round; what the privacy ledger lists), so that an update
+    replayed across the restart is refused as one within the run is."""
 
     completed_rounds: int
     params: Params
     random_state: Mapping[str, Any]
     strategy_state: Snapshot | None = None
+    updates: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
 def run_rounds(
@@ -87,8 +91,12 @@ def run_rounds(
     every update is checked against the params its client was sent (names, shapes, dtypes, finite values:
     the global model, plus whatever else the algorithm sends, such as SCAFFOLD's control variates; or the
     layout a :class:`~fedloom.strategy.base.ReshapingStrategy` expects back) and a bad one is refused, logged
-    and recorded, never aggregated; if fewer than ``strategy.min_clients`` valid updates remain,
-    :class:`NotEnoughClientsError` ends the run; otherwise the strategy aggregates. A
+    and recorded, never aggregated; so is a reply that states it answers another round or instruction, or was built
+    on another model, than what its client was sent, and, on a :class:`~fedloom.runtime.grid.Binding` grid (a
+    deployment), a reply that states nothing and a fit update byte-identical to one the same client sent before in
+    the run (a replay, named with the round it first came in; an update equal to the params it was sent is none):
+    see :mod:`fedloom.runtime.binding`; if fewer than ``strategy.min_clients`` valid updates
+    remain, :class:`NotEnoughClientsError` ends the run; otherwise the strategy aggregates. A
     :class:`~fedloom.strategy.base.FoldingStrategy` (FedAvg) aggregates each update as it arrives, so only
     the updates in flight are held, not all of them. Then federated evaluation (if the strategy asks for
     it), central evaluation on the server (if ``evaluate_central`` is given), and every observer sees the
@@ -128,6 +136,7 @@ def run_rounds(
         )
     fit_rng, eval_rng = server_generators(seed)
     state, first = start_state(strategy, initial_params, resume, fit_rng, eval_rng)
+    vetting = Vetting.of(grid, resume.updates if resume is not None else None)
     history: list[RoundRecord] = []
     failed_in_a_row = 0
     for server_round in range(first, rounds + 1):
@@ -155,13 +164,14 @@ def run_rounds(
                 server_round, strategy.params(state), {r.client_id: None for r in fit_records if r.status == "ok"}
             )
         else:
-            state, metrics, fit_records = fit_round(strategy, grid, server_round, state, instructions, timeout)
+            state, metrics, fit_records = fit_round(strategy, grid, server_round, state, instructions, timeout, vetting)
         params = strategy.params(state)
 
         if isinstance(grid, Clocked):
             metrics["sim_seconds"] = grid.clock
+        asked = _asked(grid, exclude)
         evaluated = evaluate_round(
-            strategy, grid, server_round, state, _asked(grid, exclude), eval_rng, timeout, evaluate_central, metrics
+            strategy, grid, server_round, state, asked, eval_rng, timeout, evaluate_central, metrics, vetting
         )
         record = RoundRecord(
             server_round=server_round,
@@ -185,13 +195,17 @@ def fit_round(
     state: Any,
     instructions: Mapping[str, Message],
     timeout: float | None,
+    vetting: Vetting | None = None,
 ) -> tuple[Any, dict[str, float], tuple[ClientRecord, ...]]:
     """A round's training: send the instructions, check each update as it arrives (folding it in, for a
     :class:`FoldingStrategy`), and aggregate. Returns the new state, the round's metrics and the fit records;
-    raises :class:`NotEnoughClientsError` when fewer than ``strategy.min_clients`` valid updates came back."""
+    raises :class:`NotEnoughClientsError` when fewer than ``strategy.min_clients`` valid updates came back.
+    ``vetting`` holds the run's updates so far, against replays (none: this round's replies are checked alone)."""
     fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
     screen = round_screen(strategy, grid, server_round)
-    fit_replies = Gathered(server_round, "fit", valid_update(strategy, instructions), fold, screen, instructions)
+    check = (vetting or Vetting.of(grid)).check(server_round)
+    parse = valid_update(strategy, instructions)
+    fit_replies = Gathered(server_round, "fit", parse, fold, screen, instructions, check)
     fit = grid.send_and_receive(instructions, timeout, fit_replies.take)
     fit_replies.release()
     if len(fit_replies.accepted) < strategy.min_clients:
@@ -277,14 +291,16 @@ def evaluate_round(
     timeout: float | None,
     evaluate_central: CentralEvaluator | None,
     metrics: dict[str, float],
+    vetting: Vetting | None = None,
 ) -> tuple[ClientRecord, ...]:
     """A round's evaluation: federated (on those of ``clients`` the strategy picks, if it asks for it) and
     central (with ``evaluate_central``, if given). Adds the metrics to ``metrics``; returns the clients'
-    evaluation records."""
-    replies = Gathered(server_round, "evaluate", lambda _client_id, message: EvalResult.from_message(message))
-    evaluation = grid.send_and_receive(
-        strategy.configure_evaluate(server_round, state, clients, eval_rng), timeout, replies.take
-    )
+    evaluation records. Each reply is held against its instruction as ``vetting`` says
+    (:class:`~fedloom.runtime.binding.Vetting`; ``None``: as the grid binds replies)."""
+    instructions = strategy.configure_evaluate(server_round, state, clients, eval_rng)
+    check = (vetting or Vetting.of(grid)).check(server_round)
+    replies = Gathered(server_round, "evaluate", _evaluation, instructions=instructions, check=check)
+    evaluation = grid.send_and_receive(instructions, timeout, replies.take)
     metrics.update(strategy.aggregate_evaluate(server_round, state, replies.accepted))
     if evaluate_central is not None:
         central = evaluate_central(strategy.params(state))
@@ -298,8 +314,8 @@ R = TypeVar("R", FitResult, EvalResult)
 
 class Gathered(Generic[R]):
     """One phase's replies as the grid hands them over (:meth:`take`): each one's telemetry kept, a failure
-    (the client's task raised) noted, the rest parsed, a bad one refused and logged, a good fit update folded into
-    ``fold`` (and its arrays let go) where there is one."""
+    (the client's task raised) noted, the rest parsed and held against their ``instructions`` by ``check``, a bad
+    one refused and logged, a good fit update folded into ``fold`` (and its arrays let go) where there is one."""
 
     def __init__(
         self,
@@ -309,6 +325,7 @@ class Gathered(Generic[R]):
         fold: FitFold[Any] | None = None,
         screen: RoundScreen | None = None,
         instructions: Mapping[str, Message] | None = None,
+        check: ReplyCheck | None = None,
     ) -> None:
         self._round = server_round
         self._phase = phase
@@ -316,9 +333,10 @@ class Gathered(Generic[R]):
         self._fold = fold
         self.screen = screen
         self._sent = instructions
+        self._check = check
         self.accepted: dict[str, R] = {}
         self.refused: dict[str, str] = {}  # client id -> reason
-        self.digests: dict[str, str] = {}  # client id -> its fit update's SHA-256, for the privacy ledger
+        self.digests: dict[str, str] = {}  # client id -> its fit update's SHA-256, for the ledger and against replays
         self.failed: dict[str, str] = {}  # client id -> the error its task raised
         self.telemetry: dict[str, readings.Telemetry] = {}
 
@@ -332,24 +350,33 @@ class Gathered(Generic[R]):
         try:
             result = self._parse(client_id, reply.message)
         except (DecodeError, InvalidUpdateError) as exc:
-            log.warning("round %d: refused the %s reply of client %s: %s", self._round, self._phase, client_id, exc)
-            self.refused[client_id] = str(exc)
-            return replace(reply, message=Message(reply.message.kind))
+            return self._refuse(client_id, reply, str(exc))
         if isinstance(result, FitResult):
             self.digests[client_id] = fit_digest(result)
-            if self.screen is not None:
-                result = self.screen.claim(client_id, result)
-                if self._sent is not None and self.screen.measured:
-                    self.screen.measure(client_id, self._sent[client_id].params, result)
-                if self.screen.holds:  # kept whole until the round's last update is in: see release
-                    self.screen.hold(client_id, result)
-                    return replace(reply, message=Message(reply.message.kind))
+        instruction = None if self._sent is None else self._sent.get(client_id)
+        if self._check is not None and instruction is not None:
+            why = self._check.refusal(client_id, reply.message, instruction, self.digests.get(client_id))
+            if why is not None:
+                return self._refuse(client_id, reply, why)
+        if isinstance(result, FitResult) and self.screen is not None:
+            result = self.screen.claim(client_id, result)
+            if self._sent is not None and self.screen.measured:
+                self.screen.measure(client_id, self._sent[client_id].params, result)
+            if self.screen.holds:  # kept whole until the round's last update is in: see release
+                self.screen.hold(client_id, result)
+                return replace(reply, message=Message(reply.message.kind))
         if self._fold is not None and isinstance(result, FitResult):
             self._fold.add(client_id, result)
             result = replace(result, params=Params({}))
             reply = replace(reply, message=Message(reply.message.kind))
         self.accepted[client_id] = result
         return reply
+
+    def _refuse(self, client_id: str, reply: Reply, why: str) -> Reply:
+        """Refuse ``client_id``'s reply, saying ``why`` in the log and its record; the grid keeps it without arrays."""
+        log.warning("round %d: refused the %s reply of client %s: %s", self._round, self._phase, client_id, why)
+        self.refused[client_id] = why
+        return replace(reply, message=Message(reply.message.kind))
 
     def release(self) -> None:
         """Screen the held fit updates (once the round's last is in): refuse those the guard refuses, and fold
@@ -370,6 +397,10 @@ class Gathered(Generic[R]):
                 self._fold.add(client_id, result)
                 result = replace(result, params=Params({}))
             self.accepted[client_id] = result  # type: ignore[assignment]  # the fit phase gathers FitResults
+
+
+def _evaluation(_client_id: str, message: Message) -> EvalResult:
+    return EvalResult.from_message(message)
 
 
 def valid_update(strategy: Strategy[Any], instructions: Mapping[str, Message]) -> Callable[[str, Message], FitResult]:

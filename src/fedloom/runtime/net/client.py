@@ -15,7 +15,9 @@ raises with a failure, logging the error with its traceback: the server records 
 round, with the error, and the agent stays connected for the next instruction (an app without that mod ends
 the agent with the task's error). Every reply of that app carries the client's telemetry
 (:mod:`fedloom.runtime.telemetry`): its system metrics, the seconds the instruction took to arrive, and, unless
-the app's ``send_logs`` is off, the lines it logged while answering (the failure's traceback included).
+the app's ``send_logs`` is off, the lines it logged while answering (the failure's traceback included). The
+agent, not the app, states in each reply the round and kind of the instruction it answers and the SHA-256 of the
+model it gave the app (:mod:`fedloom.runtime.binding`): the server refuses a reply bound to another instruction.
 
 When the connection is lost (the server restarts, the network fails, a heartbeat goes unanswered) the agent
 reconnects, with pauses doubling from 0.5 s up to 30 s, and rejoins at the server's next instruction; a reply
@@ -42,6 +44,7 @@ import grpc
 from fedloom.core.codec import decode_message, message_parts
 from fedloom.core.errors import DecodeError, TransportError
 from fedloom.data.base import ClientData
+from fedloom.runtime.binding import stated, statement
 from fedloom.runtime.client import ClientApp, Context
 from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.frames import (
@@ -302,16 +305,18 @@ class _Session:
 
     def _answer(self, box: list[tuple[int, memoryview] | None], outbox: _Outbox, received_seconds: float) -> None:
         """Run the instruction in ``box`` (its message id and bytes, taken out) through the app and offer the
-        reply; it is sent when the server grants it. The instruction's arrays are views of the
-        received buffer, which goes once the task lets them go. ``received_seconds`` is how long it took to come."""
+        reply, stating what it answers (:mod:`fedloom.runtime.binding`); it is sent when the server grants it. The
+        instruction's arrays are views of the received buffer, which goes once the task lets them go.
+        ``received_seconds`` is how long it took to come."""
         done = box.pop()
         assert done is not None
         message_id, encoded = done
         del done
         instruction = decode_message(encoded)
         del encoded
+        said = statement(instruction)  # before the app has the model, which nothing in it can then restate
         context = Context(self._name, self._data, self._state, received_seconds)
-        reply = self._app(instruction, context)
+        reply = stated(self._app(instruction, context), said)
         parts = message_parts(reply)
         self._offered[message_id] = parts
         size = sum(memoryview(part).nbytes for part in parts)

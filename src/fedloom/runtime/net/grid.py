@@ -11,13 +11,15 @@ from fedloom.core.codec import message_parts
 from fedloom.core.errors import FedloomError
 from fedloom.core.message import Message, MessageKind
 from fedloom.runtime.grid import Exchange, Reply, ReplyHandler
-from fedloom.runtime.net.hub import Awaited, Hub, Outgoing, refusal_frame
+from fedloom.runtime.net.hub import Awaited, Hub, Outgoing, Past, refusal_frame
 
 __all__ = ["NetGrid"]
 
 log = logging.getLogger("fedloom.server")
 
-_EXPIRED_KEPT = 4096  # unanswered messages remembered, so that a late reply's event names its round
+#: Messages whose exchange is over that the hub remembers (to whom, their round, answered or not), so that a late,
+#: duplicated or out-of-turn reply is named as such with its round: a few rounds of a large federation.
+_PAST_KEPT = 1 << 16
 _SENT_EVENT = {MessageKind.FIT: "training", MessageKind.EVALUATE: "evaluating"}
 
 
@@ -35,11 +37,17 @@ class NetGrid:
     are the encoded messages' sizes.
 
     It is :class:`~fedloom.runtime.grid.Declaring`: ``declared_examples`` is what a site declared in the hello of
-    its latest connection (the size of its training data, filled in by the client agent, not the task).
+    its latest connection (the size of its training data, filled in by the client agent, not the task); and
+    :class:`~fedloom.runtime.grid.Binding`: every site's client agent states in each reply what it answers, so the
+    server loops refuse a reply that does not (:mod:`fedloom.runtime.binding`).
     """
 
     def __init__(self, hub: Hub) -> None:
         self._hub = hub
+
+    @property
+    def binds_replies(self) -> bool:
+        return True
 
     def client_ids(self) -> Sequence[str]:
         hub = self._hub
@@ -80,7 +88,8 @@ class NetGrid:
                 connection = hub.connections.get(client_id)
                 if connection is None:
                     continue
-                message_id = next(hub.ids)
+                hub.last_id += 1
+                message_id = hub.last_id
                 hub.awaiting[message_id] = Awaited(connection, server_round, time.perf_counter(), size, on_reply)
             sent[client_id] = message_id
             connection.outbox.put(Outgoing(message_id, parts))
@@ -89,9 +98,9 @@ class NetGrid:
             hub.cond.wait_for(lambda: self._settled(sent), None if deadline is None else deadline - time.perf_counter())
             hub.cond.wait_for(lambda: not any(hub.awaiting[m].busy for m in sent.values()))  # on time: let it finish
             awaited = {cid: hub.awaiting.pop(message_id) for cid, message_id in sent.items()}
-            hub.expired.update((m, awaited[c].server_round) for c, m in sent.items() if awaited[c].reply is None)
-            for old in list(itertools.islice(hub.expired, max(0, len(hub.expired) - _EXPIRED_KEPT))):
-                del hub.expired[old]  # the oldest first: dicts keep insertion order
+            hub.past.update((m, Past(c, awaited[c].server_round, awaited[c].answered)) for c, m in sent.items())
+            for old in list(itertools.islice(hub.past, max(0, len(hub.past) - _PAST_KEPT))):
+                del hub.past[old]  # the oldest first: dicts keep insertion order
         replies: dict[str, Reply] = {}
         dropped: list[str] = []
         for client_id, message in messages.items():

@@ -7,7 +7,6 @@ the connections and waits on the replies.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import secrets
@@ -24,12 +23,15 @@ from fedloom.runtime.net import fleet_pb2
 from fedloom.runtime.net.frames import BufferPool
 from fedloom.runtime.records import ClientEvent
 
-__all__ = ["Authenticator", "Awaited", "Connection", "Hub", "Outgoing", "refusal_frame"]
+__all__ = ["LATE", "Authenticator", "Awaited", "Connection", "Hub", "Outgoing", "Past", "refusal_frame"]
 
 log = logging.getLogger("fedloom.server")
 
 #: A token's client name, or ``None`` for a token that admits nobody.
 Authenticator = Callable[[str], "str | None"]
+
+#: Why a reply to an instruction whose exchange ended before any reply came is declined.
+LATE = "it came after its round's deadline"
 
 
 @dataclass
@@ -71,12 +73,28 @@ class Awaited:
     busy: bool = False  # the reply is being decoded and handed over
     refused: str | None = None  # why the reply was refused: too large, or malformed
 
+    @property
+    def answered(self) -> bool:
+        """Whether a reply came: taken, or refused (over the size limit, malformed)."""
+        return self.reply is not None or self.refused is not None
+
+
+@dataclass(frozen=True)
+class Past:
+    """A message whose exchange is over: the client it went to, its round, and whether a reply to it came (taken,
+    or refused once read or offered)."""
+
+    client: str
+    server_round: int | None
+    answered: bool
+
 
 class Hub:
     """What the stream handlers and :class:`~fedloom.runtime.net.grid.NetGrid` share, under one condition
-    variable: who is connected, the messages whose replies are awaited (by message id), the client events
+    variable: who is connected, the messages whose replies are awaited (by message id), the messages whose
+    exchange is over (``past``, the latest ones: to whom, which round, answered or not), the client events
     not yet collected, and what each client declared in its hello when it last connected (``declared``: its
-    training examples, kept after it disconnects)."""
+    training examples, kept after it disconnects). Message ids count up from 1 (``last_id``: the latest)."""
 
     def __init__(self, authenticate: Authenticator, max_uploads: int) -> None:
         self.cond = threading.Condition()
@@ -84,8 +102,8 @@ class Hub:
         self.connections: dict[str, Connection] = {}
         self.declared: dict[str, int] = {}
         self.awaiting: dict[int, Awaited] = {}
-        self.expired: dict[int, int | None] = {}  # message id -> round, of recent messages left unanswered
-        self.ids = itertools.count(1)
+        self.past: dict[int, Past] = {}  # message id -> the exchange it was part of, oldest first
+        self.last_id = 0
         self.closing = False
         self.events: list[ClientEvent] = []
         self.uploads = threading.BoundedSemaphore(max_uploads)
@@ -125,7 +143,7 @@ class Hub:
             if awaited is not None:
                 awaited.busy = True
         if awaited is None:
-            self.drop_late(connection, message_id, len(data))
+            self.turn_away(connection, message_id, len(data))
             return
         arrived = time.perf_counter()
         size = len(data)
@@ -153,12 +171,42 @@ class Hub:
                 )
                 self.cond.notify_all()
 
-    def drop_late(self, connection: Connection, message_id: int, nbytes: int = 0) -> None:
-        """Log and record a reply that nobody awaits (any more): it came after its round's deadline, or unasked."""
-        log.warning("client %s: reply %d came after its deadline or unasked; dropped", connection.name, message_id)
+    def turn_away(self, connection: Connection, message_id: int, nbytes: int = 0) -> str:
+        """Log and record a reply of ``nbytes`` under ``message_id`` that nobody awaits (any more), and return why
+        it is not taken: it came after its round's deadline (recorded as ``late``), or the instruction was answered
+        already: a duplicate of that reply, or out of turn where the site is asked for another round now; or no
+        such instruction went to this site (the last three recorded as ``refused``). Each is recorded with the round
+        of the instruction it answers, where the server still knows it."""
         with self.cond:
-            server_round = self.expired.pop(message_id, None)
-        self.event(connection.name, "late", server_round, nbytes, f"reply {message_id}")
+            event, server_round, reason = self._unexpected(connection, message_id)
+        log.warning("client %s: declined its reply %d: %s", connection.name, message_id, reason)
+        self.event(connection.name, event, server_round, nbytes, f"reply {message_id}: {reason}")
+        return reason
+
+    def _unexpected(self, connection: Connection, message_id: int) -> tuple[str, int | None, str]:
+        """What a reply under ``message_id`` that is not awaited from ``connection`` is: its event, the round of the
+        instruction it answers and why it is turned away (called under the lock)."""
+        name = connection.name
+        awaited = self.awaiting.get(message_id)
+        if awaited is not None and awaited.connection.name == name:
+            if awaited.connection is not connection:
+                return "refused", awaited.server_round, "it answers an instruction sent to an earlier session"
+            return "refused", awaited.server_round, f"a duplicate of its reply to {_round(awaited.server_round)}"
+        past = self.past.get(message_id)
+        if past is not None and past.client == name:
+            if not past.answered:
+                return "late", past.server_round, LATE
+            now = [a.server_round for a in self.awaiting.values() if a.connection is connection and a.reply is None]
+            if now and now[0] != past.server_round:
+                return (
+                    "refused",
+                    past.server_round,
+                    f"out of turn: it answers {_round(past.server_round)}, not {_round(now[0])}",
+                )
+            return "refused", past.server_round, f"a duplicate of its reply to {_round(past.server_round)}"
+        if awaited is not None or past is not None or not 0 < message_id <= self.last_id:
+            return "refused", None, "no such instruction was sent to this site"
+        return "late", None, LATE  # an instruction too old for the server to remember
 
     def refuse(self, connection: Connection, message_id: int, reason: str) -> None:
         """Record that the reply to ``message_id`` was refused before it was read (it is too large): its round
@@ -212,6 +260,10 @@ class Hub:
             self.cond.notify_all()
         connection.outbox.put(None)
         log.info("client %s disconnected%s", connection.name, f" ({detail})" if detail else "")
+
+
+def _round(server_round: int | None) -> str:
+    return "an instruction without a round" if server_round is None else f"round {server_round}"
 
 
 def refusal_frame(reason: str) -> fleet_pb2.ServerFrame:

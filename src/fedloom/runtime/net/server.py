@@ -2,9 +2,10 @@
 
 Each client holds one ``Connect`` stream open (see ``fleet.proto``). The server sends an instruction as the
 chunks of its encoded message under a fresh message id; the client answers under the same id. Replies that
-come after their round's deadline, or under an id nobody waits for, are logged and dropped. A site has one
-session at a time; who may take the place of a connected site's session is decided in one place
-(``_Servicer._take_place``): a token alone never pushes out a session that answers. What the streams
+come after their round's deadline, a second reply to an instruction (a duplicate, or out of turn once the site is
+asked for another round), or one under an id nobody sent the site, are declined, logged and recorded, each saying
+which. A site has one session at a time; who may take the place of a connected site's session is decided in one
+place (``_Servicer._take_place``): a token alone never pushes out a session that answers. What the streams
 and the server's grid (:class:`~fedloom.runtime.net.grid.NetGrid`, ``FleetServer.grid``) share lives in
 :mod:`fedloom.runtime.net.hub`; the gRPC options the client agent uses too, in :mod:`fedloom.runtime.net.options`.
 
@@ -263,7 +264,9 @@ class _Servicer:
 
         A reply is read only once granted (see ``fleet.proto``), and at most ``max_uploads`` replies are granted
         at once over all clients: a stream waits here for a free slot before it grants one. A reply that nobody
-        awaits (after its deadline) or that is over the size limit is declined, so its bytes never come."""
+        awaits (after its deadline, a second reply to an instruction, one under the id of another round's
+        instruction: see :meth:`Hub.turn_away`) or that is over the size limit is declined, so its bytes never
+        come."""
         hub = self._hub
         reassembler = Reassembler(self._max, self._hub.buffers)
         granted: tuple[int, int] | None = None  # the reply being received: its message id and offered size
@@ -322,8 +325,7 @@ class _Servicer:
                 return message_id, size
             hub.uploads.release()
         if connection.open:
-            hub.drop_late(connection, message_id, size)
-            connection.outbox.put(_decline(message_id, "it came after its round's deadline"))
+            connection.outbox.put(_decline(message_id, hub.turn_away(connection, message_id, size)))
         return None
 
 
