@@ -203,7 +203,7 @@ def test_a_chunk_of_another_message_inside_one_is_refused():
 
 def test_protocol_version_mismatch_is_a_clear_error():
     check_protocol_version(PROTOCOL_VERSION, "the server")
-    with pytest.raises(DecodeError, match="the server speaks fleet protocol version 99, this fedloom speaks 3"):
+    with pytest.raises(DecodeError, match="the server speaks fleet protocol version 99, this fedloom speaks 4"):
         check_protocol_version(99, "the server")
 
 
@@ -214,6 +214,15 @@ def test_a_ping_and_its_pong_cross_as_protobuf_frames():
     assert CLIENT_FRAMES.parse(CLIENT_FRAMES.serialize(pong)) == pong
     hello = fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token="t", train_examples=455)
     assert CLIENT_FRAMES.parse(CLIENT_FRAMES.serialize(fleet_pb2.ClientFrame(hello=hello))).hello.train_examples == 455
+
+
+def test_the_hello_and_the_welcome_carry_the_job_digest():
+    digest = "sha256:" + "0f" * 32
+    greeting = fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token="t", job_digest=digest)
+    hello = fleet_pb2.ClientFrame(hello=greeting)
+    welcome = fleet_pb2.ServerFrame(welcome=fleet_pb2.Welcome(protocol_version=PROTOCOL_VERSION, job_digest=digest))
+    assert CLIENT_FRAMES.parse(CLIENT_FRAMES.serialize(hello)).hello.job_digest == digest
+    assert SERVER_FRAMES.parse(SERVER_FRAMES.serialize(welcome)).welcome.job_digest == digest
 
 
 def test_waiting_takes_what_is_queued_in_order_and_never_blocks():

@@ -24,8 +24,10 @@ from typing import Any
 import grpc
 
 from fedloom.app.job import Job, describe
+from fedloom.app.jobdigest import bind_job, job_digest, param_spec
 from fedloom.app.protection import PrivacySettings, with_protection
 from fedloom.app.run import Run, run_recorded
+from fedloom.core.checkpoint import load_params
 from fedloom.core.errors import ConfigError, DataError, DivergedError, FedloomError, TransportError, user_code
 from fedloom.core.params import Params
 from fedloom.data.base import ClientData, Dataset
@@ -39,6 +41,7 @@ from fedloom.runtime.records import ClientEvent, ClientStatus, RoundObserver, Ro
 from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.base import Strategy
 from fedloom.tracking import Exporter, RunRecorder
+from fedloom.tracking.recorder import CHECKPOINT_DIR
 from fedloom.tracking.tokens import TokenStore
 
 __all__ = ["CLIENT_TLS_MISSING", "SERVER_TLS_MISSING", "ClientTLS", "ServerTLS", "connect", "serve"]
@@ -147,6 +150,7 @@ def serve(
     db_url: str | None = None,
     observers: Sequence[RoundObserver] = (),
     exclude: Sequence[str] = (),
+    from_checkpoint: str | Path | None = None,
 ) -> Run:
     """Serve ``job`` to the sites that dial ``address`` (``HOST:PORT``, only this address), run ``rounds`` rounds
     once ``min_clients`` of them have joined, and return the recorded :class:`~fedloom.app.run.Run`.
@@ -166,6 +170,12 @@ def serve(
     whose model diverged resumes without the sites that made it (:class:`~fedloom.core.errors.DivergedError`
     names them, and says the command). Headlines (resuming, listening, the clients that joined, who is excluded)
     are logged at ``INFO`` on the ``fedloom.run`` logger.
+
+    The run is bound to the job (:mod:`fedloom.app.jobdigest`): ``run_dir`` records its digest, a resume under
+    another job is refused naming what changed, and a site whose job's digest differs is refused before it
+    trains. ``from_checkpoint`` starts a new run from the model in a checkpoint file, or in the last checkpoint
+    of a run directory, instead of the job's initial model (it must have the model's parameters: names, dtypes
+    and shapes): how a changed job goes on from a run's model in a new run directory.
 
     When the run is over the server says bye and the sites end. Raises :class:`ConfigError` for settings that
     cannot work (no tokens, bad certificates, protections the strategy cannot take, ``paillier=True``),
@@ -192,16 +202,21 @@ def serve(
         job = dataclasses.replace(job, strategy=strategy)
     if privacy is not None:
         job = with_protection(job, privacy, num_clients=dp_clients if dp_clients is not None else valid)
+    with user_code(f"the model of job {job.name!r} (init_params)"):
+        initial = job.task.init_params(seed)
+    digest = job_digest(job, initial)
+    if from_checkpoint is not None:
+        initial = _starting_params(Path(from_checkpoint), initial)
     identity = {
         "job": job.name,
+        "job_digest": digest.sha256,
         "backend": "deployment",
         "task": describe(job.task),
         "strategy": describe(job.strategy),
         "rounds": rounds,
         "seed": seed,
+        **({"from_checkpoint": initial.sha256()} if from_checkpoint is not None else {}),
     }
-    with user_code(f"the model of job {job.name!r} (init_params)"):
-        initial = job.task.init_params(seed)
     server = FleetServer(  # binds the address now, so a port in use fails before anything is recorded
         address,
         authenticate=tokens.authenticate,
@@ -209,8 +224,10 @@ def serve(
         max_message_bytes=max_message_bytes,
         max_uploads=max_uploads,
         heartbeat=heartbeat,
+        job_digest=digest.sha256,
     )
     try:
+        bind_job(run_dir, digest)  # a resume under another job is refused here, naming what changed
         recorder, resume = RunRecorder.open(run_dir, job.name, identity, exporters, url=db_url)
     except BaseException:
         server.stop(0)
@@ -221,8 +238,9 @@ def serve(
         announce.info("excluded from the rounds: %s", ", ".join(sorted(exclude)))
     with server:
         announce.info(
-            "fedloom server: job %s, listening on %s %s, waiting for %d clients",
+            "fedloom server: job %s (%s), listening on %s %s, waiting for %d clients",
             job.name,
+            digest.sha256,
             address,
             tls.summary,
             min_clients,
@@ -252,6 +270,33 @@ def serve(
         except DivergedError as exc:
             raise DivergedError(exc.server_round, exc.norms, hint=_resume_hint(exc, exclude)) from None
     return Run(recorder.run_id, recorder.run_dir, result.params, result.history, "deployment")
+
+
+def _starting_params(source: Path, model: Params) -> Params:
+    """The params a run starts from with ``from_checkpoint``: the checkpoint file ``source``, or the last
+    checkpoint of the run directory ``source``, in the order of the job's ``model``. :class:`ConfigError` when
+    there is none, or when they are not the model's parameters; :class:`RunStoreError` for an unreadable file."""
+    path = source
+    if source.is_dir():
+        found = sorted((source / CHECKPOINT_DIR).glob("round_[0-9]*[0-9].safetensors"))  # not the strategy's
+        if not found:
+            raise ConfigError(f"--from-checkpoint: {source} holds no checkpoint ({CHECKPOINT_DIR}/round_*.safetensors)")
+        path = found[-1]
+    params = load_params(path)
+    differ = [
+        f"{name} is {param_spec(params[name]) if name in params else 'missing'} there, {param_spec(array)} in the model"
+        for name, array in model.items()
+        if name not in params or param_spec(params[name]) != param_spec(array)
+    ]
+    differ += [f"{name} is not in the model" for name in params if name not in model]
+    if differ:
+        raise ConfigError(
+            f"--from-checkpoint: {path} does not hold this job's model ({'; '.join(differ[:3])}"
+            + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+            + "); a changed model starts from its own initial params in a new run"
+        )
+    announce.info("starting from %s (params_sha256 %s)", path, params.sha256())
+    return Params({name: params[name] for name in model})
 
 
 def _resume_hint(error: DivergedError, excluded: Sequence[str]) -> str:
@@ -315,10 +360,14 @@ def connect(
     :func:`~fedloom.runtime.client.client_app` with the job's own mods. ``paillier_key`` is the federation's
     Paillier key pair,
     for a server that aggregates under Paillier. ``send_logs=False`` keeps the lines this site logs while it
-    trains off the wire. Raises :class:`DataError` for data that cannot be read, and what
+    trains off the wire. The hello names the job's digest (:mod:`fedloom.app.jobdigest`): a server that runs
+    another job refuses this site, naming both digests. Raises :class:`DataError` for data that cannot be read, and what
     :func:`~fedloom.runtime.net.client.run_client` raises (:class:`TransportError` when the server stays out of
     reach, refuses this site or does not match its TLS).
     """
+    # Named in the hello: a server that runs another job refuses this site. Taken before the data is read, as the
+    # server takes it: what the data function imports then is not the job's (see fedloom.app.jobdigest).
+    digest = job_digest(job)
     own = data if isinstance(data, ClientData) else _own_data(job, Path(data))
     credentials = tls.credentials(server, retry_for)
     app = client_app(job.task, job.mods, paillier_key=paillier_key, send_logs=send_logs, deployed=True)
@@ -331,6 +380,7 @@ def connect(
         heartbeat=heartbeat,
         credentials=credentials,
         state=DirectoryState(state_dir),
+        job_digest=digest.sha256,
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from fedloom.core.config import SimulationConfig
 from fedloom.core.errors import ConfigError, JobError, user_code
-from fedloom.core.jobfile import import_job_file
+from fedloom.core.jobfile import import_job_file, is_job_module
 from fedloom.data.base import Dataset, Federation
 from fedloom.runtime.client import Mod
 from fedloom.strategy.base import Strategy
@@ -27,6 +27,8 @@ from fedloom.strategy.fedavg import FedAvg
 from fedloom.task.base import Task
 
 __all__ = ["Job", "builtin_examples", "load_job"]
+
+JOB_FILE_MODULE = "<job file>"  # how describe() names the module of a job file
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,8 @@ def _is_federation(value: object) -> bool:
 
 
 def describe(value: Any) -> Any:
-    """A JSON description of a config value: dataclasses field by field, functions by qualified name."""
+    """A JSON description of a config value: dataclasses field by field, functions by qualified name (a job
+    file's own as ``<job file>.NAME``, wherever the file lies)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if is_dataclass(value) and not isinstance(value, type):
@@ -137,7 +140,10 @@ def describe(value: Any) -> Any:
         attributes = {k: v for k, v in vars(value).items() if not k.startswith("_")}
         return {"type": type(value).__qualname__, **{k: describe(v) for k, v in attributes.items()}}
     if callable(value):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        module = getattr(value, "__module__", None) or "?"
+        # A job file's module is named after its path (import_job_file): the same job elsewhere is the same job.
+        shown = JOB_FILE_MODULE if is_job_module(module) else module
+        return f"{shown}.{getattr(value, '__qualname__', type(value).__name__)}"
     return repr(value)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from fedloom.app.job import Job, describe
+from fedloom.app.jobdigest import job_digest
 from fedloom.app.run import Run, run_recorded
 from fedloom.core.config import SimulationConfig
 from fedloom.core.errors import ConfigError, user_code
@@ -95,6 +96,7 @@ def _run(
 ) -> Run:
     recorded: dict[str, Any] = {
         "job": job.name,
+        "job_digest": job_digest(job, initial).sha256,  # as a deployment of the same job records it
         "dataset": data.name,
         "backend": backend.name,
         "backend_reason": backend.reason,

@@ -105,6 +105,14 @@ def server_command(
             "diverged resumes without the sites whose updates made it, as its error says.",
         ),
     ] = None,
+    from_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            help="Start this new run from the model of another: its run directory (its last checkpoint) or a "
+            "checkpoint file (.safetensors), instead of the job's initial model. How a changed job (same "
+            "parameters) goes on from a run's model in a new --run-dir; give it again to resume this run.",
+        ),
+    ] = None,
     mlflow_uri: MlflowUri = None,
     tensorboard: TensorBoardDir = None,
     db: DbUrl = None,
@@ -114,7 +122,9 @@ def server_command(
     Make a token per site first (`fedloom token create NAME --run-dir DIR`, or `fedloom invite`). TLS is on by
     default: make the certificates once with `fedloom certs init --out certs --host HOST` and serve with
     --certs certs. If the server stops (a crash, kill -9, a reboot), the same command resumes the run after
-    its last completed round; the clients reconnect by themselves. --strategy NAME runs another built-in
+    its last completed round; the clients reconnect by themselves. The run is bound to its job: a resume with
+    a changed job file is refused (start a new --run-dir, --from-checkpoint the old one), and so is a site
+    whose job differs from the server's. --strategy NAME runs another built-in
     algorithm than the job's (the sites need nothing more: every client has the client halves built in).
     --secagg aggregates each round securely: the server learns only the sum of the sites' updates; --paillier
     does it with additive encryption under the sites' shared key.
@@ -153,6 +163,7 @@ def server_command(
         db_url=db,
         observers=[RoundLines(console, rounds)],
         exclude=[site.strip() for item in exclude or () for site in item.split(",") if site.strip()],
+        from_checkpoint=from_checkpoint,
     )
     shown = "  ".join(f"{k} {metric_text(v)}" for k, v in run.final_metrics.items())
     console.print(f"finished run [bold]{run.run_id}[/]: {shown}", highlight=False)

@@ -11,7 +11,10 @@ from types import ModuleType
 
 from fedloom.core.errors import FedloomError, JobError
 
-__all__ = ["import_job_file"]
+__all__ = ["JOB_MODULE_PREFIX", "import_job_file", "is_job_module"]
+
+#: How the module of a job file is named (then 16 hex digits of its path's hash): see :func:`import_job_file`.
+JOB_MODULE_PREFIX = "fedloom_job_"
 
 
 def import_job_file(path: Path) -> ModuleType:
@@ -21,7 +24,7 @@ def import_job_file(path: Path) -> ModuleType:
     salted per process), so that a worker process that imports the same file gets the same module and can
     unpickle the job's functions.
     """
-    name = f"fedloom_job_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+    name = f"{JOB_MODULE_PREFIX}{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise JobError(f"cannot load job file {path}")
@@ -36,3 +39,8 @@ def import_job_file(path: Path) -> ModuleType:
         line = f" (line {frames[-1].lineno})" if frames else ""
         raise JobError(f"job file {path} raised {type(exc).__name__}{line}: {exc}") from exc
     return module
+
+
+def is_job_module(name: str) -> bool:
+    """Whether ``name`` is the name :func:`import_job_file` gives a job file's module (derived from its path)."""
+    return name.startswith(JOB_MODULE_PREFIX)

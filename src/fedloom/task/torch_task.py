@@ -108,6 +108,16 @@ class TorchTask:
         self._cache.module = module
         return _to_params(module)
 
+    def describe_layers(self) -> dict[str, str]:
+        """The model's layers (its modules without submodules) by name, each as its ``repr``: ``{"0":
+        "Linear(in_features=64, out_features=32, bias=True)", "1": "ReLU()", ...}`` (``"(root)"`` for a model
+        that is one layer). A deployment's job digest holds them beside the parameters' shapes, so that a changed
+        activation, which keeps every shape, is a changed job too. What ``forward`` does beyond its layers is
+        not in them."""
+        module = self._module()
+        leaves = ((name, leaf) for name, leaf in module.named_modules() if next(leaf.children(), None) is None)
+        return {name or "(root)": repr(leaf) for name, leaf in leaves}
+
     def fit(
         self,
         params: Params,

@@ -130,6 +130,7 @@ def run_client(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     credentials: grpc.ChannelCredentials | None = None,
     state: ClientState | None = None,
+    job_digest: str = "",
 ) -> int:
     """Serve as the client that ``token`` names in the federation at ``server`` (``HOST:PORT``) until it says
     bye, and return how many instructions were answered.
@@ -142,7 +143,8 @@ def run_client(
     what an algorithm carries from round to round (SCAFFOLD's control variate...), across reconnects and
     restarts: a :class:`~fedloom.runtime.state.DirectoryState` on this machine's disk. ``app`` answers each
     instruction (what it keeps between messages, such as an open secure aggregation round, outlives a
-    reconnection). Raises
+    reconnection). ``job_digest`` names the job this site runs (:mod:`fedloom.app.jobdigest`) in its hello: a
+    server that runs another refuses the site, naming both digests, before it is sent any work. Raises
     :class:`~fedloom.core.errors.ConfigError` for a malformed address; :class:`TransportError` when the
     server stays out of reach for ``retry_for`` seconds, for a TLS mismatch (naming its likely cause), when
     the server refuses this client or ends its session; :class:`DecodeError` when it sends malformed frames.
@@ -163,7 +165,7 @@ def run_client(
                 if not tls:
                     log.warning("connected to %s without TLS: traffic is unencrypted", server)
                 session = _Session(app, data, channel, server, chunk_size, max_message_bytes, state)
-                bye = session.run(token)
+                bye = session.run(token, job_digest)
                 answered += session.answered
                 if bye:
                     log.info("the server said bye after %d instructions", answered)
@@ -206,15 +208,19 @@ class _Session:
         self.lost: str | None = None
         self._offered: dict[int, tuple[bytes | memoryview, ...]] = {}  # replies offered, not yet granted
 
-    def run(self, token: str) -> bool:
+    def run(self, token: str, job_digest: str) -> bool:
         """Serve the stream; ``True`` if the server said bye, ``False`` if the connection was lost (why is in
         :attr:`lost`). Raises :class:`TransportError` for a refusal, :class:`DecodeError` for bad frames.
 
         The hello declares this site's training examples (its data's training split): the client agent says
-        it, not the task, and the server caps every update's example count at it."""
+        it, not the task, and the server caps every update's example count at it. It names the site's job by
+        ``job_digest``, which the server checks against its own."""
         outbox: _Outbox = queue.Queue()
         urgent: queue.Queue[fleet_pb2.ClientFrame] = queue.Queue()
-        hello = fleet_pb2.Hello(protocol_version=PROTOCOL_VERSION, token=token, train_examples=len(self._data.train))
+        examples = len(self._data.train)
+        hello = fleet_pb2.Hello(
+            protocol_version=PROTOCOL_VERSION, token=token, train_examples=examples, job_digest=job_digest
+        )
         outbox.put(fleet_pb2.ClientFrame(hello=hello))
         frames = connect_call(self._channel)(self._drain(outbox, urgent))
         try:
@@ -262,7 +268,8 @@ class _Session:
         check_protocol_version(greeting.welcome.protocol_version, f"the server at {server}")
         self.welcomed = True
         name = self._name = greeting.welcome.client_name
-        log.info("joined the federation at %s as client %s", server, name)
+        announced = greeting.welcome.job_digest
+        log.info("joined the federation at %s as client %s%s", server, name, f" (job {announced})" if announced else "")
         inbox: _Inbox = queue.Queue()
         threading.Thread(target=_read, args=(frames, inbox, urgent), name="fleet-read", daemon=True).start()
         reassembler = Reassembler(self._max)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64loom/runtime/net/fleet.proto\x12\x10\x66\x65\x64loom.fleet.v1\"N\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\t\x12\x16\n\x0etrain_examples\x18\x04 \x01(\x04J\x04\x08\x02\x10\x03\"8\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\"\x16\n\x06Notice\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x19\n\x07Refusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x05\n\x03\x42ye\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\")\n\x05Offer\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x1b\n\x05Grant\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\"-\n\x07\x44\x65\x63line\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Z\n\x05\x43hunk\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\"\xbc\x01\n\x0b\x43lientFrame\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.fedloom.fleet.v1.HelloH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedloom.fleet.v1.ChunkH\x00\x12(\n\x05offer\x18\x03 \x01(\x0b\x32\x17.fedloom.fleet.v1.OfferH\x00\x12&\n\x04pong\x18\x04 \x01(\x0b\x32\x16.fedloom.fleet.v1.PongH\x00\x42\x07\n\x05\x66rame\"\xee\x02\n\x0bServerFrame\x12,\n\x07welcome\x18\x01 \x01(\x0b\x32\x19.fedloom.fleet.v1.WelcomeH\x00\x12,\n\x07refusal\x18\x02 \x01(\x0b\x32\x19.fedloom.fleet.v1.RefusalH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.fedloom.fleet.v1.ChunkH\x00\x12$\n\x03\x62ye\x18\x04 \x01(\x0b\x32\x15.fedloom.fleet.v1.ByeH\x00\x12*\n\x06notice\x18\x05 \x01(\x0b\x32\x18.fedloom.fleet.v1.NoticeH\x00\x12(\n\x05grant\x18\x06 \x01(\x0b\x32\x17.fedloom.fleet.v1.GrantH\x00\x12,\n\x07\x64\x65\x63line\x18\x07 \x01(\x0b\x32\x19.fedloom.fleet.v1.DeclineH\x00\x12&\n\x04ping\x18\x08 \x01(\x0b\x32\x16.fedloom.fleet.v1.PingH\x00\x42\x07\n\x05\x66rame2T\n\x05\x46leet\x12K\n\x07\x43onnect\x12\x1d.fedloom.fleet.v1.ClientFrame\x1a\x1d.fedloom.fleet.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65\x64loom/runtime/net/fleet.proto\x12\x10\x66\x65\x64loom.fleet.v1\"b\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05token\x18\x03 \x01(\t\x12\x16\n\x0etrain_examples\x18\x04 \x01(\x04\x12\x12\n\njob_digest\x18\x05 \x01(\tJ\x04\x08\x02\x10\x03\"L\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x13\n\x0b\x63lient_name\x18\x02 \x01(\t\x12\x12\n\njob_digest\x18\x03 \x01(\t\"\x16\n\x06Notice\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x19\n\x07Refusal\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\x05\n\x03\x42ye\"\x15\n\x04Ping\x12\r\n\x05nonce\x18\x01 \x01(\x04\"\x15\n\x04Pong\x12\r\n\x05nonce\x18\x01 \x01(\x04\")\n\x05Offer\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x0c\n\x04size\x18\x02 \x01(\x04\"\x1b\n\x05Grant\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\"-\n\x07\x44\x65\x63line\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"Z\n\x05\x43hunk\x12\x12\n\nmessage_id\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04last\x18\x03 \x01(\x08\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\x12\n\ntotal_size\x18\x05 \x01(\x04\"\xbc\x01\n\x0b\x43lientFrame\x12(\n\x05hello\x18\x01 \x01(\x0b\x32\x17.fedloom.fleet.v1.HelloH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.fedloom.fleet.v1.ChunkH\x00\x12(\n\x05offer\x18\x03 \x01(\x0b\x32\x17.fedloom.fleet.v1.OfferH\x00\x12&\n\x04pong\x18\x04 \x01(\x0b\x32\x16.fedloom.fleet.v1.PongH\x00\x42\x07\n\x05\x66rame\"\xee\x02\n\x0bServerFrame\x12,\n\x07welcome\x18\x01 \x01(\x0b\x32\x19.fedloom.fleet.v1.WelcomeH\x00\x12,\n\x07refusal\x18\x02 \x01(\x0b\x32\x19.fedloom.fleet.v1.RefusalH\x00\x12(\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x17.fedloom.fleet.v1.ChunkH\x00\x12$\n\x03\x62ye\x18\x04 \x01(\x0b\x32\x15.fedloom.fleet.v1.ByeH\x00\x12*\n\x06notice\x18\x05 \x01(\x0b\x32\x18.fedloom.fleet.v1.NoticeH\x00\x12(\n\x05grant\x18\x06 \x01(\x0b\x32\x17.fedloom.fleet.v1.GrantH\x00\x12,\n\x07\x64\x65\x63line\x18\x07 \x01(\x0b\x32\x19.fedloom.fleet.v1.DeclineH\x00\x12&\n\x04ping\x18\x08 \x01(\x0b\x32\x16.fedloom.fleet.v1.PingH\x00\x42\x07\n\x05\x66rame2T\n\x05\x46leet\x12K\n\x07\x43onnect\x12\x1d.fedloom.fleet.v1.ClientFrame\x1a\x1d.fedloom.fleet.v1.ServerFrame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,31 +32,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedloom.runtime.net.fleet_p
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO']._serialized_start=53
-  _globals['_HELLO']._serialized_end=131
-  _globals['_WELCOME']._serialized_start=133
-  _globals['_WELCOME']._serialized_end=189
-  _globals['_NOTICE']._serialized_start=191
-  _globals['_NOTICE']._serialized_end=213
-  _globals['_REFUSAL']._serialized_start=215
-  _globals['_REFUSAL']._serialized_end=240
-  _globals['_BYE']._serialized_start=242
-  _globals['_BYE']._serialized_end=247
-  _globals['_PING']._serialized_start=249
-  _globals['_PING']._serialized_end=270
-  _globals['_PONG']._serialized_start=272
-  _globals['_PONG']._serialized_end=293
-  _globals['_OFFER']._serialized_start=295
-  _globals['_OFFER']._serialized_end=336
-  _globals['_GRANT']._serialized_start=338
-  _globals['_GRANT']._serialized_end=365
-  _globals['_DECLINE']._serialized_start=367
-  _globals['_DECLINE']._serialized_end=412
-  _globals['_CHUNK']._serialized_start=414
-  _globals['_CHUNK']._serialized_end=504
-  _globals['_CLIENTFRAME']._serialized_start=507
-  _globals['_CLIENTFRAME']._serialized_end=695
-  _globals['_SERVERFRAME']._serialized_start=698
-  _globals['_SERVERFRAME']._serialized_end=1064
-  _globals['_FLEET']._serialized_start=1066
-  _globals['_FLEET']._serialized_end=1150
+  _globals['_HELLO']._serialized_end=151
+  _globals['_WELCOME']._serialized_start=153
+  _globals['_WELCOME']._serialized_end=229
+  _globals['_NOTICE']._serialized_start=231
+  _globals['_NOTICE']._serialized_end=253
+  _globals['_REFUSAL']._serialized_start=255
+  _globals['_REFUSAL']._serialized_end=280
+  _globals['_BYE']._serialized_start=282
+  _globals['_BYE']._serialized_end=287
+  _globals['_PING']._serialized_start=289
+  _globals['_PING']._serialized_end=310
+  _globals['_PONG']._serialized_start=312
+  _globals['_PONG']._serialized_end=333
+  _globals['_OFFER']._serialized_start=335
+  _globals['_OFFER']._serialized_end=376
+  _globals['_GRANT']._serialized_start=378
+  _globals['_GRANT']._serialized_end=405
+  _globals['_DECLINE']._serialized_start=407
+  _globals['_DECLINE']._serialized_end=452
+  _globals['_CHUNK']._serialized_start=454
+  _globals['_CHUNK']._serialized_end=544
+  _globals['_CLIENTFRAME']._serialized_start=547
+  _globals['_CLIENTFRAME']._serialized_end=735
+  _globals['_SERVERFRAME']._serialized_start=738
+  _globals['_SERVERFRAME']._serialized_end=1104
+  _globals['_FLEET']._serialized_start=1106
+  _globals['_FLEET']._serialized_end=1190
 # @@protoc_insertion_point(module_scope)

@@ -6,22 +6,26 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "token", "train_examples")
+    __slots__ = ("protocol_version", "token", "train_examples", "job_digest")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TRAIN_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    JOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     token: str
     train_examples: int
-    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., train_examples: _Optional[int] = ...) -> None: ...
+    job_digest: str
+    def __init__(self, protocol_version: _Optional[int] = ..., token: _Optional[str] = ..., train_examples: _Optional[int] = ..., job_digest: _Optional[str] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "client_name")
+    __slots__ = ("protocol_version", "client_name", "job_digest")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    JOB_DIGEST_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     client_name: str
-    def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ...) -> None: ...
+    job_digest: str
+    def __init__(self, protocol_version: _Optional[int] = ..., client_name: _Optional[str] = ..., job_digest: _Optional[str] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("text",)

@@ -67,8 +67,9 @@ CONNECT_METHOD = f"/{SERVICE}/Connect"
 
 #: The fleet protocol version this fedloom speaks (``Hello.protocol_version``, ``Welcome.protocol_version``).
 #: Both ends must speak the same one. 3 added ``Ping``/``Pong`` and ``Hello.train_examples``: a version 2 client
-#: would end its session on the server's first ``Ping``, so it is refused at its ``Hello`` instead.
-PROTOCOL_VERSION = 3
+#: would end its session on the server's first ``Ping``, so it is refused at its ``Hello`` instead. 4 added
+#: ``Hello.job_digest`` and ``Welcome.job_digest``: a version 3 client names no job, and would join unchecked.
+PROTOCOL_VERSION = 4
 
 DEFAULT_CHUNK_SIZE = 1 << 20  # 1 MiB: small enough to interleave streams, large enough to cost little per byte
 MAX_CHUNK_SIZE = 4 << 20

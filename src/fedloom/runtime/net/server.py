@@ -121,13 +121,17 @@ class _Servicer:
     """Serves each client's ``Connect`` stream: the greeting, then instructions down and replies up.
 
     ``probe_timeout`` is how long a site's session has to answer the ping that a second connection with its
-    token sets off (see :meth:`_take_place`)."""
+    token sets off (see :meth:`_take_place`). ``job_digest`` is the digest of the server's job, announced in
+    every welcome; a site that names another in its hello is refused (empty: no job is checked)."""
 
-    def __init__(self, hub: Hub, max_message_bytes: int, chunk_size: int, probe_timeout: float) -> None:
+    def __init__(
+        self, hub: Hub, max_message_bytes: int, chunk_size: int, probe_timeout: float, job_digest: str = ""
+    ) -> None:
         self._hub = hub
         self._max = max_message_bytes
         self._chunk_size = chunk_size
         self._probe_timeout = probe_timeout
+        self._job_digest = job_digest
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service for gRPC, its frames read and written by :mod:`fedloom.runtime.net.frames`."""
@@ -151,6 +155,12 @@ class _Servicer:
             return
         assert isinstance(first, fleet_pb2.ClientFrame)  # _admit admits only a Hello
         hello = first.hello
+        other_job = self._check_job(name, hello.job_digest)
+        if other_job is not None:
+            log.warning("refused client %s from %s: %s", name, context.peer(), other_job)
+            self._hub.event(name, "refused", detail=other_job)
+            yield refusal_frame(other_job)
+            return
         connection = Connection(name, hello.token, queue.Queue(), context.peer(), hello.train_examples)
         taken = self._take_place(connection, certified=name in _certified(context))
         if taken is not None:
@@ -164,7 +174,8 @@ class _Servicer:
             target=self._read, args=(connection, request_iterator), name=f"fleet-read-{name}", daemon=True
         )
         reader.start()
-        yield fleet_pb2.ServerFrame(welcome=fleet_pb2.Welcome(protocol_version=PROTOCOL_VERSION, client_name=name))
+        welcome = fleet_pb2.Welcome(protocol_version=PROTOCOL_VERSION, client_name=name, job_digest=self._job_digest)
+        yield fleet_pb2.ServerFrame(welcome=welcome)
         while True:
             yield from waiting(connection.urgent)
             try:
@@ -258,6 +269,20 @@ class _Servicer:
         if certified and name not in certified:
             return None, f"the client certificate names {certified[0]}, the token names {name}"
         return name, ""
+
+    def _check_job(self, name: str, digest: str) -> str | None:
+        """Why the site ``name``, whose hello names the job ``digest``, is refused: its job is not the server's;
+        ``None`` to admit it. A site that names no job (an agent run without one) is admitted, with a warning:
+        every ``fedloom client`` names its job."""
+        if not self._job_digest or digest == self._job_digest:
+            return None
+        if not digest:
+            log.warning("client %s named no job in its hello: its job is not checked", name)
+            return None
+        return (
+            f"this site's job is not the server's (the server's digest {self._job_digest}, this site's {digest}): "
+            "run the job file (or built-in example) that the server runs, unchanged"
+        )
 
     def _read(self, connection: Connection, frames: Iterator[_ClientFrame]) -> None:
         """Take the client's replies until its stream ends; a frame that breaks the protocol ends its session.
@@ -387,7 +412,9 @@ class FleetServer:
     naming both addresses, so whoever else holds a site's token can neither push the site out nor take its
     place; one whose session does not answer replaces it, and so does one whose client certificate names the
     site (mutual TLS: the site itself, restarted). What each site declared in its hello (its training examples)
-    is ``grid.declared_examples(site)``. Making one limits glibc's malloc arenas in this process (see
+    is ``grid.declared_examples(site)``. With ``job_digest`` (see :mod:`fedloom.app.jobdigest`) the server
+    announces its job in every welcome and refuses, naming both digests, a site whose hello names another job
+    before it is sent any work. Making one limits glibc's malloc arenas in this process (see
     :func:`share_malloc_arenas`). Raises :class:`ConfigError` for a malformed address and
     :class:`TransportError` when the address cannot be listened on (a port in use, a host that is not this
     machine's). Use it as a context manager, or call :meth:`start` and :meth:`stop`.
@@ -404,6 +431,7 @@ class FleetServer:
         max_uploads: int = 4,
         heartbeat: float = 30.0,
         credentials: grpc.ServerCredentials | None = None,
+        job_digest: str = "",
     ) -> None:
         _check_free(*parse_address(address), address)
         if max_uploads < 1:
@@ -420,7 +448,9 @@ class FleetServer:
             options=[*GRPC_OPTIONS, *keepalive_options(heartbeat), ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=max_clients + 4,
         )
-        servicer = _Servicer(self._hub, max_message_bytes, chunk_size, probe_timeout=min(heartbeat, PROBE_TIMEOUT))
+        servicer = _Servicer(
+            self._hub, max_message_bytes, chunk_size, min(heartbeat, PROBE_TIMEOUT), job_digest=job_digest
+        )
         self._server.add_generic_rpc_handlers([servicer.handler()])
         try:
             if credentials is None:
