@@ -14,8 +14,9 @@ site. ``fedloom server`` and ``fedloom client`` are these two calls behind flags
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,6 +36,7 @@ from fedloom.runtime.client import client_app
 from fedloom.runtime.net.client import Backoff, run_client
 from fedloom.runtime.net.server import FleetServer
 from fedloom.runtime.net.tls import channel_credentials, fetch_ca, server_credentials
+from fedloom.runtime.net.validity import dated_certificates, handshake_cause
 from fedloom.runtime.records import ClientEvent, ClientStatus, RoundObserver, RoundRecord
 from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.base import Strategy
@@ -77,8 +79,15 @@ class ServerTLS:
 
     def credentials(self) -> grpc.ServerCredentials | None:
         """The server's gRPC credentials (``None`` without TLS); :class:`ConfigError` for a missing or
-        mismatched certificate file."""
-        return None if self.certs is None else server_credentials(self.certs, mutual=self.mutual)
+        mismatched certificate file. A certificate outside its validity period by this machine's clock (the
+        server's, its CA's, or under ``mutual`` a site's in ``certs/clients/``) is logged as a warning: gRPC
+        says nothing when a handshake fails for it."""
+        if self.certs is None:
+            return None
+        credentials = server_credentials(self.certs, mutual=self.mutual)
+        for line in dated_certificates(self.certs, mutual=self.mutual):
+            logging.getLogger("fedloom.server").warning("%s", line)
+        return credentials
 
     @property
     def summary(self) -> str:
@@ -124,6 +133,13 @@ class ClientTLS:
             except TransportError as exc:
                 backoff.wait(str(exc))
         return None if trusted is None else channel_credentials(trusted, self.cert, self.key)
+
+    def explain(self, server: str) -> Callable[[str], str | None] | None:
+        """What tells a failed handshake with ``server`` from gRPC's account of it by the certificates' dates
+        (see :func:`~fedloom.runtime.net.validity.handshake_cause`); ``None`` without TLS."""
+        if self.insecure:
+            return None
+        return functools.partial(handshake_cause, server=server, ca=self.ca, cert=self.cert)
 
 
 def serve(
@@ -331,6 +347,7 @@ def connect(
         heartbeat=heartbeat,
         credentials=credentials,
         state=DirectoryState(state_dir),
+        explain=tls.explain(server),
     )
 
 
