@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 
 from fedloom.app.job import Job, describe
+from fedloom.app.preflight import check_room
 from fedloom.app.protection import PrivacySettings, with_protection
 from fedloom.app.run import Run, run_recorded
 from fedloom.core.errors import ConfigError, DataError, DivergedError, FedloomError, TransportError, user_code
@@ -183,11 +184,15 @@ def serve(
     names them, and says the command). Headlines (resuming, listening, the clients that joined, who is excluded)
     are logged at ``INFO`` on the ``fedloom.run`` logger.
 
-    When the run is over the server says bye and the sites end. Raises :class:`ConfigError` for settings that
-    cannot work (no tokens, bad certificates, protections the strategy cannot take, ``paillier=True``),
-    :class:`TransportError` when ``address`` cannot be listened on, and
-    :class:`~fedloom.core.errors.NotEnoughClientsError` when too few sites join in time; a run that fails after
-    it started is recorded as failed, with its error, and the error is raised again.
+    Before it binds ``address``, the run directory must be writable and have room for a round
+    (:mod:`fedloom.app.preflight`). When the run is over the server says bye and the sites end. Raises
+    :class:`ConfigError` for settings that cannot work (no tokens, bad certificates, protections the strategy
+    cannot take, ``paillier=True``),
+    :class:`~fedloom.core.errors.RunStoreError` for a run directory that cannot take a round
+    (:class:`~fedloom.core.errors.NoSpaceError` where space is short), :class:`TransportError` when ``address``
+    cannot be listened on, and :class:`~fedloom.core.errors.NotEnoughClientsError` when too few sites join in
+    time; a run that fails after it started is recorded as failed, with its error, and the error is raised
+    again.
     """
     if rounds < 1 or min_clients < 1:
         raise ConfigError(f"a deployment needs rounds >= 1 and min_clients >= 1, got {rounds} and {min_clients}")
@@ -218,6 +223,7 @@ def serve(
     }
     with user_code(f"the model of job {job.name!r} (init_params)"):
         initial = job.task.init_params(seed)
+    check_room(run_dir, initial)
     server = FleetServer(  # binds the address now, so a port in use fails before anything is recorded
         address,
         authenticate=tokens.authenticate,
