@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 
 from fedloom.app.job import Job, describe
-from fedloom.app.preflight import check_room
+from fedloom.app.preflight import check_model_size, check_room
 from fedloom.app.protection import PrivacySettings, with_protection
 from fedloom.app.run import Run, run_recorded
 from fedloom.core.errors import ConfigError, DataError, DivergedError, FedloomError, TransportError, user_code
@@ -184,10 +184,10 @@ def serve(
     names them, and says the command). Headlines (resuming, listening, the clients that joined, who is excluded)
     are logged at ``INFO`` on the ``fedloom.run`` logger.
 
-    Before it binds ``address``, the run directory must be writable and have room for a round
-    (:mod:`fedloom.app.preflight`). When the run is over the server says bye and the sites end. Raises
-    :class:`ConfigError` for settings that cannot work (no tokens, bad certificates, protections the strategy
-    cannot take, ``paillier=True``),
+    Before it binds ``address``, the model is checked against ``max_message_bytes``, and the run directory must
+    be writable and have room for a round (:mod:`fedloom.app.preflight`). When the run is over the server says
+    bye and the sites end. Raises :class:`ConfigError` for settings that cannot work (no tokens, bad
+    certificates, protections the strategy cannot take, ``paillier=True``, a model over ``max_message_bytes``),
     :class:`~fedloom.core.errors.RunStoreError` for a run directory that cannot take a round
     (:class:`~fedloom.core.errors.NoSpaceError` where space is short), :class:`TransportError` when ``address``
     cannot be listened on, and :class:`~fedloom.core.errors.NotEnoughClientsError` when too few sites join in
@@ -223,6 +223,7 @@ def serve(
     }
     with user_code(f"the model of job {job.name!r} (init_params)"):
         initial = job.task.init_params(seed)
+    check_model_size(initial, max_message_bytes)
     check_room(run_dir, initial)
     server = FleetServer(  # binds the address now, so a port in use fails before anything is recorded
         address,

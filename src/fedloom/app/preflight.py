@@ -1,12 +1,14 @@
-"""What a deployment's server checks before it admits a site: that its run directory can take the next round.
+"""What a deployment's server checks before it admits a site: that its model can travel, and that its run
+directory can take the next round.
 
-It would otherwise be found only after the sites had joined and trained, when the round's checkpoint could not
-be written. :func:`serve <fedloom.app.deployment.serve>` checks before it binds its address: a server that
-binds and then fails closes the connections of sites already dialling, which they cannot tell from a TLS
-mismatch.
+Either would otherwise be found only after the sites had joined and trained: a model larger than
+``--max-message-mb`` when every reply of round 1 had been declined, a run directory without room when the
+round's checkpoint could not be written. :func:`serve <fedloom.app.deployment.serve>` calls both before it
+binds its address: a server that binds and then fails closes the connections of sites already dialling, which
+they cannot tell from a TLS mismatch.
 
->>> check_room("runs/fed", params)   # doctest: +SKIP
-NoSpaceError: too little space left on device for the run directory runs/fed: 1.94 MiB (2,035,712 bytes) ...
+>>> check_model_size(params, max_message_bytes=5 * 2**20)   # doctest: +SKIP
+ConfigError: the model is 9.37 MiB (9,821,204 bytes) encoded, over --max-message-mb 5 (5,242,880 bytes): ...
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from fedloom.core.errors import NoSpaceError
+from fedloom.core.codec import encoded_size
+from fedloom.core.errors import ConfigError, NoSpaceError
+from fedloom.core.message import Message, MessageKind
 from fedloom.core.params import Params
+from fedloom.runtime.net.frames import DEFAULT_MAX_MESSAGE_BYTES
 from fedloom.tracking.failures import store_error
 
-__all__ = ["DATABASE_MARGIN", "check_room", "checkpoint_bytes"]
+__all__ = ["DATABASE_MARGIN", "check_model_size", "check_room", "checkpoint_bytes"]
 
 #: The room a round's rows need in the run database beyond its checkpoint: its client records and events, the
 #: log lines the sites sent (up to 200 lines of 4,000 characters each), and SQLite's journal while it commits.
@@ -31,6 +36,27 @@ _ARRAY_HEADER_BYTES = 128  # per array: its name, dtype, shape and offsets in th
 
 def _mib(size: int) -> str:
     return f"{size / 2**20:.3g} MiB ({size:,} bytes)"
+
+
+def check_model_size(params: Params, max_message_bytes: int) -> None:
+    """Raise :class:`ConfigError`, with both sizes, when ``params`` cannot travel: when a reply that carries them
+    (a fit update is as large as the model) is over ``max_message_bytes`` (the server's ``--max-message-mb``;
+    every such reply would be declined), or an instruction that carries them is over what a site accepts
+    (:data:`~fedloom.runtime.net.frames.DEFAULT_MAX_MESSAGE_BYTES`). A reply's metrics and log lines add a few
+    KiB to the model's size."""
+    reply = encoded_size(Message(MessageKind.FIT_RESULT, params))
+    if reply > max_message_bytes:
+        raise ConfigError(
+            f"the model is {_mib(reply)} encoded, over --max-message-mb {round(max_message_bytes / 2**20, 4):g} "
+            f"({max_message_bytes:,} bytes): every site's update would be declined; raise --max-message-mb above "
+            f"{reply / 2**20:.3g}"
+        )
+    instruction = encoded_size(Message(MessageKind.FIT, params))
+    if instruction > DEFAULT_MAX_MESSAGE_BYTES:
+        raise ConfigError(
+            f"the model is {_mib(instruction)} encoded, over the {_mib(DEFAULT_MAX_MESSAGE_BYTES)} that a site "
+            "accepts in one message: no site could receive it"
+        )
 
 
 def checkpoint_bytes(params: Params) -> int:
