@@ -14,8 +14,9 @@ site. ``fedloom server`` and ``fedloom client`` are these two calls behind flags
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,6 +26,7 @@ import grpc
 
 from fedloom.app.job import Job, describe
 from fedloom.app.jobdigest import bind_job, job_digest, param_spec
+from fedloom.app.preflight import check_model_size, check_room
 from fedloom.app.protection import PrivacySettings, with_protection
 from fedloom.app.run import Run, run_recorded
 from fedloom.core.checkpoint import load_params
@@ -37,6 +39,7 @@ from fedloom.runtime.client import client_app
 from fedloom.runtime.net.client import Backoff, run_client
 from fedloom.runtime.net.server import FleetServer
 from fedloom.runtime.net.tls import channel_credentials, fetch_ca, server_credentials
+from fedloom.runtime.net.validity import dated_certificates, handshake_cause
 from fedloom.runtime.records import ClientEvent, ClientStatus, RoundObserver, RoundRecord
 from fedloom.runtime.state import DirectoryState
 from fedloom.strategy.base import Strategy
@@ -80,8 +83,15 @@ class ServerTLS:
 
     def credentials(self) -> grpc.ServerCredentials | None:
         """The server's gRPC credentials (``None`` without TLS); :class:`ConfigError` for a missing or
-        mismatched certificate file."""
-        return None if self.certs is None else server_credentials(self.certs, mutual=self.mutual)
+        mismatched certificate file. A certificate outside its validity period by this machine's clock (the
+        server's, its CA's, or under ``mutual`` a site's in ``certs/clients/``) is logged as a warning: gRPC
+        says nothing when a handshake fails for it."""
+        if self.certs is None:
+            return None
+        credentials = server_credentials(self.certs, mutual=self.mutual)
+        for line in dated_certificates(self.certs, mutual=self.mutual):
+            logging.getLogger("fedloom.server").warning("%s", line)
+        return credentials
 
     @property
     def summary(self) -> str:
@@ -127,6 +137,13 @@ class ClientTLS:
             except TransportError as exc:
                 backoff.wait(str(exc))
         return None if trusted is None else channel_credentials(trusted, self.cert, self.key)
+
+    def explain(self, server: str) -> Callable[[str], str | None] | None:
+        """What tells a failed handshake with ``server`` from gRPC's account of it by the certificates' dates
+        (see :func:`~fedloom.runtime.net.validity.handshake_cause`); ``None`` without TLS."""
+        if self.insecure:
+            return None
+        return functools.partial(handshake_cause, server=server, ca=self.ca, cert=self.cert)
 
 
 def serve(
@@ -177,11 +194,15 @@ def serve(
     of a run directory, instead of the job's initial model (it must have the model's parameters: names, dtypes
     and shapes): how a changed job goes on from a run's model in a new run directory.
 
-    When the run is over the server says bye and the sites end. Raises :class:`ConfigError` for settings that
-    cannot work (no tokens, bad certificates, protections the strategy cannot take, ``paillier=True``),
-    :class:`TransportError` when ``address`` cannot be listened on, and
-    :class:`~fedloom.core.errors.NotEnoughClientsError` when too few sites join in time; a run that fails after
-    it started is recorded as failed, with its error, and the error is raised again.
+    Before it binds ``address``, the model is checked against ``max_message_bytes``, and the run directory must
+    be writable and have room for a round (:mod:`fedloom.app.preflight`). When the run is over the server says
+    bye and the sites end. Raises :class:`ConfigError` for settings that cannot work (no tokens, bad
+    certificates, protections the strategy cannot take, ``paillier=True``, a model over ``max_message_bytes``),
+    :class:`~fedloom.core.errors.RunStoreError` for a run directory that cannot take a round
+    (:class:`~fedloom.core.errors.NoSpaceError` where space is short), :class:`TransportError` when ``address``
+    cannot be listened on, and :class:`~fedloom.core.errors.NotEnoughClientsError` when too few sites join in
+    time; a run that fails after it started is recorded as failed, with its error, and the error is raised
+    again.
     """
     if rounds < 1 or min_clients < 1:
         raise ConfigError(f"a deployment needs rounds >= 1 and min_clients >= 1, got {rounds} and {min_clients}")
@@ -217,6 +238,8 @@ def serve(
         "seed": seed,
         **({"from_checkpoint": initial.sha256()} if from_checkpoint is not None else {}),
     }
+    check_model_size(initial, max_message_bytes)
+    check_room(run_dir, initial)
     server = FleetServer(  # binds the address now, so a port in use fails before anything is recorded
         address,
         authenticate=tokens.authenticate,
@@ -381,6 +404,7 @@ def connect(
         credentials=credentials,
         state=DirectoryState(state_dir),
         job_digest=digest.sha256,
+        explain=tls.explain(server),
     )
 
 

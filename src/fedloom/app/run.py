@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fedloom.core.errors import ConfigError, FedloomError
+from fedloom.core.errors import ConfigError, FedloomError, NoSpaceError
 from fedloom.core.params import Params
 from fedloom.privacy.ledger import LEDGER_FILE, used_updates
 from fedloom.runtime.asynchronous import run_async
@@ -121,7 +121,9 @@ def record_run(
                 on_close(exc)
             recorder.finish(latest.params, status="failed", error=f"{type(exc).__name__}: {exc}")
         except FedloomError as unrecorded:  # the run's own error matters more; say why it is not on record
-            log.error("run %s: could not record its failure: %s", recorder.run_id, unrecorded)
+            recorder.close()  # the run stays "running": the same command resumes it after its last round
+            if not (isinstance(exc, NoSpaceError) and isinstance(unrecorded, NoSpaceError)):  # else: said already
+                log.error("run %s: could not record its failure: %s", recorder.run_id, unrecorded)
         raise
     if on_close is not None:
         on_close(None)

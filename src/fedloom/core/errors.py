@@ -17,6 +17,7 @@ __all__ = [
     "FedloomError",
     "InvalidUpdateError",
     "JobError",
+    "NoSpaceError",
     "NotEnoughClientsError",
     "RoundFailedError",
     "RunStoreError",
@@ -91,6 +92,11 @@ class RoundFailedError(FedloomError):
 
 class RunStoreError(FedloomError):
     """A run cannot be found in, or read from, the run store."""
+
+
+class NoSpaceError(RunStoreError):
+    """The run store cannot be written for want of space: its disk (or its database server's) is full, or has
+    less room than the next checkpoint needs. Its message says "no space left on device" and names where."""
 
 
 class StopRunError(FedloomError):

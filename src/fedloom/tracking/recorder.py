@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -45,6 +46,7 @@ from fedloom.runtime.loop import Resume
 from fedloom.runtime.records import ClientEvent, ClientRecord, ClientStatus, RoundRecord
 from fedloom.strategy.snapshot import Snapshot
 from fedloom.tracking.exporters import Exporter
+from fedloom.tracking.failures import store_error
 from fedloom.tracking.schema import (
     client_events,
     client_logs,
@@ -131,6 +133,11 @@ def _engine(run_dir: Path, url: str | None) -> Engine:
     return shared_engine(url) if url is not None else sqlite_engine(run_dir / DB_NAME)
 
 
+def _db_place(run_dir: Path, url: str | None) -> str:
+    """Where a run's rows are written, for an error's message: the shared database, or the run's SQLite file."""
+    return shown_url(url) if url is not None else str(run_dir / DB_NAME)
+
+
 def _counts(clients: tuple[ClientRecord, ...]) -> tuple[int, int, int]:
     """(selected, ok, dropped) for a round: over its ``fit`` records, or all its records if it had none."""
     chosen = [c for c in clients if c.phase == _FIT_PHASE] or list(clients)
@@ -207,7 +214,10 @@ class RunRecorder:
     def _start(cls, run_dir: Path, run_id: str, name: str, config_json: str, url: str | None) -> RunRecorder:
         """Record a new run ``run_id`` in ``run_dir`` (which exists; its database may hold tokens already), or
         in the shared database at ``url``."""
-        (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        try:
+            (run_dir / CHECKPOINT_DIR).mkdir(exist_ok=True)
+        except OSError as exc:
+            raise store_error(f"cannot create run {run_id} in {run_dir}", exc, run_dir / CHECKPOINT_DIR) from None
         engine = _engine(run_dir, url)
         try:
             if url is None:
@@ -226,7 +236,8 @@ class RunRecorder:
             if url is None:
                 engine.dispose()
             where = f"at {shown_url(url)}" if url is not None else f"in {run_dir}"
-            raise RunStoreError(f"cannot create run {run_id} in the run database {where}: {exc}") from None
+            doing = f"cannot create run {run_id} in the run database {where}"
+            raise store_error(doing, exc, _db_place(run_dir, url)) from None
         return cls(run_dir, run_id, name, engine, shared=url is not None)
 
     @classmethod
@@ -254,7 +265,7 @@ class RunRecorder:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise RunStoreError(f"cannot create the run directory {folder}: {exc.strerror or exc}") from None
+            raise store_error(f"cannot create the run directory {folder}", exc, folder) from None
         marker = folder / RUN_ID_FILE
         named = marker.read_text().strip() if url is not None and marker.is_file() else None
         engine = _engine(folder, url)
@@ -268,7 +279,7 @@ class RunRecorder:
                 if row is not None:
                     last = conn.execute(select(func.max(rounds.c.round)).where(rounds.c.run_id == row.run_id)).scalar()
         except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot open the run database of {folder}: {exc}") from None
+            raise store_error(f"cannot open the run database of {folder}", exc, _db_place(folder, url)) from None
         finally:
             if url is None:
                 engine.dispose()
@@ -310,7 +321,7 @@ class RunRecorder:
                 )
         except SQLAlchemyError as exc:
             recorder.close()
-            raise RunStoreError(f"cannot resume run {row.run_id} in {folder}: {exc}") from None
+            raise store_error(f"cannot resume run {row.run_id} in {folder}", exc, _db_place(folder, url)) from None
         return recorder, resume
 
     def _start_exporters(self, exporters: Sequence[Exporter], config_json: str) -> None:
@@ -338,6 +349,10 @@ class RunRecorder:
     @property
     def run_dir(self) -> Path:
         return self._run_dir
+
+    def _rows_place(self) -> str:
+        """Where this run's rows are written, for an error's message."""
+        return _db_place(self._run_dir, shown_url(str(self._engine.url)) if self._shared and self._engine else None)
 
     def _live_engine(self) -> Engine:
         if self._engine is None:
@@ -404,9 +419,10 @@ class RunRecorder:
                     },
                 )
         except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot record round {server_round} of run {rid}: {exc}") from None
-        except OSError as exc:
-            raise RunStoreError(f"cannot write the checkpoint of round {server_round} of run {rid}: {exc}") from None
+            raise store_error(f"cannot record round {server_round} of run {rid}", exc, self._rows_place()) from None
+        except (OSError, SafetensorError) as exc:  # safetensors reports a failed write in its own error
+            doing = f"cannot write the checkpoint of round {server_round} of run {rid}"
+            raise store_error(doing, exc, self._run_dir) from None
         # Only the last round's strategy state is kept (resuming needs no other); the one before goes once this
         # round is committed, so a crash at any point leaves the last recorded round with its state.
         if record.strategy_state is not None and self._last_round > 0:
@@ -518,7 +534,7 @@ class RunRecorder:
                     ],
                 )
         except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot record client events of run {rid}: {exc}") from None
+            raise store_error(f"cannot record client events of run {rid}", exc, self._rows_place()) from None
 
     def finish(self, params: Params, status: str = "finished", error: str | None = None) -> None:
         """Close the run: store its status, end time and ``params.sha256()``, and write ``summary.json``.
@@ -557,9 +573,9 @@ class RunRecorder:
             }
             write_atomic(self._run_dir / SUMMARY_NAME, (strict_dumps(jsonable(summary), indent=2) + "\n").encode())
         except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot finish run {rid}: {exc}") from None
+            raise store_error(f"cannot finish run {rid}", exc, self._rows_place()) from None
         except OSError as exc:
-            raise RunStoreError(f"cannot write the summary of run {rid}: {exc}") from None
+            raise store_error(f"cannot write the summary of run {rid}", exc, self._run_dir / SUMMARY_NAME) from None
         finally:
             self._export("finishing the run", lambda exporter: exporter.finish(status))
             self.close()

@@ -25,6 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from fedloom.core.errors import ConfigError, RunStoreError
 from fedloom.core.validation import check_client_name
+from fedloom.tracking.failures import store_error
 from fedloom.tracking.schema import connection, credentials, metadata, sqlite_engine, transaction
 from fedloom.tracking.store import DB_NAME, utc
 
@@ -56,6 +57,7 @@ class TokenStore:
 
     def __init__(self, run_dir: str | Path) -> None:
         self._run_dir = Path(run_dir)
+        self._db_path = self._run_dir / DB_NAME
         self._engine: Engine | None = None
 
     def _absent(self) -> bool:
@@ -73,7 +75,7 @@ class TokenStore:
                 metadata.create_all(engine)
             except SQLAlchemyError as exc:
                 engine.dispose()
-                raise RunStoreError(f"cannot open the run database in {self._run_dir}: {exc}") from None
+                raise store_error(f"cannot open the run database in {self._run_dir}", exc, self._db_path) from None
             self._engine = engine
         return self._engine
 
@@ -100,7 +102,7 @@ class TokenStore:
                     )
                 )
         except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot store a token in {self._run_dir}: {exc}") from None
+            raise store_error(f"cannot store a token in {self._run_dir}", exc, self._db_path) from None
         return token
 
     def revoke(self, client_name: str) -> None:
@@ -115,7 +117,7 @@ class TokenStore:
                     .values(revoked_at=datetime.now(timezone.utc))
                 ).rowcount
         except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot revoke a token in {self._run_dir}: {exc}") from None
+            raise store_error(f"cannot revoke a token in {self._run_dir}", exc, self._db_path) from None
         if not done:
             raise ConfigError(f"client {client_name!r} has no valid token in {self._run_dir}")
 
@@ -127,7 +129,7 @@ class TokenStore:
             with connection(self._db()) as conn:
                 rows = conn.execute(select(credentials).order_by(credentials.c.created_at)).all()
         except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot read the tokens in {self._run_dir}: {exc}") from None
+            raise store_error(f"cannot read the tokens in {self._run_dir}", exc, self._db_path) from None
         return [TokenInfo(r.client_name, utc(r.created_at) or r.created_at, utc(r.revoked_at)) for r in rows]
 
     def count_valid(self) -> int:
@@ -148,7 +150,7 @@ class TokenStore:
                     )
                 ).scalar()
         except SQLAlchemyError as exc:
-            raise RunStoreError(f"cannot read the tokens in {self._run_dir}: {exc}") from None
+            raise store_error(f"cannot read the tokens in {self._run_dir}", exc, self._db_path) from None
         return None if name is None else str(name)
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -131,6 +131,7 @@ def run_client(
     credentials: grpc.ChannelCredentials | None = None,
     state: ClientState | None = None,
     job_digest: str = "",
+    explain: Callable[[str], str | None] | None = None,
 ) -> int:
     """Serve as the client that ``token`` names in the federation at ``server`` (``HOST:PORT``) until it says
     bye, and return how many instructions were answered.
@@ -144,7 +145,9 @@ def run_client(
     restarts: a :class:`~fedloom.runtime.state.DirectoryState` on this machine's disk. ``app`` answers each
     instruction (what it keeps between messages, such as an open secure aggregation round, outlives a
     reconnection). ``job_digest`` names the job this site runs (:mod:`fedloom.app.jobdigest`) in its hello: a
-    server that runs another refuses the site, naming both digests, before it is sent any work. Raises
+    server that runs another refuses the site, naming both digests, before it is sent any work. ``explain`` is
+    asked, with gRPC's account, why a TLS handshake failed, when the certificates can tell more than gRPC does
+    (see :func:`fedloom.runtime.net.validity.handshake_cause`: a certificate outside its validity period). Raises
     :class:`~fedloom.core.errors.ConfigError` for a malformed address; :class:`TransportError` when the
     server stays out of reach for ``retry_for`` seconds, for a TLS mismatch (naming its likely cause), when
     the server refuses this client or ends its session; :class:`DecodeError` when it sends malformed frames.
@@ -176,7 +179,7 @@ def run_client(
                     backoff.succeeded()
                 failure = session.lost or "the stream ended"
             else:
-                mismatch = _tls_mismatch(failure, server, tls=tls)
+                mismatch = _tls_mismatch(failure, server, tls=tls, explain=explain)
                 if mismatch is not None:
                     raise TransportError(mismatch)
         backoff.wait(failure)
@@ -370,16 +373,30 @@ def _connect_failure(channel: grpc.Channel, timeout: float) -> str | None:
     return None  # connected after all; the server ends a stream that sends no Hello
 
 
-def _tls_mismatch(failure: str, server: str, *, tls: bool) -> str | None:
+def _tls_mismatch(
+    failure: str, server: str, *, tls: bool, explain: Callable[[str], str | None] | None = None
+) -> str | None:
     """The likely cause of a failed connection when it looks like the two ends disagree about TLS, else ``None``.
 
     Refused, unreachable or timed-out connections are not mismatches; a handshake that fails, or a server that
-    closes the socket as soon as it is open, are."""
+    closes the socket as soon as it is open, are. ``explain`` (see :func:`run_client`) is asked first: a
+    certificate that has expired, or that this site's clock finds not valid yet, fails a handshake just as a
+    certificate from another CA does."""
     text = failure.lower()
     if "wrong_version_number" in text:
         return (
             f"TLS handshake with the server at {server} failed: it does not speak TLS "
             "(if it runs with --insecure, connect with --insecure too)"
+        )
+    handshake = any(words in text for words in ("handshake", "ssl", "tls", "certificate", "peer name"))
+    hung_up = "socket closed" in text or "connection reset" in text
+    cause = explain(failure) if tls and explain is not None and (handshake or hung_up) else None
+    if cause is not None:
+        return f"TLS handshake with the server at {server} failed: {cause}"
+    if "certificate has expired" in text or "certificate is not yet valid" in text:
+        return (
+            f"TLS handshake with the server at {server} failed: a certificate is outside its validity period "
+            f"(is this machine's clock right?): {failure}"
         )
     if "certificate_verify_failed" in text or "peer name" in text or "hostname verification" in text:
         return (

@@ -208,9 +208,9 @@ class Hub:
             return "refused", None, "no such instruction was sent to this site"
         return "late", None, LATE  # an instruction too old for the server to remember
 
-    def refuse(self, connection: Connection, message_id: int, reason: str) -> None:
+    def refuse(self, connection: Connection, message_id: int, reason: str) -> bool:
         """Record that the reply to ``message_id`` was refused before it was read (it is too large): its round
-        need not wait for it."""
+        need not wait for it. Whether a round awaited it (that round's account then logs the refusal)."""
         with self.cond:
             awaited = self._awaited(connection, message_id)
             if awaited is not None:
@@ -218,6 +218,7 @@ class Hub:
                 self.cond.notify_all()
             server_round = None if awaited is None else awaited.server_round
         self.event(connection.name, "refused", server_round, detail=reason)
+        return awaited is not None
 
     def answers(self, connection: Connection, timeout: float) -> bool:
         """Whether ``connection``'s client answers a ``Ping`` within ``timeout`` seconds: whether it still reads

@@ -340,8 +340,8 @@ class _Servicer:
         hub = self._hub
         if size > self._max:
             reason = f"reply {message_id} is {size} bytes, over the limit of {self._max} bytes"
-            log.warning("client %s: declined its reply: %s", connection.name, reason)
-            hub.refuse(connection, message_id, reason)
+            if not hub.refuse(connection, message_id, reason):  # else its round logs the refusal, once
+                log.warning("client %s: declined its reply: %s", connection.name, reason)
             connection.outbox.put(_decline(message_id, reason))
             return None
         if hub.expects(connection, message_id) and _acquire(hub.uploads, connection):

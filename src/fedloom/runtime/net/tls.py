@@ -55,6 +55,7 @@ __all__ = [
     "fingerprint",
     "init_certs",
     "issue_certs",
+    "server_chain",
     "server_credentials",
 ]
 
@@ -366,20 +367,11 @@ def fetch_ca(server: str, expected: str, timeout: float = 10.0) -> bytes:
     between) or that certificate did not sign the server's.
     """
 
-    host, port = parse_address(server)
     wanted = expected.strip().lower()
     if not re.fullmatch(r"sha256:[0-9a-f]{64}", wanted):
         raise ConfigError(f"a CA fingerprint is 'sha256:' and 64 hex digits, got {expected!r}")
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE  # nothing is trusted yet: the fingerprint decides below
-    context.set_alpn_protocols(["h2"])
     try:
-        with (
-            socket.create_connection((host, port), timeout=timeout) as raw,
-            context.wrap_socket(raw, server_hostname=host) as tls,
-        ):
-            chain = _unverified_chain(tls)
+        certs = server_chain(server, timeout)
     except ssl.SSLError as exc:  # it answered, but not as a TLS server: trying again will not help
         raise ConfigError(
             f"cannot fetch the CA from the server at {server}: the TLS handshake failed ({exc.reason or exc}); "
@@ -387,7 +379,6 @@ def fetch_ca(server: str, expected: str, timeout: float = 10.0) -> bytes:
         ) from None
     except OSError as exc:
         raise TransportError(f"cannot fetch the CA from the server at {server}: {exc}") from None
-    certs = [x509.load_der_x509_certificate(der) for der in chain]
     matching = [cert for cert in certs if _fingerprint(cert) == wanted]
     if not matching:
         raise ConfigError(
@@ -402,6 +393,24 @@ def fetch_ca(server: str, expected: str, timeout: float = 10.0) -> bytes:
             f"the CA with fingerprint {wanted} did not sign the certificate of the server at {server}"
         ) from None
     return ca.public_bytes(serialization.Encoding.PEM)
+
+
+def server_chain(server: str, timeout: float = 10.0) -> list[x509.Certificate]:
+    """The certificates that the TLS server at ``server`` (``HOST:PORT``) sends in its handshake, its own first,
+    checked against nothing: for :func:`fetch_ca` to compare with a fingerprint, and to read their dates when a
+    handshake fails (:mod:`fedloom.runtime.net.validity`). Raises :class:`ConfigError` for a malformed address,
+    ``ssl.SSLError`` when the server does not speak TLS, ``OSError`` when it cannot be reached."""
+    host, port = parse_address(server)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # nothing is trusted here: the caller decides what to make of them
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        chain = _unverified_chain(tls)
+    return [x509.load_der_x509_certificate(der) for der in chain]
 
 
 def _unverified_chain(tls: ssl.SSLSocket) -> list[bytes]:
