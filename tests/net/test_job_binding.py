@@ -129,11 +129,13 @@ def test_a_site_whose_job_differs_is_refused_with_both_digests_before_it_trains_
     address = f"127.0.0.1:{free_port()}"
     keys = tokens(procs, "mixed-run", SITES)
     server = procs.start(*server_args(address, "server/mlp_job.py", "mixed-run", 2))
+    # The other job's site goes first and is refused before the two that the run waits for start: with them
+    # connected, two rounds take a second, and a site still backing off from a server not yet listening would
+    # miss the whole run.
+    other = procs.start(*client_args(address, "site-c/mlp_job.py", SITES[2], keys[SITES[2]]))
+    error = final_error(procs.wait(other, timeout=60))
     same = procs.start(*client_args(address, "server/mlp_job.py", SITES[0], keys[SITES[0]]))
     moved = procs.start(*client_args(address, "site-b/job.py", SITES[1], keys[SITES[1]]))
-    other = procs.start(*client_args(address, "site-c/mlp_job.py", SITES[2], keys[SITES[2]]))
-
-    error = final_error(procs.wait(other, timeout=60))
     finished = procs.wait(server).ok()
     for handle in (same, moved):
         assert "answered 2 instructions" in procs.wait(handle).ok().stdout
