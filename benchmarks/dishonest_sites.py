@@ -30,6 +30,7 @@ from pathlib import Path
 import fedloom as fl
 from fedloom.app.simulation import load_federation
 from fedloom.core.checkpoint import load_params
+from fedloom.tracking.recorder import checkpoint_path
 
 ROUNDS = 3
 SITES = ("site-a", "site-b", "site-c")
@@ -85,7 +86,7 @@ def deploy(work: Path, name: str, sites: dict[str, str], *extra: str) -> dict[st
     result["sha"] = re.findall(r"params_sha256 ([0-9a-f]{64})", out)[-1]
     job = fl.load_job("digits")
     data, _ = load_federation(job, job.simulation)
-    params = load_params(run_dir / "checkpoints" / f"round_{ROUNDS:05d}.safetensors")
+    params = load_params(checkpoint_path(run_dir, ROUNDS))
     result["central_loss"] = job.task.evaluate(params, data.central_test).loss
     result["refused_rounds"] = err.count("refused the fit update of client site-c")
     return result

@@ -17,6 +17,7 @@ import fedloom as fl
 from fedloom.app.simulation import load_federation
 from fedloom.core.checkpoint import load_params
 from fedloom.tracking import RunStore
+from fedloom.tracking.recorder import checkpoint_path
 from fedloom.tracking.views import clients_view
 from tests.net.test_deployment import Done, Processes, free_port
 
@@ -50,7 +51,7 @@ class Deployed:
         """The final model's loss on the digits job's central test set (the same data for every run)."""
         job = fl.load_job("digits")
         data, _ = load_federation(job, job.simulation)
-        params = load_params(self.run_dir / "checkpoints" / f"round_{ROUNDS:05d}.safetensors")
+        params = load_params(checkpoint_path(self.run_dir, ROUNDS))
         return job.task.evaluate(params, data.central_test).loss
 
 

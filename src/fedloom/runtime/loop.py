@@ -160,9 +160,8 @@ def run_rounds(
                 if failed_in_a_row >= strategy.max_failed_rounds:
                     raise RoundFailedError(f"{failed_in_a_row} rounds in a row failed; round {server_round}: {failure}")
                 metrics = {"round_failed": 1.0}
-            check_finite(
-                server_round, strategy.params(state), {r.client_id: None for r in fit_records if r.status == "ok"}
-            )
+            took_part = {r.client_id: None for r in fit_records if r.status == ClientStatus.OK}
+            check_finite(server_round, strategy.params(state), took_part)
         else:
             state, metrics, fit_records = fit_round(strategy, grid, server_round, state, instructions, timeout, vetting)
         params = strategy.params(state)
@@ -202,7 +201,7 @@ def fit_round(
     raises :class:`NotEnoughClientsError` when fewer than ``strategy.min_clients`` valid updates came back.
     ``vetting`` holds the run's updates so far, against replays (none: this round's replies are checked alone)."""
     fold = strategy.fold_fit(server_round, state) if isinstance(strategy, FoldingStrategy) else None
-    screen = round_screen(strategy, grid, server_round)
+    screen = round_screen(strategy, grid)
     check = (vetting or Vetting.of(grid)).check(server_round)
     parse = valid_update(strategy, instructions)
     fit_replies = Gathered(server_round, "fit", parse, fold, screen, instructions, check)
@@ -223,7 +222,7 @@ def fit_round(
     return state, metrics, client_records("fit", fit, fit_replies)
 
 
-def round_screen(strategy: Strategy[Any], grid: Grid, server_round: int) -> RoundScreen:
+def round_screen(strategy: Strategy[Any], grid: Grid) -> RoundScreen:
     """The round's screening of fit updates, as the strategy and the grid say: the strategy's guard and share cap
     (none for a strategy without them; no guard where replies are reshaped, as their change cannot be measured
     against what was sent), and the examples the grid's clients declared."""
@@ -232,7 +231,6 @@ def round_screen(strategy: Strategy[Any], grid: Grid, server_round: int) -> Roun
     if isinstance(strategy, ScreenedStrategy):
         guard, share = strategy.update_guard if measured else None, strategy.max_share
     return RoundScreen(
-        server_round,
         update_guard=guard,
         max_share=share,
         declared=grid.declared_examples if isinstance(grid, Declaring) else None,
@@ -360,8 +358,8 @@ class Gathered(Generic[R]):
                 return self._refuse(client_id, reply, why)
         if isinstance(result, FitResult) and self.screen is not None:
             result = self.screen.claim(client_id, result)
-            if self._sent is not None and self.screen.measured:
-                self.screen.measure(client_id, self._sent[client_id].params, result)
+            if instruction is not None and self.screen.measured:
+                self.screen.measure(client_id, instruction.params, result)
             if self.screen.holds:  # kept whole until the round's last update is in: see release
                 self.screen.hold(client_id, result)
                 return replace(reply, message=Message(reply.message.kind))

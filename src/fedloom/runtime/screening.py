@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
@@ -98,16 +98,9 @@ def share_cap(weights: Mapping[str, int], max_share: float) -> dict[str, int]:
     return {}
 
 
-@dataclass(frozen=True)
-class _Held:
-    client_id: str
-    result: FitResult
-    norm: float
-
-
 class RoundScreen:
     """One round's screening of fit updates: :meth:`claim` caps a reply's examples at what its site declared;
-    :meth:`hold` keeps an accepted update with its norm of change; :meth:`release` applies the update guard and
+    :meth:`measure` notes its norm of change and :meth:`hold` keeps it; :meth:`release` applies the update guard and
     the share cap to what was held and returns the rest, in the order they came, to be aggregated.
 
     ``declared`` gives what a site declared when it joined (``None``: nothing). ``update_guard`` and ``max_share``
@@ -117,19 +110,17 @@ class RoundScreen:
 
     def __init__(
         self,
-        server_round: int,
         *,
         update_guard: float | None,
         max_share: float | None,
         declared: Callable[[str], int | None] | None = None,
         measured: bool = True,
     ) -> None:
-        self._round = server_round
         self.measured = measured  # whether a reply's change can be measured against what its client was sent
         self._guard = update_guard
         self._share = max_share
         self._declared = declared
-        self._held: list[_Held] = []
+        self._held: list[tuple[str, FitResult]] = []
         self.norms: dict[str, float] = {}  # client id -> its update's norm of change
         self.capped: dict[str, tuple[int, int, str]] = {}  # client id -> (claimed, counted, why)
         self.refused: dict[str, str] = {}  # client id -> why the guard refused its update
@@ -153,29 +144,27 @@ class RoundScreen:
 
     def hold(self, client_id: str, result: FitResult) -> None:
         """Keep an accepted update until :meth:`release` (its norm measured first, with :meth:`measure`)."""
-        self._held.append(_Held(client_id, result, self.norms.get(client_id, 0.0)))
+        self._held.append((client_id, result))
 
     def release(self) -> list[tuple[str, FitResult]]:
         """The held updates that pass the guard, weights capped, in the order they came; the held ones let go."""
-        held, self._held = self._held, []
-        if self._guard is not None and len(held) >= 2:
-            norms = sorted(h.norm for h in held)
-            median = norms[(len(norms) - 1) // 2]
-            bound = self._guard * median
+        passed, self._held = self._held, []
+        if self._guard is not None and len(passed) >= 2:
+            norms = {cid: self.norms.get(cid, 0.0) for cid, _ in passed}
+            median = sorted(norms.values())[(len(norms) - 1) // 2]
             if median > 0:
-                for h in held:
-                    if h.norm > bound:
-                        self.refused[h.client_id] = (
-                            f"its update changes the model by {h.norm:.4g} (L2 norm), more than update_guard="
+                for cid, norm in norms.items():
+                    if norm > self._guard * median:
+                        self.refused[cid] = (
+                            f"its update changes the model by {norm:.4g} (L2 norm), more than update_guard="
                             f"{self._guard:g} times the round's median of {median:.4g}"
                         )
-                held = [h for h in held if h.client_id not in self.refused]
-        passed = [(h.client_id, h.result) for h in held]
+                passed = [(cid, r) for cid, r in passed if cid not in self.refused]
         if self._share is not None:
-            counted = share_cap({cid: r.num_examples for cid, r in passed}, self._share)
+            weights = {cid: r.num_examples for cid, r in passed}
+            counted = share_cap(weights, self._share)
             for cid, cap in counted.items():
-                claimed = next(r.num_examples for c, r in passed if c == cid)
-                self._cap(cid, claimed, cap, f"max_share={self._share:g} of the round's weight")
+                self._cap(cid, weights[cid], cap, f"max_share={self._share:g} of the round's weight")
             passed = [(cid, replace(r, num_examples=counted[cid]) if cid in counted else r) for cid, r in passed]
         return passed
 
