@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -169,11 +170,15 @@ def test_both_loops_record_the_digest_of_what_each_client_sent(loop: str):
         if c.phase == "fit" and c.status == ClientStatus.OK
         for digest in (c.update_sha256 or "").split(",")
     ]
-    assert len(set(recorded)) == len(recorded) > 1
+    assert len(set(recorded)) > 1
     if loop == "synchronous":
+        assert len(set(recorded)) == len(recorded)  # each client once a round, on a model that moved: all differ
         assert sorted(recorded) == sorted(grid.sent)
-    else:  # the replies still in flight when the run ends are sent, never recorded
-        assert set(recorded) <= set(grid.sent)
+    else:
+        # The replies still in flight when the run ends are sent, never recorded. A client that FedBuff starts
+        # again before the model moves (which the threads' timing decides) sends the same update again, and each
+        # sending is recorded: every digest is recorded at most as often as it was sent.
+        assert not Counter(recorded) - Counter(grid.sent)
 
 
 @pytest.mark.integration
